@@ -1,0 +1,1 @@
+"""ContextDiff (ICLR'24): cross-modal contextualized diffusion. Implementation lands with its issue."""

@@ -1,0 +1,1 @@
+"""Versatile Diffusion (ICCV'23): one multi-flow diffuser. Implementation lands with its issue."""

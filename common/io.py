@@ -1,0 +1,480 @@
+"""Files on disk: atomic writes, safetensors, ``weights_only`` torch loads, images and image grids.
+
+Two promises hold for everything here:
+
+- *Nothing half-written.* Outputs go to a temporary sibling first and are renamed into place only when the
+  writer finished; an exception (or Ctrl-C) removes the temporary and leaves any previous output intact.
+- *No code runs on load.* Weights come from safetensors or from ``torch.load(weights_only=True)``; a pickle
+  that would import or call anything else becomes a one-line :class:`~common.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import os
+import pickle
+import shutil
+import uuid
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from io import BytesIO
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+import torch.jit._pickle
+from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors import SafetensorError
+from safetensors.torch import load_file as _st_load_file
+from safetensors.torch import save_file as _st_save_file
+
+from common.errors import UserError, one_line
+
+
+PathLike = Union[str, os.PathLike]
+ImageLike = Union[torch.Tensor, Image.Image]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _temp_sibling(path: Path, tag: str) -> Path:
+    """A hidden name next to ``path`` (same filesystem, so ``os.rename`` is atomic) that keeps its suffix."""
+    return path.parent / f".{tag}-{uuid.uuid4().hex[:12]}-{path.name}"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_write_dir(path: PathLike) -> Iterator[Path]:
+    """Write a folder all-or-nothing: ``with atomic_write_dir(out) as tmp: model.save_pretrained(tmp)``.
+
+    The body writes into an empty temporary sibling folder. On success it is renamed to ``path``; an existing
+    folder at ``path`` is first moved aside and deleted only after the new one is in place (if the final rename
+    fails, the old folder is moved back). On any exception, including ``KeyboardInterrupt``, the temporary
+    folder is removed and ``path`` is left exactly as it was. POSIX cannot swap two folders in one step, so for
+    an instant between the two renames ``path`` does not exist; it never holds a partial write.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output path {path} is a file, not a folder: pass a folder path or remove the file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    old = None
+    try:
+        if path.exists():
+            old = _temp_sibling(path, "old")
+            os.rename(path, old)
+        os.rename(tmp, path)
+    except BaseException:
+        if old is not None and not path.exists():
+            os.rename(old, path)
+        _remove(tmp)
+        raise
+    if old is not None:
+        _remove(old)
+
+
+@contextlib.contextmanager
+def atomic_write_file(path: PathLike) -> Iterator[Path]:
+    """Write one file all-or-nothing: ``with atomic_write_file("a.png") as tmp: image.save(tmp)``.
+
+    Yields a temporary path in the same folder whose name ends like ``path`` (so writers that pick a format
+    from the suffix, such as PIL, still do the right thing). On success the file is fsynced and
+    ``os.replace``-d over ``path`` (atomic on POSIX); on any exception it is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"output path {path} is a folder, not a file: pass a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path, "tmp")
+    try:
+        yield tmp
+        if not tmp.is_file():
+            raise RuntimeError(f"atomic_write_file: the body did not write {tmp}")
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------------------------------
+
+
+def require_file(path: PathLike, what: str = "file") -> Path:
+    """``Path(path)`` if it is an existing file, else a :class:`UserError` naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist: check the path")
+    if not path.is_file():
+        raise UserError(f"{what} {path} is a folder, not a file: pass the file inside it")
+    return path
+
+
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Save a flat ``name -> tensor`` dict as safetensors, atomically.
+
+    Tensors are detached, moved to CPU and made contiguous; tensors that share storage with an earlier one
+    (tied weights) are cloned, because safetensors refuses aliased buffers.
+    """
+    plain: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"save_safetensors: {name!r} is a {type(tensor).__name__}, not a tensor")
+        tensor = tensor.detach().cpu().contiguous()
+        key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+        if tensor.numel() and key in seen:
+            tensor = tensor.clone()
+        seen.add(key)
+        plain[name] = tensor
+    with atomic_write_file(path) as tmp:
+        _st_save_file(plain, str(tmp), metadata=dict(metadata) if metadata else None)
+    return Path(path)
+
+
+def load_safetensors(path: PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file to a ``name -> tensor`` dict; a missing, truncated or corrupt file is a UserError."""
+    path = require_file(path, "weights file")
+    try:
+        return _st_load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise UserError(
+            f"{path} is not a readable safetensors file ({one_line(str(err))}): it is truncated or corrupt, "
+            "re-create or re-download it"
+        ) from None
+
+
+def is_torchscript_archive(path: PathLike) -> bool:
+    """True if ``path`` is a zip written by ``torch.jit.save`` (it holds a ``constants.pkl`` record)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
+
+
+def safe_torch_load(path: PathLike) -> object:
+    """``torch.load(path, weights_only=True, map_location="cpu")`` with one-line errors.
+
+    ``weights_only=True`` restricts unpickling to tensors and plain containers, so a checkpoint whose pickle
+    would import or call anything (``os.system`` in a ``__reduce__``, a pickled ``nn.Module``, an optimizer
+    holding custom classes) is refused *before* any of it runs, and becomes a :class:`UserError`. A
+    ``.safetensors`` path is read with safetensors. TorchScript archives are refused with a pointer to
+    :func:`common.models.load_open_clip`, which reads their weights without running their code.
+    """
+    path = require_file(path, "weights file")
+    if path.suffix == ".safetensors":
+        return load_safetensors(path)
+    if is_torchscript_archive(path):
+        raise UserError(
+            f"{path} is a TorchScript archive (torch.jit.save), not a state dict: load it with "
+            "common.models.load_open_clip if it is an OpenAI CLIP release, or export its state_dict to safetensors"
+        )
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        reason = one_line(str(err)).split(" Check the documentation")[0][:300]
+        raise UserError(
+            f"{path} holds pickled Python objects, not plain weights: refusing to load it (convert it to "
+            f"safetensors where it was made, with safetensors.torch.save_file(model.state_dict(), ...)); "
+            f"detail: {reason}"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise UserError(
+            f"{path} is not a readable torch checkpoint ({one_line(str(err))[:300]}): it is truncated or "
+            "corrupt, re-create or re-download it"
+        ) from None
+
+
+# TorchScript archives (torch.jit.save), e.g. the original OpenAI CLIP release: read the weights, run nothing.
+# ``torch.jit.load`` would compile and run the archive's TorchScript (class ``__setstate__`` hooks included), and
+# ``torch.load(weights_only=True)`` refuses such archives. The weights, though, are ordinary: ``data.pkl`` pickles
+# the module tree as ``__torch__.<Class>`` objects whose attribute dicts hold tensors, submodules and plain
+# values, and tensor bytes sit in ``data/<key>`` records. The unpickler below resolves only those names: module
+# classes become inert stand-ins and tensors are rebuilt from the records; any other global is refused.
+
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+_JIT_PICKLE_HELPERS = ("build_intlist", "build_tensorlist", "build_doublelist", "build_boollist", "restore_type_tag")
+
+
+class _ScriptObject:
+    """Inert stand-in for a pickled TorchScript object: keeps the attribute dict that BUILD hands it."""
+
+    qualname = "?"
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+class _StorageType:
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """``torch._utils._rebuild_tensor_v2`` over a flat tensor standing in for the storage (views share memory)."""
+    del requires_grad, backward_hooks, metadata
+    return torch.empty(0, dtype=storage.dtype).set_(storage.untyped_storage(), storage_offset, size, stride)
+
+
+class _TorchScriptWeightsUnpickler(pickle.Unpickler):
+    def __init__(self, file, read_record) -> None:
+        super().__init__(file)
+        self._read_record = read_record
+        self._classes: dict[str, type] = {}
+        self._storages: dict[str, torch.Tensor] = {}
+
+    def find_class(self, module: str, name: str):
+        if module == "__torch__" or module.startswith("__torch__."):
+            qualname = f"{module}.{name}"
+            if qualname not in self._classes:
+                self._classes[qualname] = type("ScriptObject", (_ScriptObject,), {"qualname": qualname})
+            return self._classes[qualname]
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module == "torch.jit._pickle" and name in _JIT_PICKLE_HELPERS:
+            return getattr(torch.jit._pickle, name)
+        raise pickle.UnpicklingError(f"refusing to resolve the global {module}.{name}")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+            raise pickle.UnpicklingError(f"unexpected persistent id {str(pid)[:80]}")
+        _, storage_type, key, _location, numel = pid
+        if key not in self._storages:
+            raw = self._read_record(f"data/{key}")
+            flat = torch.frombuffer(bytearray(raw), dtype=storage_type.dtype) if raw else torch.empty(0)
+            if flat.numel() < numel:
+                raise pickle.UnpicklingError(f"tensor record data/{key} is shorter than its {numel} elements")
+            self._storages[key] = flat.to(storage_type.dtype)
+        return self._storages[key]
+
+
+def _collect_tensors(obj: _ScriptObject, prefix: str, out: dict[str, torch.Tensor]) -> None:
+    state = getattr(obj, "state", None)
+    if not isinstance(state, dict):
+        return
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor):
+            out[prefix + name] = value
+        elif isinstance(value, _ScriptObject):
+            _collect_tensors(value, f"{prefix}{name}.", out)
+
+
+def load_torchscript_weights(path: PathLike) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of a ``torch.jit.save`` archive, as ``ScriptModule.state_dict()`` names them.
+
+    Reads ``<archive>/data.pkl`` with an unpickler that resolves only module stand-ins, tensor rebuilding,
+    ``OrderedDict`` and TorchScript's list helpers, so no code from the archive runs (contrast ``torch.jit.load``).
+    Tensor constants folded into traced code (``constants.pkl``) are not weights and are not returned.
+    """
+    path = require_file(path, "weights file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            roots = [name[: -len("data.pkl")] for name in names if name.endswith("data.pkl") and name.count("/") <= 1]
+            if len(roots) != 1 or f"{roots[0]}constants.pkl" not in names:
+                raise UserError(f"{path} is not a TorchScript archive (torch.jit.save): pass one, or use safe_torch_load")
+            root = roots[0]
+            if f"{root}byteorder" in names and archive.read(f"{root}byteorder").strip() not in (b"little", b""):
+                raise UserError(f"{path} was written on a big-endian machine: re-save it on a little-endian one")
+            unpickler = _TorchScriptWeightsUnpickler(
+                BytesIO(archive.read(f"{root}data.pkl")), lambda record: archive.read(root + record)
+            )
+            module = unpickler.load()
+    except UserError:
+        raise
+    except pickle.UnpicklingError as err:
+        raise UserError(
+            f"{path} holds pickled Python objects, not plain weights: refusing to load it (convert it to "
+            f"safetensors where it was made); detail: {one_line(str(err))[:200]}"
+        ) from None
+    except (zipfile.BadZipFile, KeyError, EOFError, ValueError, RuntimeError, OSError) as err:
+        raise UserError(
+            f"{path} is not a readable TorchScript archive ({one_line(str(err))[:200]}): it is truncated or "
+            "corrupt, re-create or re-download it"
+        ) from None
+    if not isinstance(module, _ScriptObject):
+        raise UserError(f"{path} does not hold a TorchScript module (its root is a {type(module).__name__})")
+    weights: dict[str, torch.Tensor] = {}
+    _collect_tensors(module, "", weights)
+    return weights
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------------------
+
+
+def to_pil(image: ImageLike, value_range: tuple[float, float] = (-1.0, 1.0)) -> Image.Image:
+    """One image tensor to a PIL image.
+
+    ``image``: float ``[C, H, W]`` or ``[1, C, H, W]`` with ``C`` in {1, 3, 4}, values in ``value_range``
+    (``(-1, 1)``, the diffusion convention and the default, or ``(0, 1)``); or ``uint8`` with values 0..255.
+    The range is explicit because it cannot be guessed: a dark ``[-1, 1]`` image can be all non-negative.
+    Values are clamped to the range, then rounded to 8 bits. PIL images pass through unchanged.
+    """
+    if isinstance(image, Image.Image):
+        return image
+    if image.ndim == 4 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+        raise ValueError(f"to_pil expects [C, H, W] with C in (1, 3, 4), got shape {tuple(image.shape)}")
+    image = image.detach().cpu()
+    if image.dtype == torch.uint8:
+        array = image.permute(1, 2, 0).numpy()
+    else:
+        low, high = value_range
+        if not high > low:
+            raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
+        scaled = (image.float().clamp(low, high) - low) / (high - low)
+        array = (scaled * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    # fromarray infers L / RGB / RGBA from a uint8 array's shape (its ``mode`` argument is deprecated).
+    return Image.fromarray(np.ascontiguousarray(array[:, :, 0] if array.shape[2] == 1 else array))
+
+
+def make_image_grid(
+    images: torch.Tensor | Sequence[ImageLike],
+    nrow: int = 8,
+    padding: int = 2,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    pad_value: int = 0,
+) -> Image.Image:
+    """Tile images into one RGB grid, ``nrow`` images per row (torchvision's ``make_grid`` layout).
+
+    ``images``: a ``[N, C, H, W]`` tensor or a sequence of ``[C, H, W]`` tensors / PIL images of one size.
+    The grid is ``ceil(N / nrow)`` rows by ``min(N, nrow)`` columns with ``padding`` pixels of ``pad_value``
+    around every tile.
+    """
+    tiles = [to_pil(image, value_range).convert("RGB") for image in images]
+    if not tiles:
+        raise ValueError("make_image_grid needs at least one image")
+    if nrow < 1:
+        raise ValueError(f"nrow must be >= 1, got {nrow}")
+    width, height = tiles[0].size
+    if any(tile.size != (width, height) for tile in tiles):
+        raise ValueError(f"all images in a grid must have one size, got {sorted({t.size for t in tiles})}")
+    cols = min(len(tiles), nrow)
+    rows = math.ceil(len(tiles) / nrow)
+    grid = Image.new(
+        "RGB",
+        (cols * (width + padding) + padding, rows * (height + padding) + padding),
+        (pad_value,) * 3,
+    )
+    for index, tile in enumerate(tiles):
+        row, col = divmod(index, nrow)
+        grid.paste(tile, (padding + col * (width + padding), padding + row * (height + padding)))
+    return grid
+
+
+def save_image_grid(
+    images: torch.Tensor | Sequence[ImageLike],
+    path: PathLike,
+    nrow: int = 8,
+    padding: int = 2,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+) -> Image.Image:
+    """:func:`make_image_grid`, then save it atomically (format from the suffix, e.g. ``.png``); returns the grid."""
+    path = Path(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise UserError(f"cannot save an image grid to {path}: unknown image suffix, use .png or .jpg")
+    grid = make_image_grid(images, nrow=nrow, padding=padding, value_range=value_range)
+    with atomic_write_file(path) as tmp:
+        grid.save(tmp, format=image_format)
+    return grid
+
+
+def _sixteen_bit_to_8(image: Image.Image) -> Image.Image:
+    """``I;16*`` / ``I`` (16-bit grayscale PNG/TIFF) to ``L``: divide by 257 instead of PIL's clip at 255."""
+    array = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.round(array / 257.0), 0, 255).astype(np.uint8))
+
+
+def _float_to_8(image: Image.Image) -> Image.Image:
+    """Mode ``F`` (float TIFF): values in [0, 1] are scaled to 0..255, anything else is clipped to 0..255."""
+    array = np.asarray(image, dtype=np.float64)
+    if array.size and np.nanmax(array) <= 1.0:
+        array = array * 255.0
+    return Image.fromarray(np.clip(np.round(np.nan_to_num(array)), 0, 255).astype(np.uint8))
+
+
+def _flatten_alpha(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Composite a transparent image over ``background``: the RGB under alpha 0 is arbitrary, often garbage."""
+    rgba = image.convert("RGBA")
+    canvas = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(canvas, rgba).convert("RGB")
+
+
+def pil_to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: grayscale, palette, CMYK, 16-bit and float grayscale, and alpha (flattened)."""
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        return _flatten_alpha(image, background)
+    if image.mode.startswith("I;16") or image.mode == "I":
+        image = _sixteen_bit_to_8(image)
+    elif image.mode == "F":
+        image = _float_to_8(image)
+    return image.convert("RGB")
+
+
+def load_image_rgb(path: PathLike, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Open an image file as 8-bit RGB, fully decoded, with EXIF orientation applied.
+
+    Grayscale, palette, CMYK, 16-bit and alpha images are converted (see :func:`pil_to_rgb`). The file is
+    decoded here (``Image.load``), so a truncated or corrupt file fails now, as a :class:`UserError` naming
+    it, rather than later inside a data loader worker.
+    """
+    path = require_file(path, "image")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return pil_to_rgb(image, background)
+    except UnidentifiedImageError:
+        raise UserError(f"{path} is not an image PIL can read: remove it or convert it to PNG/JPEG") from None
+    except Image.DecompressionBombError as err:
+        raise UserError(f"{path} is too large to decode safely ({one_line(str(err))}): resize it first") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UserError(
+            f"{path} is truncated or corrupt ({one_line(str(err))}): re-export it or remove it from the dataset"
+        ) from None

@@ -1,1 +1,7 @@
-"""Shifted Diffusion (CVPR'23): shifted embedding prior. Implementation lands with its issue."""
+"""Shifted Diffusion (Zhou et al., CVPR 2023, "Corgi"): a CLIP-image-embedding prior whose diffusion is shifted
+towards a Gaussian bank of embedding statistics, and Stable Diffusion conditioned on image embeddings.
+
+Modules: ``bank`` (Gaussian bank, fit_bank), ``process`` (the bank's Shift on the core), ``prior`` (the causal
+transformer), ``embeddings`` (multi-CLIP, text states, cache), ``adapter`` (image embedding -> SD tokens),
+``pipeline`` (sampling, training loss, save/load), ``config``. See ``METHOD.md``.
+"""

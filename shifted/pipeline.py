@@ -1,0 +1,335 @@
+"""Text -> CLIP image embedding with the shifted-diffusion prior, and the prior's training loss (spec §2, §4).
+
+Sampling (spec §2.7, §2.8): choose the bank component from the CLIP text embedding, start at
+``x_T = mu_k + S_k * z`` and run the core's DDPM or DDIM sampler with ``shift=Shift("prior", mu_k, S_k)`` over a
+respaced plan (the demo's ``"8"``: t in {999, 856, ..., 143, 0}, the network sees original timesteps). The prior
+predicts x0; classifier-free guidance combines ``[uncond; cond]`` from one batched forward, where the unconditional
+branch zeroes the text states but keeps the CLIP text embedding and the component (spec §2.10).
+
+Released-code behaviours kept behind flags for comparison (spec §7): ``guide_half`` (the GLIDE helper guides only
+the first half of the embedding dimensions), ``prior_noise="zero"`` (x_T = mu, no noise), ``posterior_component=
+"pred_x0"`` (posterior mean shifted by the component nearest to x0_hat), ``clip_denoised`` (clamp x0_hat to
+``mu +- 3 sigma``). The defaults are the consistent process: every dimension guided, the data std, the text-chosen
+component everywhere, no clamp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from common.denoisers import CFGDenoiser, FunctionDenoiser
+from common.errors import UserError
+from common.process import Shift, p2_weight, q_sample
+from common.samplers import Callback, Generator, randn, sample_ddim, sample_ddpm
+from common.schedule import NoiseSchedule, make_plan
+from shifted.bank import GaussianBank, check_clip_models
+from shifted.embeddings import PriorTextEncoder, check_texts
+from shifted.prior import ShiftedPrior
+from shifted.process import bank_shift, sampling_shift
+
+
+SAMPLERS = ("ddpm", "ddim")
+BANK_FILE = "bank.safetensors"
+
+
+# ------------------------------------------------------------------------------------------------ consistency
+
+
+def check_prior_bank(prior: ShiftedPrior, bank: Optional[GaussianBank]) -> None:
+    """The prior and the bank must belong together: both with or both without a bank, one CLIP space."""
+    cfg = prior.config
+    if cfg.use_bank_token and bank is None:
+        raise UserError("this prior was trained with a Gaussian bank: pass its bank (saved next to the prior)")
+    if not cfg.use_bank_token and bank is not None:
+        raise UserError("this prior is the no-bank baseline (plain DDPM): sample it without a Gaussian bank")
+    if bank is not None:
+        bank.check_embedding_dim(cfg.emb_dim, f"the prior (CLIP models {list(cfg.clip_models)})")
+        bank.check_clip_models(cfg.clip_models, "the prior")
+
+
+def check_text_encoder(prior: ShiftedPrior, encoder: PriorTextEncoder) -> None:
+    """The caption encoders must be the ones the prior was trained on (CLIP models and text-state encoder)."""
+    cfg = prior.config
+    check_clip_models(cfg.clip_models, encoder.clip.names, "the prior")
+    if encoder.text_states.name != cfg.text_encoder:
+        raise UserError(
+            f"the prior was trained on {cfg.text_encoder} text states but {encoder.text_states.name} was given: a "
+            "prior does not transfer between text encoders (issue #3); pass the matching text encoder"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------- sampling
+
+
+def sample_shifted(
+    denoiser,
+    schedule: NoiseSchedule,
+    bank: Optional[GaussianBank],
+    bank_index: Optional[torch.Tensor],
+    batch_size: int,
+    dim: int,
+    *,
+    steps: Union[int, str] = "8",
+    sampler: str = "ddpm",
+    eta: float = 0.0,
+    variance_type: str = "fixed_large",
+    prior_noise: str = "data_std",
+    posterior_component: str = "text",
+    generator: Generator = None,
+    callback: Optional[Callback] = None,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> torch.Tensor:
+    """The shifted reverse process for any x0-denoiser ``(x_t [B, D], t [B]) -> x0_hat [B, D]`` -> ``x_0 [B, D]``.
+
+    DDPM (spec §2.7; ``variance_type="fixed_large"`` is the reference's beta_t) or DDIM with ``eta`` (spec §2.8),
+    both the core samplers with the bank's shift; ``bank=None`` is plain DDPM / DDIM (the baseline prior).
+    ``steps`` is a respacing string (``"8"``, ``"ddim50"``, ``"fast27"``; the network sees original timesteps) or an
+    int (diffusers' leading spacing). ``x_T = mu + S z`` (spec §2.7), ``z`` the first draw from ``generator``.
+    """
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown prior sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    plan = make_plan(schedule, steps)
+    shape = (batch_size, dim)
+    if bank is None and (prior_noise, posterior_component) != ("data_std", "text"):
+        raise UserError("--prior_noise / --posterior_component choose bank statistics: they need a Gaussian bank")
+    shift: Optional[Shift] = None
+    x_T = randn(shape, generator, device, dtype)  # drawn first, as the core samplers draw their x_T
+    if bank is not None:
+        bank.check_embedding_dim(dim, "the sampled embedding")
+        shift, mean = sampling_shift(
+            bank, bank_index, prior_noise=prior_noise, posterior_component=posterior_component, dtype=dtype,
+            device=x_T.device,
+        )
+        # x_T = mu + S z as the reference: the exact terminal mean sqrt(abar_T) E[x0] + (1 - sqrt(abar_T)) mu is mu
+        # when the component's members average to mu, whereas the core's default start (S z + k_T mu) would
+        # drop the sqrt(abar_T) E[x0] term (a 0.6 % pull towards the origin).
+        x_T = mean + shift.scale * x_T
+    kwargs = dict(x_T=x_T, generator=generator, shift=shift, callback=callback, dtype=dtype, progress=progress)
+    if sampler == "ddpm":
+        return sample_ddpm(denoiser, schedule, plan, variance_type=variance_type, **kwargs)
+    return sample_ddim(denoiser, schedule, plan, eta=eta, **kwargs)
+
+
+def prior_denoiser(
+    prior: ShiftedPrior,
+    clip_text: torch.Tensor,
+    text_states: torch.Tensor,
+    bank_index: Optional[torch.Tensor],
+    guidance_scale: float = 1.0,
+    guide_half: bool = False,
+    clamp: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+):
+    """The prior with classifier-free guidance as an x0 denoiser (spec §2.10).
+
+    ``x0_hat = u + w (c - u)`` with ``c`` the prediction from the text states and ``u`` from all-zero states (same
+    CLIP text embedding, same component), one batched forward ``[uncond; cond]``. ``w = 0`` is unconditional,
+    ``w = 1`` conditional (one forward). ``guide_half`` reproduces the released GLIDE helper, which treats the
+    second half of the embedding as "variance channels": dims ``[:D/2]`` guided, ``[D/2:]`` conditional (the core
+    CFG wrapper's learned-variance rule is exactly that). ``clamp=(low, high)`` clamps x0_hat (``clip_denoised``).
+    """
+    cond = {"clip_text": clip_text, "text_states": text_states}
+    uncond = {"clip_text": clip_text, "text_states": torch.zeros_like(text_states)}
+    if bank_index is not None:
+        cond["bank_index"] = uncond["bank_index"] = bank_index
+    if guide_half and prior.config.emb_dim % 2:
+        raise UserError("--guide_half splits the embedding in two halves: it needs an even embedding width")
+    cfg = CFGDenoiser(prior, cond, uncond, guidance_scale, "x0", learned_variance=guide_half)
+    if not guide_half and clamp is None:
+        return cfg
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = cfg(x, t)
+        return out if clamp is None else torch.maximum(torch.minimum(out, clamp[1]), clamp[0])
+
+    return FunctionDenoiser(guided, "x0")
+
+
+@torch.no_grad()
+def sample_prior(
+    prior: ShiftedPrior,
+    bank: Optional[GaussianBank],
+    clip_text: torch.Tensor,
+    text_states: torch.Tensor,
+    *,
+    steps: Union[int, str] = "8",
+    sampler: str = "ddpm",
+    eta: float = 0.0,
+    guidance_scale: float = 1.0,
+    guide_half: bool = False,
+    prior_noise: str = "data_std",
+    posterior_component: str = "text",
+    clip_denoised: bool = False,
+    select_mode: str = "mean",
+    variance_type: str = "fixed_large",
+    generator: Generator = None,
+    callback: Optional[Callback] = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> torch.Tensor:
+    """CLIP image embeddings ``[B, D]`` for CLIP text embeddings ``[B, D]`` and text states ``[B, L, d]``.
+
+    Defaults = the reference demo's schedule (8 respaced DDPM steps, fixed-large variance, guidance 1) on the
+    consistent process; ``--guide_half``, ``--prior_noise zero``, ``--posterior_component pred_x0`` and
+    ``--clip_denoised`` switch on the released sampler's behaviours one by one.
+    """
+    check_prior_bank(prior, bank)
+    device = next(prior.parameters()).device
+    clip_text, text_states = clip_text.to(device), text_states.to(device)
+    bank_index, clamp = None, None
+    if bank is not None:
+        bank_index = bank.select(clip_text, mode=select_mode).to(device)
+        if clip_denoised:  # the reference clamps to mu +- 3 sigma (sigma, not the terminal S = s sigma)
+            mean, std = bank.mean[bank_index].to(device), bank.std[bank_index].to(device)
+            clamp = (mean - 3 * std, mean + 3 * std)
+    elif clip_denoised:
+        raise UserError("--clip_denoised clamps to the bank's mu +- 3 sigma: it needs a prior with a Gaussian bank")
+    denoiser = prior_denoiser(prior, clip_text, text_states, bank_index, guidance_scale, guide_half, clamp)
+    return sample_shifted(
+        denoiser, prior.noise_schedule(), bank, bank_index, clip_text.shape[0], prior.config.emb_dim,
+        steps=steps, sampler=sampler, eta=eta, variance_type=variance_type, prior_noise=prior_noise,
+        posterior_component=posterior_component, generator=generator, callback=callback, device=device,
+        dtype=dtype, progress=progress,
+    )
+
+
+def sample_prior_from_texts(
+    prior: ShiftedPrior,
+    bank: Optional[GaussianBank],
+    encoder: PriorTextEncoder,
+    texts: Sequence[str],
+    **kwargs,
+) -> torch.Tensor:
+    """:func:`sample_prior` from captions: checks the encoders match the prior, rejects empty captions."""
+    texts = check_texts(texts)
+    check_text_encoder(prior, encoder)
+    clip_text, text_states = encoder(texts)
+    return sample_prior(prior, bank, clip_text, text_states, **kwargs)
+
+
+def null_image_embedding(
+    prior: ShiftedPrior, bank: Optional[GaussianBank], encoder: PriorTextEncoder, **kwargs
+) -> torch.Tensor:
+    """``prior("")`` ``[D]``: the reference's CFG null / negative embedding for the SD decoder (spec §5.2, §5.3)."""
+    check_text_encoder(prior, encoder)
+    clip_text, text_states = encoder([""], allow_empty=True)
+    return sample_prior(prior, bank, clip_text, text_states, **kwargs)[0]
+
+
+# ----------------------------------------------------------------------------------------------------- training
+
+
+class PriorObjective:
+    """The prior's training loss for the shared trainer: ``Trainer.fit(obj.models, obj, dataset)`` (spec §2.6, §4).
+
+    ``batch``: ``image_emb [B, D]`` (x0, raw CLIP image embeddings), ``text_emb [B, D]`` (CLIP text embeddings)
+    and ``text_states [B, L, d]``. Per sample: ``k = k(text_emb)`` (never from a dropped embedding),
+    ``t ~ U{0..T-1}``, ``x_t`` from the shifted marginal (spec §2.3), the text states zeroed with
+    ``empty_text_prob`` (reference ``--empty_t5_prob`` 0.1) and the CLIP text embedding with ``empty_clip_prob``
+    (0.0), and ``loss = mean_b w_t mean_d (x0 - x0_hat)^2`` with the P2 weight ``w_t = 1 / (k + SNR_t)^gamma``
+    (``= 1 - abar_t`` at the defaults). ``bank=None`` trains the baseline (plain DDPM, no bank token).
+
+    Called as ``objective(batch, ctx)`` by ``common.train.Trainer`` it runs ``ctx.models["prior"]`` (the prepared,
+    possibly DDP-wrapped module); randomness comes from ``generator`` or else the global RNG the trainer scopes.
+    The bank stays float32 on the batch's device whatever the mixed-precision dtype (fp32 diffusion math, §7.12).
+    """
+
+    def __init__(
+        self,
+        prior: ShiftedPrior,
+        bank: Optional[GaussianBank],
+        *,
+        empty_text_prob: float = 0.1,
+        empty_clip_prob: float = 0.0,
+        p2_gamma: float = 1.0,
+        p2_k: float = 1.0,
+    ):
+        check_prior_bank(prior, bank)
+        for name, p in (("empty_text_prob", empty_text_prob), ("empty_clip_prob", empty_clip_prob)):
+            if not 0.0 <= p <= 1.0:
+                raise UserError(f"{name} must lie in [0, 1], got {p}")
+        self.prior, self.bank = prior, bank
+        self.schedule = prior.noise_schedule()
+        self.empty_text_prob, self.empty_clip_prob = empty_text_prob, empty_clip_prob
+        self.p2_gamma, self.p2_k = p2_gamma, p2_k
+
+    @property
+    def models(self) -> dict[str, torch.nn.Module]:
+        """The trainable modules by name (the bank is statistics, not trained)."""
+        return {"prior": self.prior}
+
+    def _keep(self, batch_size: int, prob: float, generator, device) -> torch.Tensor:
+        return (torch.rand(batch_size, generator=generator) >= prob).to(device)
+
+    def __call__(self, batch: dict, ctx=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        prior = ctx.models["prior"] if ctx is not None else self.prior
+        x0 = batch["image_emb"].float()
+        text_emb = batch["text_emb"].float().to(x0.device)
+        text_states = batch["text_states"].to(x0.device)
+        b, device = x0.shape[0], x0.device
+        if self.bank is not None and self.bank.mean.device != device:
+            self.bank.to(device)
+        t = torch.randint(0, self.schedule.num_train_timesteps, (b,), generator=generator).to(device)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        abar = self.schedule.abar(t, like=x0)
+        bank_index = None
+        if self.bank is not None:
+            bank_index = self.bank.select(text_emb).to(device)
+            x_t = q_sample(x0, abar, noise, bank_shift(self.bank, bank_index))
+        else:
+            x_t = q_sample(x0, abar, noise)
+        # CFG dropout multiplies by a mask (a new tensor): the caller's batch is never modified.
+        keep_text = self._keep(b, self.empty_text_prob, generator, device).to(text_states.dtype)
+        keep_clip = self._keep(b, self.empty_clip_prob, generator, device).to(text_emb.dtype)
+        x0_hat = prior(x_t, t, text_emb * keep_clip[:, None], text_states * keep_text[:, None, None], bank_index)
+        weight = p2_weight(abar, self.p2_gamma, self.p2_k)
+        return (weight * (x0_hat.float() - x0).pow(2).mean(dim=1, keepdim=True)).mean()
+
+
+def prior_loss(prior: ShiftedPrior, bank: Optional[GaussianBank], batch: dict, **kwargs) -> torch.Tensor:
+    """One-off :class:`PriorObjective` call (kwargs: ``generator`` plus the objective's options)."""
+    generator = kwargs.pop("generator", None)
+    return PriorObjective(prior, bank, **kwargs)(batch, None, generator)
+
+
+# ----------------------------------------------------------------------------------------------------- save/load
+
+
+def save_prior(folder: Union[str, Path], prior: ShiftedPrior, bank: Optional[GaussianBank]) -> Path:
+    """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` (prior) + ``bank.safetensors``, atomically."""
+    from common.io import atomic_write_dir
+
+    check_prior_bank(prior, bank)
+    with atomic_write_dir(folder) as tmp:
+        prior.save_pretrained(tmp, safe_serialization=True)
+        if bank is not None:
+            bank.save(Path(tmp) / BANK_FILE)
+    return Path(folder)
+
+
+def load_prior(
+    folder: Union[str, Path],
+    clip_models: Optional[Sequence[str]] = None,
+    text_encoder: Optional[str] = None,
+    device: Union[str, torch.device] = "cpu",
+) -> tuple[ShiftedPrior, Optional[GaussianBank]]:
+    """Load a :func:`save_prior` folder; with ``clip_models`` / ``text_encoder``, check the prior matches them."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder} is not a prior folder (no config.json): pass the folder written by save_prior")
+    prior = ShiftedPrior.from_pretrained(str(folder)).to(device).eval()
+    bank = GaussianBank.load(folder / BANK_FILE).to(device) if (folder / BANK_FILE).is_file() else None
+    check_prior_bank(prior, bank)
+    if clip_models is not None:
+        check_clip_models(prior.config.clip_models, clip_models, f"the prior {folder}")
+    if text_encoder is not None and text_encoder != prior.config.text_encoder:
+        raise UserError(
+            f"the prior {folder} was trained on {prior.config.text_encoder} text states, not {text_encoder}: pass "
+            "the matching --t5_model"
+        )
+    return prior, bank

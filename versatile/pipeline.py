@@ -1,0 +1,259 @@
+"""Versatile Diffusion's flows on the core samplers (paper §3, Fig. 2; spec §3).
+
+Every flow is the same three steps: encode the condition(s) with CLIP (``versatile.context``), run DDIM
+(``common.samplers.sample_ddim``) on the multi-flow diffuser routed to the flow's data / context layers, with
+classifier-free guidance as a denoiser wrapper (``common.denoisers.CFGDenoiser``, one batched ``[uncond; cond]``
+forward), then decode the latent with the flow's VAE:
+
+| flow | context (uncond) | latent | decoded by |
+|---|---|---|---|
+| ``t2i`` text-to-image | CLIP text (CLIP("")) | ``[B, 4, h, w]`` | image VAE -> images in [0, 1] |
+| ``iv`` image variation | CLIP image (zeros / grey / black) | ``[B, 4, h, w]`` | image VAE |
+| ``i2t`` image-to-text | CLIP image (black by default) | ``[B, D]`` | Optimus -> strings |
+| ``tv`` text variation | CLIP text (CLIP("")) | ``[B, D]`` | Optimus |
+| ``dual`` dual-guided | text and image, mixed in every context layer | ``[B, 4, h, w]`` | image VAE |
+
+Sampler defaults (spec §3.1): SD's scaled-linear betas 0.00085..0.012 over 1000 steps, DDIM 50 steps with
+``leading`` spacing, ``steps_offset=1`` and ``set_alpha_to_one=False`` (timesteps 981, 961, ..., 1; the last step
+lands on abar_0), eta 0, guidance scale 7.5.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from common.denoisers import CFGDenoiser, FunctionDenoiser
+from common.errors import UserError
+from common.samplers import Generator, sample_ddim
+from common.schedule import NoiseSchedule, SamplingPlan, plan_like_diffusers
+from versatile.config import SamplingConfig
+from versatile.context import DEFAULT_NULL_IMAGE, NULL_IMAGE_KINDS, ContextEncoders, ImageInput, images_to_tensor
+from versatile.multiflow import Flow, MultiFlowDiffuser, check_ratio, resolve_flow
+
+
+def vd_schedule(sampling: Optional[SamplingConfig] = None) -> NoiseSchedule:
+    """LDM's "linear" betas = diffusers' ``scaled_linear`` (spec §3.1, §7.6)."""
+    s = sampling or SamplingConfig()
+    return NoiseSchedule.named("scaled_linear", s.num_train_timesteps, s.beta_start, s.beta_end)
+
+
+def vd_scheduler_config(sampling: Optional[SamplingConfig] = None) -> dict:
+    """The diffusers ``DDIMScheduler`` config VD samples with ([R] ``ddim.py``; [D] conversion with ``--scheduler_type ddim``)."""
+    s = sampling or SamplingConfig()
+    return {
+        "num_train_timesteps": s.num_train_timesteps, "beta_start": s.beta_start, "beta_end": s.beta_end,
+        "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+        "timestep_spacing": "leading", "prediction_type": "epsilon",
+    }
+
+
+def vd_plan(steps: int, sampling: Optional[SamplingConfig] = None) -> SamplingPlan:
+    """DDIM timesteps of VD: ``range(0, 1000, 1000 // steps) + 1`` descending; final abar_prev = abar_0."""
+    return plan_like_diffusers(vd_schedule(sampling), vd_scheduler_config(sampling), steps, "ddim")
+
+
+@dataclass
+class VersatileOutput:
+    """``images`` ``[B, 3, H, W]`` in [0, 1] for image flows, ``texts`` (B strings) for text flows."""
+
+    flow: str
+    latents: torch.Tensor
+    images: Optional[torch.Tensor] = None
+    texts: Optional[list[str]] = None
+
+
+class VersatilePipeline:
+    """Multi-flow diffuser + image VAE (diffusers ``AutoencoderKL``) + Optimus text VAE + CLIP context encoders."""
+
+    def __init__(
+        self,
+        diffuser: MultiFlowDiffuser,
+        image_vae,
+        text_vae,
+        contexts: ContextEncoders,
+        sampling: Optional[SamplingConfig] = None,
+        uncond_image: Optional[str] = None,
+    ):
+        self.diffuser, self.image_vae, self.text_vae, self.contexts = diffuser, image_vae, text_vae, contexts
+        self.sampling = (sampling or SamplingConfig()).validate()
+        self.schedule = vd_schedule(self.sampling)
+        if uncond_image is not None and uncond_image not in NULL_IMAGE_KINDS:
+            raise UserError(f"uncond_image {uncond_image!r}: choose one of {', '.join(NULL_IMAGE_KINDS)}")
+        self.uncond_image = uncond_image
+        if contexts.dim != diffuser.config.context_dim:
+            raise UserError(f"CLIP projection width {contexts.dim} != the diffuser's context_dim "
+                            f"{diffuser.config.context_dim}: use matching models")
+        if text_vae is not None and text_vae.latent_dim != diffuser.config.text_latent_dim:
+            raise UserError(f"text VAE latent {text_vae.latent_dim} != the diffuser's text_latent_dim "
+                            f"{diffuser.config.text_latent_dim}: use matching models")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.diffuser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.diffuser.parameters()).dtype
+
+    @property
+    def image_scale_factor(self) -> int:
+        """Pixels per latent cell of the image VAE (8 for SD's kl-f8)."""
+        return 2 ** (len(self.image_vae.config.block_out_channels) - 1)
+
+    # ---------------------------------------------------------------- latents
+
+    @torch.no_grad()
+    def encode_images(self, images: ImageInput, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Images in [0, 1] -> scaled image latents ``[B, 4, h, w]`` (a posterior sample times 0.18215)."""
+        x = images_to_tensor(images).to(self.device, self.dtype) * 2 - 1
+        dist = self.image_vae.encode(x).latent_dist
+        return dist.sample(generator) * self.sampling.image_scaling_factor
+
+    @torch.no_grad()
+    def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images ``[B, 3, H, W]`` in [0, 1] ([R] autokl.decode clamps to [0, 1])."""
+        images = self.image_vae.decode(latents / self.sampling.image_scaling_factor, return_dict=False)[0]
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Sentences -> Optimus latent means ``[B, D]``."""
+        return self._require_text_vae().encode(texts)
+
+    # ---------------------------------------------------------------- sampling
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        flow: Union[str, Flow],
+        prompt: Union[str, Sequence[str], None] = None,
+        image: Optional[ImageInput] = None,
+        *,
+        text_ratio: Optional[float] = None,
+        guidance_scale: Optional[float] = None,
+        num_inference_steps: Optional[int] = None,
+        eta: Optional[float] = None,
+        num_samples: int = 1,
+        generator: Generator = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        uncond_image: Optional[str] = None,
+        latents: Optional[torch.Tensor] = None,
+        text_temperature: Optional[float] = None,
+        text_max_length: Optional[int] = None,
+        merge_duplicates: bool = True,
+        callback: Optional[Callable] = None,
+        progress: bool = False,
+    ) -> VersatileOutput:
+        """Run a flow end to end (spec §3.2). ``prompt`` for text-conditioned flows, ``image`` for image ones.
+
+        ``num_samples`` samples per condition (conditions repeat-interleaved); ``text_ratio`` (dual only, in [0, 1])
+        weighs the text context against the image context; ``uncond_image`` overrides the per-flow null image
+        (zeros for iv / dual, black for i2t). ``latents``: the initial noise ``x_T``.
+        """
+        flow = resolve_flow(flow)
+        s = self.sampling
+        if flow.xtype == "text":
+            self._require_text_vae()  # fail before sampling, not after
+        ratio = self._flow_ratio(flow, text_ratio)
+        cond = self._encode_conditions(flow, prompt, image, num_samples)
+        batch = next(iter(cond.values())).shape[0]
+        scale = s.scale if guidance_scale is None else float(guidance_scale)
+        model = functools.partial(self.diffuser.apply_flow, flow=flow.name, text_ratio=ratio)
+        if scale == 1.0:  # no guidance: the conditional branch alone, no unconditional pass (spec §3.1)
+            denoiser = FunctionDenoiser(lambda x, t: model(x, t, **cond), "eps")
+        else:
+            uncond = {kind: self._null(kind, flow, batch, uncond_image) for kind in cond}
+            denoiser = CFGDenoiser(model, cond, uncond, scale)
+        shape = self._latent_shape(flow, batch, height, width)
+        plan = vd_plan(s.steps if num_inference_steps is None else int(num_inference_steps), s)
+        z = sample_ddim(
+            denoiser, self.schedule, plan, shape, x_T=latents, generator=generator,
+            eta=s.eta if eta is None else float(eta), callback=callback, device=self.device, dtype=self.dtype,
+            progress=progress,
+        )
+        if flow.xtype == "image":
+            return VersatileOutput(flow.name, z, images=self.decode_images(z))
+        texts = self._require_text_vae().decode(
+            z, temperature=s.text_temperature if text_temperature is None else float(text_temperature),
+            max_length=s.text_max_len if text_max_length is None else int(text_max_length),
+            generator=generator if isinstance(generator, torch.Generator) else None,
+            merge_duplicates=merge_duplicates,
+        )
+        return VersatileOutput(flow.name, z, texts=texts)
+
+    def text_to_image(self, prompt, **kwargs) -> VersatileOutput:
+        return self("t2i", prompt=prompt, **kwargs)
+
+    def image_variation(self, image, **kwargs) -> VersatileOutput:
+        return self("iv", image=image, **kwargs)
+
+    def image_to_text(self, image, **kwargs) -> VersatileOutput:
+        return self("i2t", image=image, **kwargs)
+
+    def text_variation(self, prompt, **kwargs) -> VersatileOutput:
+        return self("tv", prompt=prompt, **kwargs)
+
+    def dual_guided(self, prompt, image, text_ratio: Optional[float] = None, **kwargs) -> VersatileOutput:
+        return self("dual", prompt=prompt, image=image, text_ratio=text_ratio, **kwargs)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _flow_ratio(self, flow: Flow, text_ratio: Optional[float]) -> Optional[float]:
+        if flow.name == "dual":
+            return check_ratio(self.sampling.text_ratio if text_ratio is None else text_ratio)
+        if text_ratio is not None:
+            raise UserError(f"text_ratio only applies to the dual flow, not {flow.name}: drop it")
+        return None
+
+    def _encode_conditions(self, flow: Flow, prompt, image, num_samples: int) -> dict[str, torch.Tensor]:
+        given = {"text": prompt, "image": image}
+        for kind, value in given.items():
+            if value is None and kind in flow.ctypes:
+                raise UserError(f"flow {flow.name} ({flow.description}) needs {'a prompt' if kind == 'text' else 'an image'}")
+            if value is not None and kind not in flow.ctypes:
+                what = "a prompt" if kind == "text" else "an image"
+                raise UserError(f"flow {flow.name} ({flow.description}) takes no {kind} input, but {what} was given: "
+                                f"drop it, or pick a flow conditioned on {kind}")
+        if num_samples < 1:
+            raise UserError(f"num_samples must be >= 1, got {num_samples}")
+        cond = {}
+        if prompt is not None:
+            cond["text"] = self.contexts.text([prompt] if isinstance(prompt, str) else list(prompt))
+        if image is not None:
+            cond["image"] = self.contexts.image(image)
+        batch = max(v.shape[0] for v in cond.values())
+        if any(v.shape[0] not in (1, batch) for v in cond.values()):
+            counts = " and ".join(f"{v.shape[0]} {'prompts' if k == 'text' else 'images'}" for k, v in cond.items())
+            raise UserError(f"got {counts}: give as many prompts as images, or just one of either")
+        cond = {kind: tokens.expand(batch, -1, -1) for kind, tokens in cond.items()}
+        dtype = self.dtype
+        return {k: v.repeat_interleave(num_samples, dim=0).to(self.device, dtype) for k, v in cond.items()}
+
+    def _null(self, kind: str, flow: Flow, batch: int, override: Optional[str]) -> torch.Tensor:
+        image_kind = override or self.uncond_image or DEFAULT_NULL_IMAGE.get(flow.name, "zeros")
+        return self.contexts.null(kind, batch, image_kind).to(self.device, self.dtype)
+
+    def _latent_shape(self, flow: Flow, batch: int, height: Optional[int], width: Optional[int]) -> tuple[int, ...]:
+        cfg = self.diffuser.config
+        if flow.xtype == "text":
+            if height is not None or width is not None:
+                raise UserError(f"flow {flow.name} generates text: height and width do not apply")
+            return (batch, cfg.text_latent_dim)
+        f = self.image_scale_factor
+        default = self.sampling.resolution or int(self.image_vae.config.sample_size)
+        height, width = height or default, width or default
+        multiple = f * 2 ** (len(cfg.channel_mult) - 1)
+        if height % multiple or width % multiple:
+            raise UserError(f"image size {height}x{width} must be a multiple of {multiple} (VAE factor x UNet downsampling)")
+        return (batch, cfg.image_latent_channels, height // f, width // f)
+
+    def _require_text_vae(self):
+        if self.text_vae is None:
+            raise UserError("this pipeline has no text VAE: text flows (i2t, tv) need one")
+        return self.text_vae

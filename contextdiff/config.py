@@ -1,0 +1,103 @@
+"""ContextDiff configs (``configs/contextdiff/*.yaml``): read them, build the parts, count parameters.
+
+Sections: ``adapter`` (the :class:`RelationalNet`), ``unet`` / ``vae`` / ``text_encoder`` (the diffusers and
+transformers configs of the backbone it adapts), ``scheduler`` (a diffusers scheduler config), ``stage1`` /
+``stage2`` / ``sample`` (the scripts' flags; a flag on the command line overrides the value here).
+``build_parts(cfg, device="meta")`` builds the full-size parts without allocating memory, which is how
+``paper.yaml`` (SD-2.1-base scale) is checked on a CPU.
+
+Run ``python -m contextdiff.config configs/contextdiff/paper.yaml`` to print the parameter counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from common.errors import UserError, cli_entry
+from contextdiff.adapter import RelationalNet, count_parameters
+
+
+REQUIRED = ("adapter", "unet", "vae", "text_encoder", "scheduler", "stage1", "stage2", "sample")
+ADAPTER_KEYS = ("latent_channels", "patch_size", "dim", "depth", "heads", "text_sources", "text_dims")
+
+
+def load_config(path: Union[str, Path]) -> dict[str, Any]:
+    """Parse a ContextDiff config; a missing section or an adapter that does not fit the backbone is an error."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config {path} does not exist: pass configs/contextdiff/tiny.yaml or paper.yaml")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"config {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    missing = [key for key in REQUIRED if not isinstance(cfg, dict) or key not in cfg]
+    if missing:
+        raise UserError(f"config {path} lacks {', '.join(missing)}: start from configs/contextdiff/tiny.yaml")
+    unknown = sorted(set(cfg["adapter"]) - set(ADAPTER_KEYS))
+    if unknown:
+        raise UserError(f"config {path}: unknown adapter keys {unknown}; allowed: {', '.join(ADAPTER_KEYS)}")
+    adapter = cfg["adapter"]
+    if adapter["latent_channels"] != cfg["unet"]["in_channels"]:
+        raise UserError(f"config {path}: adapter.latent_channels {adapter['latent_channels']} != unet.in_channels")
+    sources = list(adapter["text_sources"])
+    if "clip" in sources and adapter["text_dims"][sources.index("clip")] != cfg["text_encoder"]["hidden_size"]:
+        raise UserError(f"config {path}: the adapter's clip text width differs from text_encoder.hidden_size")
+    return cfg
+
+
+def build_adapter(cfg: dict[str, Any], device: Union[str, torch.device] = "cpu") -> RelationalNet:
+    with torch.device(device):
+        return RelationalNet(**cfg["adapter"])
+
+
+def build_unet(cfg: dict[str, Any], device: Union[str, torch.device] = "cpu"):
+    """The backbone's stock ``UNet2DConditionModel`` (random init; the scripts load the pretrained one)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device(device):
+        return UNet2DConditionModel(**cfg["unet"])
+
+
+def build_vae(cfg: dict[str, Any], device: Union[str, torch.device] = "cpu"):
+    from diffusers import AutoencoderKL
+
+    with torch.device(device):
+        return AutoencoderKL(**cfg["vae"])
+
+
+def build_text_encoder(cfg: dict[str, Any], device: Union[str, torch.device] = "cpu"):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device(device):
+        return CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+
+
+def parameter_counts(cfg: dict[str, Any], device: Union[str, torch.device] = "meta") -> dict[str, int]:
+    """Parameters of every part: adapter, UNet, VAE, CLIP text encoder (built on ``device``, meta by default)."""
+    return {
+        "adapter": count_parameters(build_adapter(cfg, device)),
+        "unet": count_parameters(build_unet(cfg, device)),
+        "vae": count_parameters(build_vae(cfg, device)),
+        "text_encoder": count_parameters(build_text_encoder(cfg, device)),
+    }
+
+
+@cli_entry
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Print the parameter counts of a ContextDiff config.")
+    parser.add_argument("config", help="configs/contextdiff/tiny.yaml or configs/contextdiff/paper.yaml")
+    args = parser.parse_args(argv)
+    counts = parameter_counts(load_config(args.config))
+    for name, count in counts.items():
+        print(f"{name:14s} {count:>15,d}  ({count / 1e6:,.2f} M)")
+    print(f"{'adapter/unet':14s} {counts['adapter'] / counts['unet']:>15.2%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Trainer overhead: ``common.train.Trainer`` vs a plain hand-written accelerate loop doing the same work.
+
+Both train the project's tiny ``UNet2DConditionModel`` (``common.tiny``, ~0.8M parameters) on 8x8x4 latents with
+77x32 text embeddings, batch 64, epsilon-prediction MSE at random timesteps, AdamW with the same settings,
+gradient clipping at 1.0, a constant LR schedule, fp32. The trainer runs as scripts use it (tensorboard logging,
+tqdm, per-batch loss all-gather, RNG-scoped data fetching), with EMA and checkpoints off because the plain loop has
+neither. Repetitions alternate ABAB / BABA so machine noise (a shared 2-core CPU) hits both alike.
+
+Speed comes from timestamps taken when the shared loss function starts, so each interval between two of them is
+one full cycle of either loop (data fetch, forward, backward, optimizer, bookkeeping). Steps after ``--warmup``
+are used; a repetition's figure is its *median* interval (a burst of load from other processes on a shared
+machine hits a few steps, not the median), and the ratio is the median over repetitions of the ratio of the two
+adjacent runs. Wall clock gives steps/s; ``time.process_time`` gives CPU seconds per step, which other processes
+barely disturb, so the CPU ratio is the steadier overhead figure on a busy machine. One intra-op thread by
+default (``--threads``): oversubscribed OpenMP threads spin and make wall times swing by 10x.
+
+Memory: before each loop the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``); the loop's peak RSS and
+its peak above the RSS it started from are reported (where the reset is not allowed, the process peak
+``ru_maxrss`` for both). Usage: ``python bench/bench_trainer.py [--reps 9 --steps 10 --threads 1]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common.tiny import tiny_unet2d_condition  # noqa: E402
+from common.train import TrainConfig, Trainer  # noqa: E402
+
+
+BATCH = 64
+TOKENS, TEXT_DIM = 77, 32
+LR, BETAS, WEIGHT_DECAY, EPS, MAX_GRAD_NORM = 1e-4, (0.9, 0.999), 1e-2, 1e-8, 1.0
+
+
+def make_dataset(num_batches: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    n = BATCH * num_batches
+    return TensorDataset(torch.randn(n, 4, 8, 8, generator=g), torch.randn(n, TOKENS, TEXT_DIM, generator=g))
+
+
+class DiffusionLoss:
+    """Epsilon-prediction MSE on the SD scaled-linear schedule; records when each call starts (the step clock)."""
+
+    def __init__(self) -> None:
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+        self.alphas_cumprod = torch.cumprod(1 - betas, 0)
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def __call__(self, unet: nn.Module, latents: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (latents.shape[0],), device=latents.device)
+        abar = self.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1)
+        noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+        pred = unet(noisy, t, encoder_hidden_states=text).sample
+        return nn.functional.mse_loss(pred.float(), noise.float())
+
+    def median_interval(self, warmup: int, clock: str) -> float:
+        """Median length of the full step cycles after ``warmup`` steps, on the ``wall`` or ``cpu`` clock."""
+        stamps = getattr(self, clock)[warmup:]
+        return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+
+
+def run_trainer(steps: int, out_dir: str) -> DiffusionLoss:
+    loss = DiffusionLoss()
+    config = TrainConfig(
+        output_dir=out_dir, seed=0, train_batch_size=BATCH, max_train_steps=steps, learning_rate=LR,
+        lr_scheduler="constant", lr_warmup_steps=0, adam_beta1=BETAS[0], adam_beta2=BETAS[1],
+        adam_weight_decay=WEIGHT_DECAY, adam_epsilon=EPS, max_grad_norm=MAX_GRAD_NORM,
+        checkpointing_steps=10**9, validation_steps=10**9, report_to="tensorboard",
+    )  # fmt: skip
+    with Trainer(config) as trainer:
+        unet = tiny_unet2d_condition(seed=0)
+        trainer.fit({"unet": unet}, lambda batch, ctx: loss(ctx.models["unet"], *batch), make_dataset(steps))
+    return loss
+
+
+def run_plain(steps: int) -> DiffusionLoss:
+    """The reference: what a diffusers example script's loop does, minus everything optional."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    loss = DiffusionLoss()
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    set_seed(0)
+    unet = tiny_unet2d_condition(seed=0).train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS)
+    dataloader = DataLoader(make_dataset(steps), batch_size=BATCH, shuffle=True)
+    lr_scheduler = get_scheduler("constant", optimizer, num_warmup_steps=0, num_training_steps=steps)
+    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    for latents, text in dataloader:
+        with accelerator.accumulate(unet):
+            accelerator.backward(loss(unet, latents, text))
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(unet.parameters(), MAX_GRAD_NORM)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    accelerator.end_training()
+    return loss
+
+
+def reset_peak_rss() -> float | None:
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0); returns the RSS now (MB), None if refused."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return None
+    return _status_mb("VmRSS:")
+
+
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def measure(run, rep: int, start_rss: float | None) -> tuple[DiffusionLoss, float, float | None]:
+    """Run one loop; returns its clocks, its peak RSS (MB) and its peak above the starting RSS (None if unknown)."""
+    loss = run(rep)
+    if start_rss is None:
+        return loss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, None
+    peak = _status_mb("VmHWM:")
+    return loss, peak, peak - start_rss
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per repetition and loop")
+    parser.add_argument("--warmup", type=int, default=2, help="steps of each repetition left out of the timing")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--no_write", action="store_true", help="print only, do not update bench/results.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.getLogger("common.train").setLevel(logging.WARNING)
+
+    names = ("trainer", "plain")
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    peak: dict[str, list[float]] = {n: [] for n in names}
+    growth: dict[str, list[float]] = {n: [] for n in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        loops = {
+            "trainer": lambda rep: run_trainer(args.steps, os.path.join(tmp, f"rep{rep}")),
+            "plain": lambda rep: run_plain(args.steps),
+        }
+        run_trainer(args.warmup + 2, os.path.join(tmp, "warmup"))  # first-use costs (imports, allocator) once
+        run_plain(args.warmup + 2)
+        for rep in range(args.reps):
+            for name in names if rep % 2 == 0 else names[::-1]:
+                loss, peak_mb, grown_mb = measure(loops[name], rep, reset_peak_rss())
+                wall[name].append(loss.median_interval(args.warmup, "wall"))
+                cpu[name].append(loss.median_interval(args.warmup, "cpu"))
+                peak[name].append(peak_mb)
+                if grown_mb is not None:
+                    growth[name].append(grown_mb)
+                print(f"rep {rep} {name:7s} {1 / wall[name][-1]:.3f} steps/s  {cpu[name][-1]:.3f} CPU s/step  "
+                      f"peak RSS {peak_mb:.0f} MB", flush=True)  # fmt: skip
+
+    steps_per_s = {n: 1 / statistics.median(wall[n]) for n in names}
+    cpu_per_step = {n: statistics.median(cpu[n]) for n in names}
+    wall_ratio = statistics.median(p / t for t, p in zip(wall["trainer"], wall["plain"]))  # >1: trainer faster
+    cpu_ratio = statistics.median(p / t for t, p in zip(cpu["trainer"], cpu["plain"]))
+    print(f"median over {args.reps} reps ({args.threads} thread(s)): trainer {steps_per_s['trainer']:.3f} steps/s "
+          f"({cpu_per_step['trainer']:.4f} CPU s/step), plain accelerate loop {steps_per_s['plain']:.3f} steps/s "
+          f"({cpu_per_step['plain']:.4f} CPU s/step); speed ratio trainer/plain: wall {wall_ratio:.3f}, "
+          f"CPU {cpu_ratio:.3f} (target >= 0.95)")  # fmt: skip
+    if growth["trainer"]:
+        print(f"peak RSS: trainer {max(peak['trainer']):.0f} MB (+{max(growth['trainer']):.0f} MB over its start), "
+              f"plain {max(peak['plain']):.0f} MB (+{max(growth['plain']):.0f} MB)")  # fmt: skip
+    if args.no_write:
+        return
+    from records import write_records
+
+    command = ("python bench/bench_trainer.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    section = "core trainer (design 1.4)"
+    what = f"tiny UNet2DCondition 0.8M, 8x8x4 latents, batch {BATCH}, {args.threads} thread(s)"
+    rows = [
+        ("trainer: ours / plain accelerate loop, speed ratio (wall clock)", round(wall_ratio, 4), "x", ">= 0.95"),
+        ("trainer: ours / plain accelerate loop, speed ratio (CPU time)", round(cpu_ratio, 4), "x", ">= 0.95"),
+        (f"trainer: ours, steps/s ({what})", round(steps_per_s["trainer"], 4), "steps/s", ""),
+        (f"trainer: plain accelerate loop, steps/s ({what})", round(steps_per_s["plain"], 4), "steps/s", ""),
+        (f"trainer: ours, samples/s ({what})", round(steps_per_s["trainer"] * BATCH, 1), "samples/s", ""),
+        ("trainer: ours, CPU seconds per step", round(cpu_per_step["trainer"], 4), "s", ""),
+        ("trainer: plain accelerate loop, CPU seconds per step", round(cpu_per_step["plain"], 4), "s", ""),
+        ("trainer: ours, peak RSS of the benchmark process", round(max(peak["trainer"])), "MB", ""),
+        ("trainer: plain accelerate loop, peak RSS of the benchmark process", round(max(peak["plain"])), "MB", ""),
+    ]
+    if growth["trainer"]:
+        rows += [
+            ("trainer: ours, peak RSS above the loop's start", round(max(growth["trainer"])), "MB", ""),
+            ("trainer: plain accelerate loop, peak RSS above the loop's start", round(max(growth["plain"])), "MB", ""),
+        ]
+    write_records([
+        dict(name=name, value=value, unit=unit, target=target, command=command, section=section)
+        for name, value, unit, target in rows
+    ], replace_section=section)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

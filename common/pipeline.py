@@ -62,7 +62,8 @@ class LatentTextToImage:
         vae = load_vae(folder, subfolder="vae")
         text_encoder, tokenizer = load_clip_text(folder)
         for module in (unet, vae, text_encoder):
-            if dtype != torch.float32 or str(device) != "cpu":
+            # tiny checkpoints may store a tower in float16 to stay small; compute happens in ``dtype``
+            if next(module.parameters()).dtype != dtype or str(device) != "cpu":
                 module.to(device=device, dtype=dtype)
             module.eval()
         return cls(unet, vae, text_encoder, tokenizer, config)

@@ -1,0 +1,55 @@
+"""Score generated images: the digits judge, FID/KID, CLIP similarity, mask agreement, frame consistency.
+
+    python scripts/evaluate.py judge --images outputs/samples            # digit / colour accuracy (digits world)
+    python scripts/evaluate.py fid GEN_DIR REF_DIR --inception_weights pt_inception-2015-12-05-6726825d.pth
+    python scripts/evaluate.py clip-score GEN_DIR --clip ViT-B-32-quickgelu=ViT-B-32.pt
+    python scripts/evaluate.py mask GEN_DIR MASK_DIR --num_classes 2
+
+Every subcommand prints a table and writes a JSON report (``--out``).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common.errors import cli_entry  # noqa: E402
+
+
+def run_judge(args) -> dict:
+    from common.eval_cli import write_json_atomic
+    from common.judge import judge_folder, summary_line
+
+    scores = judge_folder(args.images, args.metadata)
+    out = Path(args.out or Path(args.images) / "scores.json")
+    write_json_atomic(out, scores)
+    print(summary_line(scores))
+    print(f"wrote {out}")
+    return scores
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from common.eval_cli import register_metric_subcommands
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    judge = sub.add_parser("judge", help="digit and colour accuracy of digits-world images against their prompts")
+    judge.add_argument("--images", required=True, help="folder with the images and metadata.jsonl (file_name, text)")
+    judge.add_argument("--metadata", default=None, help="a metadata.jsonl elsewhere (paths relative to it)")
+    judge.add_argument("--out", default=None, help="JSON report (default: <images>/scores.json)")
+    judge.set_defaults(func=run_judge)
+    register_metric_subcommands(sub)
+    return parser
+
+
+@cli_entry
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

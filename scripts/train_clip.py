@@ -1,0 +1,128 @@
+"""Train an open_clip CLIP (from a model config, with the real bundled tokenizer) on image-caption pairs.
+
+    python scripts/train_clip.py --config configs/baseline/tiny.yaml --train_data_dir data/digits/train \\
+        --model_config configs/baseline/clip.json --output_dir ckpt/tiny/clip
+
+Loss: the symmetric InfoNCE of CLIP (Radford et al. 2021) with a learned temperature (open_clip's ``ClipLoss``).
+Writes open_clip's local folder layout (``open_clip_config.json`` + ``open_clip_model.safetensors``, loadable with
+``common.models.load_open_clip(folder)``) and, in ``text_encoder/`` + ``tokenizer/``, the text tower converted to a
+transformers ``CLIPTextModelWithProjection`` for Stable-Diffusion-layout pipelines. ``--save_dtype float16`` keeps
+the committed tiny checkpoint small (the 49,408-token embedding dominates it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common.errors import UserError, cli_entry  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from common.train import add_train_args
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None, help="YAML of flag defaults (command-line flags win)")
+    p.add_argument("--train_data_dir", default=None, help="image folder with metadata.jsonl (file_name, text)")
+    p.add_argument("--caption_column", default="text")
+    p.add_argument("--model_config", default=None, help="open_clip model config JSON (default: configs/tiny's)")
+    p.add_argument("--save_dtype", default="float32", choices=("float32", "float16"))
+    add_train_args(p, defaults={"learning_rate": 1e-3, "train_batch_size": 128, "lr_warmup_steps": 100,
+                                "checkpointing_steps": 1000, "validation_steps": 100000, "report_to": "none",
+                                "tracker_project_name": "train_clip", "adam_weight_decay": 0.1})
+    return p
+
+
+class ContrastiveCLIP(torch.nn.Module):
+    """``(images, token ids) -> InfoNCE loss`` in one forward, so DDP sees every parameter used."""
+
+    def __init__(self, model, mean, std):
+        super().__init__()
+        self.model = model
+        # pixels arrive in [-1, 1]; CLIP wants its own normalisation (the same open_clip's preprocess applies)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images, ids):
+        from open_clip.loss import ClipLoss
+
+        out = self.model(((images + 1) / 2 - self.mean) / self.std, ids)
+        image_features, text_features, logit_scale = out[:3]
+        return ClipLoss()(image_features, text_features, logit_scale)
+
+
+def build_model(model_config: Path):
+    import open_clip
+
+    from common.models import register_open_clip_config
+
+    name = register_open_clip_config(model_config)
+    model = open_clip.create_model(name, pretrained=None, load_weights=False)
+    preprocess_cfg = dict(model.visual.preprocess_cfg) if hasattr(model.visual, "preprocess_cfg") else {}
+    return model, name, preprocess_cfg
+
+
+def save_open_clip_folder(model, model_cfg: dict, preprocess_cfg: dict, folder: Path, dtype: torch.dtype) -> None:
+    from common.clip_convert import open_clip_text_to_transformers
+    from common.io import atomic_write_dir, save_safetensors
+    from common.tiny import clip_tokenizer
+
+    with atomic_write_dir(folder) as tmp:
+        state = {k: v.detach().to(dtype) for k, v in model.state_dict().items() if v.is_floating_point()}
+        save_safetensors(state, tmp / "open_clip_model.safetensors")
+        (tmp / "open_clip_config.json").write_text(
+            json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
+        text = open_clip_text_to_transformers(model).to(dtype)
+        text.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        clip_tokenizer().save_pretrained(tmp / "tokenizer")
+
+
+@cli_entry
+def main(argv=None) -> int:
+    import open_clip
+
+    from common.data import image_text_dataset
+    from common.train import Trainer, config_from_args, parse_args_with_config
+
+    parser = build_parser()
+    args = parse_args_with_config(parser, argv)
+    if not args.train_data_dir:
+        raise UserError("--train_data_dir is required: an image folder with metadata.jsonl captions")
+    repo = Path(__file__).resolve().parent.parent
+    model_config = Path(args.model_config or repo / "configs" / "tiny" / "tiny-open-clip.json")
+    config = config_from_args(args)
+    with Trainer(config) as trainer:
+        model, name, preprocess_cfg = build_model(model_config)
+        size = model.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        tokenizer = open_clip.get_tokenizer(name)
+        dataset = image_text_dataset(args.train_data_dir, resolution=size, caption_column=args.caption_column)
+
+        def collate(items):
+            return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
+                    "input_ids": tokenizer([it["text"] for it in items])}
+
+        def loss_fn(batch, ctx):
+            return ctx.models["clip"](batch["pixel_values"].to(ctx.device), batch["input_ids"].to(ctx.device))
+
+        mean = preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
+        std = preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD)
+        result = trainer.fit({"clip": ContrastiveCLIP(model, mean, std)}, loss_fn, dataset, collate_fn=collate)
+        if trainer.is_main_process and result.completed:
+            model = result.models["clip"].model.eval()
+            model_cfg = json.loads(model_config.read_text())
+            dtype = torch.float16 if args.save_dtype == "float16" else torch.float32
+            save_open_clip_folder(model, model_cfg, preprocess_cfg, Path(config.output_dir) / "clip", dtype)
+            print(f"CLIP saved to {Path(config.output_dir) / 'clip'} (open_clip layout + text_encoder/ + tokenizer/)")
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

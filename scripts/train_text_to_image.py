@@ -1,0 +1,239 @@
+"""Train or fine-tune a latent text-to-image model (the baseline of every comparison); output: a diffusers folder.
+
+Fine-tune an existing Stable Diffusion folder (flags as diffusers' ``train_text_to_image.py``)::
+
+    accelerate launch scripts/train_text_to_image.py --pretrained_model_name_or_path PATH/TO/SD \\
+        --train_data_dir DATA --resolution 512 --train_batch_size 4 --learning_rate 1e-5 --max_train_steps 1000 \\
+        --mixed_precision bf16 --use_ema --output_dir out/sd-finetuned
+
+or build one from parts (the digits world: our own VAE and CLIP, a UNet from a config)::
+
+    python scripts/train_text_to_image.py --config configs/baseline/tiny.yaml
+
+The output folder loads with plain ``diffusers.StableDiffusionPipeline.from_pretrained`` and with
+``scripts/sample.py --pretrained_model_name_or_path``. Loss: the eps (or v) regression of DDPM on VAE latents,
+captions dropped to "" with ``--proportion_empty_prompts`` so classifier-free guidance works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common.errors import UserError, cli_entry  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from common.train import add_train_args
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None, help="YAML of flag defaults (command-line flags win)")
+    p.add_argument("--pretrained_model_name_or_path", default=None, help="a local SD-layout pipeline folder")
+    p.add_argument("--vae_model_path", default=None, help="from parts: a VAE folder (scripts/train_vae.py)")
+    p.add_argument("--clip_model_path", default=None,
+                   help="from parts: a CLIP folder with text_encoder/ and tokenizer/ (scripts/train_clip.py)")
+    p.add_argument("--unet_config", default=None, help="from parts: JSON config of the UNet2DConditionModel")
+    p.add_argument("--train_data_dir", default=None, help="image folder with metadata.jsonl (file_name, text)")
+    p.add_argument("--caption_column", default="text")
+    p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the VAE's)")
+    p.add_argument("--random_flip", action="store_true")
+    p.add_argument("--proportion_empty_prompts", type=float, default=0.1,
+                   help="fraction of captions replaced by '' (classifier-free guidance training)")
+    p.add_argument("--prediction_type", default=None, choices=("epsilon", "v_prediction"),
+                   help="default: the folder's scheduler setting (epsilon for new models)")
+    p.add_argument("--noise_offset", type=float, default=0.0)
+    p.add_argument("--cache_latents", action="store_true",
+                   help="encode every image and caption once (VAE posterior, text states) and train on the cache")
+    p.add_argument("--validation_prompts", nargs="*", default=None)
+    p.add_argument("--text_encoder_save_dtype", default="float32", choices=("float32", "float16"),
+                   help="dtype the (frozen) text encoder is written in; float16 keeps tiny checkpoints small")
+    add_train_args(p, defaults={"learning_rate": 1e-4, "train_batch_size": 16, "lr_warmup_steps": 500,
+                                "report_to": "none", "tracker_project_name": "text2image"})
+    return p
+
+
+def load_components(args):
+    """``(unet, vae, text_encoder, tokenizer, scheduler_config)`` from an SD folder or from parts."""
+    from diffusers import UNet2DConditionModel
+
+    from common.models import load_clip_text, load_unet, load_vae
+    from common.pipeline import read_scheduler_config
+    from common.tiny import sd_ddim_scheduler
+
+    if args.pretrained_model_name_or_path:
+        folder = args.pretrained_model_name_or_path
+        unet = load_unet(folder, subfolder="unet")
+        vae = load_vae(folder, subfolder="vae")
+        text_encoder, tokenizer = load_clip_text(folder, with_projection=False)
+        scheduler_config = read_scheduler_config(folder)
+    else:
+        missing = [f for f in ("vae_model_path", "clip_model_path", "unet_config") if not getattr(args, f)]
+        if missing:
+            raise UserError("pass --pretrained_model_name_or_path, or all of --vae_model_path --clip_model_path "
+                            f"--unet_config (missing: {', '.join('--' + m for m in missing)})")
+        vae = load_vae(args.vae_model_path)
+        text_encoder, tokenizer = load_clip_text(Path(args.clip_model_path) / "text_encoder",
+                                                 tokenizer_path=Path(args.clip_model_path) / "tokenizer",
+                                                 with_projection=False)
+        path = Path(args.unet_config)
+        if not path.is_file():
+            raise UserError(f"--unet_config {path} does not exist: pass a UNet2DConditionModel JSON config")
+        unet = UNet2DConditionModel.from_config(json.loads(path.read_text()))
+        scheduler_config = dict(sd_ddim_scheduler().config)
+    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+        raise UserError(f"the UNet attends to width {unet.config.cross_attention_dim} but the text encoder gives "
+                        f"{text_encoder.config.hidden_size}: they do not belong together")
+    if args.prediction_type:
+        scheduler_config["prediction_type"] = args.prediction_type
+    text_encoder = text_encoder.float()
+    return unet, vae.float(), text_encoder, tokenizer, scheduler_config
+
+
+def save_pipeline(output_dir: Path, unet, vae, text_encoder, tokenizer, scheduler_config, text_dtype) -> Path:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from common.io import atomic_write_dir
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder.to(text_dtype), tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler.from_config(scheduler_config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    with atomic_write_dir(output_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    text_encoder.float()
+    return output_dir
+
+
+@cli_entry
+def main(argv=None) -> int:
+    import torch.nn.functional as F
+
+    from common.data import image_text_dataset
+    from common.process import canonical_prediction_type, q_sample, training_target
+    from common.schedule import NoiseSchedule
+    from common.train import Trainer, config_from_args, parse_args_with_config
+
+    parser = build_parser()
+    args = parse_args_with_config(parser, argv)
+    if not args.train_data_dir:
+        raise UserError("--train_data_dir is required: an image folder with metadata.jsonl captions")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        raise UserError(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}")
+    config = config_from_args(args)
+    with Trainer(config) as trainer:
+        unet, vae, text_encoder, tokenizer, scheduler_config = load_components(args)
+        vae.requires_grad_(False)
+        text_encoder.requires_grad_(False)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        resolution = args.resolution or vae.config.sample_size
+        if resolution % factor:
+            raise UserError(f"--resolution {resolution} is not divisible by the VAE's factor {factor}")
+        schedule = NoiseSchedule.from_config(scheduler_config)
+        ptype = canonical_prediction_type(scheduler_config.get("prediction_type", "epsilon"))
+        dataset = image_text_dataset(args.train_data_dir, resolution=resolution, random_flip=args.random_flip,
+                                     caption_column=args.caption_column)
+        encoder = LatentTextEncoder(vae, text_encoder, tokenizer)
+        if args.cache_latents:
+            dataset = encoder.cache(dataset)
+        empty = encoder.text([""])
+
+        def loss_fn(batch, ctx):
+            latents, states = encoder.encode_batch(batch, ctx.device)
+            drop = torch.rand(latents.shape[0], device=ctx.device) < args.proportion_empty_prompts
+            states = torch.where(drop.view(-1, 1, 1), empty.to(ctx.device).expand_as(states), states)
+            noise = torch.randn_like(latents)
+            if args.noise_offset:
+                noise = noise + args.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
+                                                                device=latents.device)
+            t = torch.randint(0, schedule.num_train_timesteps, (latents.shape[0],), device=latents.device)
+            abar = schedule.abar(t, like=latents)
+            noisy = q_sample(latents, abar, noise)
+            pred = ctx.models["unet"](noisy, t, encoder_hidden_states=states).sample
+            return F.mse_loss(pred.float(), training_target(latents, noise, abar, ptype).float())
+
+        validate = None
+        if args.validation_prompts:
+            def validate(step, models):
+                from common.pipeline import LatentTextToImage
+
+                pipe = LatentTextToImage(models["unet"], vae, text_encoder, tokenizer, scheduler_config)
+                out = pipe(args.validation_prompts, num_inference_steps=25, guidance_scale=3.0,
+                           generator=torch.Generator().manual_seed(0), progress=False)
+                return list(out.images)
+
+        result = trainer.fit({"unet": unet}, loss_fn, dataset, collate_fn=encoder.collate,
+                             frozen={"vae": vae, "text_encoder": text_encoder}, validation_fn=validate)
+        if trainer.is_main_process and result.completed:
+            dtype = torch.float16 if args.text_encoder_save_dtype == "float16" else torch.float32
+            out = save_pipeline(Path(config.output_dir) / "pipeline", result.models["unet"].eval(), vae,
+                                text_encoder, tokenizer, scheduler_config, dtype)
+            print(f"pipeline saved to {out} (diffusers StableDiffusionPipeline layout)")
+    return result.exit_code
+
+
+class LatentTextEncoder:
+    """Turns ``{pixel_values, text}`` items into ``(scaled latents, text states)``, on the fly or from a cache."""
+
+    def __init__(self, vae, text_encoder, tokenizer):
+        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+        self.scaling = float(vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def text(self, captions) -> torch.Tensor:
+        ids = self.tokenizer(list(captions), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+    @staticmethod
+    def collate(items):
+        batch = {}
+        for key in items[0]:
+            values = [it[key] for it in items]
+            batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+        return batch
+
+    @torch.no_grad()
+    def encode_batch(self, batch, device):
+        if "latent_mean" in batch:  # cached: draw from the stored posterior, as an uncached run would
+            mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+            return (mean + std * torch.randn_like(mean)) * self.scaling, batch["text_states"].to(device)
+        pixels = batch["pixel_values"].to(device=device, dtype=self.vae.dtype)
+        latents = self.vae.encode(pixels).latent_dist.sample() * self.scaling
+        return latents, self.text(batch["text"]).to(device)
+
+    @torch.no_grad()
+    def cache(self, dataset, batch_size: int = 64):
+        """Encode the whole dataset once (posterior mean/std and text states) into an in-memory dataset."""
+        from tqdm.auto import tqdm
+
+        means, stds, states = [], [], []
+        for start in tqdm(range(0, len(dataset), batch_size), desc="caching latents and text"):
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            posterior = self.vae.encode(torch.stack([it["pixel_values"] for it in items])).latent_dist
+            means.append(posterior.mean)
+            stds.append(posterior.std)
+            states.append(self.text([it["text"] for it in items]))
+        return CachedLatents(torch.cat(means), torch.cat(stds), torch.cat(states))
+
+
+class CachedLatents(torch.utils.data.Dataset):
+    def __init__(self, mean, std, states):
+        self.mean, self.std, self.states = mean, std, states
+
+    def __len__(self):
+        return len(self.mean)
+
+    def __getitem__(self, i):
+        return {"latent_mean": self.mean[i], "latent_std": self.std[i], "text_states": self.states[i]}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""Train a diffusers ``AutoencoderKL`` (the latent space every latent model of the lab uses) on an image folder.
+
+    python scripts/train_vae.py --config configs/baseline/tiny.yaml --train_data_dir data/digits/train \\
+        --output_dir ckpt/tiny/vae
+
+Loss: mean squared reconstruction error + ``--kl_weight`` x KL(q(z|x) || N(0, I)), as the seed repos' own small
+VAEs. At the end the latent ``scaling_factor`` is set to ``1 / std`` of the training latents (Stable Diffusion's
+0.18215 was found the same way) and the model is written with ``save_pretrained`` (safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from common.errors import UserError, cli_entry  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from common.train import add_train_args
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None, help="YAML of flag defaults (command-line flags win)")
+    p.add_argument("--train_data_dir", required=False, default=None, help="image folder with metadata.jsonl")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--vae_config", default=None,
+                   help="JSON config of the AutoencoderKL to train from scratch (default: common.tiny's)")
+    p.add_argument("--pretrained_vae", default=None, help="a VAE folder to fine-tune instead of training anew")
+    p.add_argument("--kl_weight", type=float, default=1e-6)
+    p.add_argument("--random_flip", action="store_true")
+    add_train_args(p, defaults={"learning_rate": 1e-3, "train_batch_size": 64, "lr_warmup_steps": 100,
+                                "checkpointing_steps": 1000, "validation_steps": 1000, "report_to": "none",
+                                "tracker_project_name": "train_vae"})
+    return p
+
+
+def build_vae(args):
+    from common.models import load_vae
+    from common.tiny import tiny_vae, tiny_vae_config
+
+    if args.pretrained_vae:
+        return load_vae(args.pretrained_vae)
+    if args.vae_config:
+        from diffusers import AutoencoderKL
+
+        path = Path(args.vae_config)
+        if not path.is_file():
+            raise UserError(f"--vae_config {path} does not exist: pass a JSON AutoencoderKL config")
+        return AutoencoderKL.from_config(json.loads(path.read_text()))
+    cfg = tiny_vae_config(sample_size=args.resolution)
+    return tiny_vae(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+
+
+@cli_entry
+def main(argv=None) -> int:
+    import torch.nn.functional as F
+
+    from common.data import image_text_dataset
+    from common.io import atomic_write_dir
+    from common.train import Trainer, config_from_args, parse_args_with_config
+
+    parser = build_parser()
+    args = parse_args_with_config(parser, argv)
+    if not args.train_data_dir:
+        raise UserError("--train_data_dir is required: an image folder (with metadata.jsonl) to train on")
+    config = config_from_args(args)
+    dataset = image_text_dataset(args.train_data_dir, resolution=args.resolution, random_flip=args.random_flip,
+                                 require_captions=False)
+    with Trainer(config) as trainer:
+        vae = build_vae(args)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        if args.resolution % factor:
+            raise UserError(f"--resolution {args.resolution} is not divisible by the VAE's factor {factor}")
+
+        def loss_fn(batch, ctx):
+            pixels = batch["pixel_values"].to(ctx.device)
+            recon, kl = ctx.models["vae"](pixels)  # through the (DDP-)prepared module so gradients sync
+            mse = F.mse_loss(recon.float(), pixels.float())
+            return {"loss": mse + args.kl_weight * kl, "mse": mse.detach(), "kl": kl.detach()}
+
+        def validate(step, models):
+            model = models["vae"].vae
+            sample = torch.stack([dataset[i]["pixel_values"] for i in range(8)])
+            with torch.no_grad():
+                recon = model(sample.to(trainer.device)).sample.clamp(-1, 1).cpu()
+            return {"reconstructions": [(x + 1) / 2 for x in torch.cat([sample, recon])]}
+
+        result = trainer.fit({"vae": VAEWithKL(vae)}, loss_fn, dataset, validation_fn=validate)
+        if trainer.is_main_process and result.completed:
+            vae = result.models["vae"].vae.eval()
+            scale, mse = latent_statistics(vae, dataset)
+            vae.register_to_config(scaling_factor=scale)
+            with atomic_write_dir(Path(config.output_dir) / "vae") as tmp:
+                vae.save_pretrained(tmp, safe_serialization=True)
+            print(f"VAE: reconstruction MSE {mse:.5f} (pixels in [-1, 1]), scaling_factor {scale:.4f}; "
+                  f"saved to {Path(config.output_dir) / 'vae'}")
+    return result.exit_code
+
+
+class VAEWithKL(torch.nn.Module):
+    """``pixels -> (reconstruction, KL per pixel)`` in one forward, so DDP sees every parameter used."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels):
+        posterior = self.vae.encode(pixels).latent_dist
+        recon = self.vae.decode(posterior.sample()).sample
+        return recon, posterior.kl().mean() / pixels[0].numel()
+
+
+def latent_statistics(vae, dataset, limit: int = 512):
+    """``(1 / std of latent samples, mean reconstruction MSE)`` over up to ``limit`` training images."""
+    n = min(limit, len(dataset))
+    with torch.no_grad():
+        pixels = torch.stack([dataset[i]["pixel_values"] for i in range(n)])
+        posterior = vae.encode(pixels).latent_dist
+        latents = posterior.sample(generator=torch.Generator().manual_seed(0))
+        recon = vae.decode(posterior.mode()).sample
+    return float(1.0 / latents.std()), float(((recon - pixels) ** 2).mean())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -26,7 +26,31 @@ from common.errors import UserError, cli_entry  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINTS = {"baseline": REPO / "ckpt" / "tiny" / "baseline"}
-METHODS = ("baseline",)
+# A method plugs in with a module defining ``add_arguments(parser)`` (its own flags, in an argument group),
+# ``generate(args, prompts) -> [N, 3, H, W] tensor in [0, 1]`` and ``DEFAULT_CHECKPOINT`` (a path under the repo).
+METHOD_MODULES = {
+    "baseline": None,
+    "contextdiff": "contextdiff.sample_cli",
+    "shifted": "shifted.sample_cli",
+    "codiff": "codiff.sample_cli",
+    "sdg": "sdg.sample_cli",
+    "versatile": "versatile.sample_cli",
+}
+METHODS = tuple(METHOD_MODULES)
+
+
+def method_module(name: str):
+    import importlib
+
+    module = METHOD_MODULES[name]
+    if module is None:
+        return None
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name == module:
+            raise UserError(f"method {name!r} has no sampling entry yet ({module}): see its issue") from None
+        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return p
+
+
+def parse_args(argv=None):
+    """Two passes: ``--method`` first, so the chosen method can add its own flags."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="baseline", choices=METHODS)
+    known, _ = pre.parse_known_args(argv)
+    parser = build_parser()
+    module = method_module(known.method)
+    if module is not None:
+        module.add_arguments(parser.add_argument_group(f"{known.method} options"))
+    return parser.parse_args(argv), module
 
 
 def read_prompts(args) -> list[str]:
@@ -95,7 +131,6 @@ def generate_baseline(args, prompts):
     return out.images
 
 
-GENERATORS = {"baseline": generate_baseline}
 
 
 def write_outputs(images, prompts, args) -> Path:
@@ -117,10 +152,15 @@ def write_outputs(images, prompts, args) -> Path:
 
 @cli_entry
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args, module = parse_args(argv)
     check_args(args)
     prompts = read_prompts(args)
-    images = GENERATORS[args.method](args, prompts)
+    if module is None:
+        images = generate_baseline(args, prompts)
+    else:
+        if args.pretrained_model_name_or_path is None:
+            args.pretrained_model_name_or_path = str(REPO / module.DEFAULT_CHECKPOINT)
+        images = module.generate(args, prompts)
     out = write_outputs(images, prompts, args)
     print(f"wrote {len(prompts)} images, grid.png and metadata.jsonl to {out}")
     return 0

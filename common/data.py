@@ -179,3 +179,48 @@ def coco_dataset(images_dir: str | Path, captions_json: str | Path, resolution: 
                  center_crop: bool = True, random_flip: bool = False) -> ImageTextDataset:
     records = coco_records(Path(images_dir), Path(captions_json), one_per_image)
     return ImageTextDataset(records, resolution, center_crop, random_flip, source=str(captions_json))
+
+
+# ------------------------------------------------------------------------------------------ encoding caches
+
+
+def dataset_fingerprint(dataset: ImageTextDataset) -> str:
+    """Changes whenever the files, their captions or the transform settings change."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((dataset.resolution, dataset.center_crop, dataset.random_flip)).encode())
+    for rec in dataset.records:
+        stat = rec.image.stat()
+        h.update(f"{rec.image}|{stat.st_size}|{stat.st_mtime_ns}|{rec.text}\n".encode())
+    return h.hexdigest()
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """A hash of a module's class and weights (not its config, which records load paths): a cache made with
+    other weights is never reused, the same weights loaded from another folder are recognised."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(type(module).__name__.encode())
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cached_tensors(cache_dir: str | Path, key: str, compute) -> tuple[dict[str, torch.Tensor], bool]:
+    """``(tensors, reused)``: load ``<cache_dir>/<key>.safetensors`` if present, else ``compute()`` and save it.
+
+    The key carries the fingerprints of the data and of the encoding models, so a change of either makes a new
+    file instead of silently reusing stale encodings. The file is written atomically.
+    """
+    from common.io import load_safetensors, save_safetensors
+
+    path = Path(cache_dir) / f"{key}.safetensors"
+    if path.is_file():
+        return load_safetensors(path), True
+    tensors = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path)
+    return tensors, False

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise_offset", type=float, default=0.0)
     p.add_argument("--cache_latents", action="store_true",
                    help="encode every image and caption once (VAE posterior, text states) and train on the cache")
+    p.add_argument("--cache_dir", default=None,
+                   help="with --cache_latents: keep the encodings in this folder (safetensors, keyed by data and "
+                        "model fingerprints) so later runs reuse them")
     p.add_argument("--validation_prompts", nargs="*", default=None)
     p.add_argument("--text_encoder_save_dtype", default="float32", choices=("float32", "float16"),
                    help="dtype the (frozen) text encoder is written in; float16 keeps tiny checkpoints small")
@@ -142,7 +145,7 @@ def main(argv=None) -> int:
                                      caption_column=args.caption_column)
         encoder = LatentTextEncoder(vae, text_encoder, tokenizer)
         if args.cache_latents:
-            dataset = encoder.cache(dataset)
+            dataset = encoder.cache(dataset, args.cache_dir)
         empty = encoder.text([""])
 
         def loss_fn(batch, ctx):
@@ -210,18 +213,30 @@ class LatentTextEncoder:
         return latents, self.text(batch["text"]).to(device)
 
     @torch.no_grad()
-    def cache(self, dataset, batch_size: int = 64):
-        """Encode the whole dataset once (posterior mean/std and text states) into an in-memory dataset."""
+    def cache(self, dataset, cache_dir=None, batch_size: int = 64):
+        """Encode the whole dataset once (posterior mean/std and text states); optionally keep it on disk."""
         from tqdm.auto import tqdm
 
-        means, stds, states = [], [], []
-        for start in tqdm(range(0, len(dataset), batch_size), desc="caching latents and text"):
-            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            posterior = self.vae.encode(torch.stack([it["pixel_values"] for it in items])).latent_dist
-            means.append(posterior.mean)
-            stds.append(posterior.std)
-            states.append(self.text([it["text"] for it in items]))
-        return CachedLatents(torch.cat(means), torch.cat(stds), torch.cat(states))
+        from common.data import cached_tensors, dataset_fingerprint, module_fingerprint
+
+        def compute():
+            means, stds, states = [], [], []
+            for start in tqdm(range(0, len(dataset), batch_size), desc="caching latents and text"):
+                items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+                posterior = self.vae.encode(torch.stack([it["pixel_values"] for it in items])).latent_dist
+                means.append(posterior.mean)
+                stds.append(posterior.std)
+                states.append(self.text([it["text"] for it in items]))
+            return {"mean": torch.cat(means), "std": torch.cat(stds), "states": torch.cat(states)}
+
+        if cache_dir is None:
+            t = compute()
+        else:
+            key = "-".join((dataset_fingerprint(dataset), module_fingerprint(self.vae),
+                            module_fingerprint(self.text_encoder)))
+            t, reused = cached_tensors(cache_dir, key, compute)
+            print(("reusing" if reused else "wrote") + f" encodings cache {cache_dir}/{key}.safetensors")
+        return CachedLatents(t["mean"], t["std"], t["states"])
 
 
 class CachedLatents(torch.utils.data.Dataset):

@@ -127,3 +127,27 @@ def test_coco_captions_layout(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(UserError, match="not a COCO captions file"):
         coco_dataset(root, tmp_path / "bad.json", 8)
+
+
+def test_encoding_cache_is_reused_and_invalidated(tmp_path):
+    from common.data import cached_tensors, dataset_fingerprint, module_fingerprint
+
+    root = write_folder(tmp_path / "d", n=3)
+    ds = image_text_dataset(root, 8)
+    net = torch.nn.Linear(2, 2)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": torch.arange(3.0)}
+
+    key = dataset_fingerprint(ds) + module_fingerprint(net)
+    first, reused = cached_tensors(tmp_path / "cache", key, compute)
+    again, reused_again = cached_tensors(tmp_path / "cache", key, compute)
+    assert not reused and reused_again and len(calls) == 1 and torch.equal(first["x"], again["x"])
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    assert module_fingerprint(net) not in key  # other weights, other key
+    (root / "metadata.jsonl").write_text((root / "metadata.jsonl").read_text().replace("caption 0", "changed"))
+    assert dataset_fingerprint(image_text_dataset(root, 8)) != dataset_fingerprint(ds)
+    assert dataset_fingerprint(image_text_dataset(root, 16)) != dataset_fingerprint(image_text_dataset(root, 8))

@@ -32,7 +32,7 @@ def small_digits(tmp_path_factory):
 COMMON = ["--max_train_steps", "2", "--train_batch_size", "4", "--lr_warmup_steps", "0", "--report_to", "none"]
 
 
-def test_vae_clip_and_text_to_image_chain(small_digits, tmp_path):
+def test_vae_clip_and_text_to_image_chain(small_digits, tmp_path, capsys):
     assert train_vae.main(["--train_data_dir", str(small_digits), "--output_dir", str(tmp_path / "vae_run"),
                            *COMMON]) == 0
     vae_dir = tmp_path / "vae_run" / "vae"
@@ -48,7 +48,7 @@ def test_vae_clip_and_text_to_image_chain(small_digits, tmp_path):
     assert model.encode_text(tokenizer(["a red handwritten seven"])).shape == (1, 64)
     argv = ["--vae_model_path", str(vae_dir), "--clip_model_path", str(clip_dir), "--unet_config",
             str(REPO / "configs" / "baseline" / "unet.json"), "--train_data_dir", str(small_digits), "--output_dir",
-            str(tmp_path / "t2i"), "--cache_latents", "--use_ema", *COMMON]
+            str(tmp_path / "t2i"), "--cache_latents", "--cache_dir", str(tmp_path / "cache"), "--use_ema", *COMMON]
     assert train_text_to_image.main(argv) == 0
     folder = tmp_path / "t2i" / "pipeline"
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32)
@@ -56,8 +56,13 @@ def test_vae_clip_and_text_to_image_chain(small_digits, tmp_path):
     image = pipe("a red handwritten seven", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
     # fine-tune the folder it wrote (the SD path of the script)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    capsys.readouterr()
+    # same VAE, text encoder and data: the fine-tune reuses the encodings instead of recomputing them
     assert train_text_to_image.main(["--pretrained_model_name_or_path", str(folder), "--train_data_dir",
-                                     str(small_digits), "--output_dir", str(tmp_path / "ft"), *COMMON]) == 0
+                                     str(small_digits), "--output_dir", str(tmp_path / "ft"), "--cache_latents",
+                                     "--cache_dir", str(tmp_path / "cache"), *COMMON]) == 0
+    assert "reusing encodings cache" in capsys.readouterr().out
     assert (tmp_path / "ft" / "pipeline" / "model_index.json").is_file()
 
 

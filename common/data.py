@@ -3,17 +3,28 @@
 Every item is a dict: ``pixel_values`` ``[3, R, R]`` in [-1, 1], ``text`` (caption), ``index``, and when the
 folder has masks (``mask_file_name`` column, palette PNGs of class ids as CelebAMask-HQ) ``mask`` ``[R, R]`` long.
 Images in any PIL mode (grayscale, RGBA, palette, 16-bit) are converted to RGB by ``common.io.pil_to_rgb``.
-Unreadable or truncated files are found when the index is built (a full decode, so a run never crashes midway),
-skipped and counted (``dataset.skipped``) with one warning naming how many.
+
+Broken data never crashes a run. Missing, unreadable or truncated files are found when the index is built
+(``validate="decode"``, a full decode; ``"verify"`` is PIL's cheaper structural check; ``"none"`` skips it),
+skipped and counted (``dataset.skipped``) with one warning naming how many. A file that breaks later (changed
+on disk, or missed by ``"verify"``) is caught in ``__getitem__``: the item deterministically falls back to the
+next readable index, and the file is counted too (``dataset.skipped_at_load``, per process).
+
+Encodings (VAE latents, text embeddings) can be computed once and reused: :func:`build_embedding_cache` writes
+safetensors shards keyed by a fingerprint (:func:`cache_fingerprint` of the model and data fingerprints), and
+:class:`CachedEmbeddingDataset` serves them.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import json
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -23,23 +34,45 @@ from common.errors import UserError
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+VALIDATE_MODES = ("decode", "verify", "none")
+# What a broken or vanished file raises while PIL opens or decodes it.
+_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 @dataclass
 class Record:
+    """One sample: an image path, its caption (``captions`` holds alternatives to draw from), optional mask."""
+
     image: Path
     text: str
     mask: Optional[Path] = None
     extra: Optional[dict] = None
+    captions: Optional[tuple[str, ...]] = None
 
 
-def _readable(path: Path) -> bool:
+def _readable(path: Path, validate: str = "decode") -> bool:
+    """Whether ``path`` opens as an image: ``"decode"`` decodes it fully, ``"verify"`` runs PIL's ``verify()``."""
+    if validate == "none":
+        return path.is_file()
     try:
         with Image.open(path) as im:
-            im.load()  # a full decode: verify() misses truncated data
+            if validate == "verify":
+                im.verify()  # chunk structure and checksums, no pixel decode
+            else:
+                im.load()
         return True
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except _READ_ERRORS:
         return False
+
+
+def _caption_fields(value: Any) -> tuple[str, Optional[tuple[str, ...]]]:
+    """A caption cell -> ``(text, alternatives)``: a list of captions (HF datasets) is kept to draw from."""
+    if isinstance(value, (list, tuple)):
+        captions = tuple(str(c).strip() for c in value if str(c).strip())
+        if not captions:
+            return "", None
+        return captions[0], (captions if len(captions) > 1 else None)
+    return ("" if value is None else str(value)), None
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -69,7 +102,8 @@ def folder_records(root: Path, caption_column: str = "text", require_captions: b
                 raise UserError(f"{meta}: a line has no {caption_column!r} column: pass --caption_column")
             mask = root / row["mask_file_name"] if row.get("mask_file_name") else None
             extra = {k: v for k, v in row.items() if k not in ("file_name", caption_column, "mask_file_name")}
-            records.append(Record(root / row["file_name"], str(row.get(caption_column, "")), mask, extra))
+            text, captions = _caption_fields(row.get(caption_column, ""))
+            records.append(Record(root / row["file_name"], text, mask, extra, captions))
         return records
     if require_captions:
         raise UserError(f"{root} has no metadata.jsonl: add one with file_name and text per image")
@@ -77,8 +111,16 @@ def folder_records(root: Path, caption_column: str = "text", require_captions: b
     return [Record(p, "") for p in files]
 
 
-def coco_records(images_dir: Path, captions_json: Path, one_per_image: bool = False) -> list[Record]:
-    """Records of a COCO captions file (``captions_train2017.json`` layout): one per caption, or per image."""
+def coco_records(images_dir: Path, captions_json: Path, one_per_image: bool = False,
+                 random_caption: bool = False) -> list[Record]:
+    """Records of a COCO captions file (``captions_train2017.json`` layout).
+
+    One record per (image, caption) by default; ``one_per_image`` keeps each image's first caption;
+    ``random_caption`` keeps one record per image that draws one of its captions at random on every access.
+    Annotations naming an image id absent from ``images[]`` are dropped.
+    """
+    if not images_dir.is_dir():
+        raise UserError(f"COCO images folder {images_dir} does not exist: pass the folder holding the jpgs")
     if not captions_json.is_file():
         raise UserError(f"captions file {captions_json} does not exist: pass the COCO captions_*.json")
     try:
@@ -87,9 +129,16 @@ def coco_records(images_dir: Path, captions_json: Path, one_per_image: bool = Fa
         annotations = data["annotations"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{captions_json} is not a COCO captions file (needs images[] and annotations[])") from None
+    if random_caption:
+        grouped: dict[Any, list[str]] = {}
+        for ann in annotations:
+            if isinstance(ann, dict) and ann.get("image_id") in files:
+                grouped.setdefault(ann["image_id"], []).append(str(ann.get("caption", "")).strip())
+        return [Record(images_dir / files[i], caps[0], captions=tuple(caps) if len(caps) > 1 else None)
+                for i, caps in grouped.items()]
     seen, records = set(), []
     for ann in annotations:
-        image_id = ann.get("image_id")
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
         if image_id not in files or (one_per_image and image_id in seen):
             continue
         seen.add(image_id)
@@ -97,36 +146,84 @@ def coco_records(images_dir: Path, captions_json: Path, one_per_image: bool = Fa
     return records
 
 
-def load_mask_ids(path: Path, num_classes: int) -> np.ndarray:
-    """A palette / grayscale PNG of class ids -> ``[H, W]`` int64, every id checked to be < num_classes."""
+def load_mask_ids(path: Path, num_classes: int, ignore_index: Optional[int] = None) -> np.ndarray:
+    """A palette / grayscale PNG of class ids -> ``[H, W]`` int64, every id checked to be < num_classes.
+
+    ``ignore_index`` (e.g. 255, the "void" label of VOC-style masks) is allowed through unchanged.
+    """
     with Image.open(path) as im:
         if im.mode not in ("P", "L", "I", "I;16"):
             raise UserError(f"mask {path} is {im.mode}: masks must be palette or grayscale PNGs of class ids")
         ids = np.asarray(im).astype(np.int64)
-    bad = ids[ids >= num_classes]
+    bad = ids[(ids >= num_classes) | (ids < 0)]
+    if ignore_index is not None:
+        bad = bad[bad != ignore_index]
     if bad.size:
         raise UserError(f"mask {path} holds class id {int(bad.max())} but there are only {num_classes} classes")
     return ids
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
-    """Image-caption(-mask) records with resize, centre/random crop and flip (image and mask flipped together)."""
+    """Image-caption(-mask) records with resize, centre/random crop and flip (image and mask flipped together).
+
+    Items: ``pixel_values`` ``[3, R, R]`` float32 in [-1, 1], ``text``, ``index``, the record's scalar extra
+    columns, and ``mask`` ``[R, R]`` int64 class ids when records carry masks and ``num_mask_classes`` is given.
+    The shortest side is resized to ``resolution`` (bicubic; masks nearest), then an ``R x R`` crop is taken
+    (centre, or uniform from the global torch RNG), then an optional horizontal flip with probability 1/2.
+
+    Args:
+        records: the samples; those whose image (or mask) is missing or unreadable are skipped and counted.
+        validate: ``"decode"`` (full decode per file), ``"verify"`` (PIL ``verify()``, cheaper) or ``"none"``.
+        mask_ignore_index: a mask id let through although >= ``num_mask_classes`` (e.g. 255 "void").
+    """
 
     def __init__(self, records: list[Record], resolution: int, center_crop: bool = True, random_flip: bool = False,
-                 num_mask_classes: Optional[int] = None, vae_scale_factor: int = 1, source: str = "dataset"):
+                 num_mask_classes: Optional[int] = None, vae_scale_factor: int = 1, source: str = "dataset",
+                 validate: str = "decode", mask_ignore_index: Optional[int] = None):
         if resolution < 1 or resolution % vae_scale_factor:
             raise UserError(f"resolution {resolution} is not divisible by the VAE's factor {vae_scale_factor}: "
                             "pick a multiple")
-        good = [r for r in records if r.image.is_file() and _readable(r.image)]
-        self.skipped = len(records) - len(good)
+        if validate not in VALIDATE_MODES:
+            raise UserError(f"validate must be one of {', '.join(VALIDATE_MODES)}, got {validate!r}")
+        good, problems = [], []
+        for rec in records:
+            problem = self._problem(rec, validate, num_mask_classes)
+            if problem:
+                problems.append(problem)
+            else:
+                good.append(rec)
+        self.skipped_at_index = len(records) - len(good)
         if not good:
             raise UserError(f"{source} has no readable images ({len(records)} listed): check the folder")
-        if self.skipped:
-            warnings.warn(f"{source}: skipped {self.skipped} of {len(records)} images that are missing or "
-                          "unreadable", stacklevel=2)
+        if self.skipped_at_index:
+            listed = ", ".join(problems[:5]) + (", ..." if len(problems) > 5 else "")
+            warnings.warn(f"{source}: skipped {self.skipped_at_index} of {len(records)} images that are missing or "
+                          f"unreadable ({listed})", stacklevel=2)
         self.records, self.resolution = good, resolution
         self.center_crop, self.random_flip = center_crop, random_flip
-        self.num_mask_classes = num_mask_classes
+        self.num_mask_classes, self.mask_ignore_index = num_mask_classes, mask_ignore_index
+        self._broken: set[int] = set()  # indices whose files failed in __getitem__ (this process only)
+
+    @staticmethod
+    def _problem(rec: Record, validate: str, num_mask_classes: Optional[int]) -> Optional[str]:
+        """``"<file> missing"`` / ``"<file> unreadable"`` for the record's first bad file (image, then mask)."""
+        files = [rec.image] + ([rec.mask] if num_mask_classes and rec.mask is not None else [])
+        for path in files:
+            if not path.is_file():
+                return f"{path.name} missing"
+            if not _readable(path, validate):
+                return f"{path.name} unreadable"
+        return None
+
+    @property
+    def skipped_at_load(self) -> int:
+        """Files that broke after indexing, found by ``__getitem__`` in this process (not summed over workers)."""
+        return len(self._broken)
+
+    @property
+    def skipped(self) -> int:
+        """All samples skipped so far: at index time plus at load time (this process)."""
+        return self.skipped_at_index + self.skipped_at_load
 
     def __len__(self) -> int:
         return len(self.records)
@@ -143,11 +240,39 @@ class ImageTextDataset(torch.utils.data.Dataset):
         return nw, nh, left, top
 
     def __getitem__(self, index: int) -> dict:
+        """The item at ``index``; if its files cannot be read, the next readable index's (counted, warned once)."""
+        n = len(self.records)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} samples")
+        index %= n
+        for step in range(n):
+            candidate = (index + step) % n
+            if candidate in self._broken:
+                continue
+            try:
+                item = self._load(candidate)
+            except _READ_ERRORS as err:
+                self._broken.add(candidate)
+                warnings.warn(f"skipping unreadable {self.records[candidate].image} ({type(err).__name__}); "
+                              f"{self.skipped_at_load} file(s) skipped at load time so far", stacklevel=2)
+                continue
+            item["index"] = index
+            return item
+        raise UserError(f"none of the {n} images can be read any more: check the data folder")
+
+    def _load(self, index: int) -> dict:
+        """Decode, transform and package record ``index`` (raises the reader's error if a file is broken)."""
+        from PIL import ImageOps
+
         from common.io import pil_to_rgb
 
         rec = self.records[index]
         with Image.open(rec.image) as im:
-            image = pil_to_rgb(im)
+            im.load()
+            image = pil_to_rgb(ImageOps.exif_transpose(im))
+        ids = None
+        if rec.mask is not None and self.num_mask_classes:
+            ids = load_mask_ids(rec.mask, self.num_mask_classes, self.mask_ignore_index)
         nw, nh, left, top = self._geometry(image.size)
         box = (left, top, left + self.resolution, top + self.resolution)
         image = image.resize((nw, nh), Image.BICUBIC).crop(box)
@@ -155,12 +280,14 @@ class ImageTextDataset(torch.utils.data.Dataset):
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
         if flip:
             pixels = pixels.flip(-1)
-        item = {"pixel_values": pixels.contiguous(), "text": rec.text, "index": index}
+        text = rec.text
+        if rec.captions:
+            text = rec.captions[int(torch.randint(len(rec.captions), ()).item())]
+        item = {"pixel_values": pixels.contiguous(), "text": text, "index": index}
         if rec.extra:
             item.update({k: v for k, v in rec.extra.items() if isinstance(v, (int, float, str))})
-        if rec.mask is not None and self.num_mask_classes:
-            ids = load_mask_ids(rec.mask, self.num_mask_classes)
-            mask = Image.fromarray(ids.astype(np.uint8)).resize((nw, nh), Image.NEAREST).crop(box)
+        if ids is not None:
+            mask = Image.fromarray(ids.astype(np.int32)).resize((nw, nh), Image.NEAREST).crop(box)
             mask_t = torch.from_numpy(np.asarray(mask).astype(np.int64))
             item["mask"] = mask_t.flip(-1) if flip else mask_t
         return item
@@ -168,44 +295,56 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
 def image_text_dataset(root: str | Path, resolution: int, *, caption_column: str = "text",
                        require_captions: bool = True, center_crop: bool = True, random_flip: bool = False,
-                       num_mask_classes: Optional[int] = None, vae_scale_factor: int = 1) -> ImageTextDataset:
-    """The training dataset of an image folder with ``metadata.jsonl`` (Hugging Face imagefolder convention)."""
+                       num_mask_classes: Optional[int] = None, vae_scale_factor: int = 1,
+                       validate: str = "decode", mask_ignore_index: Optional[int] = None) -> ImageTextDataset:
+    """The training dataset of an image folder with ``metadata.jsonl`` (Hugging Face imagefolder convention).
+
+    Each line is ``{"file_name": ..., "<caption_column>": ..., ...}`` with paths relative to ``root``; a
+    ``mask_file_name`` column adds class-id masks (loaded when ``num_mask_classes`` is given); other scalar
+    columns (``label``, ``digit``...) are passed through. A list-valued caption cell is drawn from at random.
+    """
     root = Path(root)
     return ImageTextDataset(folder_records(root, caption_column, require_captions), resolution, center_crop,
-                            random_flip, num_mask_classes, vae_scale_factor, source=str(root))
+                            random_flip, num_mask_classes, vae_scale_factor, source=str(root), validate=validate,
+                            mask_ignore_index=mask_ignore_index)
 
 
 def coco_dataset(images_dir: str | Path, captions_json: str | Path, resolution: int, *, one_per_image: bool = False,
-                 center_crop: bool = True, random_flip: bool = False) -> ImageTextDataset:
-    records = coco_records(Path(images_dir), Path(captions_json), one_per_image)
-    return ImageTextDataset(records, resolution, center_crop, random_flip, source=str(captions_json))
+                 random_caption: bool = False, center_crop: bool = True, random_flip: bool = False,
+                 vae_scale_factor: int = 1, validate: str = "decode") -> ImageTextDataset:
+    """The training dataset of COCO images with a ``captions_*.json`` file (see :func:`coco_records`)."""
+    records = coco_records(Path(images_dir), Path(captions_json), one_per_image, random_caption)
+    return ImageTextDataset(records, resolution, center_crop, random_flip, vae_scale_factor=vae_scale_factor,
+                            source=str(captions_json), validate=validate)
 
 
 # ------------------------------------------------------------------------------------------ encoding caches
 
 
 def dataset_fingerprint(dataset: ImageTextDataset) -> str:
-    """Changes whenever the files, their captions or the transform settings change."""
-    import hashlib
-
+    """Changes whenever the files (path, size, mtime), their captions or the transform settings change."""
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((dataset.resolution, dataset.center_crop, dataset.random_flip)).encode())
     for rec in dataset.records:
         stat = rec.image.stat()
         h.update(f"{rec.image}|{stat.st_size}|{stat.st_mtime_ns}|{rec.text}\n".encode())
+        if rec.captions:
+            h.update(json.dumps(rec.captions).encode())
+        if rec.mask is not None and dataset.num_mask_classes and rec.mask.is_file():
+            mstat = rec.mask.stat()
+            h.update(f"{rec.mask}|{mstat.st_size}|{mstat.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
     """A hash of a module's class and weights (not its config, which records load paths): a cache made with
     other weights is never reused, the same weights loaded from another folder are recognised."""
-    import hashlib
-
     h = hashlib.blake2b(digest_size=16)
     h.update(type(module).__name__.encode())
     for name, tensor in module.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        # reshape(-1): 0-dim buffers (BatchNorm's num_batches_tracked) cannot be viewed as bytes directly
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -224,3 +363,197 @@ def cached_tensors(cache_dir: str | Path, key: str, compute) -> tuple[dict[str, 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path)
     return tensors, False
+
+
+# ------------------------------------------------------------------------------------------ sharded encoding cache
+
+CACHE_MANIFEST = "manifest.json"
+CACHE_FORMAT = 1
+
+
+def cache_fingerprint(*parts: str, **settings: Any) -> str:
+    """One hex fingerprint from component fingerprints and settings, for :func:`build_embedding_cache`.
+
+    Typical parts: :func:`module_fingerprint` of each encoder (the model identity), :func:`dataset_fingerprint`
+    (file list with sizes and mtimes, captions, transform settings); settings: anything else the encodings
+    depend on (``dtype="fp16"``, ``max_length=77``). Changing any of them changes the fingerprint.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps({"parts": list(parts), "settings": settings}, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def collate_items(items: Sequence[dict]) -> dict:
+    """Batch dataset items: tensors stacked, ints and floats as tensors, anything else as a list.
+
+    Only keys present in every item are kept, so records with differing extra columns still batch.
+    """
+    if not items:
+        raise ValueError("collate_items needs at least one item")
+    keys = [k for k in items[0] if all(k in it for it in items[1:])]
+    batch: dict[str, Any] = {}
+    for key in keys:
+        values = [it[key] for it in items]
+        if all(isinstance(v, torch.Tensor) for v in values):
+            batch[key] = torch.stack(values)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            batch[key] = torch.tensor(values)
+        else:
+            batch[key] = values
+    return batch
+
+
+def read_cache_manifest(cache_dir: str | Path) -> Optional[dict]:
+    """The manifest of a finished embedding cache in ``cache_dir``, or None (absent, unreadable, other format)."""
+    try:
+        manifest = json.loads((Path(cache_dir) / CACHE_MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
+        return None
+    return manifest
+
+
+def _cache_is_current(cache_dir: Path, fingerprint: str, num_samples: int) -> bool:
+    manifest = read_cache_manifest(cache_dir)
+    return (
+        manifest is not None
+        and manifest.get("fingerprint") == fingerprint
+        and manifest.get("num_samples") == num_samples
+        and all((cache_dir / shard["file"]).is_file() for shard in manifest.get("shards", []))
+    )
+
+
+def _check_encoded(out: Any, batch_size: int) -> dict[str, torch.Tensor]:
+    """``encode_fn``'s result must be ``{name: tensor [B, ...]}``; returned on CPU, contiguous."""
+    if not isinstance(out, dict) or not out:
+        raise TypeError(f"encode_fn must return a non-empty dict of tensors, got {type(out).__name__}")
+    checked = {}
+    for name, value in out.items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch_size:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"encode_fn output {name!r} must be a tensor with {batch_size} rows, got {shape}")
+        checked[name] = value.detach().cpu().contiguous()
+    return checked
+
+
+def build_embedding_cache(dataset: Sequence[dict], encode_fn: Callable[[dict], dict[str, torch.Tensor]],
+                          cache_dir: str | Path, fingerprint: str, *, batch_size: int = 64,
+                          shard_size: int = 4096, progress: bool = False) -> Path:
+    """Encode every item of ``dataset`` once into safetensors shards under ``cache_dir``; reuse them later.
+
+    ``encode_fn(batch) -> {name: tensor [B, ...]}`` gets :func:`collate_items` batches (e.g. VAE latents of
+    ``batch["pixel_values"]``, text embeddings of ``batch["text"]``) and runs under ``torch.no_grad``. Row ``i``
+    of the cache is item ``i``. If ``cache_dir`` already holds a finished cache with the same ``fingerprint``
+    (see :func:`cache_fingerprint`) and length, nothing is computed; otherwise the cache is rebuilt and replaces
+    the old one. The folder is written atomically (:func:`common.io.atomic_write_dir`): it holds either the old
+    cache or the complete new one, never a partial write. In multi-process training, build on the main process
+    first (``accelerator.main_process_first()``). Layout::
+
+        cache_dir/manifest.json                {"format", "fingerprint", "num_samples", "keys", "shards"}
+        cache_dir/shard-00000.safetensors      rows [0, shard_size) of every key
+
+    A dataset with random augmentation (``random_flip``, random crop) is cached with one frozen draw: a warning
+    says so. Returns ``cache_dir``.
+    """
+    from common.io import atomic_write_dir, save_safetensors
+
+    cache_dir, n = Path(cache_dir), len(dataset)
+    if batch_size < 1 or shard_size < 1:
+        raise UserError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
+    if n == 0:
+        raise UserError("cannot cache an empty dataset: check the data folder")
+    if _cache_is_current(cache_dir, fingerprint, n):
+        return cache_dir
+    if getattr(dataset, "random_flip", False) or getattr(dataset, "center_crop", True) is False:
+        warnings.warn("the dataset uses random flips/crops: the cache freezes one augmentation draw per item",
+                      stacklevel=2)
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"caching encodings in {cache_dir}")
+    with atomic_write_dir(cache_dir) as tmp:
+        shards: list[dict] = []
+        pending: dict[str, list[torch.Tensor]] = {}
+        pending_rows, written, keys = 0, 0, None
+
+        def flush(rows: int) -> None:
+            nonlocal pending, pending_rows, written
+            merged = {k: torch.cat(v) for k, v in pending.items()}
+            name = f"shard-{len(shards):05d}.safetensors"
+            save_safetensors({k: v[:rows] for k, v in merged.items()}, tmp / name)
+            shards.append({"file": name, "start": written, "count": rows})
+            pending = {k: [v[rows:]] for k, v in merged.items()}
+            pending_rows -= rows
+            written += rows
+
+        for start in starts:
+            items = [dataset[i] for i in range(start, min(start + batch_size, n))]
+            with torch.no_grad():
+                encoded = _check_encoded(encode_fn(collate_items(items)), len(items))
+            if keys is None:
+                keys = {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape[1:])}
+                        for k, v in encoded.items()}
+            elif set(encoded) != set(keys):
+                raise ValueError(f"encode_fn returned keys {sorted(encoded)}, earlier batches {sorted(keys)}")
+            for k, v in encoded.items():
+                pending.setdefault(k, []).append(v)
+            pending_rows += len(items)
+            while pending_rows >= shard_size:
+                flush(shard_size)
+        if pending_rows:
+            flush(pending_rows)
+        manifest = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "num_samples": n, "keys": keys,
+                    "shards": shards}
+        (tmp / CACHE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return cache_dir
+
+
+class CachedEmbeddingDataset(torch.utils.data.Dataset):
+    """Items ``{name: tensor [...], "index": i}`` read from a cache written by :func:`build_embedding_cache`.
+
+    Shards are memory-mapped lazily (one handle per shard per process, so it works in DataLoader workers) and
+    only the requested row is read. Pass ``fingerprint`` to refuse a cache built for other data or models.
+    """
+
+    def __init__(self, cache_dir: str | Path, fingerprint: Optional[str] = None):
+        self.cache_dir = Path(cache_dir)
+        manifest = read_cache_manifest(self.cache_dir)
+        if manifest is None:
+            raise UserError(f"{self.cache_dir} holds no finished embedding cache: build it with build_embedding_cache")
+        if fingerprint is not None and manifest["fingerprint"] != fingerprint:
+            raise UserError(f"the embedding cache in {self.cache_dir} was built for other data or models: "
+                            "rebuild it (build_embedding_cache) or point at the right cache folder")
+        self.manifest = manifest
+        self.keys = list(manifest["keys"])
+        self._starts = [shard["start"] for shard in manifest["shards"]]
+        self._handles: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_samples"])
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"] = {}  # open safetensors handles do not pickle; each worker reopens its own
+        return state
+
+    def _shard(self, number: int):
+        if number not in self._handles:
+            from safetensors import safe_open
+
+            path = self.cache_dir / self.manifest["shards"][number]["file"]
+            self._handles[number] = safe_open(str(path), framework="pt", device="cpu")
+        return self._handles[number]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} cached samples")
+        index %= n
+        number = bisect.bisect_right(self._starts, index) - 1
+        row = index - self._starts[number]
+        handle = self._shard(number)
+        item: dict[str, Any] = {key: handle.get_slice(key)[row] for key in self.keys}
+        item["index"] = index
+        return item

@@ -139,3 +139,10 @@ def evaluation_prompts(n: int, template: int = 0) -> list[dict]:
         digit, color = i % 10, names[(i // 10) % len(names)]
         out.append({"text": caption(digit, color, template), "digit": digit, "color": color})
     return out
+
+
+def digits_prompts(n: int, template: int = 0) -> list[dict]:
+    """Evaluation prompts with their targets, ``{"text", "digit", "color"}`` each: :func:`evaluation_prompts`."""
+    if n < 0:
+        raise UserError(f"the number of prompts must be >= 0, got {n}")
+    return evaluation_prompts(n, template)

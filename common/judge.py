@@ -88,14 +88,32 @@ def parse_prompt(text: str) -> tuple[Optional[int], Optional[str]]:
     return digit, color
 
 
+def _as_rgb32(image) -> np.ndarray:
+    """A PIL image or uint8 array (any mode, any size) -> uint8 RGB ``[32, 32, 3]``, the judge's input."""
+    from common.io import pil_to_rgb
+
+    if not isinstance(image, Image.Image):
+        array = np.asarray(image)
+        if array.dtype.kind == "f":  # float images are taken to be in [0, 1]
+            array = np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
+        image = Image.fromarray(array)
+    image = pil_to_rgb(image, background=(0, 0, 0))
+    if image.size != (32, 32):
+        image = image.resize((32, 32), Image.BICUBIC if min(image.size) < 32 else Image.BOX)
+    return np.asarray(image)
+
+
 def judge_images(images: Sequence, targets: Sequence[tuple[Optional[int], Optional[str]]]) -> dict:
-    """Score images against their (digit, colour) targets; a None target is not scored for that attribute."""
+    """Score images against their (digit, colour) targets; a None target is not scored for that attribute.
+
+    ``images``: PIL images or uint8 arrays ``[H, W, 3]`` of any size (resized to 32x32). Returns digit, colour
+    and both-correct accuracies, the count, the judge's own held-out digit accuracy and the per-image predictions.
+    """
     if len(images) != len(targets):
         raise UserError(f"{len(images)} images but {len(targets)} targets: give one target per image")
     if not images:
         raise UserError("no images to judge")
-    arrays = np.stack([np.asarray(Image.fromarray(np.asarray(im)) if not isinstance(im, Image.Image) else im)
-                       for im in images])
+    arrays = np.stack([_as_rgb32(im) for im in images])
     clf, judge_accuracy = digit_classifier()
     digits = clf.predict(brightness_features(arrays))
     colors = [stroke_color(a) for a in arrays]
@@ -112,39 +130,68 @@ def judge_images(images: Sequence, targets: Sequence[tuple[Optional[int], Option
             "predicted_digits": [int(d) for d in digits], "predicted_colors": colors}
 
 
+METADATA_NAMES = ("metadata.jsonl", "prompts.jsonl")
+
+
 def read_metadata(folder: Path, metadata: Optional[Path] = None) -> list[dict]:
-    path = metadata or folder / "metadata.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path} does not exist: the judge needs metadata.jsonl lines with file_name and text")
+    """The JSON lines describing a folder's images: ``metadata`` if given, else its metadata/prompts.jsonl."""
+    if metadata is not None:
+        path = metadata
+        if not path.is_file():
+            raise UserError(f"{path} does not exist: pass --metadata naming a jsonl file with file_name and text")
+    else:
+        path = next((folder / n for n in METADATA_NAMES if (folder / n).is_file()), folder / METADATA_NAMES[0])
+        if not path.is_file():
+            raise UserError(f"{folder} has no {' or '.join(METADATA_NAMES)}: the judge needs one line per image "
+                            "with file_name and text (or digit and color)")
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            raise UserError(f"{path}:{n} is not valid JSON") from None
+            raise UserError(f"{path}:{n} is not valid JSON: fix or remove that line") from None
+        if not isinstance(row, dict) or not row.get("file_name"):
+            raise UserError(f"{path}:{n} has no file_name: each line needs the image's file_name")
+        rows.append(row)
     if not rows:
         raise UserError(f"{path} lists no images")
     return rows
 
 
+def row_target(row: dict) -> tuple[Optional[int], Optional[str]]:
+    """A metadata line's (digit, colour) target: its ``digit``/``color`` columns, else parsed from its prompt."""
+    parsed = parse_prompt(str(row.get("text", row.get("prompt", "")) or ""))
+    digit, color = row.get("digit", parsed[0]), row.get("color", parsed[1])
+    try:
+        digit = None if digit is None else int(digit)
+    except (TypeError, ValueError):
+        raise UserError(f"target digit {digit!r} of {row.get('file_name')} is not an integer 0..9") from None
+    return digit, (None if color is None else str(color).strip().lower())
+
+
 def judge_folder(folder: str | Path, metadata: Optional[str | Path] = None) -> dict:
-    """Judge every image listed in ``metadata.jsonl`` (file_name, text; optional digit, color targets)."""
+    """Judge every image listed in the folder's ``metadata.jsonl`` or ``prompts.jsonl`` (or ``metadata``).
+
+    Each line: ``file_name`` (relative to the jsonl file) and the target, as ``digit`` and ``color`` columns or
+    a ``text``/``prompt`` caption that names them. Returns :func:`judge_images`'s scores.
+    """
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"image folder {folder} does not exist")
+        raise UserError(f"image folder {folder} does not exist: pass --images pointing at the generated images")
     rows = read_metadata(folder, Path(metadata) if metadata else None)
     base = (Path(metadata).parent if metadata else folder)
     images, targets = [], []
     for row in rows:
         path = base / row["file_name"]
         try:
-            images.append(Image.open(path).convert("RGB"))
-        except (OSError, ValueError):
+            with Image.open(path) as im:
+                im.load()
+                images.append(im.copy())
+        except (OSError, ValueError, SyntaxError):
             raise UserError(f"cannot read image {path}: regenerate or remove it from the metadata") from None
-        parsed = parse_prompt(row.get("text", ""))
-        targets.append((row.get("digit", parsed[0]), row.get("color", parsed[1])))
+        targets.append(row_target(row))
     return judge_images(images, targets)
 
 

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from common.digits import COLORS, DIGIT_WORDS, build_digits, evaluation_prompts, render, upsample
+from common.errors import UserError
 from common.judge import judge_folder, judge_images, parse_prompt, real_test_scores, stroke_color
 
 
@@ -77,7 +78,67 @@ def test_evaluate_judge_cli(digits, tmp_path):
                            str(digits / "test"), "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["digit_accuracy"] > 0.95
-    assert judge_folder(digits / "test")["count"] == 297
-    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), "judge", "--images",
-                          str(tmp_path / "none")], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: ") and len(bad.stderr.splitlines()) == 1
+    assert "digit_accuracy" in proc.stdout and judge_folder(digits / "test")["count"] == 297
+
+
+def _load_evaluate():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "scripts" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_digits_prompts_are_the_evaluation_prompts():
+    from common.digits import digits_prompts
+
+    assert digits_prompts(120) == evaluation_prompts(120)
+    with pytest.raises(UserError, match="must be >= 0"):
+        digits_prompts(-1)
+
+
+def test_judge_folder_reads_prompts_jsonl_and_any_image_size(digits, tmp_path):
+    rows = [json.loads(x) for x in (digits / "test" / "metadata.jsonl").read_text().splitlines()][:40]
+    out = tmp_path / "gen"
+    out.mkdir()
+    lines = []
+    for i, row in enumerate(rows):
+        img = Image.open(digits / "test" / row["file_name"]).resize((64, 64), Image.BICUBIC)
+        img.save(out / f"{i:03d}.png")
+        # targets only as a prompt (as sampling scripts write them), digits as strings in half the lines
+        line = {"file_name": f"{i:03d}.png", "prompt": row["text"]} if i % 2 else \
+            {"file_name": f"{i:03d}.png", "digit": str(row["digit"]), "color": row["color"].upper()}
+        lines.append(json.dumps(line))
+    (out / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    scores = judge_folder(out)
+    assert scores["count"] == 40 and scores["digit_accuracy"] > 0.9 and scores["color_accuracy"] == 1.0
+    (out / "prompts.jsonl").write_text('{"text": "a red one"}\n')
+    with pytest.raises(UserError, match="prompts.jsonl:1 has no file_name"):
+        judge_folder(out)
+
+
+def test_evaluate_judge_main_writes_output_and_fails_cleanly(digits, tmp_path, capsys):
+    """In-process ``main(argv)``: the table, the ``--output`` report, and a one-line error with exit code 2."""
+    evaluate = _load_evaluate()
+    out = tmp_path / "report.json"
+    assert evaluate.main(["judge", "--images", str(digits / "test"), "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["count"] == 297 and report["color_accuracy"] == 1.0
+    table = capsys.readouterr().out
+    assert "digit_accuracy" in table and "both_accuracy" in table and str(out) in table
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["judge", "--images", str(tmp_path / "empty"), "--output", str(tmp_path / "x.json")])
+    assert exit_info.value.code == 2 and not (tmp_path / "x.json").exists()
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "metadata.jsonl or prompts.jsonl" in err and len(err.splitlines()) == 1
+
+
+def test_colour_and_caption_assignment_is_seeded():
+    from common.digits import make_samples, real_digit_split
+
+    _, _, x, y = real_digit_split()
+    first, again, other = (make_samples(x[:60], y[:60], seed) for seed in (3, 3, 4))
+    assert [(s.color, s.caption) for s in first] == [(s.color, s.caption) for s in again]
+    assert [s.color for s in first] != [s.color for s in other]

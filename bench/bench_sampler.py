@@ -90,10 +90,12 @@ def main(argv=None):
             fn()
         agree = (run_ours() - run_diffusers()).abs().max().item()
         times: dict[str, list[float]] = {k: [] for k in runs}
-        for _ in range(args.reps):
-            for name, fn in runs.items():
+        names = list(runs)
+        for rep in range(args.reps):
+            # rotate the order every repetition so no method always runs first (or after the same neighbour)
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
                 start = time.perf_counter()
-                fn()
+                runs[name]()
                 times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"median seconds over {args.reps} reps ({args.steps} DDIM steps, batch {args.batch}, CFG): "

@@ -4,6 +4,10 @@ The released script declares its four switches with ``type=bool``, so ``--save_z
 (pitfall §8.3). Here they are real booleans (``--save_z`` / ``--no-save_z``; ``--save_z 0`` is an error). The
 released sampler's mask re-weighting is off by default (the learned maps as trained) and one flag away:
 ``--released_reweighting`` (mask x2, cosine decay), with ``--mask_schedule`` / ``--mask_scale_factor`` to tune it.
+
+Sampling settings left unset (``--ddim_steps``, ``--eta``, ``--guidance_scale``) come from the checkpoint's
+``sampling`` section, else the release's (50 DDIM steps, eta 1, no guidance). ``--weighting`` swaps the learned
+influence maps for a fixed combination (``codiff.variants``): one member alone or the equal-weight average.
 """
 
 from __future__ import annotations
@@ -13,19 +17,29 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 from codiff.collaborate import SCHEDULES, ReleasedReweighting
+from codiff.variants import VARIANTS
 
 
 def generate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Collaborative Diffusion: generate from a mask and a text.")
     parser.add_argument("--mask_path", type=str, default=None, help="class-id mask PNG (palette or greyscale)")
     parser.add_argument("--input_text", type=str, default=None, help="text condition")
-    parser.add_argument("--config", type=str, default="configs/codiff/tiny.yaml", help="configs/codiff/*.yaml")
-    parser.add_argument("--model_dir", type=str, default=None, help="folder with the trained models")
+    parser.add_argument("--config", type=str, default=None, help="YAML of flag defaults (command-line flags win)")
+    parser.add_argument("--model_dir", type=str, default="ckpt/tiny/codiff",
+                        help="collaboration checkpoint folder (codiff.json), from scripts/codiff/train_dynamic.py")
     parser.add_argument("--save_folder", type=str, default="outputs/codiff_generate")
     parser.add_argument("--batch_size", type=int, default=4, help="number of images to generate")
-    parser.add_argument("--ddim_steps", type=int, default=50, help="number of DDIM steps")
-    parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta (the release always uses 1.0)")
+    parser.add_argument("--ddim_steps", type=int, default=None, help="number of DDIM steps (default: checkpoint's, 50)")
+    parser.add_argument("--eta", type=float, default=None, help="DDIM eta (default: checkpoint's; the release: 1.0)")
     parser.add_argument("--seed", type=int, default=None, help="seed (the release sets none)")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="classifier-free guidance per member (extension; 1 = none as in the paper; default: the "
+                             "checkpoint's)")
+    parser.add_argument("--weighting", choices=VARIANTS, default="collaborative",
+                        help="collaborative = learned influence maps; average = fixed equal weights (Composable "
+                             "Diffusion); mask_only / text_only = one member alone")
+    parser.add_argument("--map_upscale", type=int, default=4,
+                        help="nearest upscaling of the latent-resolution influence maps in the saved grids")
     bool_flag = argparse.BooleanOptionalAction
     parser.add_argument("--save_z", action=bool_flag, default=False, help="save the final latent as an image")
     parser.add_argument("--return_influence_function", action=bool_flag, default=False,

@@ -222,11 +222,13 @@ class CollaborativeDiffusion(nn.Module):
         conds: Mapping[str, torch.Tensor],
         uncond: Optional[Mapping[str, torch.Tensor]] = None,
         guidance_scales: Optional[Mapping[str, float]] = None,
+        names: Optional[Sequence[str]] = None,
     ) -> list[torch.Tensor]:
-        """``eps_m`` for every modality, ``[B, C, h, w]`` each; with CFG for modality m (``uncond[m]`` given and
-        scale ``g_m != 1``): ``eps_m = eps_m(null) + g_m (eps_m(c_m) - eps_m(null))``."""
+        """``eps_m`` for every modality (or those in ``names``, in that order), ``[B, C, h, w]`` each; with CFG for
+        modality m (``uncond[m]`` given and scale ``g_m != 1``): ``eps_m = eps_m(null) + g_m (eps_m(c_m) -
+        eps_m(null))``."""
         calls, plan = [], []
-        for name in self.modalities:
+        for name in (self.modalities if names is None else names):
             unet = self.unets[name]
             scale = float((guidance_scales or {}).get(name, 1.0))
             if uncond is not None and name in uncond and scale != 1.0:

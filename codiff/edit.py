@@ -160,3 +160,128 @@ def edit_conditions(
     conds = dict(others or {})
     conds.update({name: interpolate_embedding(r.e_tgt, r.e_opt, alpha) for name, r in edits.items()})
     return conds
+
+
+# ------------------------------------------------------------------------------------ the whole edit (§6.1-6.2)
+
+
+@dataclass
+class EditOutput:
+    """``collaborative[alpha]``: edited images ``[B, 3, H, W]`` in [0, 1] of the collaboration at each alpha;
+    ``unimodal[name][alpha]``: each fine-tuned member alone (when asked); ``edits``: the Imagic results;
+    ``input_latent``: ``z_0 [1, C, h, w]``; ``x_T``: the shared starting noise."""
+
+    collaborative: dict
+    unimodal: dict
+    edits: dict
+    input_latent: torch.Tensor
+    x_T: torch.Tensor
+
+
+def edit_image(
+    collab,
+    image: torch.Tensor,
+    targets: Mapping[str, object],
+    *,
+    stage1_steps: int = 500,
+    stage1_lr: float = 1e-3,
+    stage2_steps: int = 1000,
+    stage2_lr: float = 1e-6,
+    alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5),
+    num_inference_steps: int = 50,
+    eta: float = 1.0,
+    batch_size: int = 1,
+    seed: int = 0,
+    sample_seed: int = 2,
+    guidance_scale: float = 1.0,
+    unimodal: bool = False,
+    progress: bool = False,
+) -> EditOutput:
+    """Imagic per modality on ``image`` (``[1, 3, H, W]`` in [-1, 1]), then the collaborative edit at each alpha.
+
+    ``collab``: a :class:`codiff.members.Collaboration`; ``targets``: modality -> raw target condition (a prompt, a
+    class-id mask ``[H, W]``), one for every modality of the collaboration (the released editing tunes both). Every
+    alpha starts from the same noise ``x_T`` (drawn from ``sample_seed``; the release's ``start_code`` was never
+    used, §8.4). ``guidance_scale`` != 1: per-member CFG with the null tokens (an extension).
+    """
+    edits, latent = imagic_members(collab, image, targets, stage1_steps=stage1_steps, stage1_lr=stage1_lr,
+                                   stage2_steps=stage2_steps, stage2_lr=stage2_lr, seed=seed)
+    return sample_edits(collab, edits, latent, alphas=alphas, num_inference_steps=num_inference_steps, eta=eta,
+                        batch_size=batch_size, sample_seed=sample_seed, guidance_scale=guidance_scale,
+                        unimodal=unimodal, progress=progress)
+
+
+def imagic_members(
+    collab,
+    image: torch.Tensor,
+    targets: Mapping[str, object],
+    *,
+    stage1_steps: int = 500,
+    stage1_lr: float = 1e-3,
+    stage2_steps: int = 1000,
+    stage2_lr: float = 1e-6,
+    seed: int = 0,
+) -> tuple[dict[str, ImagicResult], torch.Tensor]:
+    """Stages A and B for every member on the image's latent ``z_0 = s E(x)`` (posterior sampled, seeded):
+    ``(modality -> ImagicResult, z_0 [1, C, h, w])``."""
+    if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
+        raise UserError(f"the input image must be one RGB image [1, 3, H, W], got shape {tuple(image.shape)}")
+    size = collab.image_size
+    if tuple(image.shape[-2:]) != (size, size):
+        raise UserError(f"the input image is {image.shape[-1]}x{image.shape[-2]} but the model makes {size}x{size} "
+                        "images: resize it first")
+    collab.model.check_known(targets)
+    missing = [n for n in collab.modalities if n not in targets]
+    if missing:
+        raise UserError(f"no target for the {missing[0]!r} modality: every member is edited (give its target)")
+    device = next(collab.vae.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        posterior = collab.vae.encode(image.to(device=device, dtype=collab.vae.dtype)).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
+        latent = (posterior.mean + posterior.std * noise) * float(collab.vae.config.scaling_factor)
+    edits = {}
+    for name in collab.modalities:
+        e_tgt = collab.members[name].encode(targets[name]).to(device)
+        edits[name] = imagic(collab.model.unets[name], latent, e_tgt, collab.schedule, stage1_steps=stage1_steps,
+                             stage1_lr=stage1_lr, stage2_steps=stage2_steps, stage2_lr=stage2_lr, generator=generator)
+    return edits, latent
+
+
+def sample_edits(
+    collab,
+    edits: Mapping[str, ImagicResult],
+    latent: torch.Tensor,
+    *,
+    alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5),
+    num_inference_steps: int = 50,
+    eta: float = 1.0,
+    batch_size: int = 1,
+    sample_seed: int = 2,
+    guidance_scale: float = 1.0,
+    unimodal: bool = False,
+    progress: bool = False,
+) -> EditOutput:
+    """Stage C with collaboration: the fine-tuned members in their branches, the diffusers unchanged, the
+    interpolated tokens at every alpha (and, with ``unimodal``, each fine-tuned member alone)."""
+    from codiff.pipeline import CollaborativePipeline
+
+    device = latent.device
+    edited = collaborative_edit(collab.model, edits)
+    pipe = CollaborativePipeline(edited, collab.vae, collab.schedule, {})
+    x_T = torch.randn((batch_size, *pipe.latent_shape), generator=torch.Generator().manual_seed(sample_seed))
+    uncond = scales = None
+    if guidance_scale != 1.0:
+        uncond = collab.null_conditions(1)
+        scales = {n: guidance_scale for n in collab.modalities}
+    out = EditOutput({}, {n: {} for n in collab.modalities} if unimodal else {}, dict(edits), latent, x_T)
+    for alpha in alphas:
+        conds = edit_conditions(edits, float(alpha))
+        common = dict(batch_size=batch_size, num_inference_steps=num_inference_steps, eta=eta, x_T=x_T.to(device),
+                      generator=torch.Generator().manual_seed(sample_seed + 1), uncond=uncond,
+                      guidance_scales=scales, progress=progress)
+        out.collaborative[float(alpha)] = pipe(conds, **common).images.cpu()
+        if unimodal:
+            for name in collab.modalities:
+                out.unimodal[name][float(alpha)] = pipe(conds, weights={name: 1.0}, **common).images.cpu()
+    return out

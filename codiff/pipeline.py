@@ -144,18 +144,30 @@ class CollaborativePipeline:
         guidance_scales: Optional[Mapping[str, float]] = None,
         record: bool = False,
         progress: bool = True,
+        weights: Optional[Mapping[str, float]] = None,
     ) -> CollaborativeGeneration:
         """Generate ``batch_size`` images for one set of conditions (released defaults: DDIM, 50 steps, eta 1).
 
-        ``record``: keep influence maps, x0 predictions and intermediate latents of every step.
+        Conditions may also be batched (``batch_size`` prompts, ``[batch_size, H, W]`` masks). ``record``: keep
+        influence maps, x0 predictions and intermediate latents of every step. ``weights``: fixed weights per
+        modality instead of the learned maps (:class:`~codiff.variants.FixedWeightDenoiser`: one member alone, the
+        equal-weight average); ``reweighting`` does not apply to them.
         """
         if sampler not in ("ddim", "ddpm"):
             raise UserError(f"unknown sampler {sampler!r}: choose ddim or ddpm")
-        tokens = self.encode_conditions(conditions)
-        null = None if uncond is None else self.encode_conditions(uncond)
-        denoiser = CollaborativeDenoiser(
-            self.model, tokens, uncond=null, guidance_scales=guidance_scales, reweighting=reweighting
-        )
+        if weights is not None:
+            from codiff.variants import FixedWeightDenoiser
+
+            active = [n for n, w in weights.items() if float(w) > 0]
+            tokens = self.encode_conditions({n: v for n, v in conditions.items() if n in active})
+            null = None if uncond is None else self.encode_conditions({n: v for n, v in uncond.items() if n in active})
+            denoiser = FixedWeightDenoiser(self.model, tokens, weights, uncond=null, guidance_scales=guidance_scales)
+        else:
+            tokens = self.encode_conditions(conditions)
+            null = None if uncond is None else self.encode_conditions(uncond)
+            denoiser = CollaborativeDenoiser(
+                self.model, tokens, uncond=null, guidance_scales=guidance_scales, reweighting=reweighting
+            )
         recorder = InfluenceRecorder(denoiser, keep_latents=True) if record else None
         plan = ldm_plan(self.schedule, num_inference_steps, sampler)
         shape = (batch_size, *self.latent_shape)

@@ -168,16 +168,20 @@ def add_contextdiff_args(parser: argparse.ArgumentParser, stage: int = 1) -> Non
     """The method's flags for a training script (the trainer's own flags come from ``common.train``)."""
     d = ContextLossConfig(stage=stage)
     parser.set_defaults(stage=stage)
-    parser.add_argument("--parameterization", choices=PARAMETERIZATIONS, default=d.parameterization)
-    parser.add_argument("--k_schedule", default=d.k_schedule, help=f"one of {', '.join(K_SCHEDULES)}")
-    parser.add_argument("--k_scale", type=float, default=d.k_scale)
+    parser.add_argument("--parameterization", choices=PARAMETERIZATIONS, default=d.parameterization,
+                        help="shifted_eps: the UNet regresses eps + k_t r / sqrt(1 - abar) (an SD eps head); x0")
+    parser.add_argument("--k_schedule", default=d.k_schedule, help=f"k_t schedule, one of {', '.join(K_SCHEDULES)}")
+    parser.add_argument("--k_scale", type=float, default=d.k_scale, help="multiplies k_t")
     if stage == 1:
-        parser.add_argument("--freeze_unet", action="store_true", help="train the adapter only (UNet weights fixed)")
-    parser.add_argument("--detach_xt", action="store_true",
+        parser.add_argument("--freeze_unet", action=argparse.BooleanOptionalAction, default=True,
+                            help="train the adapter only, UNet weights fixed (gradients still flow through the UNet "
+                                 "into x_t); --no-freeze_unet trains both jointly")
+    parser.add_argument("--detach_xt", action=argparse.BooleanOptionalAction, default=False,
                         help="released-code bug, for parity only: no gradient into the adapter through x_t")
-    parser.add_argument("--cfg_drop_prob", type=float, default=0.1)
-    parser.add_argument("--p2_gamma", type=float, default=d.p2_gamma)
-    parser.add_argument("--lambda_r", type=float, default=d.lambda_r)
+    parser.add_argument("--cfg_drop_prob", type=float, default=0.1,
+                        help="fraction of captions replaced by the empty prompt in the UNet (classifier-free guidance)")
+    parser.add_argument("--p2_gamma", type=float, default=d.p2_gamma, help="P2 weight 1/(1+SNR)^gamma (0: plain MSE)")
+    parser.add_argument("--lambda_r", type=float, default=d.lambda_r, help="weight of the ELBO's r term (spec §2.5)")
 
 
 def _require_adapter(adapter: Optional[nn.Module], stage: int) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from common.denoisers import UNetDenoiser
 from common.errors import UserError
-from common.samplers import Callback, Generator, sample_ddpm
+from common.samplers import Callback, Generator, sample_ddim, sample_ddpm
 from common.schedule import NoiseSchedule, SamplingPlan, make_plan
 from sdg.noisy_clip import NoiseAwareCLIP
 from sdg.scores import STYLE_SCALE, SemanticGuidance
@@ -93,6 +93,8 @@ def sample_sdg(
     device=None,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    sampler: str = "ddpm",
+    eta: float = 0.0,
 ) -> torch.Tensor:
     """Semantic-diffusion-guided ancestral sampling; returns x_0 ``[B, C, S, S]`` in (about) [-1, 1].
 
@@ -105,7 +107,12 @@ def sample_sdg(
         reference: ``[1 or B, C, S, S]`` image(s) in [-1, 1] for ``content_weight`` / ``style_weight``.
         style_gram: ``per_sample`` (default) or ``batch`` (the released batch-mixing Gram).
         generator: the sampler's noise (x_T and every z); ``guidance_generator``: the reference noise.
+        sampler: ``ddpm`` (SDG: learned-range ancestral steps, the mean shifted by ``Sigma * grad``) or ``ddim``
+            (our composition: the same guidance hook applied as a score shift, ``eps -= sqrt(1 - abar) grad``,
+            Dhariwal & Nichol Alg. 2; the learned variance is then unused; ``eta`` as in DDIM).
     """
+    if sampler not in ("ddpm", "ddim"):
+        raise UserError(f"unknown sampler {sampler!r}: choose ddpm (SDG) or ddim")
     plan = respacing if isinstance(respacing, SamplingPlan) else make_plan(schedule, respacing)
     denoiser = sdg_denoiser(unet)
     guidance = SemanticGuidance(
@@ -130,19 +137,10 @@ def sample_sdg(
         )
     if device is None:
         device = next(unet.parameters()).device
+    common = dict(x_T=x_T, generator=generator, clip_x0=clip_x0, guidance=guidance if guidance.active else None,
+                  callback=callback, device=device, dtype=dtype, progress=progress)
     with eval_mode(unet, clip):
-        return sample_ddpm(
-            denoiser,
-            schedule,
-            plan,
-            None if x_T is not None else shape,
-            x_T=x_T,
-            generator=generator,
-            variance_type="learned_range",
-            clip_x0=clip_x0,
-            guidance=guidance if guidance.active else None,
-            callback=callback,
-            device=device,
-            dtype=dtype,
-            progress=progress,
-        )
+        if sampler == "ddim":
+            return sample_ddim(denoiser, schedule, plan, None if x_T is not None else shape, eta=eta, **common)
+        return sample_ddpm(denoiser, schedule, plan, None if x_T is not None else shape,
+                           variance_type="learned_range", **common)

@@ -70,3 +70,52 @@ def tiny_noise_aware_clip(kind: str = "resnet", seed: int = 0, film_init: str = 
     with seeded(seed + 1):
         clip = NoiseAwareCLIP(copy.deepcopy(model.visual), t_dim=32, hidden=32, film_init=film_init, **kwargs)
     return clip.eval(), model
+
+
+def save_tiny_open_clip_folder(path, seed: int = 0):
+    """Write a tiny random open_clip CLIP (``common.tiny.tiny_open_clip``, ViT 32 px, real tokenizer) in open_clip's
+    local folder layout (``open_clip_config.json`` + ``open_clip_model.safetensors``), as ``ckpt/tiny/clip`` is."""
+    import json
+    from pathlib import Path
+
+    from common.io import atomic_write_dir, save_safetensors
+    from common.tiny import tiny_open_clip, tiny_open_clip_config
+
+    model = tiny_open_clip(seed)
+    with atomic_write_dir(path) as tmp:
+        save_safetensors({k: v for k, v in model.state_dict().items() if v.is_floating_point()},
+                         tmp / "open_clip_model.safetensors")
+        (tmp / "open_clip_config.json").write_text(json.dumps(
+            {"model_cfg": tiny_open_clip_config(), "preprocess_cfg": dict(model.visual.preprocess_cfg)}))
+    return Path(path)
+
+
+def make_tiny_sdg_folder(path, seed: int = 0, base_clip=None, film_init: str = "default", **adm_overrides: Any):
+    """A complete random SDG folder for tests: ``unet/`` (tiny ADM + adm_flags.json) and ``clip/`` (noise-aware CLIP
+    over ``base_clip``, written next to it as ``<path>/base_clip`` when not given). ``film_init="default"`` makes
+    the time modulation non-trivial."""
+    from pathlib import Path
+
+    from common.tiny import seeded
+    from sdg.checkpoint import (
+        clip_settings,
+        load_base_clip,
+        noise_aware_from_base,
+        save_noise_aware_clip,
+        save_unet_folder,
+    )
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    flags = tiny_adm_flags(**adm_overrides)
+    save_unet_folder(tiny_adm_unet(seed, **adm_overrides), flags, path / "unet")
+    if base_clip is None:
+        base_clip = save_tiny_open_clip_folder(path / "base_clip", seed)
+    model, _ = load_base_clip(base_clip)
+    settings = {"image_size": flags.image_size, "t_dim": 16, "hidden": 16, "film_init": film_init,
+                "pos_init": "interp"}
+    with seeded(seed + 1):
+        clip = noise_aware_from_base(model, settings)
+    save_noise_aware_clip(clip.eval(), path / "clip", base_clip=base_clip,
+                          settings=clip_settings(clip, film_init, "interp"), base_model=model)
+    return path

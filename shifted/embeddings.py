@@ -163,6 +163,8 @@ def _device(model: torch.nn.Module) -> torch.device:
 class TextStates:
     """Text-encoder hidden states for the prior's text tokens (T5-11B in the paper), ``[B, max_length, d]``.
 
+    Any encoder whose forward takes ``input_ids`` and returns ``last_hidden_state`` works (T5, a CLIP text tower).
+
     Tokenised with ``padding="max_length"`` and truncation, and encoded WITHOUT an attention mask, as the reference
     does (spec §7.9): the padding states are genuine inputs of the prior. The CFG null is all zeros, not the states
     of an empty caption (:meth:`null`).
@@ -173,7 +175,8 @@ class TextStates:
 
     @property
     def dim(self) -> int:
-        return int(self.encoder.config.d_model)
+        config = self.encoder.config  # T5: d_model; a CLIP text tower: hidden_size
+        return int(getattr(config, "d_model", None) or config.hidden_size)
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str], allow_empty: bool = False) -> torch.Tensor:

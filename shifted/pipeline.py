@@ -233,6 +233,8 @@ class PriorObjective:
     ``empty_text_prob`` (reference ``--empty_t5_prob`` 0.1) and the CLIP text embedding with ``empty_clip_prob``
     (0.0), and ``loss = mean_b w_t mean_d (x0 - x0_hat)^2`` with the P2 weight ``w_t = 1 / (k + SNR_t)^gamma``
     (``= 1 - abar_t`` at the defaults). ``bank=None`` trains the baseline (plain DDPM, no bank token).
+    ``select_mode`` / ``select_samples``: the bank's component choice (``mean``: reference ``use_mean=True``;
+    ``sample``: ``use_mean=False`` with ``sample_num`` draws per component).
 
     Called as ``objective(batch, ctx)`` by ``common.train.Trainer`` it runs ``ctx.models["prior"]`` (the prepared,
     possibly DDP-wrapped module); randomness comes from ``generator`` or else the global RNG the trainer scopes.
@@ -248,6 +250,8 @@ class PriorObjective:
         empty_clip_prob: float = 0.0,
         p2_gamma: float = 1.0,
         p2_k: float = 1.0,
+        select_mode: str = "mean",
+        select_samples: int = 1,
     ):
         check_prior_bank(prior, bank)
         for name, p in (("empty_text_prob", empty_text_prob), ("empty_clip_prob", empty_clip_prob)):
@@ -257,6 +261,7 @@ class PriorObjective:
         self.schedule = prior.noise_schedule()
         self.empty_text_prob, self.empty_clip_prob = empty_text_prob, empty_clip_prob
         self.p2_gamma, self.p2_k = p2_gamma, p2_k
+        self.select_mode, self.select_samples = select_mode, int(select_samples)
 
     @property
     def models(self) -> dict[str, torch.nn.Module]:
@@ -279,7 +284,9 @@ class PriorObjective:
         abar = self.schedule.abar(t, like=x0)
         bank_index = None
         if self.bank is not None:
-            bank_index = self.bank.select(text_emb).to(device)
+            bank_index = self.bank.select(
+                text_emb, self.select_mode, self.select_samples, generator if self.select_mode == "sample" else None
+            ).to(device)
             x_t = q_sample(x0, abar, noise, bank_shift(self.bank, bank_index))
         else:
             x_t = q_sample(x0, abar, noise)

@@ -306,11 +306,18 @@ def test_paper_config_builds_on_meta_with_the_released_sizes(capsys):
 def test_tiny_config_builds_a_working_prior_and_projection():
     cfg = load_config(CONFIGS / "tiny.yaml")
     prior = build_prior(cfg)
-    assert prior.config.emb_dim == 192 and prior.config.clip_models == cfg["clip_models"]
+    assert prior.config.emb_dim == 64 and prior.config.clip_models == cfg["clip_models"]  # the one shipped CLIP
     b = 2
-    out = prior(torch.randn(b, 192), torch.tensor([0, 999]), torch.randn(b, 192), torch.randn(b, 16, 32),
+    out = prior(torch.randn(b, 64), torch.tensor([0, 999]), torch.randn(b, 64), torch.randn(b, 12, 32),
                 torch.tensor([0, 15]))
-    assert out.shape == (b, 192)
+    assert out.shape == (b, 64)
     counts = parameter_counts(cfg, device="cpu")
-    assert counts["prior"] == prior_parameter_count(192, 32, 128, 4, 4, 32)
-    assert counts["sd_projection"] == 192 * 4 * 32 + 4 * 32
+    assert counts["prior"] == prior_parameter_count(64, 32, 96, 3, 4, 24)
+    assert counts["sd_projection"] == 64 * 4 * 32 + 4 * 32
+    # the flat script config trains the prior tiny.yaml describes
+    import yaml
+
+    flat = yaml.safe_load((CONFIGS / "tiny_prior.yaml").read_text())
+    for key in ("model_width", "model_layers", "model_num_heads", "model_dim_head", "t5_max_length",
+                "learning_rate", "max_train_steps", "lr_scheduler", "lr_warmup_steps"):
+        assert flat[key] == cfg["prior"][key], key

@@ -83,10 +83,14 @@ class TextVAEConfig:
     optimus_lowercase: bool = True  # [R] lower-cases before the (cased) BERT tokenizer
     optimus_tokenizer: str = "words"  # "words" (built offline from optimus_words), "clip", or a local folder
     optimus_words: tuple[str, ...] = ()
+    # Diffusion latent = scaling_factor * mu (VD: 1.0, no scale; a small VAE trained here stores 1 / std(mu), as
+    # SD's image VAE stores 0.18215, so the diffuser sees roughly unit-variance latents; spec §7.9).
+    optimus_scaling_factor: float = 1.0
 
     def validate(self) -> TextVAEConfig:
         _check(self.optimus_hidden_size % self.optimus_heads == 0, "optimus_hidden_size must divide by optimus_heads")
         _check(self.optimus_max_length >= 3, "optimus_max_length must leave room for [CLS], a word and [SEP]")
+        _check(self.optimus_scaling_factor > 0, "optimus_scaling_factor must be > 0")
         return self
 
 
@@ -98,6 +102,9 @@ class ContextConfig:
     clip_image_size: int = 224
     image_pre_resize: Optional[int] = 512  # [R] app.py resizes to 512x512 (bicubic) before CLIP's own resize/crop
     uncond_image: Optional[str] = None  # zeros | grey | black; None = per-flow default (zeros iv/dual, black i2t)
+    # Constant factor on every normalised context token (VD: 1.0). sqrt(context_dim) gives the tokens the per-dimension
+    # scale of LayerNorm outputs (what SD's cross-attention sees), which a small model trained from scratch needs.
+    context_scale: float = 1.0
 
     def validate(self) -> ContextConfig:
         from versatile.context import NULL_IMAGE_KINDS
@@ -106,6 +113,7 @@ class ContextConfig:
             self.uncond_image is None or self.uncond_image in NULL_IMAGE_KINDS,
             f"uncond_image {self.uncond_image!r}: choose one of {', '.join(NULL_IMAGE_KINDS)}",
         )
+        _check(self.context_scale > 0, f"context_scale {self.context_scale} must be > 0")
         return self
 
 

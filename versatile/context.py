@@ -65,7 +65,7 @@ class ClipTextContext(nn.Module):
         tokens = self.model.text_projection(out.last_hidden_state)  # [B, L, D]
         # text_embeds = text_projection(pooled EOS state): the per-sample scale, as [R] and [D] _encode_prompt.
         pooled_norm = out.text_embeds.norm(dim=-1, keepdim=True)  # [B, 1]
-        return tokens / pooled_norm[:, None]
+        return tokens / pooled_norm[:, None] * getattr(self, "scale", 1.0)
 
 
 class ClipImageContext(nn.Module):
@@ -113,7 +113,7 @@ class ClipImageContext(nn.Module):
         pixels = self.preprocess(images).to(self.model.visual_projection.weight.dtype)
         hidden = self.model.vision_model(pixel_values=pixels).last_hidden_state  # [B, 1 + P, width]
         tokens = self.model.visual_projection(self.model.vision_model.post_layernorm(hidden))  # [B, 1 + P, D]
-        return tokens / tokens[:, :1].norm(dim=-1, keepdim=True)  # divide by the CLS token's norm
+        return tokens / tokens[:, :1].norm(dim=-1, keepdim=True) * getattr(self, "scale", 1.0)  # over the CLS norm
 
 
 class ContextEncoders(nn.Module):
@@ -125,11 +125,18 @@ class ContextEncoders(nn.Module):
     same null you sample with.
     """
 
-    def __init__(self, text: ClipTextContext, image: ClipImageContext):
+    def __init__(self, text: ClipTextContext, image: ClipImageContext, scale: float = 1.0):
         super().__init__()
         self.text, self.image = text, image
         if text.dim != image.dim:
             raise UserError(f"CLIP text ({text.dim}) and image ({image.dim}) projections differ: use one CLIP model")
+        self.set_scale(scale)
+
+    def set_scale(self, scale: float) -> None:
+        """Multiply every context token by ``scale`` (``context_scale``; VD: 1). Null contexts follow (zeros stay 0)."""
+        if not scale > 0:
+            raise UserError(f"context scale {scale} must be > 0")
+        self.scale = self.text.scale = self.image.scale = float(scale)
 
     @property
     def dim(self) -> int:
@@ -187,3 +194,113 @@ def images_to_tensor(images: ImageInput) -> torch.Tensor:
             raise UserError("images in one batch must share a size: resize them first")
         return torch.stack(arrays)
     raise UserError("images must be a [B, 3, H, W] tensor in [0, 1] or a non-empty list of PIL images")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# open_clip towers (the project's tiny CLIP is an open_clip model: ckpt/tiny/clip)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _project(x: torch.Tensor, projection) -> torch.Tensor:
+    if projection is None:
+        return x
+    if isinstance(projection, nn.Linear):
+        return projection(x)
+    return x @ projection
+
+
+class OpenClipTextContext(nn.Module):
+    """Prompts -> ``[B, L, D]`` normalised tokens from an ``open_clip.CLIP`` text tower (spec §2.10, text).
+
+    The same formula as :class:`ClipTextContext` on open_clip's modules: ``h = ln_final(transformer(tok + pos))``
+    over all ``context_length`` positions (padding included), ``c = h @ text_projection / ||pooled @
+    text_projection||`` with open_clip's own pooling (``argmax``: the EOT token), so the EOT token has unit norm.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer):
+        super().__init__()
+        tower = model if hasattr(model, "ln_final") else getattr(model, "text", None)
+        if tower is None or not hasattr(tower, "token_embedding") or getattr(tower, "cls_emb", None) is not None:
+            raise UserError("the open_clip model has no plain text transformer (token_embedding ... ln_final): "
+                            "use an open_clip CLIP with a standard text tower")
+        self.model = model.eval().requires_grad_(False)
+        self.tower = tower
+        self.tokenizer = tokenizer
+        self.max_length = int(tower.positional_embedding.shape[0])
+        self.pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
+        self.eos_id = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
+
+    @property
+    def dim(self) -> int:
+        proj = self.tower.text_projection
+        return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.tower.token_embedding.weight.device
+
+    @torch.no_grad()
+    def forward(self, prompts: Sequence[str]) -> torch.Tensor:
+        from open_clip.transformer import text_global_pool
+
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not all(isinstance(p, str) for p in prompts):
+            raise UserError("prompts must be strings")
+        tower = self.tower
+        ids = self.tokenizer(list(prompts)).to(self.device)  # [B, 77], zero padded
+        cast = tower.transformer.get_cast_dtype()
+        x = tower.token_embedding(ids).to(cast) + tower.positional_embedding.to(cast)
+        h = tower.ln_final(tower.transformer(x, attn_mask=tower.attn_mask))  # [B, L, width]
+        tokens = _project(h, tower.text_projection)  # [B, L, D]
+        pooled = _project(text_global_pool(h, ids, self.pool_type, eos_token_id=self.eos_id), tower.text_projection)
+        return tokens / pooled.norm(dim=-1, keepdim=True)[:, None] * getattr(self, "scale", 1.0)
+
+
+class OpenClipImageContext(ClipImageContext):
+    """Images -> ``[B, 1 + P, D]`` normalised tokens from an open_clip ``VisionTransformer`` (spec §2.10, image).
+
+    ``c = ln_post(h) @ proj / ||that[:, 0]||`` over the class token and every patch (open_clip's ``forward`` keeps
+    only the pooled token; this is the per-token form of the same layers). Preprocessing as
+    :class:`ClipImageContext` with the model's own ``preprocess_cfg`` mean / std and image size.
+    """
+
+    def __init__(self, model: nn.Module, pre_resize: Optional[int] = None):
+        nn.Module.__init__(self)
+        visual = getattr(model, "visual", model)
+        if not hasattr(visual, "conv1") or getattr(visual, "attn_pool", None) is not None:
+            raise UserError("the open_clip model has no plain ViT image tower (conv1, class token, ln_post): "
+                            "use an open_clip CLIP with a ViT vision tower")
+        self.model = model.eval().requires_grad_(False)
+        self.visual = visual
+        size = visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        patch = visual.patch_size
+        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        self.pre_resize = pre_resize
+        cfg = getattr(visual, "preprocess_cfg", None) or {}
+        mean, std = cfg.get("mean", CLIP_MEAN), cfg.get("std", CLIP_STD)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.visual.proj.shape[-1]) if self.visual.proj is not None else int(self.visual.ln_post.weight.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @torch.no_grad()
+    def forward(self, images: ImageInput) -> torch.Tensor:
+        visual = self.visual
+        pixels = self.preprocess(images).to(visual.conv1.weight.device, visual.conv1.weight.dtype)
+        h = visual.transformer(visual._embeds(pixels))  # [B, 1 + P, width]
+        tokens = _project(visual.ln_post(h), visual.proj)  # [B, 1 + P, D]
+        return tokens / tokens[:, :1].norm(dim=-1, keepdim=True) * getattr(self, "scale", 1.0)
+
+
+def open_clip_contexts(model: nn.Module, tokenizer, pre_resize: Optional[int] = None,
+                       scale: float = 1.0) -> ContextEncoders:
+    """Both context encoders on one open_clip CLIP (``common.models.load_open_clip`` -> model, _, tokenizer)."""
+    return ContextEncoders(OpenClipTextContext(model, tokenizer), OpenClipImageContext(model, pre_resize), scale)

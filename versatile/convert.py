@@ -341,17 +341,56 @@ DIFFUSER_CONFIG = "diffuser_config.json"
 DIFFUSER_WEIGHTS = "diffuser.safetensors"
 
 
-def save_diffuser(model: MultiFlowDiffuser, folder: Union[str, Path]) -> Path:
-    """Write ``diffuser_config.json`` + ``diffuser.safetensors`` (native keys) into ``folder``, atomically."""
+def save_diffuser(
+    model: MultiFlowDiffuser,
+    folder: Union[str, Path],
+    dtype: Optional[torch.dtype] = None,
+    shard_by_group: bool = False,
+) -> Path:
+    """Write ``diffuser_config.json`` + native-key weights into ``folder``, atomically.
+
+    One ``diffuser.safetensors``, or with ``shard_by_group`` one ``diffuser-<group>.safetensors`` per layer group
+    (``global``, ``data_image``, ``data_text``, ``ctx_image``, ``ctx_text``), so a flow's layers can be shipped,
+    replaced or found missing on their own. ``dtype`` (e.g. ``torch.float16``) converts floating tensors for
+    storage; :func:`load_diffuser` casts them back to the model's dtype.
+    """
     import dataclasses
     import json
 
     from common.io import atomic_write_dir, save_safetensors
 
+    state = model.state_dict()
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     with atomic_write_dir(folder) as tmp:
         (tmp / DIFFUSER_CONFIG).write_text(json.dumps(dataclasses.asdict(model.config), indent=2))
-        save_safetensors(model.state_dict(), tmp / DIFFUSER_WEIGHTS, metadata={"format": "versatile-native"})
+        if not shard_by_group:
+            save_safetensors(state, tmp / DIFFUSER_WEIGHTS, metadata={"format": "versatile-native"})
+        else:
+            owner = {rule.ours: rule.group for rule in key_rules(model.config, "native", model)}
+            for group in GROUPS:
+                part = {k: v for k, v in state.items() if owner[k] == group}
+                save_safetensors(part, tmp / f"diffuser-{group}.safetensors",
+                                 metadata={"format": "versatile-native", "group": group})
     return Path(folder)
+
+
+def read_diffuser_weights(folder: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """The native state dict of a :func:`save_diffuser` folder (one file, or the per-group shards merged)."""
+    from common.io import load_safetensors
+
+    folder = Path(folder)
+    single = folder / DIFFUSER_WEIGHTS
+    shards = sorted(folder.glob("diffuser-*.safetensors"))
+    if single.is_file():
+        return load_safetensors(single)
+    if not shards:
+        raise UserError(f"{folder} holds no {DIFFUSER_WEIGHTS} nor diffuser-<group>.safetensors shards: "
+                        "pass a folder written by versatile.convert.save_diffuser")
+    out: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        out.update(load_safetensors(shard))
+    return out
 
 
 def load_diffuser(folder: Union[str, Path], device=None) -> MultiFlowDiffuser:
@@ -368,5 +407,5 @@ def load_diffuser(folder: Union[str, Path], device=None) -> MultiFlowDiffuser:
     except (ValueError, TypeError) as err:
         raise UserError(f"{config_path} is not a valid diffuser config ({' '.join(str(err).split())})") from None
     model = build_diffuser(config, device=device)
-    load_diffuser_weights(model, folder / DIFFUSER_WEIGHTS, layout="native")
+    load_diffuser_weights(model, read_diffuser_weights(folder), layout="native")
     return model.eval()

@@ -122,8 +122,15 @@ class VersatilePipeline:
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Sentences -> Optimus latent means ``[B, D]``."""
-        return self._require_text_vae().encode(texts)
+        """Sentences -> diffusion text latents ``[B, D]``: Optimus means times ``optimus_scaling_factor`` (1 in VD)."""
+        vae = self._require_text_vae()
+        return vae.encode(texts) * vae.config.optimus_scaling_factor
+
+    @torch.no_grad()
+    def decode_texts(self, latents: torch.Tensor, **kwargs) -> list[str]:
+        """Diffusion text latents ``[B, D]`` -> sentences (``OptimusVAE.decode`` keyword arguments)."""
+        vae = self._require_text_vae()
+        return vae.decode(latents / vae.config.optimus_scaling_factor, **kwargs)
 
     # ---------------------------------------------------------------- sampling
 
@@ -179,7 +186,7 @@ class VersatilePipeline:
         )
         if flow.xtype == "image":
             return VersatileOutput(flow.name, z, images=self.decode_images(z))
-        texts = self._require_text_vae().decode(
+        texts = self.decode_texts(
             z, temperature=s.text_temperature if text_temperature is None else float(text_temperature),
             max_length=s.text_max_len if text_max_length is None else int(text_max_length),
             generator=generator if isinstance(generator, torch.Generator) else None,

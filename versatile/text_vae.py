@@ -232,21 +232,28 @@ class OptimusVAE(nn.Module):
             mask[i, : len(row)] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def reconstruction_loss(self, texts: Sequence[str], beta: float = 1.0, generator=None):
+    def reconstruction_loss(self, texts: Sequence[str], beta: float = 1.0, generator=None, free_bits: float = 0.0,
+                            noise_scale: float = 1.0):
         """Optimus' beta-VAE objective: ``CE(decoder(z), text) + beta * KL(q(z|x) || N(0, I))`` per sentence.
 
         ``z = mu + sigma * eps`` (reparameterised). Returns ``(loss, {"recon": ..., "kl": ...})``; the loss is
-        the batch mean of the per-sentence summed token cross-entropy plus the weighted KL.
+        the batch mean of the per-sentence summed token cross-entropy plus the weighted KL. ``free_bits`` > 0 is
+        Optimus' ``dim_target_kl`` thresholding against posterior collapse: a latent dimension whose KL is below
+        it adds nothing to the loss (the logged ``kl`` is the full KL). ``noise_scale`` < 1 shrinks the
+        reparameterisation noise (0: a plain autoencoder on ``mu``), for a warm-up in which the decoder learns to
+        read the latent before the noise would teach it to ignore it.
         """
         mu, logvar = self.posterior(texts)
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-        z = mu + torch.exp(0.5 * logvar) * eps
+        z = mu + noise_scale * torch.exp(0.5 * logvar) * eps
         ids, mask = self.decoder_inputs(texts)
         logits = self.logits(z, ids[:, :-1], mask[:, :-1])
         target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         recon = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none").sum(1)
-        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
-        loss = (recon + beta * kl).mean()
+        kl_dims = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)  # [B, D]
+        kl = kl_dims.sum(-1)
+        kl_term = (kl_dims * (kl_dims > free_bits)).sum(-1) if free_bits > 0 else kl
+        loss = (recon + beta * kl_term).mean()
         return loss, {"recon": recon.mean().detach(), "kl": kl.mean().detach()}
 
     @torch.no_grad()

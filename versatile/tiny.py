@@ -75,3 +75,57 @@ def tiny_pipeline(seed: int = 0, config: Optional[VersatileConfig] = None, **dif
         cfg.context.uncond_image,
     )
 
+
+
+# --------------------------------------------------------------------------------------------------------------
+# tiny random folders in the layouts the scripts read (tests and smoke runs; the shipped ones are trained)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def write_tiny_open_clip_folder(folder, seed: int = 0):
+    """A random tiny open_clip CLIP in open_clip's local-dir layout (``common.models.load_open_clip(folder)``)."""
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from open_clip.transform import PreprocessCfg
+
+    from common.io import atomic_write_dir, save_safetensors
+    from common.tiny import tiny_open_clip, tiny_open_clip_config
+
+    model = tiny_open_clip(seed)
+    with atomic_write_dir(folder) as tmp:
+        save_safetensors({k: v.contiguous() for k, v in model.state_dict().items() if v.is_floating_point()},
+                         tmp / "open_clip_model.safetensors")
+        cfg = {"model_cfg": tiny_open_clip_config(), "preprocess_cfg": asdict(PreprocessCfg(size=32))}
+        (tmp / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
+    return Path(folder)
+
+
+def write_tiny_towers(root, seed: int = 0, config: Optional[VersatileConfig] = None) -> dict:
+    """Random ``vae/``, ``clip/`` (open_clip, 64-d projection) and ``text_vae/`` under ``root``: their paths."""
+    from pathlib import Path
+
+    from common.io import atomic_write_dir
+    from versatile.text_vae import save_text_vae
+
+    cfg = config or VersatileConfig.load("digits")
+    root = Path(root)
+    with atomic_write_dir(root / "vae") as tmp:
+        tiny_vae(seed).save_pretrained(tmp, safe_serialization=True)
+    write_tiny_open_clip_folder(root / "clip", seed + 1)
+    save_text_vae(build_text_vae(cfg.text_vae, cfg.diffuser.text_latent_dim, seed=seed + 2), root / "text_vae")
+    return {"vae": root / "vae", "clip": root / "clip", "text_vae": root / "text_vae"}
+
+
+def write_tiny_digits(folder, per_split: int = 8, seed: int = 0):
+    """A few real digits-world samples in the dataset's layout (``folder/{train,test}``), for smoke runs."""
+    from pathlib import Path
+
+    from common.digits import make_samples, real_digit_split, write_split
+
+    x_tr, y_tr, x_te, y_te = real_digit_split(seed)
+    folder = Path(folder)
+    write_split(make_samples(x_tr[:per_split], y_tr[:per_split], seed), folder / "train")
+    write_split(make_samples(x_te[:per_split], y_te[:per_split], seed + 1), folder / "test")
+    return folder

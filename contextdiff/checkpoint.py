@@ -1,0 +1,311 @@
+"""ContextDiff checkpoint folders: a diffusers Stable Diffusion folder plus the adapter and the process it defines.
+
+Layout (written by ``scripts/contextdiff/finetune_diffusion.py``, and by ``train_adapter.py --no-freeze_unet``)::
+
+    <folder>/model_index.json unet/ vae/ text_encoder/ tokenizer/ scheduler/   # plain StableDiffusionPipeline
+    <folder>/adapter/{config.json, diffusion_pytorch_model.safetensors}       # RelationalNet.save_pretrained
+    <folder>/contextdiff.json   # format, parameterization, k_schedule, k_scale, [towers], provenance
+
+``towers`` (optional) lists the VAE / text encoder / tokenizer by path, relative to the folder, instead of copies
+(``--reference_towers``): the shipped tiny checkpoint points at ``ckpt/tiny/baseline`` that way. Such a folder has
+no ``model_index.json`` (plain diffusers could not load it) but loads here like a full one.
+
+A stage-1 adapter folder also holds ``process.json`` (the k schedule and parameterisation it was trained for), so
+stage 2 and sampling default to the process the adapter learned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from common.errors import UserError
+from contextdiff.adapter import CONFIG_NAME, RelationalNet, load_adapter, read_adapter_config
+from contextdiff.process import (
+    SCHEDULER_PREDICTION_TYPE,
+    check_parameterization,
+    contextual_k,
+    parameterization_from_prediction_type,
+)
+
+
+PathLike = Union[str, os.PathLike]
+CHECKPOINT_FILE = "contextdiff.json"
+PROCESS_FILE = "process.json"
+FORMAT = "diffusion-lab/contextdiff/v1"
+TOWERS = ("vae", "text_encoder", "tokenizer")
+PROCESS_KEYS = ("parameterization", "k_schedule", "k_scale")
+
+
+@dataclass
+class ContextDiffModel:
+    """Everything ``contextdiff.pipeline.generate`` needs, loaded from a folder. ``adapter`` is None without one."""
+
+    unet: nn.Module
+    adapter: Optional[RelationalNet]
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    scheduler_config: dict
+    parameterization: str
+    k_schedule: str
+    k_scale: float
+    tower_paths: dict[str, Path]  # where the VAE / text encoder / tokenizer were read from (absolute)
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Model keyword arguments of :func:`contextdiff.pipeline.generate` / ``invert``."""
+        return dict(unet=self.unet, adapter=self.adapter, vae=self.vae, text_encoder=self.text_encoder,
+                    tokenizer=self.tokenizer, scheduler_config=self.scheduler_config,
+                    parameterization=self.parameterization, k_schedule=self.k_schedule, k_scale=self.k_scale)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{what} {path} is unreadable ({' '.join(str(err).split())}): re-save it") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} must hold a JSON object: re-save it")
+    return data
+
+
+def read_checkpoint_meta(folder: PathLike) -> dict:
+    """``contextdiff.json`` of a checkpoint folder, or ``{}`` for a plain Stable Diffusion folder."""
+    path = Path(folder) / CHECKPOINT_FILE
+    if not path.is_file():
+        return {}
+    meta = _read_json(path, "ContextDiff checkpoint file")
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}: re-export the checkpoint")
+    return meta
+
+
+def resolve_adapter_folder(path: PathLike) -> Path:
+    """The adapter folder behind ``path``: the folder itself, or its ``adapter/`` (a stage-1 output_dir or a
+    checkpoint folder). One-line UserError when there is none."""
+    path = Path(path)
+    for candidate in (path, path / "adapter"):
+        if (candidate / CONFIG_NAME).is_file():
+            read_adapter_config(candidate)  # a config of another class -> one-line error
+            return candidate
+    raise UserError(
+        f"no ContextDiff adapter at {path} (expected {CONFIG_NAME} there or in {path / 'adapter'}): train one with "
+        "scripts/contextdiff/train_adapter.py and pass its output folder"
+    )
+
+
+def read_process(adapter_folder: PathLike) -> dict:
+    """The process an adapter was trained for (``process.json``: parameterization, k_schedule, k_scale), or {}."""
+    path = Path(adapter_folder) / PROCESS_FILE
+    if not path.is_file():
+        return {}
+    data = _read_json(path, "adapter process file")
+    return {k: data[k] for k in PROCESS_KEYS if k in data}
+
+
+def check_adapter_fits(
+    adapter_config: dict, latent_channels: int, latent_size: Optional[tuple[int, int]], text_dims: list[int],
+    where: str = "the adapter",
+) -> None:
+    """One-line UserError unless an adapter config fits latents ``[C, H, W]`` and CLIP text of width ``text_dims``.
+
+    Checked from the config alone (before any weight is read or anything is written)."""
+    channels = int(adapter_config.get("latent_channels", -1))
+    if channels != int(latent_channels):
+        raise UserError(f"{where} expects {channels}-channel latents but the diffusion model has {latent_channels}: "
+                        "use an adapter trained for this model's latent space (or retrain stage 1)")
+    dims = [int(d) for d in adapter_config.get("text_dims", [])]
+    sources = list(adapter_config.get("text_sources", []))
+    if sources != ["clip"]:
+        raise UserError(f"{where} reads text sources {sources}; these scripts feed it the UNet's CLIP states only: "
+                        "use an adapter with text_sources [clip]")
+    if dims != [int(d) for d in text_dims]:
+        raise UserError(f"{where} expects text width {dims} but the text encoder gives {list(text_dims)}: use an "
+                        "adapter trained with this text encoder (or retrain stage 1)")
+    patch = int(adapter_config.get("patch_size", 1))
+    if latent_size is not None and (latent_size[0] % patch or latent_size[1] % patch):
+        raise UserError(f"{where} has patch size {patch}, which does not divide the {latent_size[0]}x{latent_size[1]} "
+                        "latents: pick a patch size that divides the latent side (or change --resolution)")
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+
+
+def _tower_paths(folder: Path, meta: dict) -> dict[str, Path]:
+    towers = meta.get("towers") or {}
+    paths = {}
+    for name in TOWERS:
+        path = (folder / towers[name]) if name in towers else folder / name
+        if not path.is_dir():
+            how = f"referenced in {folder / CHECKPOINT_FILE} as {towers[name]!r}" if name in towers else "expected"
+            raise UserError(f"{folder}: the {name} folder ({how}) is missing at {path}: pass a Stable Diffusion folder "
+                            "with vae/ text_encoder/ tokenizer/, or keep the referenced folders next to the checkpoint")
+        paths[name] = path.resolve()
+    return paths
+
+
+def read_sd_configs(folder: PathLike) -> dict[str, Any]:
+    """The configs of a Stable Diffusion folder or ContextDiff checkpoint, read WITHOUT loading any weight:
+    ``{"unet", "vae", "scheduler": dicts, "text_width": int, "towers": paths}`` (for checks before anything runs)."""
+    from common.models import read_model_config
+    from common.pipeline import read_scheduler_config
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"model folder {folder} does not exist: pass a Stable Diffusion folder (e.g. "
+                        "ckpt/tiny/baseline) or a ContextDiff checkpoint folder")
+    meta = read_checkpoint_meta(folder)
+    scheduler = read_scheduler_config(str(folder))
+    if not (folder / "unet").is_dir():
+        raise UserError(f"{folder} has no unet/ folder: pass a Stable Diffusion folder or a ContextDiff checkpoint")
+    towers = _tower_paths(folder, meta)
+    text = read_model_config(towers["text_encoder"])
+    width = text.get("hidden_size") or (text.get("text_config") or {}).get("hidden_size")
+    return {"unet": read_model_config(folder / "unet"), "vae": read_model_config(towers["vae"]),
+            "scheduler": scheduler, "text_width": int(width), "towers": towers}
+
+
+def load_sd_parts(folder: PathLike, dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu"):
+    """``(unet, vae, text_encoder, tokenizer, scheduler_config, tower_paths)`` of a Stable Diffusion folder or a
+    ContextDiff checkpoint (its referenced towers resolved), in ``dtype`` on ``device``, eval mode."""
+    from common.models import load_clip_text, load_unet, load_vae
+
+    folder = Path(folder)
+    configs = read_sd_configs(folder)
+    scheduler_config, towers = configs["scheduler"], configs["towers"]
+    unet = load_unet(folder / "unet")
+    vae = load_vae(towers["vae"])
+    text_encoder, tokenizer = load_clip_text(towers["text_encoder"], tokenizer_path=towers["tokenizer"],
+                                             with_projection=False)
+    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+        raise UserError(f"{folder}: the UNet attends to width {unet.config.cross_attention_dim} but the text encoder "
+                        f"gives {text_encoder.config.hidden_size}: they do not belong together")
+    for module in (unet, vae, text_encoder):  # tiny checkpoints may store a frozen tower in float16
+        param = next(module.parameters())
+        if param.dtype != dtype:
+            module.to(dtype=dtype)
+        if param.device != torch.device(device):
+            module.to(device)
+        module.eval()
+    return unet, vae, text_encoder, tokenizer, scheduler_config, towers
+
+
+def load_contextdiff(
+    folder: PathLike,
+    adapter_path: Optional[PathLike] = None,
+    *,
+    require_adapter: bool = True,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+) -> ContextDiffModel:
+    """Load a ContextDiff checkpoint (or a plain SD folder plus ``adapter_path``), the adapter checked to fit.
+
+    Process settings come from ``contextdiff.json``, else from the adapter's ``process.json``, else from the
+    scheduler's ``prediction_type`` and the quadratic k schedule. ``require_adapter=False`` (``--no_shift``) loads
+    without one when the folder has none.
+    """
+    folder = Path(folder)
+    configs = read_sd_configs(folder)  # folder checks before any weight loads
+    meta = read_checkpoint_meta(folder)
+    adapter_folder = None
+    if adapter_path is not None:
+        adapter_folder = resolve_adapter_folder(adapter_path)
+    elif (folder / meta.get("adapter", "adapter") / CONFIG_NAME).is_file():
+        adapter_folder = resolve_adapter_folder(folder / meta.get("adapter", "adapter"))
+    elif require_adapter:
+        raise UserError(f"{folder} has no ContextDiff adapter (no adapter/ folder): pass --adapter_path <stage-1 "
+                        "output>, or --no_shift to sample the plain model")
+    if adapter_folder is not None:
+        check_adapter_fits(read_adapter_config(adapter_folder), configs["unet"]["in_channels"], None,
+                           [configs["text_width"]], where=f"adapter {adapter_folder}")
+    process = {**(read_process(adapter_folder) if adapter_folder else {}),
+               **{k: meta[k] for k in PROCESS_KEYS if k in meta}}
+    parameterization = check_parameterization(process.get("parameterization") or parameterization_from_prediction_type(
+        configs["scheduler"].get("prediction_type", "epsilon")))
+    k_schedule = process.get("k_schedule", "quadratic")
+    contextual_k(k_schedule)
+    unet, vae, text_encoder, tokenizer, scheduler_config, towers = load_sd_parts(folder, dtype, device)
+    adapter = None if adapter_folder is None else load_adapter(adapter_folder, device=device, dtype=dtype)
+    return ContextDiffModel(unet, adapter, vae, text_encoder, tokenizer, scheduler_config, parameterization,
+                            k_schedule, float(process.get("k_scale", 1.0)), towers)
+
+
+# ------------------------------------------------------------------------------------------------------ saving
+
+
+def process_dict(parameterization: str, k_schedule: str, k_scale: float) -> dict:
+    contextual_k(k_schedule)  # validates the name
+    return {"parameterization": check_parameterization(parameterization), "k_schedule": k_schedule,
+            "k_scale": float(k_scale)}
+
+
+def write_adapter(target: Path, adapter: RelationalNet, process: dict, provenance: Optional[dict] = None) -> None:
+    """``save_pretrained`` (safetensors + config.json) plus ``process.json`` into the (temporary) folder ``target``."""
+    adapter.save_pretrained(str(target), safe_serialization=True)
+    (target / PROCESS_FILE).write_text(json.dumps({**process, "provenance": provenance or {}}, indent=2) + "\n")
+
+
+def save_adapter(folder: PathLike, adapter: RelationalNet, process: dict, provenance: Optional[dict] = None) -> Path:
+    """Write an adapter folder atomically (nothing half-written)."""
+    from common.io import atomic_write_dir
+
+    with atomic_write_dir(folder) as tmp:
+        write_adapter(tmp, adapter, process, provenance)
+    return Path(folder)
+
+
+def save_contextdiff(
+    folder: PathLike,
+    *,
+    unet: nn.Module,
+    adapter: RelationalNet,
+    vae: nn.Module,
+    text_encoder: nn.Module,
+    tokenizer: Any,
+    scheduler_config: dict,
+    process: dict,
+    reference_towers: Optional[dict[str, Path]] = None,
+    text_encoder_dtype: torch.dtype = torch.float32,
+    provenance: Optional[dict] = None,
+) -> Path:
+    """Write a checkpoint folder atomically (layout in the module docstring).
+
+    Without ``reference_towers`` it is a complete diffusers ``StableDiffusionPipeline`` folder (plain
+    ``from_pretrained`` loads it; the adapter and ``contextdiff.json`` ride along). With it (``{"vae": path,
+    "text_encoder": path, "tokenizer": path}`` of the frozen towers' folders) only the UNet, scheduler and adapter are
+    written and the towers are referenced by relative path. The scheduler's ``prediction_type`` follows the
+    parameterisation (shifted_eps -> epsilon, x0 -> sample).
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from common.io import atomic_write_dir
+
+    folder = Path(folder)
+    scheduler = DDIMScheduler.from_config(
+        {**scheduler_config, "prediction_type": SCHEDULER_PREDICTION_TYPE[process["parameterization"]]})
+    meta = {"format": FORMAT, **process, "adapter": "adapter", "provenance": provenance or {}}
+    with atomic_write_dir(folder) as tmp:
+        if reference_towers is None:
+            dtype = next(text_encoder.parameters()).dtype
+            pipe = StableDiffusionPipeline(
+                vae=vae, text_encoder=text_encoder.to(text_encoder_dtype), tokenizer=tokenizer, unet=unet,
+                scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            try:
+                pipe.save_pretrained(tmp, safe_serialization=True)
+            finally:
+                text_encoder.to(dtype)
+        else:
+            final = folder.resolve()
+            meta["towers"] = {name: os.path.relpath(Path(reference_towers[name]).resolve(), final) for name in TOWERS}
+            unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
+            scheduler.save_pretrained(str(tmp / "scheduler"))
+        (tmp / "adapter").mkdir()
+        write_adapter(tmp / "adapter", adapter, process)
+        (tmp / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return folder

@@ -1,0 +1,147 @@
+"""``scripts/sample.py --method contextdiff``: sample a ContextDiff checkpoint, and judge it on the digits world.
+
+    python scripts/sample.py --method contextdiff --prompt "a red handwritten seven" --guidance_scale 3
+    python scripts/sample.py --method contextdiff --pretrained_model_name_or_path ckpt/tiny/baseline \\
+        --adapter_path outputs/contextdiff/stage1 --prompt "a blue handwritten one"      # SD folder + stage-1 adapter
+    python scripts/sample.py --method contextdiff --no_shift ...                       # ablation: no shift
+
+Per step (spec §2.4): classifier-free guidance is evaluated ONCE (one batched ``[uncond; cond]`` UNet call), the
+guided output becomes the guided x0_hat, and the shift ``k_t r_phi(x0_hat, c)`` is evaluated once on it, with the
+conditional text. ``--pretrained_model_name_or_path`` is a ContextDiff checkpoint folder (``contextdiff.checkpoint``);
+a plain Stable Diffusion folder works with ``--adapter_path`` (a stage-1 output) or ``--no_shift``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from contextdiff.checkpoint import ContextDiffModel, load_contextdiff
+
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CHECKPOINT = "ckpt/tiny/contextdiff"
+# The digits-world judging protocol: scripts/demo.py's for the baseline (25 DDIM steps, CFG 3), so the numbers compare;
+# configs/contextdiff/sample_tiny.yaml holds the same values.
+EVAL_SAMPLING = dict(steps=25, guidance_scale=3.0, sampler="ddim", eta=0.0)
+PER_IMAGE = ("predicted_digits", "predicted_colors")
+EVAL_CHUNK = 120  # images per generate call; x_T is drawn for all images at once (chunking only changes rounding)
+
+
+def add_arguments(group) -> None:
+    group.add_argument("--adapter_path", default=None,
+                       help="a stage-1 adapter (train_adapter.py output_dir or its adapter/) to use with a plain "
+                            "Stable Diffusion folder, or instead of the checkpoint's own")
+    group.add_argument("--no_shift", action="store_true",
+                       help="ablation: sample without the contextual shift (the adapter is not run)")
+    group.add_argument("--k_schedule", default=None, help="k_t schedule (default: the one the checkpoint was trained "
+                                                          "with; quadratic, prior or none)")
+    group.add_argument("--k_scale", type=float, default=None, help="multiplies k_t (default: the checkpoint's)")
+
+
+def load(args) -> ContextDiffModel:
+    model = load_contextdiff(args.pretrained_model_name_or_path, getattr(args, "adapter_path", None),
+                             require_adapter=not getattr(args, "no_shift", False), device=args.device)
+    if getattr(args, "k_schedule", None):
+        model.k_schedule = args.k_schedule
+    if getattr(args, "k_scale", None) is not None:
+        model.k_scale = args.k_scale
+    return model
+
+
+def sample(
+    model: ContextDiffModel, prompts: Sequence[str], *, steps: int, guidance_scale: float, sampler: str = "ddim",
+    eta: float = 0.0, seed: int = 0, negative_prompt: str = "", resolution: Optional[int] = None,
+    no_shift: bool = False, progress: bool = False, chunk: Optional[int] = None,
+) -> torch.Tensor:
+    """Images ``[N, 3, H, W]`` in [0, 1]. ``chunk``: generate in pieces of this many prompts with x_T drawn for all
+    N at once (``randn((N, C, h, w), Generator().manual_seed(seed))``, as one batch would): with DDIM eta = 0 the
+    images do not depend on the chunking (up to float rounding of other batch sizes); DDPM / eta > 0 draw their
+    step noise per chunk."""
+    from contextdiff.pipeline import generate
+
+    unet = model.unet
+    factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    side = (resolution or unet.config.sample_size * factor) // factor
+    generator = torch.Generator().manual_seed(seed)
+    x_T = torch.randn((len(prompts), unet.config.in_channels, side, side), generator=generator)
+    chunk = chunk or len(prompts)
+    images = []
+    for start in range(0, len(prompts), chunk):
+        out = generate(**model.generate_kwargs(), prompts=list(prompts[start:start + chunk]), steps=steps,
+                       guidance_scale=guidance_scale, sampler=sampler, eta=eta, generator=generator,
+                       negative_prompt=negative_prompt, latents=x_T[start:start + chunk].to(model.unet.device),
+                       height=resolution, width=resolution, no_shift=no_shift, progress=progress)
+        images.append(out.images.cpu())
+    return torch.cat(images)
+
+
+def generate(args, prompts: Sequence[str]) -> torch.Tensor:
+    """``scripts/sample.py`` entry: images ``[N, 3, H, W]`` in [0, 1] for ``prompts`` (one batch, seed ``--seed``)."""
+    return sample(load(args), prompts, steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
+                  eta=args.eta, seed=args.seed, negative_prompt=args.negative_prompt, resolution=args.resolution,
+                  no_shift=args.no_shift, progress=not args.no_progress)
+
+
+def write_judged(images: torch.Tensor, rows: Sequence[dict], output_dir: Path, extra: Optional[dict] = None) -> dict:
+    """Write ``images/NNNN.png``, ``metadata.jsonl`` (file_name, text, digit, color), ``grid.png`` atomically, then
+    judge the folder (``common.judge``); ``scores.json`` holds the result."""
+    from common.io import atomic_write_dir, save_image_grid, to_pil
+    from common.judge import judge_folder
+
+    output_dir = Path(output_dir)
+    with atomic_write_dir(output_dir) as tmp:
+        (tmp / "images").mkdir()
+        with open(tmp / "metadata.jsonl", "w") as meta:
+            for i, (image, row) in enumerate(zip(images, rows)):
+                name = f"images/{i:04d}.png"
+                to_pil(image, value_range=(0, 1)).save(tmp / name)
+                meta.write(json.dumps({"file_name": name, **row}) + "\n")
+        save_image_grid(images[:100], tmp / "grid.png", nrow=10, value_range=(0, 1))
+    scores = judge_folder(output_dir)  # with the per-image predicted_digits / predicted_colors (paired comparisons)
+    summary = {k: v for k, v in scores.items() if k not in PER_IMAGE}
+    (output_dir / "scores.json").write_text(json.dumps({**summary, **(extra or {})}, indent=2) + "\n")
+    return scores
+
+
+def judge_checkpoint(
+    checkpoint, output_dir, n: int = 60, seed: int = 0, *, adapter_path=None, no_shift: bool = False,
+    steps: int = EVAL_SAMPLING["steps"], guidance_scale: float = EVAL_SAMPLING["guidance_scale"],
+) -> dict:
+    """Sample ``evaluation_prompts(n)`` (every (digit, colour) pair evenly) from a checkpoint and judge them.
+
+    A plain Stable Diffusion folder with ``no_shift=True`` runs the identical code path minus the shift, which is how
+    the baseline arm of a comparison is judged. Returns the judge's scores (with the per-image predictions) plus
+    ``seconds`` (sampling + judging)."""
+    from common.digits import evaluation_prompts
+
+    start = time.perf_counter()
+    model = load_contextdiff(checkpoint, adapter_path, require_adapter=not no_shift)
+    rows = evaluation_prompts(n)
+    images = sample(model, [r["text"] for r in rows], steps=steps, guidance_scale=guidance_scale, seed=seed,
+                    no_shift=no_shift, chunk=EVAL_CHUNK)
+    settings = {"checkpoint": str(checkpoint), "seed": seed, "steps": steps, "guidance_scale": guidance_scale,
+                "sampler": "ddim", "eta": 0.0, "no_shift": no_shift}
+    scores = write_judged(images, rows, Path(output_dir), {"settings": settings})
+    scores["seconds"] = round(time.perf_counter() - start, 2)
+    return scores
+
+
+def evaluate_digits(output_dir: Path, n: int = 60, seed: int = 0) -> dict:
+    """The shipped tiny checkpoint on ``evaluation_prompts(n)`` (25 DDIM steps, CFG 3, as the demo's baseline): images + metadata.jsonl in
+    ``output_dir``, judged. Adds the method metric ``no_shift_*``: the same model and seeds sampled without the
+    shift (the adapter's share of the result)."""
+    output_dir = Path(output_dir)
+    start = time.perf_counter()
+    scores = judge_checkpoint(REPO / DEFAULT_CHECKPOINT, output_dir, n, seed)
+    ablation = judge_checkpoint(REPO / DEFAULT_CHECKPOINT, output_dir / "no_shift", n, seed, no_shift=True)
+    scores = {k: v for k, v in scores.items() if k not in PER_IMAGE}
+    for key in ("digit_accuracy", "color_accuracy", "both_accuracy"):
+        scores[f"no_shift_{key}"] = ablation[key]
+    scores["seconds"] = round(time.perf_counter() - start, 2)
+    return scores

@@ -1,0 +1,181 @@
+"""Train one uni-modal latent model of a collaboration (Collaborative Diffusion §3.1, spec §2.2, §4).
+
+A mask-to-image model (``--modality mask``: the UNet and the mask's Linear encoder, trained jointly) or a
+text-to-image model (``--modality text``: the UNet on a frozen CLIP text encoder), eps objective on VAE latents,
+on the shared trainer (``common/train.py``: EMA, checkpoints, exact resume, mixed precision)::
+
+    python scripts/codiff/train_unimodal.py --config configs/codiff/train_mask_tiny.yaml     # digits, ~5 min
+
+The members of one collaboration must share the VAE and the noise schedule: ``--noise_schedule_from
+ckpt/tiny/baseline`` trains on the baseline's schedule so that the shipped baseline can be the text member
+(the default is LDM's schedule, spec §2.1). ``--cond_dropout`` > 0 trains a null condition (all-zero one-hot
+mask / empty prompt) for classifier-free guidance, an extension: the released models have none (spec §2.5).
+Writes the member folder to ``--export_dir`` (default ``<output_dir>/member``): ``unet/``, ``mask_encoder/``
+and ``codiff_member.json``; frozen towers are referenced by path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from common.errors import UserError, cli_entry  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from common.train import add_train_args
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None, help="YAML of flag defaults (command-line flags win)")
+    p.add_argument("--modality", choices=("mask", "text"), default=None, help="which uni-modal model to train")
+    p.add_argument("--train_data_dir", default=None, help="image folder with metadata.jsonl (text, mask_file_name)")
+    p.add_argument("--vae_model_path", default=None, help="frozen VAE: a VAE folder or a pipeline folder")
+    p.add_argument("--noise_schedule_from", default=None,
+                   help="pipeline folder or scheduler_config.json to take the noise schedule from (default: LDM's)")
+    p.add_argument("--unet_config", default=None, help="JSON config of the UNet2DConditionModel")
+    p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the VAE's)")
+    p.add_argument("--mask_classes", default="digits", help="digits, celebamask_hq, or comma-separated class names")
+    p.add_argument("--mask_grid", type=int, default=16, help="mask token grid (tokens of grid*grid one-hot pixels)")
+    p.add_argument("--mask_conditioning", choices=("crossattn", "concat"), default="crossattn",
+                   help="crossattn: class tokens through cross-attention only (the paper); concat: also the mask "
+                        "pooled to latent size, concatenated to x_t (LDM semantic synthesis; codiff/spatial.py)")
+    p.add_argument("--text_encoder_path", default=None,
+                   help="text modality: a CLIP text encoder folder, a CLIP folder with text_encoder/, or a pipeline")
+    p.add_argument("--cond_dropout", type=float, default=0.0,
+                   help="probability of the null condition per sample (CFG extension; 0 = the paper)")
+    p.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=True,
+                   help="encode images (and captions) once and train on the cache")
+    p.add_argument("--export_dir", default=None, help="where the member folder goes (default: <output_dir>/member)")
+    add_train_args(p, defaults={"learning_rate": 5e-4, "train_batch_size": 64, "lr_warmup_steps": 200,
+                                "report_to": "none", "tracker_project_name": "codiff-unimodal",
+                                "output_dir": "outputs/codiff/unimodal"})
+    return p
+
+
+def text_encoder_folder(path: Path) -> tuple[Path, Path | None]:
+    """``(text encoder folder, tokenizer folder or None)`` from a CLIP folder with ``text_encoder/`` + ``tokenizer/``,
+    a pipeline folder, or the encoder folder itself."""
+    if (path / "text_encoder").is_dir():
+        return path / "text_encoder", (path / "tokenizer") if (path / "tokenizer").is_dir() else None
+    return path, None
+
+
+def mask_format(args, resolution: int):
+    from codiff.conditions import MaskFormat
+
+    classes = args.mask_classes
+    if classes not in ("digits", "celebamask_hq"):
+        classes = [c.strip() for c in classes.split(",") if c.strip()]
+        if len(classes) < 2:
+            raise UserError("--mask_classes needs digits, celebamask_hq or at least two comma-separated class names")
+    return MaskFormat.from_config({"classes": classes, "grid": args.mask_grid, "image_size": resolution})
+
+
+@cli_entry
+def main(argv=None) -> int:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from codiff.conditions import MaskEncoder
+    from codiff.data import LDM_SCHEDULER_CONFIG, cache_latents, check_eps_schedule
+    from codiff.losses import UniModalObjective
+    from codiff.members import read_scheduler_json, save_member
+    from common.data import image_text_dataset
+    from common.models import load_vae
+    from common.schedule import NoiseSchedule
+    from common.train import Trainer, config_from_args, parse_args_with_config
+
+    args = parse_args_with_config(build_parser(), argv)
+    for flag in ("modality", "train_data_dir", "vae_model_path", "unet_config"):
+        if not getattr(args, flag):
+            raise UserError(f"--{flag} is required (or set it in --config)")
+    if not 0.0 <= args.cond_dropout < 1.0:
+        raise UserError(f"--cond_dropout must lie in [0, 1), got {args.cond_dropout}")
+    if args.modality == "text" and not args.text_encoder_path:
+        raise UserError("--modality text needs --text_encoder_path (a frozen CLIP text encoder)")
+    unet_config = Path(args.unet_config)
+    if not unet_config.is_file():
+        raise UserError(f"--unet_config {unet_config} does not exist: pass a UNet2DConditionModel JSON config")
+    config = config_from_args(args)
+    scheduler_config = check_eps_schedule(
+        read_scheduler_json(args.noise_schedule_from) if args.noise_schedule_from else dict(LDM_SCHEDULER_CONFIG),
+        args.noise_schedule_from or "the LDM schedule")
+    schedule = NoiseSchedule.from_config(scheduler_config)
+
+    with Trainer(config) as trainer:
+        vae = load_vae(args.vae_model_path).float().eval().requires_grad_(False)
+        vae_folder = Path(args.vae_model_path)
+        if not (vae_folder / "config.json").is_file() and (vae_folder / "vae").is_dir():
+            vae_folder = vae_folder / "vae"
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        resolution = args.resolution or vae.config.sample_size
+        if resolution % factor:
+            raise UserError(f"--resolution {resolution} is not divisible by the VAE's factor {factor}")
+        unet_cfg = json.loads(unet_config.read_text())
+        unet = UNet2DConditionModel.from_config(unet_cfg)
+        if unet.config.sample_size * factor != resolution or unet.config.in_channels != vae.config.latent_channels:
+            raise UserError(f"--unet_config makes {unet.config.in_channels}x{unet.config.sample_size}^2 latents but the VAE "
+                            f"gives {vae.config.latent_channels}x{resolution // factor}^2: fix sample_size/in_channels")
+        dim = int(unet.config.cross_attention_dim)
+        info = {"train": {"data": str(args.train_data_dir), "max_train_steps": config.max_train_steps,
+                          "batch_size": config.train_batch_size, "cond_dropout": args.cond_dropout}}
+        if args.modality == "mask":
+            fmt = mask_format(args, resolution)
+            dataset = image_text_dataset(args.train_data_dir, resolution=resolution, num_mask_classes=fmt.num_classes)
+            encoder = MaskEncoder(fmt, dim)
+            text, text_folder, tokenizer_folder = None, None, None
+            if args.mask_conditioning == "concat":
+                from codiff.spatial import SpatialMaskUNet
+
+                unet = UNet2DConditionModel.from_config({**unet_cfg, "in_channels": unet.config.in_channels
+                                                         + fmt.num_classes})
+                unet = SpatialMaskUNet(unet, encoder)
+        else:
+            from codiff.members import _load_text_encoder
+
+            text_folder, tokenizer_folder = text_encoder_folder(Path(args.text_encoder_path))
+            text = _load_text_encoder(text_folder, tokenizer_folder, None)
+            if text.text_encoder.config.hidden_size != dim:
+                raise UserError(f"the UNet attends to width {dim} but the text encoder gives "
+                                f"{text.text_encoder.config.hidden_size}: set cross_attention_dim in --unet_config")
+            dataset = image_text_dataset(args.train_data_dir, resolution=resolution)
+        data = dataset
+        if args.cache_latents:
+            data = cache_latents(dataset, vae, text_conditioner=text if args.cache_latents else None,
+                                 keys=("mask",) if args.modality == "mask" else ("text",))
+        if args.modality == "mask" and args.mask_conditioning == "concat":
+            # the wrapper holds the encoder: it trains as part of "unet" and takes the one-hot tokens themselves
+            objective = UniModalObjective(unet, torch.nn.Identity(), encoder.one_hot, schedule, "mask",
+                                          vae=None if args.cache_latents else vae, cond_dropout=args.cond_dropout,
+                                          null_input=encoder.null_one_hot)
+        elif args.modality == "mask":
+            objective = UniModalObjective(unet, encoder, encoder.one_hot, schedule, "mask", train_encoder=True,
+                                          vae=None if args.cache_latents else vae, cond_dropout=args.cond_dropout,
+                                          null_input=encoder.null_one_hot)
+        elif args.cache_latents:
+            empty = text([""]).float()
+            objective = UniModalObjective(unet, torch.nn.Identity(), lambda states: states, schedule, "text_states",
+                                          cond_dropout=args.cond_dropout,
+                                          null_input=lambda batch: empty.expand(batch, -1, -1))
+        else:
+            objective = UniModalObjective(unet, text.text_encoder, text.tokenize, schedule, "text", vae=vae,
+                                          cond_dropout=args.cond_dropout, null_input=text.null_ids)
+        result = trainer.fit(objective.trainable_modules(), objective, data, frozen=objective.frozen_modules())
+        if trainer.is_main_process and result.completed:
+            export = Path(args.export_dir or Path(config.output_dir) / "member")
+            info["train"]["final_loss"] = result.loss_history[-1] if result.loss_history else None
+            save_member(export, args.modality, result.models["unet"].eval(), scheduler_config=scheduler_config,
+                        vae_path=vae_folder, mask_encoder=result.models.get("cond_encoder") if args.modality == "mask"
+                        else None, text_encoder_path=text_folder, tokenizer_path=tokenizer_folder, info=info)
+            print(f"{args.modality} member saved to {export}")
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""Train the frozen model SDG guides: an unconditional ADM-style pixel UNet (learn_sigma) with ADM's hybrid loss.
+
+    python scripts/sdg/train_unconditional.py --config configs/sdg/train_unconditional.yaml \\
+        --train_data_dir data/digits/train --output_dir outputs/tiny/sdg_unet_run
+
+Model: guided-diffusion flags (``--image_size --num_channels --num_res_blocks --channel_mult --attention_resolutions
+--num_head_channels --resblock_updown --use_scale_shift_norm --learn_sigma --dropout --diffusion_steps
+--noise_schedule``) -> diffusers ``UNet2DModel`` (``sdg.adm``), the same path that loads the paper's LSUN/FFHQ models.
+Loss (Improved DDPM eq. 16, ``sdg.adm_train``): ``L_simple + lambda * L_vlb`` with lambda = ``--lambda_vlb`` 0.001,
+the VLB term with a stop-gradient on the mean so it trains only the learned variance. No captions are used.
+Writes ``<output_dir>/unet/`` (diffusers folder + ``adm_flags.json``), loadable by ``scripts/sdg/sample.py
+--model_path`` and ``scripts/sample.py --method sdg``; trainer checkpoints go to ``<output_dir>/checkpoint-*``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+
+from common.errors import UserError, cli_entry  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from common.train import add_train_args
+    from sdg.adm import add_adm_arguments
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None, help="YAML of flag defaults (command-line flags win)")
+    p.add_argument("--train_data_dir", default=None,
+                   help="image folder (metadata.jsonl optional: captions are not used); e.g. data/digits/train")
+    p.add_argument("--lambda_vlb", type=float, default=1e-3,
+                   help="weight of the VLB term that trains the learned variance (Improved DDPM: 0.001)")
+    p.add_argument("--save_dtype", default="float32", choices=("float32", "float16"),
+                   help="dtype of the saved weights (float16 halves the shipped file; sampling casts to float32)")
+    p.add_argument("--num_validation_images", type=int, default=8,
+                   help="unguided samples drawn at each validation (0: none)")
+    adm = p.add_argument_group("ADM model flags (guided-diffusion names and defaults)")
+    add_adm_arguments(adm)
+    add_train_args(p, defaults={"learning_rate": 1e-4, "train_batch_size": 32, "lr_warmup_steps": 100,
+                                "report_to": "none", "tracker_project_name": "sdg_unconditional",
+                                "adam_weight_decay": 0.0})
+    return p
+
+
+def adm_flags_from_args(args):
+    from dataclasses import fields
+
+    from sdg.adm import ADMFlags
+
+    return ADMFlags.from_dict({f.name: getattr(args, f.name) for f in fields(ADMFlags)})
+
+
+@cli_entry
+def main(argv=None) -> int:
+    from common.train import Trainer, config_from_args, parse_args_with_config
+    from sdg.adm import build_unet, noise_schedule
+    from sdg.adm_train import HybridLoss
+    from sdg.checkpoint import save_unet_folder
+    from sdg.data import InMemoryImages
+
+    parser = build_parser()
+    args = parse_args_with_config(parser, argv)
+    if not args.train_data_dir:
+        raise UserError("--train_data_dir is required: an image folder, e.g. data/digits/train")
+    flags = adm_flags_from_args(args)
+    if not flags.learn_sigma:
+        raise UserError("SDG guides a learn_sigma model (ADM's learned variance): pass --learn_sigma True")
+    if args.num_validation_images < 0:
+        raise UserError(f"--num_validation_images must be >= 0, got {args.num_validation_images}")
+    config = config_from_args(args)
+    with Trainer(config) as trainer:
+        unet = build_unet(flags).train()
+        schedule = noise_schedule(flags)
+        dataset = InMemoryImages(args.train_data_dir, flags.image_size)
+        loss = HybridLoss(unet, schedule, lambda_vlb=args.lambda_vlb)
+
+        validate = None
+        if args.num_validation_images:
+            def validate(step, models):
+                from common.io import to_pil
+                from sdg.pipeline import sample_sdg
+
+                x = sample_sdg(models["unet"], schedule, "25", batch_size=args.num_validation_images,
+                               generator=torch.Generator().manual_seed(0))
+                return [to_pil(im) for im in x]
+
+        result = trainer.fit({"unet": unet}, loss, dataset, validation_fn=validate)
+        if trainer.is_main_process and result.completed:
+            dtype = torch.float16 if args.save_dtype == "float16" else torch.float32
+            out = save_unet_folder(result.models["unet"].eval(), flags, Path(config.output_dir) / "unet", dtype,
+                                   extra={"trained_with": {"lambda_vlb": args.lambda_vlb,
+                                                           "max_train_steps": config.max_train_steps,
+                                                           "train_batch_size": config.train_batch_size}})
+            print(f"unconditional UNet saved to {out} (diffusers UNet2DModel + adm_flags.json)")
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

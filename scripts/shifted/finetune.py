@@ -1,0 +1,278 @@
+"""Fine-tune Stable Diffusion on images only, conditioned on their CLIP image embeddings (spec §5.2, language-free).
+
+    python scripts/shifted/finetune.py --config configs/shifted/tiny_finetune.yaml \\
+        --pretrained_model_name_or_path ckpt/tiny/baseline --train_data_dir data/digits/train \\
+        --prior outputs/shifted/prior/prior --output_dir outputs/shifted/finetune
+
+No caption is read: each training image is embedded by the CLIP model(s) (``--clip``, concatenated in order) and the
+embedding reaches the UNet's cross-attention through ``ImageEmbProjection`` (Linear(D -> n_tokens x
+cross_attention_dim), spec §5.1); the whole UNet and the projection train on the usual eps (or v) loss. For
+classifier-free guidance ``--cfg_drop`` of the embeddings are replaced by a null embedding: ``--null_embedding prior``
+(the reference: the prior's sample for the empty caption, needs ``--prior``), ``zero``, ``black`` (CLIP of a black
+image) or a .safetensors file holding one embedding. Start from an SD folder (``--pretrained_model_name_or_path``,
+the reference fine-tunes SD-2-base; here the tiny text-to-image baseline) or from parts (``--vae_model_path`` +
+``--unet_config``). Output: ``<output_dir>/pipeline``, a complete diffusers StableDiffusionPipeline folder (its text
+tower is carried along, unused, unless ``--no_text_tower``) plus ``image_projection/`` and ``shifted_decoder.json``
+(the CLIP models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+
+from common.errors import UserError, cli_entry  # noqa: E402
+
+
+DEFAULTS = {  # the reference finetune.py defaults (spec §5.2)
+    "learning_rate": 1e-4, "train_batch_size": 16, "lr_warmup_steps": 500, "checkpointing_steps": 500,
+    "lr_scheduler": "constant", "max_grad_norm": 1.0, "adam_weight_decay": 1e-2, "adam_epsilon": 1e-8,
+    "report_to": "none", "tracker_project_name": "shifted_finetune",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from common.train import add_train_args
+    from shifted.cli import add_clip_args
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_argument_group("model")
+    src.add_argument("--pretrained_model_name_or_path", default=None, help="a local SD-layout pipeline folder")
+    src.add_argument("--vae_model_path", default=None, help="from parts: a VAE folder")
+    src.add_argument("--unet_config", default=None, help="from parts: UNet2DConditionModel JSON config")
+    src.add_argument("--text_tower_path", default=None,
+                     help="from parts: text_encoder/ + tokenizer/ folder carried into the pipeline (default: the "
+                          "first --clip folder's)")
+    src.add_argument("--n_tokens", type=int, default=4, help="cross-attention tokens made from one embedding")
+    src.add_argument("--prediction_type", default=None, choices=("epsilon", "v_prediction"))
+    src.add_argument("--no_text_tower", action="store_true",
+                     help="leave the (unused) text encoder and tokenizer out of the output; diffusers then loads it "
+                          "with StableDiffusionPipeline.from_pretrained(folder, text_encoder=None, tokenizer=None)")
+    src.add_argument("--frozen_save_dtype", default="float32", choices=("float32", "float16"),
+                     help="dtype the frozen VAE and text tower are written in (float16 keeps checkpoints small)")
+    data = p.add_argument_group("data (images only)")
+    data.add_argument("--train_data_dir", default=None, help="image folder; captions, if any, are never read")
+    data.add_argument("--resolution", type=int, default=None, help="default: the VAE's sample size")
+    data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True)
+    data.add_argument("--random_flip", action="store_true")
+    data.add_argument("--cache_latents", action="store_true",
+                      help="encode every image once (VAE posterior + CLIP embedding); no augmentation then")
+    add_clip_args(data)
+    cfg = p.add_argument_group("classifier-free guidance")
+    cfg.add_argument("--cfg_drop", type=float, default=0.1, help="fraction of embeddings replaced by the null")
+    cfg.add_argument("--null_embedding", default=None,
+                     help="prior | zero | black | FILE.safetensors (default: prior with --prior, else zero)")
+    cfg.add_argument("--learned_null", action="store_true", help="train the null embedding (init as chosen)")
+    cfg.add_argument("--prior", default=None, help="prior folder (train.py) whose empty-caption sample is the null")
+    cfg.add_argument("--validation_images", type=int, default=0,
+                     help="at each validation, decode the embeddings of this many training images")
+    add_train_args(p, defaults=DEFAULTS)
+    return p
+
+
+def load_components(args):
+    """``(unet, vae, text_encoder, tokenizer, scheduler_config)``."""
+    from diffusers import UNet2DConditionModel
+
+    from common.models import load_clip_text, load_unet, load_vae
+    from common.pipeline import read_scheduler_config
+    from common.tiny import sd_ddim_scheduler
+
+    if args.pretrained_model_name_or_path:
+        folder = args.pretrained_model_name_or_path
+        if not Path(folder).is_dir():
+            raise UserError(f"--pretrained_model_name_or_path {folder} does not exist: pass an SD pipeline folder")
+        unet = load_unet(folder, subfolder="unet")
+        vae = load_vae(folder, subfolder="vae")
+        text_encoder, tokenizer = load_clip_text(folder)
+        scheduler_config = read_scheduler_config(folder)
+    else:
+        missing = [f for f in ("vae_model_path", "unet_config") if not getattr(args, f)]
+        if missing:
+            raise UserError("pass --pretrained_model_name_or_path, or --vae_model_path and --unet_config (missing: "
+                            f"{', '.join('--' + m for m in missing)})")
+        import json
+
+        from shifted.cli import clip_paths
+
+        vae = load_vae(args.vae_model_path)
+        path = Path(args.unet_config)
+        if not path.is_file():
+            raise UserError(f"--unet_config {path} does not exist: pass a UNet2DConditionModel JSON config")
+        unet = UNet2DConditionModel.from_config(json.loads(path.read_text()))
+        tower = Path(args.text_tower_path or clip_paths(args)[0])
+        text_encoder, tokenizer = load_clip_text(tower / "text_encoder", tokenizer_path=tower / "tokenizer")
+        scheduler_config = dict(sd_ddim_scheduler().config)
+    if args.prediction_type:
+        scheduler_config["prediction_type"] = args.prediction_type
+    return unet, vae.float(), text_encoder.float(), tokenizer, scheduler_config
+
+
+def null_embedding(args, clip) -> torch.Tensor:
+    """The CFG null ``[D]`` (spec §5.2: the prior's embedding of the empty text in the reference)."""
+    from common.io import load_safetensors
+
+    choice = args.null_embedding or ("prior" if args.prior else "zero")
+    if args.prior and choice != "prior":
+        raise UserError(f"--prior is only used for --null_embedding prior, not {choice!r}: drop one of them")
+    if choice == "zero":
+        return torch.zeros(clip.dim)
+    if choice == "black":
+        from shifted.data import clip_resolution
+
+        size = clip_resolution(clip)
+        return clip.encode_image(torch.zeros(1, 3, size, size))[0].cpu()
+    if choice == "prior":
+        if not args.prior:
+            raise UserError("--null_embedding prior needs --prior FOLDER (train.py's <output_dir>/prior)")
+        from shifted.cli import text_states_path
+        from shifted.embeddings import PriorTextEncoder
+        from shifted.loading import load_text_states
+        from shifted.pipeline import load_prior, null_image_embedding
+
+        prior, bank = load_prior(args.prior, clip_models=clip.names)
+        encoder = PriorTextEncoder(clip, load_text_states(text_states_path(args), prior.config.text_len))
+        return null_image_embedding(prior, bank, encoder, generator=torch.Generator().manual_seed(0)).cpu()
+    tensors = load_safetensors(choice)
+    if len(tensors) != 1:
+        raise UserError(f"--null_embedding {choice} must hold exactly one tensor (the embedding), got {len(tensors)}")
+    value = next(iter(tensors.values())).float().reshape(-1)
+    if value.numel() != clip.dim:
+        raise UserError(f"--null_embedding {choice} is {value.numel()}-d but the CLIP models give {clip.dim}-d")
+    return value
+
+
+class ImagesOnly(torch.utils.data.Dataset):
+    """An image folder's pixels and nothing else (no captions, no labels)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.dataset[i]["pixel_values"]}
+
+
+@torch.no_grad()
+def cache_dataset(dataset, vae, clip, batch_size: int = 64):
+    from shifted.embeddings import EmbeddingDataset
+
+    means, stds, embs = [], [], []
+    for start in range(0, len(dataset), batch_size):
+        pixels = torch.stack([dataset[i]["pixel_values"] for i in range(start, min(start + batch_size, len(dataset)))])
+        posterior = vae.encode(pixels).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+        embs.append(clip.encode_image((pixels + 1) / 2).cpu())
+    return EmbeddingDataset({"latent_mean": torch.cat(means), "latent_std": torch.cat(stds),
+                             "image_emb": torch.cat(embs)})
+
+
+@cli_entry
+def main(argv=None) -> int:
+    import torch.nn.functional as F
+
+    from common.data import image_text_dataset
+    from common.process import canonical_prediction_type, q_sample, training_target
+    from common.schedule import NoiseSchedule
+    from common.train import Trainer, config_from_args, parse_args_with_config
+    from shifted.adapter import ImageEmbProjection
+    from shifted.cli import check_positive, check_probability, clip_paths
+    from shifted.loading import load_clip_models, quiet_transformers, save_decoder
+
+    parser = build_parser()
+    args = parse_args_with_config(parser, argv)
+    if not args.train_data_dir:
+        raise UserError("--train_data_dir is required: an image folder (captions are not used)")
+    check_probability("cfg_drop", args.cfg_drop)
+    check_positive("n_tokens", args.n_tokens)
+    if args.random_flip and args.cache_latents:
+        raise UserError("--random_flip needs on-the-fly encoding: drop --cache_latents (or --random_flip)")
+    config = config_from_args(args)
+    # read and check every input before the trainer creates --output_dir
+    clip = load_clip_models(clip_paths(args))
+    with quiet_transformers():
+        unet, vae, text_encoder, tokenizer, scheduler_config = load_components(args)
+    null = null_embedding(args, clip)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    resolution = args.resolution or vae.config.sample_size
+    if resolution % factor:
+        raise UserError(f"--resolution {resolution} is not divisible by the VAE's factor {factor}")
+    dataset = ImagesOnly(image_text_dataset(args.train_data_dir, resolution=resolution, require_captions=False,
+                                            caption_column="__captions_are_not_read__",
+                                            center_crop=args.center_crop, random_flip=args.random_flip))
+    with Trainer(config) as trainer:
+        projection = ImageEmbProjection(clip.dim, args.n_tokens, unet.config.cross_attention_dim, args.learned_null)
+        projection.set_null_embedding(null)
+        vae.requires_grad_(False)
+        schedule = NoiseSchedule.from_config(scheduler_config)
+        ptype = canonical_prediction_type(scheduler_config.get("prediction_type", "epsilon"))
+        scaling = float(vae.config.scaling_factor)
+        if args.cache_latents:
+            dataset = cache_dataset(dataset, vae, clip)
+        else:
+            for _, model, _ in clip.models:
+                model.to(trainer.device)
+        plain_projection = projection
+
+        def loss_fn(batch, ctx):
+            if "latent_mean" in batch:
+                mean, std = batch["latent_mean"].to(ctx.device), batch["latent_std"].to(ctx.device)
+                latents = (mean + std * torch.randn_like(mean)) * scaling
+                emb = batch["image_emb"].to(ctx.device)
+            else:
+                pixels = batch["pixel_values"].to(ctx.device)
+                with torch.no_grad():
+                    latents = ctx.models["vae"].encode(pixels.to(ctx.weight_dtype)).latent_dist.sample() * scaling
+                    emb = clip.encode_image((pixels.float() + 1) / 2)
+            drop = torch.rand(emb.shape[0], device=ctx.device) < args.cfg_drop
+            tokens = ctx.models["projection"](plain_projection.drop(emb.float(), drop))
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, schedule.num_train_timesteps, (latents.shape[0],), device=latents.device)
+            abar = schedule.abar(t, like=latents)
+            pred = ctx.models["unet"](q_sample(latents, abar, noise), t, encoder_hidden_states=tokens).sample
+            return F.mse_loss(pred.float(), training_target(latents, noise, abar, ptype).float())
+
+        validate = None
+        if args.validation_images > 0:
+            base = image_text_dataset(args.train_data_dir, resolution=resolution, require_captions=False)
+            n = min(args.validation_images, len(base))
+            pixels = torch.stack([base[i]["pixel_values"] for i in range(n)])
+            val_emb = clip.encode_image(((pixels + 1) / 2).to(trainer.device)).cpu()
+
+            def validate(step, models):
+                from shifted.loading import ImageDecoder
+
+                decoder = ImageDecoder(models["unet"], vae, models["projection"], scheduler_config)
+                out = decoder(val_emb, num_inference_steps=25, guidance_scale=2.0,
+                              generator=torch.Generator().manual_seed(0))
+                from common.io import to_pil
+
+                return [to_pil(im, value_range=(0, 1)) for im in out.cpu()]
+
+        result = trainer.fit({"unet": unet, "projection": projection}, loss_fn, dataset, frozen={"vae": vae},
+                             validation_fn=validate)
+        if trainer.is_main_process and result.completed:
+            from diffusers import DDIMScheduler
+
+            dtype = torch.float16 if args.frozen_save_dtype == "float16" else torch.float32
+            keep = not args.no_text_tower
+            parts = dict(vae=vae.to(dtype), unet=result.models["unet"].eval(),
+                         text_encoder=text_encoder.to(dtype) if keep else None, tokenizer=tokenizer if keep else None,
+                         scheduler=DDIMScheduler.from_config(scheduler_config))
+            out = save_decoder(Path(config.output_dir) / "pipeline", parts, result.models["projection"].eval(),
+                               clip.names)
+            print(f"decoder saved to {out} (StableDiffusionPipeline folder + image_projection/)")
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

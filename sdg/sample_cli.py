@@ -1,0 +1,191 @@
+"""``scripts/sample.py --method sdg``: the prompts are SDG's language guidance on a frozen unconditional model.
+
+    python scripts/sample.py --method sdg --prompt "a handwritten seven" --num_images 8 --sampler ddpm
+    python scripts/sample.py --method sdg --prompt "a digit" --text_weight 0 --image_weight 3 \\
+        --data_dir data/digits/test/images/00007.png --sampler ddpm
+
+Method flags keep SDG's names (``--text_weight --image_weight --image_loss --data_dir --clip_path``).
+``--pretrained_model_name_or_path``: an SDG folder (``unet/`` with ``adm_flags.json``, and usually ``clip/``, the
+noise-aware CLIP; default ``ckpt/tiny/sdg``). Each prompt is one sample's instruction: the DDPM mean is shifted by
+``Sigma * grad_x [w_text cos(E'(x_t, t), T(prompt)) + w_img F_img(x_t, x'_t, t)]`` at every step (sdg/METHOD.md).
+``--steps N`` respaces guided-diffusion style (``"N"``); ``--sampler ddpm`` is SDG's sampler (learned variance),
+``ddim`` applies the same gradient as a score shift. ``--guidance_scale`` / ``--negative_prompt`` (classifier-free
+guidance) do not apply: the model is unconditional.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from common.errors import UserError
+
+
+DEFAULT_CHECKPOINT = "ckpt/tiny/sdg"
+REPO = Path(__file__).resolve().parent.parent
+# Tuned on the shipped tiny checkpoint (bench/results.md, sdg section: weight sweep). The useful range depends on the
+# encoder's gradient scale: ~300-3000 here (tiny ViT, 32 px), 160 for SDG's RN50x16 at 256 px.
+DEFAULT_TEXT_WEIGHT = 1000.0
+DEFAULT_EVAL_STEPS = 50
+CHUNK = 30
+
+
+def add_arguments(group) -> None:
+    group.add_argument("--text_weight", type=float, default=DEFAULT_TEXT_WEIGHT,
+                       help=f"language guidance weight (0: prompts are only labels; default {DEFAULT_TEXT_WEIGHT:g})")
+    group.add_argument("--image_weight", type=float, default=0.0, help="image guidance weight (needs a reference)")
+    group.add_argument("--image_loss", default="semantic", choices=("semantic", "style"),
+                       help="image guidance: content cosine (semantic) or Gram-matrix style")
+    group.add_argument("--data_dir", default=None,
+                       help="reference image, or a folder of them (cycled over the samples)")
+    group.add_argument("--clip_path", default=None,
+                       help="noise-aware CLIP folder (default: <checkpoint>/clip)")
+    group.add_argument("--style_gram", default="per_sample", choices=("per_sample", "batch"))
+    group.add_argument("--timestep_respacing", default=None,
+                       help='guided-diffusion respacing string ("100", "ddim50", "10,20"); default: --steps')
+
+
+def _clip_path(args) -> Optional[Path]:
+    if args.clip_path:
+        return Path(args.clip_path)
+    candidate = Path(args.pretrained_model_name_or_path) / "clip"
+    return candidate if candidate.is_dir() else None
+
+
+def _references(spec: str, size: int, n: int) -> torch.Tensor:
+    from sdg.data import list_reference_images, load_reference
+
+    path = Path(spec)
+    if not path.exists():
+        raise UserError(f"--data_dir {path} does not exist: pass a reference image or a folder of them")
+    files = [path] if path.is_file() else list_reference_images(path)
+    refs = [load_reference(f, size) for f in files]
+    return torch.cat([refs[i % len(refs)] for i in range(n)])
+
+
+def run(
+    model_folder,
+    prompts: list[str],
+    *,
+    text_weight: float = DEFAULT_TEXT_WEIGHT,
+    image_weight: float = 0.0,
+    image_loss: str = "semantic",
+    references: Optional[torch.Tensor] = None,
+    clip_path=None,
+    respacing: str = str(DEFAULT_EVAL_STEPS),
+    sampler: str = "ddpm",
+    eta: float = 0.0,
+    style_gram: str = "per_sample",
+    seed: int = 0,
+    device="cpu",
+    progress: bool = False,
+    guide=None,
+) -> torch.Tensor:
+    """SDG samples ``[N, 3, S, S]`` in [0, 1]: sample i guided by ``prompts[i]`` (and ``references[i]``).
+
+    Samples are drawn in chunks; each sample's start noise and step noise come from its own generator
+    (``seed + i``), so an image does not depend on the chunking or on the other prompts. ``guide`` replaces the
+    noise-aware CLIP by another encoder with the same interface (the plain-CLIP ablation of the benchmark).
+    """
+    from sdg.adm import noise_schedule
+    from sdg.checkpoint import load_diffusion_model, load_noise_aware_clip_folder
+    from sdg.pipeline import sample_sdg
+
+    unet, flags = load_diffusion_model(model_folder, device=device)
+    schedule = noise_schedule(flags)
+    size = unet.config.sample_size
+    needs_clip = bool(text_weight) or bool(image_weight)
+    bundle = None
+    if needs_clip:
+        if clip_path is None:
+            raise UserError(f"a guidance weight is non-zero but {model_folder} has no clip/ folder: pass "
+                            "--clip_path (a noise-aware CLIP) or set the weights to 0")
+        bundle = load_noise_aware_clip_folder(clip_path, device)
+    if image_weight and references is None:
+        raise UserError("--image_weight is non-zero but no --data_dir reference image was given")
+    if references is not None and references.shape[-1] != size:
+        raise UserError(f"reference images are {references.shape[-1]} px but the model makes {size} px")
+    clip = guide if guide is not None else (bundle.clip if bundle else None)
+    text = bundle.encode_text(prompts) if bundle is not None and text_weight else None
+    out = []
+    for start in range(0, len(prompts), CHUNK):
+        idx = list(range(start, min(start + CHUNK, len(prompts))))
+        gens = [torch.Generator().manual_seed(seed + i) for i in idx]
+        guide_gens = [torch.Generator().manual_seed(seed + 7919 + i) for i in idx]
+        x = sample_sdg(
+            unet, schedule, respacing, batch_size=len(idx), clip=clip,
+            text_embedding=None if text is None else text[idx],
+            reference=None if references is None else references[idx].to(device),
+            text_weight=text_weight, content_weight=image_weight if image_loss == "semantic" else 0.0,
+            style_weight=image_weight if image_loss == "style" else 0.0, style_gram=style_gram,
+            generator=gens, guidance_generator=guide_gens, device=device, progress=progress,
+            sampler=sampler, eta=eta,
+        )
+        out.append(((x.clamp(-1, 1) + 1) / 2).cpu())
+    return torch.cat(out)
+
+
+def generate(args, prompts: list[str]) -> torch.Tensor:
+    """``scripts/sample.py`` entry: ``[N, 3, H, W]`` in [0, 1]."""
+    folder = Path(args.pretrained_model_name_or_path)
+    if not folder.is_dir():
+        raise UserError(f"checkpoint folder {folder} does not exist: pass --pretrained_model_name_or_path (an SDG "
+                        "folder with unet/ and clip/), or train the tiny one (ckpt/tiny/sdg/README.md)")
+    from sdg.checkpoint import load_diffusion_model
+
+    size = load_diffusion_model(folder)[0].config.sample_size
+    if args.resolution is not None and args.resolution != size:
+        raise UserError(f"--resolution {args.resolution}: this pixel-space model only makes {size} px images")
+    references = _references(args.data_dir, size, len(prompts)) if args.data_dir else None
+    return run(folder, prompts, text_weight=args.text_weight, image_weight=args.image_weight,
+               image_loss=args.image_loss, references=references, clip_path=_clip_path(args),
+               respacing=args.timestep_respacing or str(args.steps), sampler=args.sampler, eta=args.eta,
+               style_gram=args.style_gram, seed=args.seed, device=args.device,
+               progress=not args.no_progress)
+
+
+def write_judged(output_dir: Path, images: torch.Tensor, rows: list[dict]) -> dict:
+    """Write ``images/NNNN.png`` + ``metadata.jsonl`` (file_name, text, digit, color) and judge them."""
+    import json
+
+    from common.io import atomic_write_dir, to_pil
+    from common.judge import judge_folder
+
+    with atomic_write_dir(output_dir) as tmp:
+        (tmp / "images").mkdir()
+        with open(tmp / "metadata.jsonl", "w") as meta:
+            for i, (image, row) in enumerate(zip(images, rows)):
+                name = f"images/{i:04d}.png"
+                to_pil(image, value_range=(0, 1)).save(tmp / name)
+                meta.write(json.dumps({"file_name": name, **row}) + "\n")
+    return judge_folder(output_dir)
+
+
+def evaluate_digits(output_dir: Path, n: int = 60, seed: int = 0) -> dict:
+    """Language guidance on the shipped tiny checkpoint: each of ``evaluation_prompts(n)`` ("a red handwritten
+    seven", ...) guides one sample (DDPM, 50 respaced steps, weight DEFAULT_TEXT_WEIGHT); images + metadata.jsonl
+    are written to ``output_dir`` and judged. Also returns ``unguided_digit_accuracy``: the same seeds without
+    guidance (the chance level the guidance has to beat)."""
+    from common.digits import evaluation_prompts
+    from common.judge import judge_images
+
+    start = time.time()
+    folder = REPO / DEFAULT_CHECKPOINT
+    rows = evaluation_prompts(n)
+    prompts = [r["text"] for r in rows]
+    images = run(folder, prompts, text_weight=DEFAULT_TEXT_WEIGHT, clip_path=folder / "clip", seed=seed)
+    scores = write_judged(Path(output_dir), images, rows)
+    plain = run(folder, prompts, text_weight=0.0, seed=seed)
+    unguided = judge_images([_uint8(im) for im in plain], [(r["digit"], r["color"]) for r in rows])
+    scores.update({"method": "sdg", "text_weight": DEFAULT_TEXT_WEIGHT, "steps": DEFAULT_EVAL_STEPS,
+                   "unguided_digit_accuracy": unguided["digit_accuracy"],
+                   "unguided_color_accuracy": unguided["color_accuracy"],
+                   "seconds": round(time.time() - start, 1)})
+    return scores
+
+
+def _uint8(image: torch.Tensor):
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()

@@ -1,0 +1,275 @@
+"""Smoke runs of every codiff script on tiny random models through their real command lines, the files
+generate.py documents, and bad input: one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.digits import build_digits
+
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts" / "codiff"))
+sys.path.insert(0, str(REPO / "scripts"))
+import edit as edit_script  # noqa: E402
+import generate as generate_script  # noqa: E402
+import train_dynamic  # noqa: E402
+import train_unimodal  # noqa: E402
+
+
+COMMON = ["--max_train_steps", "2", "--train_batch_size", "4", "--lr_warmup_steps", "0", "--report_to", "none"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Digits (16 training rows), a tiny SD folder as the text member, a 2-step mask member and collaboration."""
+    from common.tiny import make_tiny_sd_folder
+
+    root = tmp_path_factory.mktemp("codiff")
+    digits = build_digits(root / "digits")
+    small = root / "train"
+    shutil.copytree(digits / "train", small)
+    rows = (small / "metadata.jsonl").read_text().splitlines()[:16]
+    (small / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    sd = make_tiny_sd_folder(root / "sd", seed=3)
+    assert train_unimodal.main(["--modality", "mask", "--train_data_dir", str(small), "--vae_model_path", str(sd),
+                                "--noise_schedule_from", str(sd), "--unet_config",
+                                str(REPO / "configs" / "baseline" / "unet.json"), "--cond_dropout", "0.2",
+                                "--mask_conditioning", "concat", "--use_ema", "--output_dir", str(root / "mask_run"),
+                                *COMMON]) == 0
+    assert train_dynamic.main(["--mask_model_dir", str(root / "mask_run" / "member"), "--text_model_dir", str(sd),
+                               "--train_data_dir", str(small), "--output_dir", str(root / "dyn_run"),
+                               "--default_steps", "3", *COMMON]) == 0
+    return {"root": root, "digits": digits, "small": small, "sd": sd, "mask_member": root / "mask_run" / "member",
+            "ckpt": root / "dyn_run" / "codiff", "mask": digits / "test" / "masks" / "00000.png",
+            "image": digits / "test" / "images" / "00000.png"}
+
+
+def _run_failing(main, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()
+    assert message and message[-1].startswith("error: ")
+    return message[-1]
+
+
+def test_training_writes_a_member_and_a_loadable_checkpoint(world):
+    from codiff.members import load_collaboration
+
+    meta = json.loads((world["mask_member"] / "codiff_member.json").read_text())
+    assert meta["kind"] == "mask" and meta["vae"] == "../../sd/vae"  # frozen towers by (relative) path
+    assert meta["mask_conditioning"] == "concat"
+    unet_config = json.loads((world["mask_member"] / "unet" / "config.json").read_text())
+    assert unet_config["in_channels"] == 4 + 2  # latent channels + one map per class
+    assert (world["mask_member"] / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (world["mask_member"] / "mask_encoder" / "model.safetensors").is_file()
+    index = json.loads((world["ckpt"] / "codiff.json").read_text())
+    assert index["modalities"] == ["mask", "text"] and index["sampling"]["ddim_steps"] == 3
+    collab = load_collaboration(world["ckpt"])
+    assert collab.modalities == ("mask", "text") and collab.image_size == 32
+    assert collab.scheduler_config["beta_end"] == 0.012  # the text member's (SD) schedule, not LDM's
+    assert collab.members["mask"].token_dim == 256  # concat members take (and their diffuser reads) one-hot tokens
+    assert collab.model.diffusers["mask"].config.cross_attention_dim == 256
+    assert all(not p.requires_grad for p in collab.model.parameters())
+    # the members are the trained ones, frozen; the diffusers are no longer zero after two steps
+    assert any(v.abs().sum() > 0 for k, v in collab.model.diffusers["mask"].state_dict().items() if "conv_out" in k)
+
+
+def test_text_member_trains_the_same_way(world):
+    from codiff.members import load_member
+
+    out = world["root"] / "text_run"
+    assert train_unimodal.main(["--modality", "text", "--train_data_dir", str(world["small"]), "--vae_model_path",
+                                str(world["sd"]), "--text_encoder_path", str(world["sd"]), "--unet_config",
+                                str(REPO / "configs" / "baseline" / "unet.json"), "--cond_dropout", "0.1",
+                                "--output_dir", str(out), *COMMON]) == 0
+    member = load_member(out / "member")
+    assert member.kind == "text" and member.encode(["a red seven"]).shape == (1, 77, 32)
+    assert member.null_tokens(2).shape == (2, 77, 32)
+
+
+def test_generate_writes_the_documented_files(world, capsys):
+    out = world["root"] / "gen"
+    assert generate_script.main(["--model_dir", str(world["ckpt"]), "--mask_path", str(world["mask"]),
+                                 "--input_text", "a green handwritten seven", "--batch_size", "2", "--seed", "0",
+                                 "--save_z", "--return_influence_function", "--display_x_inter", "--save_mixed",
+                                 "--save_folder", str(out)]) == 0
+    folders = list(out.glob("00000/*"))
+    assert len(folders) == 1
+    folder = folders[0]
+    steps = 3  # the checkpoint's default
+    grid_w, grid_h = steps * (32 + 2) + 2, 32 + 4  # S tiles of 32 px (8x8 maps upscaled 4x), 10 per row, padding 2
+    expected = {"00000.png": (32, 32), "settings.json": None}
+    for idx in ("000000", "000001"):
+        expected.update({f"{idx}_x_0.png": (32, 32), f"{idx}_mask_influence_function.png": (grid_w, grid_h),
+                         f"{idx}_text_influence_function.png": (grid_w, grid_h), f"{idx}_x_inter.png": (grid_w, grid_h),
+                         f"{idx}_pred_x0.png": (grid_w, grid_h), f"{idx}_z_0.png": (4 * 9 + 1, 10),
+                         f"{idx}_mixed.png": (32, 32)})
+    assert sorted(p.name for p in folder.iterdir()) == sorted(expected)
+    for name, size in expected.items():
+        if size is not None:
+            with Image.open(folder / name) as im:
+                assert im.size == size and im.mode == "RGB", name
+    # influence maps partition unity: the two grids' interiors add up to white
+    mask_map = np.asarray(Image.open(folder / "000000_mask_influence_function.png"), dtype=np.int32)[2:34, 2:34, 0]
+    text_map = np.asarray(Image.open(folder / "000000_text_influence_function.png"), dtype=np.int32)[2:34, 2:34, 0]
+    assert np.abs(mask_map + text_map - 255).max() <= 1
+    settings = json.loads((folder / "settings.json").read_text())
+    assert settings["ddim_steps"] == 3 and len(settings["timesteps"]) == 3 and settings["save_z"] is True
+    # seeded: the same command gives the same image; other weightings run too
+    first = np.asarray(Image.open(folder / "000000_x_0.png"))
+    assert generate_script.main(["--model_dir", str(world["ckpt"]), "--mask_path", str(world["mask"]),
+                                 "--input_text", "a green handwritten seven", "--batch_size", "2", "--seed", "0",
+                                 "--save_folder", str(out)]) == 0
+    assert np.array_equal(first, np.asarray(Image.open(folder / "000000_x_0.png")))
+    for weighting in ("average", "text_only"):
+        argv = ["--model_dir", str(world["ckpt"]), "--input_text", "a red two", "--batch_size", "1",
+                "--weighting", weighting, "--save_folder", str(out / weighting), "--ddim_steps", "2"]
+        if weighting == "average":
+            argv += ["--mask_path", str(world["mask"]), "--guidance_scale", "2"]
+        assert generate_script.main(argv) == 0
+    assert generate_script.main(["--model_dir", str(world["ckpt"]), "--mask_path", str(world["mask"]),
+                                 "--input_text", "a red two", "--batch_size", "1", "--released_reweighting",
+                                 "--ddim_steps", "2", "--save_folder", str(out / "released")]) == 0
+
+
+def test_generate_rejects_bad_masks_and_missing_models(world, tmp_path, capsys):
+    base = ["--model_dir", str(world["ckpt"]), "--input_text", "a red seven", "--ddim_steps", "2", "--save_folder",
+            str(tmp_path / "out")]
+    binary = np.asarray(Image.open(world["mask"])).astype(np.uint8) * 255  # a 0/255 mask: ids outside the palette
+    Image.fromarray(binary, mode="L").save(tmp_path / "binary.png")
+    message = _run_failing(generate_script.main, [*base, "--mask_path", str(tmp_path / "binary.png")], capsys)
+    assert "outside the palette" in message and "255" in message
+    Image.fromarray(np.zeros((16, 16), np.uint8), mode="L").save(tmp_path / "small.png")
+    message = _run_failing(generate_script.main, [*base, "--mask_path", str(tmp_path / "small.png")], capsys)
+    assert "16x16" in message and "32x32" in message
+    message = _run_failing(generate_script.main, base, capsys)  # the mask model without its condition
+    assert "needs its condition" in message and "--mask_path" in message
+    # a condition whose model the checkpoint lacks: a text-only collaboration given a mask
+    text_only = tmp_path / "text_only"
+    shutil.copytree(world["ckpt"], text_only)
+    index = json.loads((text_only / "codiff.json").read_text())
+    index["modalities"], index["members"] = ["text"], {"text": str(world["sd"])}
+    index["vae"] = str(world["sd"] / "vae")
+    (text_only / "codiff.json").write_text(json.dumps(index))
+    message = _run_failing(generate_script.main, ["--model_dir", str(text_only), "--input_text", "a red seven",
+                                                  "--mask_path", str(world["mask"]), "--ddim_steps", "2"], capsys)
+    assert "no mask model" in message
+    message = _run_failing(generate_script.main, [*base, "--mask_path", str(world["mask"]), "--model_dir",
+                                                  str(tmp_path / "nowhere")], capsys)
+    assert "does not exist" in message
+    message = _run_failing(generate_script.main, [*base, "--mask_path", str(world["mask"]), "--weighting", "average",
+                                                  "--released_reweighting"], capsys)
+    assert "--weighting collaborative" in message
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_generate_truncates_an_over_long_prompt_with_a_warning(world, tmp_path, capsys):
+    long_text = "a red handwritten seven " + " ".join(["with a very long tail"] * 30)
+    assert generate_script.main(["--model_dir", str(world["ckpt"]), "--mask_path", str(world["mask"]),
+                                 "--input_text", long_text, "--batch_size", "1", "--ddim_steps", "2",
+                                 "--save_folder", str(tmp_path / "long")]) == 0
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warning) == 1 and "tokens are dropped" in warning[0] and "limit of 77" in warning[0]
+    assert len(list((tmp_path / "long").rglob("*_x_0.png"))) == 1
+
+
+def test_train_dynamic_rejects_missing_and_mismatched_members(world, tmp_path, capsys):
+    from codiff.members import check_members_compatible, load_member
+
+    argv = ["--train_data_dir", str(world["small"]), "--output_dir", str(tmp_path / "o"), *COMMON]
+    message = _run_failing(train_dynamic.main, ["--mask_model_dir", str(tmp_path / "missing"), *argv], capsys)
+    assert "does not exist" in message
+    message = _run_failing(train_dynamic.main, ["--mask_model_dir", str(world["sd"]), *argv], capsys)
+    assert "not a mask member" in message
+    message = _run_failing(train_dynamic.main, argv, capsys)
+    assert "--mask_model_dir" in message
+    mask, text = load_member(world["mask_member"]), load_member(world["sd"])
+    mask.scheduler_config = {**mask.scheduler_config, "beta_end": 0.0195, "beta_start": 0.0015}
+    with pytest.raises(Exception, match="different noise schedules"):
+        check_members_compatible({"mask": mask, "text": text})
+    message = _run_failing(train_unimodal.main, ["--modality", "text", "--train_data_dir", str(world["small"]),
+                                                 "--vae_model_path", str(world["sd"]), "--unet_config",
+                                                 str(REPO / "configs" / "baseline" / "unet.json"), *COMMON], capsys)
+    assert "--text_encoder_path" in message
+
+
+def test_edit_imagic_per_modality_then_collaborate(world, tmp_path, capsys):
+    out = tmp_path / "edit"
+    argv = ["--model_dir", str(world["ckpt"]), "--input_image_path", str(world["image"]), "--mask_path",
+            str(world["mask"]), "--text_prompt", "a blue handwritten seven", "--stage1_num_iter", "2",
+            "--stage2_num_iter", "2", "--stage2_lr", "1e-4", "--alpha_list", "0,1.5", "--ddim_steps", "2",
+            "--save_unimodal", "--save_checkpoint", "--save_folder", str(out)]
+    assert edit_script.main(argv) == 0
+    folder = out / "00000"
+    names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    for sub in ("", "mask_only/", "text_only/"):
+        assert {f"{sub}000000_x_0_0_alpha=0.png", f"{sub}000000_x_0_1_alpha=1.5.png"} <= names
+    assert {"input.png", "edit.json", "imagic/text_tokens.safetensors", "imagic/text_unet/config.json",
+            "imagic/mask_unet/unet/config.json", "imagic/mask_unet/mask_encoder/model.safetensors"} <= names
+    summary = json.loads((folder / "edit.json").read_text())
+    assert summary["alphas"] == [0.0, 1.5] and set(summary["imagic"]) == {"mask", "text"}
+    message = _run_failing(edit_script.main, [*argv[:-2], "--save_folder", str(tmp_path / "e2"), "--input_image_path",
+                                              str(world["digits"] / "digits.json")], capsys)
+    assert "not an image PIL can read" in message
+    Image.new("RGB", (20, 20)).save(tmp_path / "small.png")
+    message = _run_failing(edit_script.main, [*argv[:2], "--input_image_path", str(tmp_path / "small.png"),
+                                              "--mask_path", str(world["mask"]), "--text_prompt", "a blue seven"], capsys)
+    assert "20x20" in message
+    message = _run_failing(edit_script.main, [*argv[:2], "--input_image_path", str(world["image"]), "--text_prompt",
+                                              "a blue seven"], capsys)
+    assert "--mask_path" in message
+
+
+def test_sample_script_method_codiff(world, tmp_path, monkeypatch, capsys):
+    import sample as sample_script
+
+    import codiff.sample_cli as cli
+
+    monkeypatch.setattr(cli, "DIGITS_ROOT", world["digits"])
+    out = tmp_path / "s"
+    assert sample_script.main(["--method", "codiff", "--pretrained_model_name_or_path", str(world["ckpt"]),
+                               "--prompt", "a red handwritten seven", "--prompt", "a blue digit three", "--steps", "2",
+                               "--guidance_scale", "1", "--no_progress", "--output_dir", str(out)]) == 0
+    assert len(list((out / "images").glob("*.png"))) == 2
+    masks = cli.masks_for_prompts(["a red handwritten seven", "the digit 3 written in blue"],
+                                  __import__("codiff.members", fromlist=["x"]).load_collaboration(world["ckpt"]))
+    rows = [json.loads(line) for line in (world["digits"] / "test" / "metadata.jsonl").read_text().splitlines()]
+    digits_of = {np.asarray(Image.open(world["digits"] / "test" / r["mask_file_name"])).tobytes(): r["digit"]
+                 for r in rows}
+    assert [digits_of[np.asarray(m, dtype=np.uint8).tobytes()] for m in masks] == [7, 3]  # same digit as the text
+    assert sample_script.main(["--method", "codiff", "--pretrained_model_name_or_path", str(world["ckpt"]),
+                               "--prompt", "a red seven", "--mask_path", str(world["mask"]), "--steps", "2",
+                               "--guidance_scale", "3", "--negative_prompt", "blurry", "--weighting", "average",
+                               "--no_progress", "--output_dir", str(tmp_path / "s2")]) == 0
+    message = _run_failing(sample_script.main, ["--method", "codiff", "--pretrained_model_name_or_path",
+                                                str(world["ckpt"]), "--prompt", "a red seven", "--resolution", "64",
+                                                "--output_dir", str(tmp_path / "s3")], capsys)
+    assert "32x32" in message
+
+
+def test_shipped_checkpoint_is_small_and_samples():
+    folder = REPO / "ckpt" / "tiny" / "codiff"
+    if not (folder / "codiff.json").is_file():
+        pytest.skip("ckpt/tiny/codiff not trained yet")
+    from codiff.members import load_collaboration
+
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert all(p.stat().st_size < 5e6 for p in files) and sum(p.stat().st_size for p in files) < 15e6
+    assert all(p.suffix != ".bin" for p in files)
+    collab = load_collaboration(folder)
+    ids = torch.zeros(32, 32, dtype=torch.long)
+    ids[8:24, 14:18] = 1
+    gen = collab.pipeline()({"mask": ids, "text": "a red handwritten one"}, batch_size=1, num_inference_steps=2,
+                            generator=torch.Generator().manual_seed(0), progress=False)
+    assert gen.images.shape == (1, 3, 32, 32)

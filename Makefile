@@ -15,7 +15,7 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/demo.py --output_dir outputs/demo
+	$(PY) scripts/demo.py --output_dir outputs/demo --num_prompts 20
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

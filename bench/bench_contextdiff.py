@@ -2,6 +2,7 @@
 
     python bench/bench_contextdiff.py overhead [--reps 5]     # default subcommand
     python bench/bench_contextdiff.py compare --baseline DIR --contextdiff DIR [--start DIR] [--n 600 --seeds 0 1]
+    python bench/bench_contextdiff.py diagnose [--checkpoint ckpt/tiny/contextdiff]   # r_phi(x0_hat) vs r_phi(x0)
 
 ``overhead``: ContextDiff vs the plain model of the same size, side by side in one process (interleaved repetitions,
 medians), at two sizes on 8x8x4 digits latents:
@@ -386,6 +387,55 @@ def compare(args) -> None:
         write_records(records)
 
 
+# ------------------------------------------------------------------------------------------------------ diagnose
+
+
+def diagnose(args) -> None:
+    """How far the adapter's r_hat = r_phi(x0_hat, c) (what sampling uses) is from r_phi(x0, c) (what training used)
+    along the chain, on real test latents: the train/sample mismatch of the shift."""
+    import json as _json
+
+    from records import write_records
+
+    from common.data import image_text_dataset
+    from common.process import Shift, q_sample, x0_from_eps
+    from common.schedule import NoiseSchedule
+    from contextdiff.checkpoint import load_contextdiff
+    from contextdiff.pipeline import encode_clip, encode_images
+    from contextdiff.process import contextual_k
+
+    model = load_contextdiff(args.checkpoint)
+    data = Path(args.data_dir)
+    dataset = image_text_dataset(data, resolution=32)
+    rows = [_json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()[: args.n]]
+    schedule = NoiseSchedule.from_config(model.scheduler_config)
+    k = contextual_k(model.k_schedule, model.k_scale)
+    lines, records = [], []
+    with torch.no_grad():
+        x0 = encode_images(model.vae, torch.stack([dataset[i]["pixel_values"] for i in range(len(rows))]) / 2 + 0.5)
+        text = encode_clip(model.text_encoder, model.tokenizer, [r["text"] for r in rows])
+        r = model.adapter(x0, text)
+        for t in (100, 300, 500, 700, 900, 999):
+            tt = torch.full((len(rows),), t)
+            abar = schedule.abar(tt, like=x0)
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(t))
+            x_t = q_sample(x0, abar, noise, Shift(k=k), m=r)
+            x0_hat = x0_from_eps(x_t, model.unet(x_t, tt, encoder_hidden_states=text).sample, abar)
+            rel = float((model.adapter(x0_hat, text) - r).abs().mean() / r.abs().mean())
+            err = float((x0_hat - x0).abs().mean() / x0.abs().mean())
+            lines.append(f"t={t}: k_t={float(k(abar.flatten()[0])):.3f} |x0_hat - x0|/|x0| = {err:.2f}  "
+                         f"|r_hat - r|/|r| = {rel:.2f}")
+            records.append(dict(name=f"diagnosis ({args.checkpoint}): |r_phi(x0_hat) - r_phi(x0)| / |r| at t={t} "
+                                     f"(|x0_hat - x0|/|x0| = {err:.2f}; {len(rows)} test latents)",
+                                value=round(rel, 2), unit="ratio", section=COMPARE_SECTION,
+                                command="OMP_NUM_THREADS=1 python bench/bench_contextdiff.py diagnose "
+                                        + " ".join(args.argv)))
+    print(f"|r| = {float(r.abs().mean()):.3f}, |x0| = {float(x0.abs().mean()):.3f}")
+    print("\n".join(lines))
+    if not args.no_write:
+        write_records(records)
+
+
 # --------------------------------------------------------------------------------------------------------- main
 
 
@@ -421,9 +471,14 @@ def main(argv=None) -> None:
     c.add_argument("--reuse", action="store_true",
                    help="re-judge images already sampled into --output_dir with the same settings instead of sampling")
     c.add_argument("--no_write", action="store_true")
+    d = sub.add_parser("diagnose", help="how far r_phi(x0_hat) is from r_phi(x0) along the chain")
+    d.add_argument("--checkpoint", default="ckpt/tiny/contextdiff")
+    d.add_argument("--data_dir", default="data/digits/test")
+    d.add_argument("--n", type=int, default=64)
+    d.add_argument("--no_write", action="store_true")
     args = parser.parse_args(argv)
     args.argv = argv[1:]
-    overhead(args) if args.command == "overhead" else compare(args)
+    {"overhead": overhead, "compare": compare, "diagnose": diagnose}[args.command](args)
 
 
 if __name__ == "__main__":

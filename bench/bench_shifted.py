@@ -243,11 +243,12 @@ def cost(shifted, reps: int, guidance: float, steps: int) -> list[dict]:
                   f"projection {params['decoder']:,} params)", value=round(decoder_s, 4), unit="s"),
         dict(name=f"cost: prior / decoder sampling time (prior {params['prior']:,} params)",
              value=round(prior_s / decoder_s, 4), unit="x"),
-    ] + [dict(name=f"cost: peak RSS of a fresh process, {part} ({what})",
+    ] + [dict(name=f"cost: peak RSS of a fresh process running only the {part if part != 'nothing' else 'imports'} "
+                   f"({what})",
               value=memory_probe(part, guidance, steps), unit="MB")
          for part, what in (("prior", "CLIP text side + prior, 60 captions, 8 steps"),
                             ("decoder", f"decoder, 60 images, {steps} DDIM steps with CFG"),
-                            ("nothing", "imports only (python + torch + diffusers), as the floor"))]
+                            ("nothing", "python + torch + diffusers imported, nothing loaded: the floor"))]
 
 
 def memory_probe(part: str, guidance: float, steps: int) -> float:
@@ -311,7 +312,9 @@ def main(argv=None) -> int:
             p.error(f"--ablation_prior {item!r}: expected LABEL=FOLDER with a prior folder (config.json)")
     build_digits(args.data)
     shifted, baseline_prior = load_all(Path(args.checkpoint))
-    command = " ".join([COMMAND] + (argv if argv is not None else sys.argv[1:]))
+    import shlex
+
+    command = " ".join([COMMAND, shlex.join(argv if argv is not None else sys.argv[1:])]).rstrip()
     records = []
     if args.part in ("all", "cost"):
         records += cost(shifted, args.reps, guidance, steps)

@@ -308,3 +308,62 @@ def evaluate_editing(
             name = key.replace(", ", "_").replace(" ", "")
             save_image_grid(torch.stack(images), save_dir / f"edit_{name}.png", nrow=12, value_range=(0, 1))
     return results
+
+
+# ------------------------------------------------------------------------------------- the training objective
+
+
+@torch.no_grad()
+def denoising_losses(
+    collab,
+    data_root: Path = Path("data/digits"),
+    *,
+    count: int = 297,
+    timesteps: Sequence[int] = (100, 300, 500, 700, 900),
+    variants: Sequence[str] = ("mask_only", "text_only", "average", "collaborative"),
+    seed: int = 0,
+    batch_size: int = 99,
+) -> dict[str, dict[str, float]]:
+    """Held-out eps-MSE (the objective the dynamic diffusers minimise, spec §2.6) of every variant on the test split:
+    the same latents (posterior means), timesteps and noise for all; per timestep and the mean over them."""
+    from codiff.variants import variant_weights
+    from common.data import image_text_dataset
+
+    folder = test_split(data_root)
+    dataset = image_text_dataset(folder, resolution=collab.image_size, num_mask_classes=2)
+    count = min(count, len(dataset))
+    kinds = {n: m.kind for n, m in collab.members.items()}
+    mask_name, text_name = collab.modality_of_kind("mask"), collab.modality_of_kind("text")
+    device = next(collab.vae.parameters()).device
+    schedule = collab.schedule
+    g = torch.Generator().manual_seed(seed)
+    sums = {v: {int(t): 0.0 for t in timesteps} for v in variants}
+    for start in range(0, count, batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, count))]
+        pixels = torch.stack([it["pixel_values"] for it in items]).to(device)
+        latents = collab.vae.encode(pixels).latent_dist.mean * float(collab.vae.config.scaling_factor)
+        conds = {}
+        if mask_name:
+            conds[mask_name] = collab.members[mask_name].encode(torch.stack([it["mask"] for it in items]))
+        if text_name:
+            conds[text_name] = collab.members[text_name].encode([it["text"] for it in items])
+        for t in timesteps:
+            tt = torch.full((len(items),), int(t), dtype=torch.long, device=device)
+            noise = torch.randn(latents.shape, generator=g).to(device)
+            abar = schedule.abar(tt, like=latents)
+            x_t = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+            for variant in variants:
+                weights = variant_weights(variant, collab.modalities, kinds)
+                if weights is None:
+                    eps = collab.model.predict(x_t, tt, conds).eps
+                else:
+                    names = [n for n, w in weights.items() if w > 0]
+                    member = collab.model.member_eps(x_t, tt, conds, names=names)
+                    eps = sum(weights[n] * e for n, e in zip(names, member))
+                sums[variant][int(t)] += float(((eps - noise) ** 2).mean(dim=(1, 2, 3)).sum())
+    out = {}
+    for variant, per_t in sums.items():
+        scores = {f"t={t}": v / count for t, v in per_t.items()}
+        scores["mean"] = sum(scores.values()) / len(scores)
+        out[variant] = scores
+    return out

@@ -35,7 +35,8 @@ CHUNK = 30
 
 def add_arguments(group) -> None:
     group.add_argument("--text_weight", type=float, default=DEFAULT_TEXT_WEIGHT,
-                       help=f"language guidance weight (0: prompts are only labels; default {DEFAULT_TEXT_WEIGHT:g})")
+                       help=f"language guidance weight (0: prompts are only labels; default {DEFAULT_TEXT_WEIGHT:g}, "
+                            "tuned for --sampler ddpm, SDG's sampler; ddim applies it as a score shift)")
     group.add_argument("--image_weight", type=float, default=0.0, help="image guidance weight (needs a reference)")
     group.add_argument("--image_loss", default="semantic", choices=("semantic", "style"),
                        help="image guidance: content cosine (semantic) or Gram-matrix style")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +16,23 @@ from common.digits import build_digits
 
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts" / "codiff"))
-sys.path.insert(0, str(REPO / "scripts"))
-import edit as edit_script  # noqa: E402
-import generate as generate_script  # noqa: E402
-import train_dynamic  # noqa: E402
-import train_unimodal  # noqa: E402
+
+
+def _script(name: str):
+    """scripts/codiff/<name>.py as module ``codiff_script_<name>`` (other methods have scripts of the same names)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"codiff_script_{name}", REPO / "scripts" / "codiff" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+edit_script = _script("edit")
+evaluate_script = _script("evaluate")
+generate_script = _script("generate")
+train_dynamic = _script("train_dynamic")
+train_unimodal = _script("train_unimodal")
 
 
 COMMON = ["--max_train_steps", "2", "--train_batch_size", "4", "--lr_warmup_steps", "0", "--report_to", "none"]
@@ -232,9 +242,13 @@ def test_edit_imagic_per_modality_then_collaborate(world, tmp_path, capsys):
 
 
 def test_sample_script_method_codiff(world, tmp_path, monkeypatch, capsys):
-    import sample as sample_script
+    import importlib.util
 
     import codiff.sample_cli as cli
+
+    spec = importlib.util.spec_from_file_location("codiff_test_sample_py", REPO / "scripts" / "sample.py")
+    sample_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sample_script)
 
     monkeypatch.setattr(cli, "DIGITS_ROOT", world["digits"])
     out = tmp_path / "s"
@@ -273,3 +287,22 @@ def test_shipped_checkpoint_is_small_and_samples():
     gen = collab.pipeline()({"mask": ids, "text": "a red handwritten one"}, batch_size=1, num_inference_steps=2,
                             generator=torch.Generator().manual_seed(0), progress=False)
     assert gen.images.shape == (1, 3, 32, 32)
+
+
+def test_evaluate_script_measures_every_variant(world, tmp_path):
+    out = tmp_path / "eval"
+    assert evaluate_script.main(["--model_dir", str(world["ckpt"]), "--data_root", str(world["digits"]),
+                                 "--num_prompts", "2", "--steps", "2", "--guidance_scales", "1",
+                                 "--edit_images", "1", "--edit_alphas", "0,1", "--stage1_num_iter", "1",
+                                 "--stage2_num_iter", "1", "--edit_guidance_scales", "1,2", "--save_dir", str(out)]) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    labels = list(scores["generation"])
+    assert [label.split(" ")[0] for label in labels] == ["mask_only", "text_only", "average", "collaborative",
+                                                          "collaborative+released"]
+    for s in scores["generation"].values():
+        assert 0 <= s["stroke_iou"] <= 1 and s["count"] == 2
+    assert set(scores["denoising_mse"]) == {"mask_only", "text_only", "average", "collaborative"}
+    assert all(v["mean"] > 0 for v in scores["denoising_mse"].values())
+    assert "collaborative, CFG 2, alpha=1" in scores["editing"] and "text_only, no CFG, alpha=0" in scores["editing"]
+    assert scores["references"]["real test images (their own captions)"]["stroke_iou"] > 0.95
+    assert (out / "cfg1" / "collaborative.png").exists() or (out / "cfg1" / "collaborative" / "collaborative.png").exists()

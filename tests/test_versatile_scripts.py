@@ -206,3 +206,15 @@ def test_convert_script_is_strict(tmp_path, capsys):
                                                "--model_config", "tiny"], capsys)
     assert code == 2 and len(err) == 1 and "data_text" in err[0] and "i2t, tv" in err[0]
     assert not (tmp_path / "never").exists()
+
+
+def test_evaluate_script_scores_every_flow(world, tmp_path, capsys):
+    evaluate = load_script(REPO / "scripts/versatile/evaluate.py", "versatile_evaluate_script")
+    out = tmp_path / "eval"
+    code, _ = run_main(evaluate.main, ["--checkpoint", world["folder"], "--data_dir", world["data"] / "test",
+                                       "--n", 2, "--steps", 1, "--baseline", "", "--output_dir", out], capsys)
+    assert code == 0
+    scores = json.loads((out / "scores.json").read_text())
+    assert {"t2i", "iv", "iv_sources", "i2t_greedy", "tv_sampled", "dual_0.5"} <= set(scores)
+    assert scores["t2i"]["count"] == 2 and 0 <= scores["tv_greedy"]["digit_accuracy"] <= 1
+    assert (out / "t2i" / "metadata.jsonl").is_file() and (out / "i2t_greedy.jsonl").is_file()

@@ -56,6 +56,7 @@ def pct(v):
 def main(argv=None) -> int:
     from codiff.evaluation import (
         SamplingSettings,
+        denoising_losses,
         evaluate_claim,
         evaluate_editing,
         paired_masks,
@@ -76,6 +77,9 @@ def main(argv=None) -> int:
     prompts = evaluation_prompts(args.num_prompts)
     refs = reference_scores(prompts, paired_masks([p["digit"] for p in prompts], data_root), data_root)
     results: dict = {"references": refs, "generation": {}, "editing": {}}
+    results["denoising_mse"] = denoising_losses(collab, data_root, seed=args.seed)
+    for variant, scores in results["denoising_mse"].items():
+        print(f"held-out eps-MSE {variant:<15} " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
     for scale in scales:
         for variant in variants:
             base, _, extra = variant.partition("+")
@@ -128,6 +132,10 @@ def write(results: dict, args, argv) -> None:
     for label, scores in results["references"].items():
         rows.append(dict(name=f"codiff gen reference, {label}: stroke_iou (n={n})", value=round(scores["stroke_iou"], 4),
                          unit="IoU", command=command, section=section))
+    for variant, scores in results.get("denoising_mse", {}).items():
+        rows.append(dict(name=f"codiff held-out eps-MSE (the diffusers' training objective), {variant}: mean over "
+                              "t in {100,300,500,700,900} (297 test images)", value=round(scores["mean"], 5),
+                         unit="MSE", command=command, section=section))
     settings = results.get("editing_settings", {})
     for key, scores in results["editing"].items():
         tag = f"codiff edit {key} [{settings.get('sampling', '')}, {settings.get('images')} images]"

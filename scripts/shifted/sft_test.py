@@ -80,7 +80,7 @@ def main(argv=None) -> int:
                                 negative_prompt=args.negative_prompt)
     folder = write_image_folder(args.output_dir, images, [{"text": t} for t in prompts], {
         "embeddings.safetensors": lambda f: save_safetensors({"image_emb": emb}, f)})
-    print(f"wrote {len(prompts)} images to {folder}")
+    print(f"wrote {len(prompts)} image(s) to {folder}")
     return 0
 
 

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     rows = [{"source": str(path)} for path in paths]
     folder = write_image_folder(args.output_dir, out, rows, {
         "embeddings.safetensors": lambda f: save_safetensors({"image_emb": emb}, f)})
-    print(f"wrote {len(paths)} images to {folder}")
+    print(f"wrote {len(paths)} image(s) to {folder}")
     return 0
 
 

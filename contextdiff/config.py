@@ -2,7 +2,9 @@
 
 Sections: ``adapter`` (the :class:`RelationalNet`), ``unet`` / ``vae`` / ``text_encoder`` (the diffusers and
 transformers configs of the backbone it adapts), ``scheduler`` (a diffusers scheduler config), ``stage1`` /
-``stage2`` / ``sample`` (the scripts' flags; a flag on the command line overrides the value here).
+``stage2`` / ``sample`` (the flags of ``scripts/contextdiff/{train_adapter,finetune_diffusion,sample}.py``; each
+section equals the flat ``configs/contextdiff/<script>_<size>.yaml`` that ``--config`` takes, kept equal by a test;
+``train_adapter.py --adapter_config <this yaml>`` reads the ``adapter`` section).
 ``build_parts(cfg, device="meta")`` builds the full-size parts without allocating memory, which is how
 ``paper.yaml`` (SD-2.1-base scale) is checked on a CPU.
 

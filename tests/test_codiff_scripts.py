@@ -272,7 +272,7 @@ def test_sample_script_method_codiff(world, tmp_path, monkeypatch, capsys):
     assert "32x32" in message
 
 
-def test_shipped_checkpoint_is_small_and_samples():
+def test_shipped_checkpoint_is_small_and_samples(world, tmp_path, monkeypatch):
     folder = REPO / "ckpt" / "tiny" / "codiff"
     if not (folder / "codiff.json").is_file():
         pytest.skip("ckpt/tiny/codiff not trained yet")
@@ -287,6 +287,13 @@ def test_shipped_checkpoint_is_small_and_samples():
     gen = collab.pipeline()({"mask": ids, "text": "a red handwritten one"}, batch_size=1, num_inference_steps=2,
                             generator=torch.Generator().manual_seed(0), progress=False)
     assert gen.images.shape == (1, 3, 32, 32)
+    import codiff.sample_cli as cli
+
+    monkeypatch.setattr(cli, "DIGITS_ROOT", world["digits"])
+    scores = cli.evaluate_digits(tmp_path / "eval", n=2)
+    assert scores["count"] == 2 and 0 <= scores["stroke_iou"] <= 1 and scores["seconds"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "metadata.jsonl").read_text().splitlines()]
+    assert [r["digit"] for r in rows] == [0, 1] and all((tmp_path / "eval" / r["mask_file_name"]).is_file() for r in rows)
 
 
 def test_evaluate_script_measures_every_variant(world, tmp_path):

@@ -3,9 +3,9 @@
 Speed: one call of the collaborative denoiser (2 uni-modal UNets + 2 dynamic diffusers + softmax + weighted sum,
 as the sampler calls it) against the SUM of the four member forwards timed one by one on the same inputs; target
 <= 1.15x (the collaboration should cost no more than its parts). Interleaved repetitions, medians; with and without
-classifier-free guidance on both members (each member then runs on a doubled batch). The models have the shipped
-digits architecture (``codiff.tiny``: 0.8M-parameter UNets on 8x8x4 latents, 0.2M-parameter diffusers); weights do
-not change the cost.
+classifier-free guidance on both members (each member then runs on a doubled batch). The models are the shipped
+``ckpt/tiny/codiff`` (0.8M-parameter members on 8x8x4 latents, the mask one concat-conditioned; 0.2-0.25M-parameter
+diffusers), or tiny random ones of the same sizes when it is missing.
 
 Memory: peak resident memory of a fresh process that samples 50 DDIM steps with the collaboration (recording the
 influence maps and x0 of every step, as ``generate.py --return_influence_function --display_x_inter`` does)
@@ -37,14 +37,31 @@ from codiff.collaborate import CollaborativeDenoiser  # noqa: E402
 from codiff.tiny import tiny_collaboration  # noqa: E402
 
 
-def step_timings(batch: int, reps: int, cfg: bool, device: str = "cpu") -> dict[str, float]:
+def benchmark_models(model_dir: Path | None, batch: int, device: str):
+    """``(model, conds, nulls, label)``: the shipped collaboration when ``model_dir`` holds one (its architecture:
+    a concat mask member, diffusers attending to 256-d one-hot / 32-d text tokens), else the tiny random one."""
+    if model_dir is not None and (model_dir / "codiff.json").is_file():
+        from codiff.members import load_collaboration
+
+        collab = load_collaboration(model_dir, device=device)
+        ids = torch.zeros(batch, 32, 32, dtype=torch.long)
+        ids[:, 8:24, 12:20] = 1
+        conds = {"mask": collab.members["mask"].encode(ids),
+                 "text": collab.members["text"].encode(["a red handwritten seven"] * batch)}
+        return collab.model, conds, collab.null_conditions(1), "shipped ckpt/tiny/codiff"
     model = tiny_collaboration(("mask", "text"), seed=0, zero_init=False, logit_scale=0.5).to(device)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 4, 8, 8, generator=g).to(device)
-    t = torch.full((batch,), 501, dtype=torch.long, device=device)
     conds = {"mask": torch.randn(batch, 2, 32, generator=g).to(device),
              "text": torch.randn(batch, 77, 32, generator=g).to(device)}
     nulls = {"mask": torch.randn(1, 2, 32, generator=g).to(device), "text": torch.randn(1, 77, 32, generator=g).to(device)}
+    return model, conds, nulls, "tiny random models (codiff.tiny)"
+
+
+def step_timings(batch: int, reps: int, cfg: bool, device: str = "cpu", model_dir: Path | None = None) -> dict:
+    model, conds, nulls, label = benchmark_models(model_dir, batch, device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 4, 8, 8, generator=g).to(device)
+    t = torch.full((batch,), 501, dtype=torch.long, device=device)
     scales = {"mask": 3.0, "text": 3.0} if cfg else None
     denoiser = CollaborativeDenoiser(model, conds, uncond=nulls if cfg else None, guidance_scales=scales)
     k = 2 if cfg else 1
@@ -77,36 +94,48 @@ def step_timings(batch: int, reps: int, cfg: bool, device: str = "cpu") -> dict[
                 times[name].append(time.perf_counter() - start)
     med = {name: statistics.median(v) for name, v in times.items()}
     members = sum(v for name, v in med.items() if name != "collaborative step")
-    return {**med, "sum of members": members, "ratio": med["collaborative step"] / members}
+    return {**med, "sum of members": members, "ratio": med["collaborative step"] / members, "label": label}
 
 
 PROBE = r"""
 import json, resource, sys, torch
 sys.path.insert(0, {repo!r})
+sys.path.insert(0, {bench!r})
 torch.set_num_threads(1)
-from codiff.tiny import tiny_collaboration
-from codiff.pipeline import CollaborativePipeline, ldm_schedule
-from common.tiny import tiny_vae
-mode, batch = {mode!r}, {batch}
-names = ("mask", "text") if mode == "collaborative" else ("text",)
-model = tiny_collaboration(names, seed=0, zero_init=False, logit_scale=0.5)
-g = torch.Generator().manual_seed(0)
-conds = {{"mask": torch.randn(1, 2, 32, generator=g), "text": torch.randn(1, 77, 32, generator=g)}}
+from bench_codiff import benchmark_models
+from codiff.pipeline import CollaborativePipeline
+from codiff.members import load_collaboration
+from pathlib import Path
+mode, batch, model_dir = {mode!r}, {batch}, {model_dir!r}
 device = "cuda" if torch.cuda.is_available() else "cpu"
-pipe = CollaborativePipeline(model.to(device), tiny_vae(0).to(device), ldm_schedule(), {{}})
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+model, conds, nulls, label = benchmark_models(Path(model_dir) if model_dir else None, 1, device)
+if Path(model_dir or "/nonexistent", "codiff.json").is_file():
+    collab = load_collaboration(model_dir, device=device, modalities=None if mode == "collaborative" else ["text"])
+    model, vae = collab.model, collab.vae
+else:
+    from common.tiny import tiny_vae
+    from codiff.tiny import tiny_collaboration
+    model = tiny_collaboration(("mask", "text") if mode == "collaborative" else ("text",), seed=0).to(device)
+    vae = tiny_vae(0).to(device)
+names = model.modalities
+from codiff.pipeline import ldm_schedule
+pipe = CollaborativePipeline(model, vae, ldm_schedule(), {{}})
+def rss_now():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
+before = rss_now()
 if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
 gen = pipe({{n: conds[n].to(device) for n in names}}, batch_size=batch, num_inference_steps=50,
            generator=torch.Generator().manual_seed(0), record=(mode == "collaborative"), progress=False)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-print(json.dumps({{"rss_mb": peak, "rss_before_mb": before, "cuda_mb": cuda_peak}}))
+print(json.dumps({{"rss_mb": peak, "rss_before_mb": before, "cuda_mb": cuda_peak, "label": label}}))
 """
 
 
-def memory_probe(mode: str, batch: int) -> dict:
-    code = PROBE.format(repo=str(REPO), mode=mode, batch=batch)
+def memory_probe(mode: str, batch: int, model_dir: Path | None) -> dict:
+    code = PROBE.format(repo=str(REPO), bench=str(REPO / "bench"), mode=mode, batch=batch,
+                        model_dir=str(model_dir) if model_dir else "")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -125,19 +154,25 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--memory_batch", type=int, default=256,
+                        help="batch of the memory probes (large enough that activations show above the imports)")
+    parser.add_argument("--model_dir", default=str(REPO / "ckpt" / "tiny" / "codiff"),
+                        help="a collaboration checkpoint to take the architecture from (else tiny random models)")
     parser.add_argument("--no_write", action="store_true", help="print only, do not update bench/results.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    plain = step_timings(args.batch, args.reps, cfg=False, device=device)
-    guided = step_timings(args.batch, args.reps, cfg=True, device=device)
+    model_dir = Path(args.model_dir) if args.model_dir else None
+    plain = step_timings(args.batch, args.reps, cfg=False, device=device, model_dir=model_dir)
+    guided = step_timings(args.batch, args.reps, cfg=True, device=device, model_dir=model_dir)
     for label, r in (("no CFG", plain), ("CFG on both members", guided)):
         print(f"[{label}] batch {args.batch}, median of {args.reps}: " + ", ".join(
-            f"{k} {v * 1e3:.2f} ms" for k, v in r.items() if k != "ratio") + f"; ratio {r['ratio']:.3f}x")
-    collab_mem = memory_probe("collaborative", args.batch)
-    text_mem = memory_probe("text_only", args.batch)
+            f"{k} {v * 1e3:.2f} ms" for k, v in r.items() if k not in ("ratio", "label"))
+            + f"; ratio {r['ratio']:.3f}x ({r['label']})")
+    collab_mem = memory_probe("collaborative", args.memory_batch, model_dir)
+    text_mem = memory_probe("text_only", args.memory_batch, model_dir)
     paper_gb = paper_parameter_memory_gb()
-    print(f"peak RSS, 50-step sampling batch {args.batch}: collaborative (recording maps/x0) "
+    print(f"peak RSS, 50-step sampling batch {args.memory_batch}: collaborative (recording maps/x0) "
           f"{collab_mem['rss_mb']:.0f} MB (+{collab_mem['rss_mb'] - collab_mem['rss_before_mb']:.1f} MB while "
           f"sampling), text member alone {text_mem['rss_mb']:.0f} MB "
           f"(+{text_mem['rss_mb'] - text_mem['rss_before_mb']:.1f} MB); "
@@ -148,7 +183,7 @@ def main(argv=None):
 
     command = "OMP_NUM_THREADS=1 python bench/bench_codiff.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = "codiff (issue 7): speed and memory"
-    unit_note = f"tiny digits models, batch {args.batch}, 1 thread, {device}"
+    unit_note = f"{plain['label']}, batch {args.batch}, 1 thread, {device}"
     records = [
         dict(name=f"codiff: collaborative step / sum of member forwards ({unit_note})",
              value=round(plain["ratio"], 4), unit="x", target="<= 1.15", command=command, section=section),
@@ -158,14 +193,14 @@ def main(argv=None):
              unit="ms", command=command, section=section),
         dict(name=f"codiff: sum of the 4 member forwards, ms ({unit_note})",
              value=round(plain["sum of members"] * 1e3, 3), unit="ms", command=command, section=section),
-        dict(name=f"codiff: peak RSS, 50-step collaborative sampling recording maps and x0 (batch {args.batch})",
+        dict(name=f"codiff: peak RSS, 50-step collaborative sampling recording maps and x0 (batch {args.memory_batch})",
              value=round(collab_mem["rss_mb"]), unit="MB", command=command, section=section),
-        dict(name=f"codiff: peak RSS, 50-step sampling with the text member alone (batch {args.batch})",
+        dict(name=f"codiff: peak RSS, 50-step sampling with the text member alone (batch {args.memory_batch})",
              value=round(text_mem["rss_mb"]), unit="MB", command=command, section=section),
-        dict(name=f"codiff: peak RSS growth during collaborative sampling (above the loaded models, batch {args.batch})",
+        dict(name=f"codiff: peak RSS growth during 50-step collaborative sampling + VAE decode, recording maps and x0 (above the loaded models, batch {args.memory_batch})",
              value=round(collab_mem["rss_mb"] - collab_mem["rss_before_mb"], 1), unit="MB", command=command,
              section=section),
-        dict(name=f"codiff: peak RSS growth during text-member-alone sampling (batch {args.batch})",
+        dict(name=f"codiff: peak RSS growth during 50-step sampling + VAE decode with the text member alone (batch {args.memory_batch})",
              value=round(text_mem["rss_mb"] - text_mem["rss_before_mb"], 1), unit="MB", command=command,
              section=section),
         dict(name="codiff: paper-size collaboration parameter memory (fp32, configs/codiff/paper.yaml)",
@@ -174,7 +209,7 @@ def main(argv=None):
     if collab_mem.get("cuda_mb") is not None:
         records.append(dict(name="codiff: peak CUDA memory, collaborative sampling", value=round(collab_mem["cuda_mb"]),
                             unit="MB", command=command, section=section))
-    write_records(records)
+    write_records(records, replace_section=section)
 
 
 if __name__ == "__main__":

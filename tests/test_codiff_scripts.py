@@ -299,7 +299,7 @@ def test_shipped_checkpoint_is_small_and_samples(world, tmp_path, monkeypatch):
 def test_evaluate_script_measures_every_variant(world, tmp_path):
     out = tmp_path / "eval"
     assert evaluate_script.main(["--model_dir", str(world["ckpt"]), "--data_root", str(world["digits"]),
-                                 "--num_prompts", "2", "--steps", "2", "--guidance_scales", "1",
+                                 "--num_prompts", "2", "--steps", "2", "--guidance_scales", "1", "--mse_images", "4",
                                  "--edit_images", "1", "--edit_alphas", "0,1", "--stage1_num_iter", "1",
                                  "--stage2_num_iter", "1", "--edit_guidance_scales", "1,2", "--save_dir", str(out)]) == 0
     scores = json.loads((out / "scores.json").read_text())

@@ -56,6 +56,12 @@ def masks_for_prompts(prompts, collab, mask_path=None, data_root: Path | None = 
 
 def generate(args, prompts) -> torch.Tensor:
     """Images ``[N, 3, H, W]`` in [0, 1] for ``prompts`` (one mask each, module docstring)."""
+    return generate_collaboration(args, prompts).images.cpu()
+
+
+def generate_collaboration(args, prompts, record: bool = False):
+    """:func:`generate`'s run as a ``CollaborativeGeneration``; ``record`` also keeps the influence maps of every
+    step (an observer: the images are the same)."""
     from codiff.collaborate import ReleasedReweighting
     from codiff.members import load_collaboration
     from codiff.variants import variant_weights
@@ -90,8 +96,8 @@ def generate(args, prompts) -> torch.Tensor:
     gen = collab.pipeline()(conds, batch_size=len(prompts), num_inference_steps=args.steps, eta=args.eta,
                             sampler=args.sampler, generator=torch.Generator().manual_seed(args.seed),
                             reweighting=reweighting, uncond=uncond, guidance_scales=scales, weights=weights,
-                            progress=not args.no_progress)
-    return gen.images.cpu()
+                            progress=not args.no_progress, record=record)
+    return gen
 
 
 EVALUATION_GUIDANCE = 3.0  # the baseline's guidance in the cross-method table (scripts/demo.py)

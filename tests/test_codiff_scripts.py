@@ -310,6 +310,10 @@ def test_evaluate_script_measures_every_variant(world, tmp_path):
         assert 0 <= s["stroke_iou"] <= 1 and s["count"] == 2
     assert set(scores["denoising_mse"]) == {"mask_only", "text_only", "average", "collaborative"}
     assert all(v["mean"] > 0 for v in scores["denoising_mse"].values())
+    profile = scores["influence"]
+    assert len(profile["text_influence_by_stretch"]) == 2  # 2 steps -> 2 non-empty stretches
+    assert all(0 < v < 1 for v in profile["text_influence_by_stretch"])
+    assert 0 < profile["text_influence_stroke"] < 1 and 0 < profile["text_influence_background"] < 1
     assert "collaborative, CFG 2, alpha=1" in scores["editing"] and "text_only, no CFG, alpha=0" in scores["editing"]
     assert scores["references"]["real test images (their own captions)"]["stroke_iou"] > 0.95
     assert (out / "cfg1" / "collaborative.png").exists() or (out / "cfg1" / "collaborative" / "collaborative.png").exists()

@@ -59,6 +59,7 @@ def main(argv=None) -> int:
         SamplingSettings,
         denoising_losses,
         evaluate_claim,
+        influence_profile,
         evaluate_editing,
         paired_masks,
         reference_scores,
@@ -70,19 +71,25 @@ def main(argv=None) -> int:
     scales = [float(s) for s in args.guidance_scales.split(",") if s.strip()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     alphas = tuple(float(a) for a in args.edit_alphas.split(",") if a.strip())
-    if args.num_prompts < 1 or not scales or not variants:
-        raise UserError("--num_prompts, --guidance_scales and --variants must not be empty")
+    if args.num_prompts < 0 or not scales or not variants:
+        raise UserError("--num_prompts must be >= 0 (0 skips generation); --guidance_scales and --variants must "
+                        "not be empty")
     collab = load_collaboration(args.model_dir)
     data_root = Path(args.data_root)
     save_dir = Path(args.save_dir)
     prompts = evaluation_prompts(args.num_prompts)
-    refs = reference_scores(prompts, paired_masks([p["digit"] for p in prompts], data_root), data_root)
+    refs = (reference_scores(prompts, paired_masks([p["digit"] for p in prompts], data_root), data_root)
+            if prompts else {})
     results: dict = {"references": refs, "generation": {}, "editing": {}}
     if args.mse_images > 0:
         results["denoising_mse"] = denoising_losses(collab, data_root, count=args.mse_images, seed=args.seed)
+    if args.mse_images > 0:
+        results["influence"] = influence_profile(collab, data_root=data_root, steps=args.steps, seed=args.seed)
+        print("text member's mean influence over the trajectory (noisiest first): "
+              + ", ".join(f"{v:.3f}" for v in results["influence"]["text_influence_by_stretch"]), flush=True)
     for variant, scores in results.get("denoising_mse", {}).items():
         print(f"held-out eps-MSE {variant:<15} " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
-    for scale in scales:
+    for scale in scales if prompts else ():
         for variant in variants:
             base, _, extra = variant.partition("+")
             settings = SamplingSettings(steps=args.steps, eta=args.eta, guidance_scale=scale,
@@ -124,7 +131,8 @@ def write(results: dict, args, argv) -> None:
     command = "OMP_NUM_THREADS=1 python scripts/codiff/evaluate.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     section = "codiff (issue 7): condition following and editing on digits"
-    rows = []
+    mse_section = "codiff (issue 7): held-out eps-MSE of each variant and where the influence goes"
+    rows, mse_rows = [], []
     n = args.num_prompts
     for label, scores in results["generation"].items():
         for metric, unit in (("stroke_iou", "IoU"), ("digit_accuracy", "acc"), ("color_accuracy", "acc"),
@@ -135,9 +143,9 @@ def write(results: dict, args, argv) -> None:
         rows.append(dict(name=f"codiff gen reference, {label}: stroke_iou (n={n})", value=round(scores["stroke_iou"], 4),
                          unit="IoU", command=command, section=section))
     for variant, scores in results.get("denoising_mse", {}).items():
-        rows.append(dict(name=f"codiff held-out eps-MSE (the diffusers' training objective), {variant}: mean over "
-                              f"t in {{100,300,500,700,900}} ({args.mse_images} test images)", value=round(scores["mean"], 5),
-                         unit="MSE", command=command, section=section))
+        mse_rows.append(dict(name=f"codiff held-out eps-MSE (the diffusers' training objective), {variant}: mean "
+                                  f"over t in {{100,300,500,700,900}} ({args.mse_images} test images)",
+                             value=round(scores["mean"], 5), unit="MSE", command=command, section=mse_section))
     settings = results.get("editing_settings", {})
     for key, scores in results["editing"].items():
         tag = f"codiff edit {key} [{settings.get('sampling', '')}, {settings.get('images')} images]"
@@ -147,7 +155,21 @@ def write(results: dict, args, argv) -> None:
                          unit="IoU", command=command, section=section))
         rows.append(dict(name=f"{tag}: digit accuracy", value=round(scores["digit_accuracy"], 4), unit="acc",
                          command=command, section=section))
-    write_records(rows, replace_section=section)
+    profile = results.get("influence")
+    if profile:
+        for i, value in enumerate(profile["text_influence_by_stretch"]):
+            mse_rows.append(dict(name=f"codiff text member's mean influence, DDIM {args.steps} steps, stretch {i + 1} of "
+                                      f"{len(profile['text_influence_by_stretch'])} (1 = noisiest; 24 prompts)",
+                                 value=round(value, 3), unit="weight", command=command, section=mse_section))
+        for where in ("stroke", "background"):
+            mse_rows.append(dict(name=f"codiff text member's mean influence on {where} latent pixels (24 prompts)",
+                                 value=round(profile[f"text_influence_{where}"], 3), unit="weight", command=command,
+                                 section=mse_section))
+    # Each section is replaced only by a run that measured it, so an MSE-only run keeps the generation table.
+    if rows:
+        write_records(rows, replace_section=section)
+    if mse_rows:
+        write_records(mse_rows, replace_section=mse_section)
 
 
 if __name__ == "__main__":

@@ -422,6 +422,42 @@ def save_image_grid(
     return grid
 
 
+def write_image_folder(
+    folder: PathLike,
+    images: torch.Tensor | Sequence[ImageLike],
+    rows: Sequence[Mapping],
+    extra_files: Mapping[str, object] | None = None,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    grid_limit: int = 100,
+) -> Path:
+    """An imagefolder of results, written atomically (all of it or nothing): ``images/NNNN.png``, ``metadata.jsonl``
+    (one row per image, ``file_name`` added first) and ``grid.png`` (the first ``grid_limit`` images, 10 per row).
+
+    ``extra_files``: ``{relative name: writer}``, each writer called with the path to create inside the folder
+    (e.g. masks or a settings file), so they land in the same atomic commit.
+    """
+    import json
+
+    if len(images) != len(rows):
+        raise ValueError(f"{len(images)} images but {len(rows)} metadata rows")
+    folder = Path(folder)
+    with atomic_write_dir(folder) as tmp:
+        (tmp / "images").mkdir()
+        with open(tmp / "metadata.jsonl", "w") as meta:
+            for i, (image, row) in enumerate(zip(images, rows)):
+                name = f"images/{i:04d}.png"
+                to_pil(image, value_range=value_range).save(tmp / name)
+                meta.write(json.dumps({"file_name": name, **row}) + "\n")
+        if len(rows):
+            shown = images[:grid_limit]
+            save_image_grid(shown, tmp / "grid.png", nrow=min(10, len(shown)), value_range=value_range)
+        for name, writer in (extra_files or {}).items():
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            writer(target)
+    return folder
+
+
 def _sixteen_bit_to_8(image: Image.Image) -> Image.Image:
     """``I;16*`` / ``I`` (16-bit grayscale PNG/TIFF) to ``L``: divide by 257 instead of PIL's clip at 255."""
     array = np.asarray(image, dtype=np.float64)

@@ -195,6 +195,24 @@ def judge_folder(folder: str | Path, metadata: Optional[str | Path] = None) -> d
     return judge_images(images, targets)
 
 
+PER_IMAGE_KEYS = ("predicted_digits", "predicted_colors")
+
+
+def write_judged_folder(
+    output_dir: str | Path, images, rows: Sequence[dict], extra: Optional[dict] = None, extra_files=None
+) -> dict:
+    """Write the results as an imagefolder (:func:`common.io.write_image_folder`), judge it, and save the summary
+    (without the per-image predictions) plus ``extra`` as ``scores.json``. Returns the full scores, per-image
+    predictions included, for paired comparisons."""
+    from common.io import write_image_folder
+
+    output_dir = write_image_folder(output_dir, images, rows, extra_files=extra_files)
+    scores = judge_folder(output_dir)
+    summary = {k: v for k, v in scores.items() if k not in PER_IMAGE_KEYS}
+    (output_dir / "scores.json").write_text(json.dumps({**summary, **(extra or {})}, indent=2) + "\n")
+    return scores
+
+
 def summary_line(scores: dict, label: str = "") -> str:
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.1f}%"

@@ -13,7 +13,6 @@ a plain Stable Diffusion folder works with ``--adapter_path`` (a stage-1 output)
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,6 @@ DEFAULT_CHECKPOINT = "ckpt/tiny/contextdiff"
 # The digits-world judging protocol: scripts/demo.py's for the baseline (25 DDIM steps, CFG 3), so the numbers compare;
 # configs/contextdiff/sample_tiny.yaml holds the same values.
 EVAL_SAMPLING = dict(steps=25, guidance_scale=3.0, sampler="ddim", eta=0.0)
-PER_IMAGE = ("predicted_digits", "predicted_colors")
 EVAL_CHUNK = 120  # images per generate call; x_T is drawn for all images at once (chunking only changes rounding)
 
 
@@ -89,24 +87,11 @@ def generate(args, prompts: Sequence[str]) -> torch.Tensor:
 
 
 def write_judged(images: torch.Tensor, rows: Sequence[dict], output_dir: Path, extra: Optional[dict] = None) -> dict:
-    """Write ``images/NNNN.png``, ``metadata.jsonl`` (file_name, text, digit, color), ``grid.png`` atomically, then
-    judge the folder (``common.judge``); ``scores.json`` holds the result."""
-    from common.io import atomic_write_dir, save_image_grid, to_pil
-    from common.judge import judge_folder
+    """Images, ``metadata.jsonl`` (file_name, text, digit, color) and ``grid.png``, judged; ``scores.json`` holds the
+    summary and ``extra``."""
+    from common.judge import write_judged_folder
 
-    output_dir = Path(output_dir)
-    with atomic_write_dir(output_dir) as tmp:
-        (tmp / "images").mkdir()
-        with open(tmp / "metadata.jsonl", "w") as meta:
-            for i, (image, row) in enumerate(zip(images, rows)):
-                name = f"images/{i:04d}.png"
-                to_pil(image, value_range=(0, 1)).save(tmp / name)
-                meta.write(json.dumps({"file_name": name, **row}) + "\n")
-        save_image_grid(images[:100], tmp / "grid.png", nrow=10, value_range=(0, 1))
-    scores = judge_folder(output_dir)  # with the per-image predicted_digits / predicted_colors (paired comparisons)
-    summary = {k: v for k, v in scores.items() if k not in PER_IMAGE}
-    (output_dir / "scores.json").write_text(json.dumps({**summary, **(extra or {})}, indent=2) + "\n")
-    return scores
+    return write_judged_folder(output_dir, images, rows, extra)
 
 
 def judge_checkpoint(
@@ -136,11 +121,13 @@ def evaluate_digits(output_dir: Path, n: int = 60, seed: int = 0) -> dict:
     """The shipped tiny checkpoint on ``evaluation_prompts(n)`` (25 DDIM steps, CFG 3, as the demo's baseline): images + metadata.jsonl in
     ``output_dir``, judged. Adds the method metric ``no_shift_*``: the same model and seeds sampled without the
     shift (the adapter's share of the result)."""
+    from common.judge import PER_IMAGE_KEYS
+
     output_dir = Path(output_dir)
     start = time.perf_counter()
     scores = judge_checkpoint(REPO / DEFAULT_CHECKPOINT, output_dir, n, seed)
     ablation = judge_checkpoint(REPO / DEFAULT_CHECKPOINT, output_dir / "no_shift", n, seed, no_shift=True)
-    scores = {k: v for k, v in scores.items() if k not in PER_IMAGE}
+    scores = {k: v for k, v in scores.items() if k not in PER_IMAGE_KEYS}
     for key in ("digit_accuracy", "color_accuracy", "both_accuracy"):
         scores[f"no_shift_{key}"] = ablation[key]
     scores["seconds"] = round(time.perf_counter() - start, 2)

@@ -149,20 +149,10 @@ def generate(args, prompts: list[str]) -> torch.Tensor:
 
 
 def write_judged(output_dir: Path, images: torch.Tensor, rows: list[dict]) -> dict:
-    """Write ``images/NNNN.png`` + ``metadata.jsonl`` (file_name, text, digit, color) and judge them."""
-    import json
+    """Write ``images/NNNN.png`` + ``metadata.jsonl`` (file_name, text, digit, color) + grid and judge them."""
+    from common.judge import write_judged_folder
 
-    from common.io import atomic_write_dir, to_pil
-    from common.judge import judge_folder
-
-    with atomic_write_dir(output_dir) as tmp:
-        (tmp / "images").mkdir()
-        with open(tmp / "metadata.jsonl", "w") as meta:
-            for i, (image, row) in enumerate(zip(images, rows)):
-                name = f"images/{i:04d}.png"
-                to_pil(image, value_range=(0, 1)).save(tmp / name)
-                meta.write(json.dumps({"file_name": name, **row}) + "\n")
-    return judge_folder(output_dir)
+    return write_judged_folder(output_dir, images, rows)
 
 
 def evaluate_digits(output_dir: Path, n: int = 60, seed: int = 0) -> dict:

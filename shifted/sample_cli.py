@@ -57,9 +57,10 @@ def evaluate_digits(output_dir: Path, n: int = 60, seed: int = 0, checkpoint=Non
     import torch
 
     from common.digits import evaluation_prompts
+    from common.io import write_image_folder
     from common.judge import judge_folder
     from shifted.cli import REPO
-    from shifted.system import load_system, prompt_embeddings, write_image_folder
+    from shifted.system import load_system, prompt_embeddings
 
     prior_kwargs = dict(EVAL_PRIOR, **(prior_kwargs or {}))
     decoder_kwargs = dict(EVAL_DECODER, **(decoder_kwargs or {}))

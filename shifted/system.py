@@ -151,23 +151,3 @@ def image_to_image(
     out = system.decoder(embeddings, negative_emb=negative_emb, generator=torch.Generator().manual_seed(seed),
                          **(decoder_kwargs or {}))
     return out.cpu(), embeddings
-
-
-def write_image_folder(folder: PathLike, images: torch.Tensor, rows: Sequence[dict], extra_files=None) -> Path:
-    """``images/NNNN.png`` + ``metadata.jsonl`` (one row per image, ``file_name`` added) + ``grid.png``, atomically."""
-    import json
-
-    from common.io import atomic_write_dir, save_image_grid, to_pil
-
-    folder = Path(folder)
-    with atomic_write_dir(folder) as tmp:
-        (tmp / "images").mkdir()
-        with open(tmp / "metadata.jsonl", "w") as meta:
-            for i, (image, row) in enumerate(zip(images, rows)):
-                name = f"images/{i:04d}.png"
-                to_pil(image, value_range=(0, 1)).save(tmp / name)
-                meta.write(json.dumps({"file_name": name, **row}) + "\n")
-        save_image_grid(images, tmp / "grid.png", nrow=min(10, len(rows)), value_range=(0, 1))
-        for name, writer in (extra_files or {}).items():
-            writer(tmp / name)
-    return folder

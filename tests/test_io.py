@@ -326,3 +326,29 @@ def test_load_image_rgb_bad_files_are_user_errors(tmp_path):
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="cut.png is truncated or corrupt"):
         load_image_rgb(tmp_path / "cut.png")
+
+
+def test_write_image_folder_is_an_imagefolder_written_all_or_nothing(tmp_path):
+    import json
+
+    from common.io import write_image_folder
+
+    images = torch.rand(3, 3, 8, 8)
+    rows = [{"text": f"caption {i}", "digit": i} for i in range(3)]
+    folder = write_image_folder(tmp_path / "out", images, rows,
+                                extra_files={"settings.json": lambda p: p.write_text("{}")})
+    lines = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert [line["file_name"] for line in lines] == [f"images/{i:04d}.png" for i in range(3)]
+    assert lines[2]["text"] == "caption 2" and lines[2]["digit"] == 2
+    saved = np.asarray(Image.open(folder / "images/0001.png"), dtype=np.float64) / 255
+    assert np.abs(saved - images[1].permute(1, 2, 0).numpy()).max() <= 0.5 / 255 + 1e-6
+    assert (folder / "grid.png").is_file() and (folder / "settings.json").read_text() == "{}"
+
+    def broken(path):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_image_folder(tmp_path / "half", images, rows, extra_files={"x.json": broken})
+    assert not (tmp_path / "half").exists()
+    with pytest.raises(ValueError, match="3 images but 2 metadata rows"):
+        write_image_folder(tmp_path / "bad", images, rows[:2])

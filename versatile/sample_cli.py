@@ -94,24 +94,14 @@ def sample_t2i(pipe, prompts, seed: int = 0, steps: int = EVAL_SAMPLING["steps"]
 
 
 def write_judged(images, rows, output_dir: Path, settings: dict) -> dict:
-    """images + metadata.jsonl (file_name, text, digit, color) + grid + scores.json, judged."""
-    from common.io import atomic_write_dir, save_image_grid, to_pil
-    from common.judge import judge_folder
+    """images + metadata.jsonl (file_name, text, digit, color) + grid + settings.json + scores.json, judged."""
 
-    output_dir = Path(output_dir)
-    with atomic_write_dir(output_dir) as tmp:
-        (tmp / "images").mkdir()
-        with open(tmp / "metadata.jsonl", "w") as meta:
-            for i, (image, row) in enumerate(zip(images, rows)):
-                name = f"images/{i:04d}.png"
-                to_pil(image, value_range=(0, 1)).save(tmp / name)
-                meta.write(json.dumps({"file_name": name, **row}) + "\n")
-        save_image_grid(images[:100], tmp / "grid.png", nrow=10, value_range=(0, 1))
-        (tmp / "settings.json").write_text(json.dumps(settings, indent=2))
-    scores = judge_folder(output_dir)
-    scores = {k: v for k, v in scores.items() if k not in ("predicted_digits", "predicted_colors")}
-    (output_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
-    return scores
+    from common.judge import PER_IMAGE_KEYS, write_judged_folder
+
+    settings_text = json.dumps(settings, indent=2)
+    scores = write_judged_folder(output_dir, images, rows,
+                                 extra_files={"settings.json": lambda path: path.write_text(settings_text)})
+    return {k: v for k, v in scores.items() if k not in PER_IMAGE_KEYS}
 
 
 def evaluate_digits(output_dir: Path, n: int = 60, seed: int = 0) -> dict:

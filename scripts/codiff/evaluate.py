@@ -59,8 +59,8 @@ def main(argv=None) -> int:
         SamplingSettings,
         denoising_losses,
         evaluate_claim,
-        influence_profile,
         evaluate_editing,
+        influence_profile,
         paired_masks,
         reference_scores,
     )

@@ -42,7 +42,7 @@ def read_prompts(args) -> list[str]:
 
 @cli_entry
 def main(argv=None) -> int:
-    from common.io import save_safetensors
+    from common.io import save_safetensors, write_image_folder
     from shifted.cli import (
         DEFAULT_CHECKPOINT,
         add_clip_args,
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         decoder_kwargs,
         prior_sampling_kwargs,
     )
-    from shifted.system import load_system, text_to_image, write_image_folder
+    from shifted.system import load_system, text_to_image
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", action="append", default=None, help="a caption; repeat for several")

@@ -23,9 +23,9 @@ from common.errors import UserError, cli_entry  # noqa: E402
 
 @cli_entry
 def main(argv=None) -> int:
-    from common.io import load_image_rgb, save_safetensors
+    from common.io import load_image_rgb, save_safetensors, write_image_folder
     from shifted.cli import DEFAULT_CHECKPOINT, add_clip_args, add_decoder_args, decoder_kwargs
-    from shifted.system import image_to_image, load_system, write_image_folder
+    from shifted.system import image_to_image, load_system
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--image", action="append", default=None, help="an input image; repeat for several")

@@ -76,15 +76,9 @@ def judge(images, targets):
 
 
 def save_images(folder: Path, images, rows):
-    from common.io import atomic_write_dir, save_image_grid, to_pil
+    from common.io import write_image_folder
 
-    with atomic_write_dir(folder) as tmp:
-        (tmp / "images").mkdir()
-        with open(tmp / "metadata.jsonl", "w") as meta:
-            for i, (image, row) in enumerate(zip(images, rows)):
-                to_pil(image, value_range=(0, 1)).save(tmp / f"images/{i:04d}.png")
-                meta.write(json.dumps({"file_name": f"images/{i:04d}.png", **row}) + "\n")
-        save_image_grid(images[:100], tmp / "grid.png", nrow=10, value_range=(0, 1))
+    write_image_folder(folder, images, rows)
 
 
 def text_scores(texts, targets):

@@ -15,7 +15,6 @@ equal-weight average); ``--released_reweighting`` applies the released sampler's
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -112,7 +111,7 @@ def evaluate_digits(output_dir: Path, n: int = 60, seed: int = 0) -> dict:
     from codiff.evaluation import SamplingSettings, generate_variant, paired_masks, score_images, to_pil_list
     from codiff.members import load_collaboration
     from common.digits import evaluation_prompts
-    from common.io import atomic_write_dir, save_image_grid
+    from common.io import write_image_folder
 
     start = time.perf_counter()
     folder = REPO / DEFAULT_CHECKPOINT
@@ -127,17 +126,10 @@ def evaluate_digits(output_dir: Path, n: int = 60, seed: int = 0) -> dict:
     images = generate_variant(collab, [p["text"] for p in prompts], [m.ids for m in masks], "collaborative",
                               settings, seed=seed, progress=True)
     pil = to_pil_list(images)
-    output_dir = Path(output_dir)
-    with atomic_write_dir(output_dir) as tmp:
-        (tmp / "images").mkdir()
-        (tmp / "masks").mkdir()
-        with open(tmp / "metadata.jsonl", "w") as meta:
-            for i, (image, p, m) in enumerate(zip(pil, prompts, masks)):
-                image.save(tmp / f"images/{i:04d}.png")
-                (tmp / f"masks/{i:04d}.png").write_bytes(m.file.read_bytes())
-                meta.write(json.dumps({"file_name": f"images/{i:04d}.png", **p,
-                                       "mask_file_name": f"masks/{i:04d}.png"}) + "\n")
-        save_image_grid(images, tmp / "grid.png", nrow=10, value_range=(0, 1))
+    rows = [{**p, "mask_file_name": f"masks/{i:04d}.png"} for i, p in enumerate(prompts)]
+    mask_files = {row["mask_file_name"]: (lambda path, src=m.file: path.write_bytes(src.read_bytes()))
+                  for row, m in zip(rows, masks)}
+    write_image_folder(output_dir, images, rows, extra_files=mask_files)
     scores = score_images(pil, prompts, [m.ids for m in masks])
     scores["sampling"] = settings.describe()
     scores["seconds"] = round(time.perf_counter() - start, 2)

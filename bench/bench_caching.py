@@ -35,9 +35,9 @@ def peak_rss_mb() -> float:
 
 def main(argv=None):
     from diffusers import UNet2DConditionModel
-    from train_text_to_image import LatentTextEncoder
 
     from common.data import image_text_dataset
+    from common.latent_data import LatentTextEncoder
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)

@@ -18,9 +18,7 @@ Every input is checked before the trainer creates ``--output_dir``, so bad input
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -49,7 +47,6 @@ from contextdiff.process import (
 )
 
 
-REPO = Path(__file__).resolve().parent.parent
 ADAPTER_FLAGS = {"adapter_dim": "dim", "adapter_depth": "depth", "adapter_heads": "heads",
                  "adapter_patch_size": "patch_size"}
 TRAIN_DEFAULTS = {"learning_rate": 1e-4, "train_batch_size": 16, "lr_warmup_steps": 0, "report_to": "none",
@@ -171,17 +168,11 @@ def _resolve_process(args, adapter_folder: Path) -> None:
 
 
 def _baseline_data_path():
-    """``scripts/train_text_to_image.py``'s ``LatentTextEncoder``: the baseline's exact data path (VAE posterior
-    sample x scaling factor, 77-token CLIP states, optional cache), reused so that both arms of a comparison see
-    identical latents and text. Loaded by file path under a private name (scripts are not a package)."""
-    name = "_dlab_baseline_train_text_to_image"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "train_text_to_image.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return module.LatentTextEncoder
+    """The baseline's exact data path (``common.latent_data.LatentTextEncoder``: VAE posterior sample x scaling
+    factor, 77-token CLIP states, optional cache), so both arms of a comparison see identical latents and text."""
+    from common.latent_data import LatentTextEncoder
+
+    return LatentTextEncoder
 
 
 # --------------------------------------------------------------------------------------------------------- run

@@ -27,7 +27,9 @@ from common.errors import UserError, cli_entry  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINTS = {"baseline": REPO / "ckpt" / "tiny" / "baseline"}
 # A method plugs in with a module defining ``add_arguments(parser)`` (its own flags, in an argument group),
-# ``generate(args, prompts) -> [N, 3, H, W] tensor in [0, 1]`` and ``DEFAULT_CHECKPOINT`` (a path under the repo).
+# ``generate(args, prompts) -> [N, 3, H, W] tensor in [0, 1]`` and ``DEFAULT_CHECKPOINT`` (a path under the repo);
+# optionally ``SAMPLE_DEFAULTS`` ({"sampler": "ddpm", ...}): its own defaults for the shared flags, since one default
+# cannot fit all (SDG's guidance is tuned for its DDPM sampler; CoDiff's release samples DDIM with eta 1).
 METHOD_MODULES = {
     "baseline": None,
     "contextdiff": "contextdiff.sample_cli",
@@ -66,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--negative_prompt", default="", help="the unconditional prompt for CFG")
-    p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
+    p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"),
+                   help="default ddim; a method may set its own (sdg: ddpm; see --method NAME --help)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default="outputs/samples")
@@ -84,6 +87,7 @@ def parse_args(argv=None):
     module = method_module(known.method)
     if module is not None:
         module.add_arguments(parser.add_argument_group(f"{known.method} options"))
+        parser.set_defaults(**getattr(module, "SAMPLE_DEFAULTS", {}))  # explicit flags still win
     return parser.parse_args(argv), module
 
 
@@ -131,6 +135,14 @@ def generate_baseline(args, prompts):
     return out.images
 
 
+def generate_images(args, module, prompts):
+    """``[N, 3, H, W]`` in [0, 1] for parsed ``args`` (:func:`parse_args`): the one generation step of :func:`main`,
+    shared with ``scripts/app.py`` so that the same settings give the same images in the browser."""
+    if module is None:
+        return generate_baseline(args, prompts)
+    if args.pretrained_model_name_or_path is None:
+        args.pretrained_model_name_or_path = str(REPO / module.DEFAULT_CHECKPOINT)
+    return module.generate(args, prompts)
 
 
 def write_outputs(images, prompts, args) -> Path:
@@ -155,12 +167,7 @@ def main(argv=None) -> int:
     args, module = parse_args(argv)
     check_args(args)
     prompts = read_prompts(args)
-    if module is None:
-        images = generate_baseline(args, prompts)
-    else:
-        if args.pretrained_model_name_or_path is None:
-            args.pretrained_model_name_or_path = str(REPO / module.DEFAULT_CHECKPOINT)
-        images = module.generate(args, prompts)
+    images = generate_images(args, module, prompts)
     out = write_outputs(images, prompts, args)
     print(f"wrote {len(prompts)} images, grid.png and metadata.jsonl to {out}")
     return 0

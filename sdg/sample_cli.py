@@ -25,6 +25,8 @@ from common.errors import UserError
 
 
 DEFAULT_CHECKPOINT = "ckpt/tiny/sdg"
+# scripts/sample.py's shared flags: SDG samples with its ADM DDPM (learned variance), and CFG does not apply.
+SAMPLE_DEFAULTS = {"sampler": "ddpm", "guidance_scale": 1.0}
 REPO = Path(__file__).resolve().parent.parent
 # Tuned on the shipped tiny checkpoint (bench/results.md, sdg section: weight sweep). The useful range depends on the
 # encoder's gradient scale: ~300-3000 here (tiny ViT, 32 px), 160 for SDG's RN50x16 at 256 px.

@@ -58,3 +58,15 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, extra, mes
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method, expected", [
+    ("sdg", {"sampler": "ddpm", "guidance_scale": 1.0}),
+    ("codiff", {"sampler": "ddim", "eta": 1.0, "guidance_scale": 3.0}),
+    ("baseline", {"sampler": "ddim", "eta": 0.0, "guidance_scale": 7.5}),
+])
+def test_methods_set_their_own_sampling_defaults_and_flags_win(method, expected):
+    args, _ = sample.parse_args(["--method", method, "--prompt", "a red handwritten seven"])
+    assert {k: getattr(args, k) for k in expected} == expected
+    args, _ = sample.parse_args(["--method", method, "--prompt", "x", "--sampler", "ddim", "--guidance_scale", "2"])
+    assert args.sampler == "ddim" and args.guidance_scale == 2.0

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean tiny-checkpoints
+.PHONY: install demo test lint bench clean tiny-checkpoints browser
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-test: $(STAMP)
+# Debian's headless Chromium + ChromeDriver for tests/test_app_browser.py (apt-get as root; instant when present).
+browser:
+	sh scripts/ci/install_browser.sh
+
+test: $(STAMP) browser
 	$(PY) -m ruff check .
 	$(PY) -m pytest -n 2 --dist=loadfile -q
 

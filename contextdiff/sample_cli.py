@@ -3,6 +3,7 @@
     python scripts/sample.py --method contextdiff --prompt "a red handwritten seven" --guidance_scale 3
     python scripts/sample.py --method contextdiff --pretrained_model_name_or_path ckpt/tiny/baseline \\
         --adapter_path outputs/contextdiff/stage1 --prompt "a blue handwritten one"      # SD folder + stage-1 adapter
+    python scripts/sample.py --method contextdiff ... --t5_model_name_or_path PATH/TO/T5  # override the adapter's T5
     python scripts/sample.py --method contextdiff --no_shift ...                       # ablation: no shift
 
 Per step (spec §2.4): classifier-free guidance is evaluated ONCE (one batched ``[uncond; cond]`` UNet call), the
@@ -40,11 +41,18 @@ def add_arguments(group) -> None:
     group.add_argument("--k_schedule", default=None, help="k_t schedule (default: the one the checkpoint was trained "
                                                           "with; quadratic, prior or none)")
     group.add_argument("--k_scale", type=float, default=None, help="multiplies k_t (default: the checkpoint's)")
+    group.add_argument("--t5_model_name_or_path", default=None,
+                       help="a local T5 encoder folder (with its tokenizer) for an adapter that reads T5 states "
+                            "(default: the checkpoint's t5/, or the T5 recorded with the adapter)")
+    group.add_argument("--t5_max_length", type=int, default=None,
+                       help="T5 tokens per prompt (default: the checkpoint's / adapter's, else 77)")
 
 
 def load(args) -> ContextDiffModel:
     model = load_contextdiff(args.pretrained_model_name_or_path, getattr(args, "adapter_path", None),
-                             require_adapter=not getattr(args, "no_shift", False), device=args.device)
+                             require_adapter=not getattr(args, "no_shift", False), device=args.device,
+                             t5_path=getattr(args, "t5_model_name_or_path", None),
+                             t5_max_length=getattr(args, "t5_max_length", None))
     if getattr(args, "k_schedule", None):
         model.k_schedule = args.k_schedule
     if getattr(args, "k_scale", None) is not None:

@@ -13,6 +13,12 @@ Outputs (all atomic): stage 1 ``<output_dir>/adapter/`` (safetensors + config.js
 UNet was trained, ``<output_dir>/pipeline/``; stage 2 ``<output_dir>/pipeline/``, a ContextDiff checkpoint folder
 (``contextdiff.checkpoint``: a diffusers Stable Diffusion folder plus ``adapter/`` and ``contextdiff.json``).
 Every input is checked before the trainer creates ``--output_dir``, so bad input leaves nothing behind.
+
+T5 text source: an adapter with ``text_sources [clip, t5]`` also reads a frozen T5 encoder
+(``--t5_model_name_or_path``, a local folder with its tokenizer; ``--t5_max_length`` tokens, default 77). Stage 1
+requires the flag for such an adapter and records the T5 in the adapter's ``process.json`` provenance; stage 2
+defaults to that T5. The loss batch then carries ``adapter_text`` (the UNet's CLIP states, mask None; the T5 states
+of the captions with their padding mask), in ``text_sources`` order. ``--cache_latents`` caches the T5 states too.
 """
 
 from __future__ import annotations
@@ -26,14 +32,18 @@ from typing import Any, Optional
 import torch
 
 from common.errors import UserError
-from contextdiff.adapter import RelationalNet, load_adapter, read_adapter_config
+from contextdiff.adapter import TEXT_SOURCES, RelationalNet, load_adapter, read_adapter_config
 from contextdiff.checkpoint import (
     PROCESS_KEYS,
+    T5_FLAG,
+    adapter_t5,
     check_adapter_fits,
+    check_t5_max_length,
     load_sd_parts,
     process_dict,
     read_process,
     read_sd_configs,
+    read_t5_width,
     resolve_adapter_folder,
     save_adapter,
     save_contextdiff,
@@ -81,6 +91,9 @@ def build_parser(stage: int) -> argparse.ArgumentParser:
         p.add_argument("--adapter_depth", type=int, default=None, help="relational blocks (default 4)")
         p.add_argument("--adapter_heads", type=int, default=None, help="attention heads (default 8)")
         p.add_argument("--adapter_patch_size", type=int, default=None, help="latent patch size (default 2)")
+        p.add_argument("--adapter_text_sources", nargs="+", choices=TEXT_SOURCES, default=None,
+                       help="text encoders the adapter reads, in order (default clip); overrides the config's, and "
+                            "the widths then follow the encoders (t5 needs --t5_model_name_or_path)")
         p.add_argument("--unet_config", default=None,
                        help="train the UNet FROM SCRATCH with this UNet2DConditionModel JSON config (joint training; "
                             "the VAE, text encoder and scheduler still come from --pretrained_model_name_or_path)")
@@ -89,6 +102,13 @@ def build_parser(stage: int) -> argparse.ArgumentParser:
     else:
         p.add_argument("--adapter_path", default=None,
                        help="REQUIRED: the stage-1 adapter (train_adapter.py's output_dir, or its adapter/ folder)")
+    p.add_argument("--t5_model_name_or_path", default=None,
+                   help="a local T5 encoder folder (T5EncoderModel + its tokenizer) for an adapter whose text_sources "
+                        "include t5; frozen. " + ("Required for such an adapter" if stage == 1 else
+                                                  "Default: the T5 recorded with the stage-1 adapter"))
+    p.add_argument("--t5_max_length", type=int, default=None,
+                   help="T5 tokens per caption, padded and masked (default 77" +
+                        (")" if stage == 1 else ", or the stage-1 adapter's)"))
     p.add_argument("--train_data_dir", default=None, help="image folder with metadata.jsonl (file_name, text)")
     p.add_argument("--caption_column", default="text")
     p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the VAE's)")
@@ -116,9 +136,10 @@ def build_parser(stage: int) -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------------ inputs
 
 
-def _adapter_architecture(args, latent_channels: int, text_dims: list[int]) -> dict[str, Any]:
+def _adapter_architecture(args, latent_channels: int) -> dict[str, Any]:
     """The stage-1 adapter config: RelationalNet defaults < --adapter_config < --adapter_* flags; the latent channels
-    and text width come from the loaded models unless the config names them (then they must match)."""
+    come from the model unless the config names them (then they must match). ``text_dims`` is left to the caller
+    when the config does not name it (or ``--adapter_text_sources`` replaced the sources): it follows the sources."""
     config: dict[str, Any] = {}
     if args.adapter_config:
         path = Path(args.adapter_config)
@@ -132,10 +153,43 @@ def _adapter_architecture(args, latent_channels: int, text_dims: list[int]) -> d
     for flag, key in ADAPTER_FLAGS.items():
         if getattr(args, flag) is not None:
             config[key] = getattr(args, flag)
+    if args.adapter_text_sources is not None:
+        config["text_sources"] = list(args.adapter_text_sources)
+        config.pop("text_dims", None)
     config.setdefault("latent_channels", latent_channels)
     config.setdefault("text_sources", ["clip"])
-    config.setdefault("text_dims", list(text_dims))
+    sources = config["text_sources"]
+    if (isinstance(sources, str) or not sources or len(set(sources)) != len(sources)
+            or any(s not in TEXT_SOURCES for s in sources)):
+        raise UserError(f"the adapter's text_sources {sources} are invalid: use one or both of clip, t5, once each")
     return config
+
+
+def _resolve_t5(args, stage: int, sources: list[str], adapter_folder: Optional[Path]) -> tuple[Optional[Path], str]:
+    """``(T5 folder, where it came from)`` for the adapter (None for a CLIP-only adapter); one-line UserError when
+    it is missing or given for an adapter that does not read T5. Stage 2 defaults to the T5 recorded with the
+    stage-1 adapter."""
+    recorded_length, what = None, f"T5 folder ({T5_FLAG})"
+    if stage == 2 and adapter_folder is not None:
+        recorded, recorded_length = adapter_t5(adapter_folder)
+        if "t5" in sources and not args.t5_model_name_or_path and recorded is not None:
+            args.t5_model_name_or_path = str(recorded)
+            what = f"the T5 folder recorded with adapter {adapter_folder}"
+    if args.t5_max_length is None and recorded_length is not None:
+        args.t5_max_length = recorded_length
+    args.t5_max_length = check_t5_max_length(args.t5_max_length)
+    if "t5" not in sources:
+        if args.t5_model_name_or_path:
+            fix = ("add t5 to the adapter's text_sources (--adapter_text_sources clip t5)" if stage == 1 else
+                   "use an adapter trained with text_sources [clip, t5]")
+            raise UserError(f"{T5_FLAG} was given but the adapter reads only {sources}: drop the flag, or {fix}")
+        return None, what
+    if not args.t5_model_name_or_path:
+        where = "the adapter" if stage == 1 else f"adapter {adapter_folder}"
+        known = "" if stage == 1 else " and its process.json names none"
+        raise UserError(f"{where} reads T5 text states (text_sources {sources}){known}: pass {T5_FLAG} "
+                        "<local T5 encoder folder>")
+    return Path(args.t5_model_name_or_path), what
 
 
 def _read_unet_config(path, text_width: int) -> dict[str, Any]:
@@ -215,37 +269,50 @@ def run(args: argparse.Namespace, stage: int) -> int:
     if resolution % factor:
         raise UserError(f"--resolution {resolution} is not divisible by the VAE's factor {factor}: use a multiple")
     latent_size = (resolution // factor, resolution // factor)
-    text_dims = [configs["text_width"]]
     if stage == 1 and loss_config.freeze_unet:
         model_param = parameterization_from_prediction_type(configs["scheduler"].get("prediction_type", "epsilon"))
         if model_param != loss_config.parameterization:
             raise UserError(f"the frozen UNet of {args.pretrained_model_name_or_path} is a {model_param} model but "
                             f"--parameterization is {loss_config.parameterization}: match them, or --no-freeze_unet")
+    adapter_config = _adapter_architecture(args, latent_channels) if stage == 1 else read_adapter_config(adapter_folder)
+    sources = list(adapter_config.get("text_sources", ["clip"]))
+    t5_path, t5_what = _resolve_t5(args, stage, sources, adapter_folder)
+    text_dims = {"clip": configs["text_width"], "t5": None if t5_path is None else read_t5_width(t5_path, t5_what)}
     if stage == 1:
-        architecture = _adapter_architecture(args, latent_channels, text_dims)
-        check_adapter_fits(architecture, latent_channels, latent_size, text_dims,
+        adapter_config.setdefault("text_dims", [text_dims[s] for s in sources])
+        check_adapter_fits(adapter_config, latent_channels, latent_size, text_dims,
                            where="the adapter (--adapter_config / --adapter_*)")
         with seeded(0 if config.seed is None else config.seed):
-            adapter = RelationalNet(**architecture)  # zero-init head: r == 0, the process starts as plain DDPM
+            adapter = RelationalNet(**adapter_config)  # zero-init head: r == 0, the process starts as plain DDPM
     else:
-        check_adapter_fits(read_adapter_config(adapter_folder), latent_channels, latent_size, text_dims,
-                           where=f"adapter {adapter_folder}")
+        check_adapter_fits(adapter_config, latent_channels, latent_size, text_dims, where=f"adapter {adapter_folder}")
         adapter = load_adapter(adapter_folder)
     dataset = image_text_dataset(args.train_data_dir, resolution=resolution, caption_column=args.caption_column,
                                  center_crop=args.center_crop, random_flip=args.random_flip)
+    if t5_path is not None and args.cache_latents and any(rec.captions for rec in dataset.records):
+        raise UserError("--cache_latents with a T5 adapter needs one caption per image (the cache freezes one draw "
+                        "of the CLIP states, which the T5 states could not match): drop --cache_latents")
 
     unet, vae, text_encoder, tokenizer, scheduler_config, towers = load_sd_parts(args.pretrained_model_name_or_path)
     if unet_config is not None:
         unet = None  # built right after the trainer seeds the RNGs, as scripts/train_text_to_image.py builds its UNet
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
+    t5 = None
+    if t5_path is not None:
+        from contextdiff.checkpoint import load_t5
+
+        t5 = load_t5(t5_path)  # frozen; the trainer places t5[0] (in place) like the other frozen towers
     schedule = NoiseSchedule.from_config(scheduler_config)
     process = process_dict(loss_config.parameterization, loss_config.k_schedule, loss_config.k_scale)
 
     encoder = _baseline_data_path()(vae, text_encoder, tokenizer)
     null_text = encoder.text([""])
     if args.cache_latents:
+        source = dataset
         dataset = encoder.cache(dataset, args.cache_dir)
+        if t5 is not None:
+            dataset = _cache_t5(dataset, source, t5, args.t5_max_length, args.cache_dir)
     with Trainer(config) as trainer:  # creates output_dir: every check above has passed
         if unet is None:
             from diffusers import UNet2DConditionModel
@@ -255,9 +322,9 @@ def run(args: argparse.Namespace, stage: int) -> int:
         null_text = null_text.to(trainer.device)
 
         def loss_fn(batch, ctx):
-            latents, states = encoder.encode_batch(batch, ctx.device)
-            return contextual_loss({"latents": latents, "encoder_hidden_states": states}, ctx.models["unet"],
-                                   ctx.models["adapter"], schedule, loss_config, null_text=null_text)
+            return contextual_loss(loss_batch(encoder, batch, ctx.device, sources, t5, args.t5_max_length),
+                                   ctx.models["unet"], ctx.models["adapter"], schedule, loss_config,
+                                   null_text=null_text)
 
         validate = None
         if args.validation_prompts:
@@ -268,7 +335,8 @@ def run(args: argparse.Namespace, stage: int) -> int:
                                tokenizer, args.validation_prompts, steps=25, guidance_scale=3.0,
                                generator=torch.Generator().manual_seed(0), scheduler_config=scheduler_config,
                                parameterization=loss_config.parameterization, k_schedule=loss_config.k_schedule,
-                               k_scale=loss_config.k_scale)
+                               k_scale=loss_config.k_scale, t5=t5,
+                               t5_max_length=args.t5_max_length)
                 from common.io import to_pil
 
                 return [to_pil(im, value_range=(0, 1)) for im in out.images]
@@ -279,21 +347,101 @@ def run(args: argparse.Namespace, stage: int) -> int:
             if "unet" in trainable:
                 params.append({"params": list(unet.parameters())})
         result = trainer.fit(trainable, loss_fn, dataset, collate_fn=encoder.collate, params=params,
-                             frozen={**frozen, "vae": vae, "text_encoder": text_encoder}, validation_fn=validate)
+                             frozen={**frozen, "vae": vae, "text_encoder": text_encoder,
+                                     **({} if t5 is None else {"t5": t5[0]})}, validation_fn=validate)
         if trainer.is_main_process and result.completed:
             _save(args, stage, result, unet, adapter, vae, text_encoder, tokenizer, scheduler_config, towers,
-                  process, adapter_folder)
+                  process, adapter_folder, t5, t5_path)
     return result.exit_code
 
 
+def loss_batch(encoder, batch: dict, device, sources: list[str], t5: Optional[tuple] = None,
+               t5_max_length: int = 77) -> dict[str, Any]:
+    """The batch ``contextual_loss`` takes: latents, the UNet's CLIP states and, for an adapter that reads T5,
+    ``adapter_text`` / ``adapter_text_mask`` in ``sources`` order (clip: the UNet's CLIP states, mask None; t5: the
+    captions' T5 states and padding mask, cached or computed by the frozen ``t5=(encoder, tokenizer)``). Caption
+    dropout for classifier-free guidance happens later, in the loss, on the UNet's text only."""
+    latents, states = encoder.encode_batch(batch, device)
+    out = {"latents": latents, "encoder_hidden_states": states}
+    if "t5" not in sources:
+        return out
+    if "t5_states" in batch:
+        t5_states, t5_mask = batch["t5_states"].to(device), batch["t5_mask"].to(device).bool()
+    else:
+        if t5 is None:
+            raise UserError(f"the adapter reads T5 text states: pass {T5_FLAG}")
+        from contextdiff.pipeline import encode_t5
+
+        t5_states, t5_mask = encode_t5(t5[0], t5[1], batch["text"], t5_max_length, device)
+    per_source = {"clip": (states, None), "t5": (t5_states, t5_mask)}
+    out["adapter_text"] = [per_source[s][0] for s in sources]
+    out["adapter_text_mask"] = [per_source[s][1] for s in sources]
+    return out
+
+
+class _WithT5(torch.utils.data.Dataset):
+    """Cached items plus the cached T5 states and padding mask of their captions."""
+
+    def __init__(self, base, states: torch.Tensor, mask: torch.Tensor):
+        self.base, self.states, self.mask = base, states, mask
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.base[i], "t5_states": self.states[i], "t5_mask": self.mask[i]}
+
+
+@torch.no_grad()
+def _cache_t5(cached, source, t5: tuple, max_length: int, cache_dir=None, batch_size: int = 64):
+    """``--cache_latents`` with a T5 adapter: the T5 states of every record's caption, once (kept in ``cache_dir``
+    under a key of the captions, the T5 weights, its tokenizer and the length), aligned with the latent cache."""
+    from contextdiff.pipeline import encode_t5
+
+    if getattr(source, "skipped_at_load", 0):
+        # A file broke while the latents were cached and the dataset served the next readable item in its place:
+        # read the captions the latent cache actually saw, not the record list (slower, and only in this case).
+        captions = [source[i]["text"] for i in range(len(source))]
+    else:
+        captions = [rec.text for rec in source.records]
+
+    def compute():
+        states, masks = [], []
+        for start in range(0, len(captions), batch_size):
+            s, m = encode_t5(t5[0], t5[1], captions[start:start + batch_size], max_length)
+            states.append(s)
+            masks.append(m.to(torch.uint8))
+        return {"states": torch.cat(states), "mask": torch.cat(masks)}
+
+    if cache_dir is None:
+        t = compute()
+    else:
+        import hashlib
+
+        from common.data import cached_tensors, module_fingerprint
+
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps([captions, type(t5[1]).__name__, len(t5[1]), int(max_length)]).encode())
+        key = f"t5-{h.hexdigest()}-{module_fingerprint(t5[0])}"
+        t, reused = cached_tensors(cache_dir, key, compute)
+        print(("reusing" if reused else "wrote") + f" T5 encodings cache {cache_dir}/{key}.safetensors")
+    if len(t["states"]) != len(cached):
+        raise UserError(f"the T5 cache has {len(t['states'])} captions but the latent cache {len(cached)} images: "
+                        "drop --cache_latents (or clear --cache_dir)")
+    return _WithT5(cached, t["states"], t["mask"].bool())
+
+
 def _save(args, stage, result, unet, adapter, vae, text_encoder, tokenizer, scheduler_config, towers, process,
-          adapter_folder: Optional[Path]) -> None:
+          adapter_folder: Optional[Path], t5: Optional[tuple] = None, t5_path: Optional[Path] = None) -> None:
     out = Path(args.output_dir)
     unet = result.models.get("unet", unet).float().eval()
     adapter = result.models.get("adapter", adapter).float().eval()
     provenance = {"stage": stage, "steps": result.global_step,
                   "pretrained_model_name_or_path": str(args.pretrained_model_name_or_path),
                   "train_data_dir": str(args.train_data_dir)}
+    if t5 is not None:  # absolute: stage 2 and sampling find it from any working directory
+        provenance["t5_model_name_or_path"] = str(Path(t5_path).resolve())
+        provenance["t5_max_length"] = int(args.t5_max_length)
     if stage == 1:
         provenance["freeze_unet"] = bool(args.freeze_unet)
         save_adapter(out / "adapter", adapter, process, provenance)
@@ -304,11 +452,15 @@ def _save(args, stage, result, unet, adapter, vae, text_encoder, tokenizer, sche
         provenance["adapter_path"] = str(adapter_folder)
     text_dtype = torch.float16 if args.text_encoder_save_dtype == "float16" else torch.float32
     folder = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "pipeline"
+    if args.reference_towers and t5 is not None:
+        towers = {**towers, "t5": Path(t5_path).resolve()}
+    t5_model = None if t5 is None else (t5[0].float().eval(), t5[1])
     folder = save_contextdiff(folder, unet=unet, adapter=adapter, vae=vae.float(),
                               text_encoder=text_encoder.float(), tokenizer=tokenizer,
                               scheduler_config=scheduler_config, process=process,
                               reference_towers=towers if args.reference_towers else None,
-                              text_encoder_dtype=text_dtype, provenance=provenance)
+                              text_encoder_dtype=text_dtype, provenance=provenance, t5=t5_model,
+                              t5_max_length=args.t5_max_length)
     kind = "UNet, scheduler and adapter; towers referenced" if args.reference_towers else \
         "diffusers StableDiffusionPipeline layout + adapter/"
     print(f"ContextDiff checkpoint saved to {folder} ({kind})")

@@ -4,9 +4,11 @@
     python scripts/contextdiff/sample.py --pretrained_model_name_or_path outputs/contextdiff/stage2/pipeline \\
         --prompt "a blue handwritten one" --num_images 8 --guidance_scale 3 --no_shift
 
-Every flag of ``scripts/sample.py`` and the method's own (``--adapter_path --no_shift --k_schedule --k_scale``)
-works; YAML keys must be such flags (command-line flags win). Outputs as ``scripts/sample.py``: ``images/``,
-``grid.png``, ``metadata.jsonl``, ``settings.json``.
+Every flag of ``scripts/sample.py`` and the method's own (``--adapter_path --no_shift --k_schedule --k_scale
+--t5_model_name_or_path --t5_max_length``) works; YAML keys must be such flags (command-line flags win). An adapter
+that reads T5 states gets its T5 from the checkpoint's ``t5/`` (or the stage-1 adapter's record) unless
+``--t5_model_name_or_path`` overrides it. Outputs as ``scripts/sample.py``: ``images/``, ``grid.png``,
+``metadata.jsonl``, ``settings.json``.
 """
 
 import sys

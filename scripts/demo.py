@@ -4,7 +4,9 @@
 
 For the baseline and each method whose tiny checkpoint is in ``ckpt/tiny/``: generate the 60 (digit, colour)
 evaluation prompts, write the images, a grid and ``metadata.jsonl`` under ``<output_dir>/<method>/``, score them with
-the independent judge, and print one table; ``<output_dir>/scores.json`` holds every number.
+the independent judge, and print one table; ``<output_dir>/scores.json`` holds every number. With ContextDiff
+selected, one text-guided video edit of the embedded moving-digit clip ("a red handwritten seven" -> "a blue
+handwritten seven", ``scripts/contextdiff/edit_video.py``) goes to ``<output_dir>/contextdiff_video/``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,23 @@ def evaluate_baseline(output_dir: Path, n: int, seed: int, steps: int = 25, guid
     return scores
 
 
+def evaluate_contextdiff_video(output_dir: Path, seed: int) -> dict:
+    """One ContextDiff video edit of the embedded clip (issue 10): GIF/MP4, strip and settings in ``output_dir``;
+    returns its scores (judge on the edited frames, frame consistency, structure kept) and the time taken."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_dlab_edit_video", REPO / "scripts" / "contextdiff" / "edit_video.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.build_parser().parse_args([
+        "--video", "embedded:7:red", "--target_prompt", "a blue handwritten seven", "--n_frames", "8",
+        "--steps", "25", "--train_steps", "60", "--guidance_scale", "3", "--seed", str(seed),
+        "--display_scale", "4", "--output_dir", str(output_dir)])
+    settings = script.run(args)
+    return {**settings["scores"], "seconds": settings["seconds"], "edit": "a red handwritten seven -> a blue "
+            "handwritten seven (8 frames)"}
+
+
 def available_methods(names) -> dict:
     """The method modules that import and ship a tiny checkpoint."""
     found = {}
@@ -100,6 +119,12 @@ def main(argv=None) -> int:
         scores = module.evaluate_digits(out / name, n=args.num_prompts, seed=args.seed)
         results[name] = scores
         print(summary_line(scores, f"{name:<35}"))
+    if "contextdiff" in args.methods and (REPO / "ckpt" / "tiny" / "contextdiff").is_dir():
+        video = evaluate_contextdiff_video(out / "contextdiff_video", args.seed)
+        results["contextdiff video edit"] = video
+        print(f"{'contextdiff video edit, red->blue':<35}digit {100 * video['digit_accuracy']:.1f}%  colour "
+              f"{100 * video['color_accuracy']:.1f}%  frame consistency {video['frame_consistency']:.3f}  "
+              f"stroke IoU with the source {video['stroke_iou']:.3f}  ({video['seconds']:.1f} s)")
     for scores in results.values():
         scores.pop("predicted_digits", None)
         scores.pop("predicted_colors", None)

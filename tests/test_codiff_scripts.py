@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from script_loading import load_script  # noqa: E402
 
 from common.digits import build_digits
 
@@ -19,13 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _script(name: str):
-    """scripts/codiff/<name>.py as module ``codiff_script_<name>`` (other methods have scripts of the same names)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"codiff_script_{name}", REPO / "scripts" / "codiff" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"scripts/codiff/{name}.py")
 
 
 edit_script = _script("edit")

@@ -7,7 +7,6 @@ width, missing adapter in stage 2, unknown k_t): one line, exit 2, nothing writt
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from script_loading import load_script  # noqa: E402
 
 from common.tiny import make_tiny_sd_folder, tiny_unet2d_condition
 from contextdiff.adapter import load_adapter, tiny_adapter
@@ -31,14 +31,7 @@ FAST = ["--max_train_steps", "2", "--train_batch_size", "4", "--report_to", "non
 
 
 def _script(name: str):
-    """scripts/contextdiff/<name>.py as a module under a private name (scripts/ is not a package)."""
-    module_name = f"_contextdiff_script_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, SCRIPTS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
+    return load_script(f"scripts/contextdiff/{name}.py")
 
 
 @pytest.fixture(scope="module")

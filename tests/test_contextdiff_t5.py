@@ -5,9 +5,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from script_loading import load_script  # noqa: E402
 
 from common.errors import UserError
 from common.tiny import make_tiny_sd_folder, t5_tokenizer, tiny_t5_encoder, tiny_unet2d_condition
@@ -30,14 +29,7 @@ PROMPTS = ["a red handwritten seven", "a blue handwritten one"]
 
 
 def _script(name: str):
-    """scripts/contextdiff/<name>.py as a module under a private name (scripts/ is not a package)."""
-    module_name = f"_contextdiff_t5_script_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, SCRIPTS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
+    return load_script(f"scripts/contextdiff/{name}.py")
 
 
 def _one_error_line(capsys) -> str:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from script_loading import load_script  # noqa: E402
 
 from common.errors import UserError
 from common.schedule import NoiseSchedule
@@ -333,15 +333,7 @@ def test_read_video_bad_inputs(tmp_path):
 
 
 def _script():
-    import importlib.util
-
-    name = "_dlab_edit_video"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "contextdiff" / "edit_video.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script("scripts/contextdiff/edit_video.py")
 
 
 def test_edit_video_script_smoke(tmp_path):

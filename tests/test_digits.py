@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from script_loading import load_script  # noqa: E402
 
 from common.digits import COLORS, DIGIT_WORDS, build_digits, evaluation_prompts, render, upsample
 from common.errors import UserError
@@ -82,12 +83,7 @@ def test_evaluate_judge_cli(digits, tmp_path):
 
 
 def _load_evaluate():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/evaluate.py")
 
 
 def test_digits_prompts_are_the_evaluation_prompts():

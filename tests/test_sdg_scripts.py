@@ -1,6 +1,5 @@
 """scripts/sdg/* and ``scripts/sample.py --method sdg`` on tiny random models: smoke runs and one-line refusals."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from script_loading import load_script  # noqa: E402
 
 from sdg.checkpoint import load_diffusion_model, load_noise_aware_clip_folder
 from sdg.tiny import make_tiny_sdg_folder
@@ -16,18 +16,13 @@ from sdg.tiny import make_tiny_sdg_folder
 REPO = Path(__file__).resolve().parent.parent
 
 
-def load_script(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-train_unconditional = load_script("sdg_train_unconditional", REPO / "scripts" / "sdg" / "train_unconditional.py")
-finetune_clip = load_script("sdg_finetune_clip", REPO / "scripts" / "sdg" / "finetune_clip.py")
-sdg_sample = load_script("sdg_sample_script", REPO / "scripts" / "sdg" / "sample.py")
-convert_checkpoint = load_script("sdg_convert_checkpoint", REPO / "scripts" / "sdg" / "convert_checkpoint.py")
-lab_sample = load_script("lab_sample_script", REPO / "scripts" / "sample.py")
+train_unconditional = load_script("scripts/sdg/train_unconditional.py")
+finetune_clip = load_script("scripts/sdg/finetune_clip.py")
+sdg_sample = load_script("scripts/sdg/sample.py")
+convert_checkpoint = load_script("scripts/sdg/convert_checkpoint.py")
+lab_sample = load_script("scripts/sample.py")
 
 TINY_FLAGS = ["--image_size", "32", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2",
               "--attention_resolutions", "", "--num_head_channels", "32", "--resblock_updown", "True",

@@ -4,7 +4,6 @@ Tiny random towers built here (an open_clip CLIP of the shipped architecture, a 
 2 training steps per run. Bad input: one line on stderr, exit 2, nothing written.
 """
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -17,18 +16,15 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import sample as sample_script  # noqa: E402
+from script_loading import load_script  # noqa: E402
 
 
-def load_script(name: str):
-    """scripts/shifted/<name>.py under a unique module name (``test``/``train`` would clash with other modules)."""
-    spec = importlib.util.spec_from_file_location(f"shifted_script_{name}", REPO / "scripts" / "shifted" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def shifted_script(name: str):
+    return load_script(f"scripts/shifted/{name}.py")
 
 
 eval_prior, extract_embeddings, fit_bank, finetune, make_checkpoint, process_img, sft_test, train_prior, img2img = (
-    load_script(n) for n in ("eval_prior", "extract_embeddings", "fit_bank", "finetune", "make_checkpoint",
+    shifted_script(n) for n in ("eval_prior", "extract_embeddings", "fit_bank", "finetune", "make_checkpoint",
                              "process_img", "sft_test", "train", "test"))
 
 

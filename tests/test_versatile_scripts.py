@@ -9,26 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_loading import load_script  # noqa: E402
 
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def load_script(path: Path, name: str):
-    """A script as a module under a unique name (``sample`` / ``train`` / ``convert`` exist more than once)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-convert_script = load_script(REPO / "scripts/versatile/convert.py", "versatile_convert_script")
-sample_script = load_script(REPO / "scripts/versatile/sample.py", "versatile_sample_script")
-train_script = load_script(REPO / "scripts/versatile/train.py", "versatile_train_script")
-train_text_vae = load_script(REPO / "scripts/versatile/train_text_vae.py", "versatile_train_text_vae_script")
-root_sample = load_script(REPO / "scripts/sample.py", "root_sample_script_for_versatile")
+convert_script = load_script("scripts/versatile/convert.py")
+sample_script = load_script("scripts/versatile/sample.py")
+train_script = load_script("scripts/versatile/train.py")
+train_text_vae = load_script("scripts/versatile/train_text_vae.py")
+root_sample = load_script("scripts/sample.py")
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -209,7 +202,7 @@ def test_convert_script_is_strict(tmp_path, capsys):
 
 
 def test_evaluate_script_scores_every_flow(world, tmp_path, capsys):
-    evaluate = load_script(REPO / "scripts/versatile/evaluate.py", "versatile_evaluate_script")
+    evaluate = load_script("scripts/versatile/evaluate.py")
     out = tmp_path / "eval"
     code, _ = run_main(evaluate.main, ["--checkpoint", world["folder"], "--data_dir", world["data"] / "test",
                                        "--n", 2, "--steps", 1, "--baseline", "", "--output_dir", out], capsys)

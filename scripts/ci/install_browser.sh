@@ -14,4 +14,8 @@ export DEBIAN_FRONTEND=noninteractive
 if ! apt-cache show chromium-driver >/dev/null 2>&1; then
     apt-get update -q
 fi
-apt-get install -y -q --no-install-recommends chromium chromium-driver
+# Stale lists on an older image can point at packages the mirror no longer has: refresh once and retry.
+if ! apt-get install -y -q --no-install-recommends chromium chromium-driver; then
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends chromium chromium-driver
+fi

@@ -23,6 +23,7 @@ import contextlib
 import io
 import json
 import shlex
+import shutil
 import sys
 import tempfile
 import threading
@@ -481,7 +482,17 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
     from nicegui import run, ui
 
     limit = int(config.max_upload_mb * 2**20)
-    session_dir = Path(tempfile.mkdtemp(prefix="dlab-app-", dir=config.work_dir))
+    folder: list[Path] = []
+
+    def session_dir() -> Path:
+        """This visit's folder for grids, settings and uploads: made on first use (a bare GET of the page, as a
+        health check does, leaves nothing behind) and removed when NiceGUI deletes the client (tab closed past
+        the reconnect timeout), so a long-running server does not fill the disk."""
+        if not folder:
+            folder.append(Path(tempfile.mkdtemp(prefix="dlab-app-", dir=config.work_dir)))
+        return folder[0]
+
+    ui.context.client.on_delete(lambda: [shutil.rmtree(f, ignore_errors=True) for f in folder])
     checkpoints = {m: getattr(config, f"{m}_checkpoint") or default_checkpoint(m, config.checkpoint_root)
                    for m in METHODS}
     ui.add_css(".pixelated img { image-rendering: pixelated; } .app-error { color: #c10015; font-weight: 600; }")
@@ -535,7 +546,7 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
                 ui.notify(one_line(str(err)), type="negative")
                 e.sender.reset()
                 return
-            path = session_dir / f"{key}-{int(time.time() * 1000)}.png"
+            path = session_dir() / f"{key}-{int(time.time() * 1000)}.png"
             image.save(path, format="PNG")
             state[key] = path
             error_label.set_text("")
@@ -593,7 +604,7 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
             button.disable()
             status.set_text("generating...")
             try:
-                out_dir = session_dir / f"{method}-{int(time.time() * 1000)}"
+                out_dir = session_dir() / f"{method}-{int(time.time() * 1000)}"
                 result = await run.io_bound(run_tracked, job, out_dir, config.checkpoint_root)
             except UserError as err:
                 fail(one_line(str(err)))
@@ -713,7 +724,7 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
             elif source.value == "draw":
                 if not canvas.ids.any():
                     raise UserError("the drawn mask is empty: paint on the canvas, or choose another mask source")
-                uploads["mask"] = canvas.save(session_dir / f"drawn-mask-{int(time.time() * 1000)}.png")
+                uploads["mask"] = canvas.save(session_dir() / f"drawn-mask-{int(time.time() * 1000)}.png")
             return {"weighting": weighting.value, "mask_source": source.value}
         return read
 

@@ -222,6 +222,16 @@ def test_page_generates_with_two_methods_and_reports_bad_input(server, driver, t
           what="a generation after the errors")
     assert "Traceback" not in server["log"].read_text()
 
+    # Leaving the page deletes the visit's working folder (grids, settings, uploads) once NiceGUI drops the client
+    sessions = server["work"] / "outputs"
+    assert list(sessions.glob("dlab-app-*")), "the visit should have a working folder while it is open"
+    driver.get("about:blank")
+    deadline = time.time() + 30
+    while list(sessions.glob("dlab-app-*")) and time.time() < deadline:
+        time.sleep(0.5)
+    left = [(p.name, sorted(q.name for q in p.iterdir())) for p in sessions.glob("dlab-app-*")]
+    assert not left, f"the visit's working folder outlived its client: {left}"
+
 
 def test_server_refuses_oversized_upload_request_before_reading_it(server):
     import http.client

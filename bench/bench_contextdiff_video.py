@@ -36,7 +36,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-SECTION = "contextdiff video (issue 10)"
+
+
+def section_name(train_steps: int, learning_rate: float) -> str:
+    """One results section per tuning budget, so runs at another learning rate sit beside, not over, each other."""
+    return f"contextdiff video (issue 10): {train_steps} tuning steps at lr {learning_rate:g}"
 CLIPS = (  # digit, source colour, target colour
     (7, "red", "blue"),
     (3, "green", "magenta"),
@@ -108,12 +112,13 @@ def main(argv=None) -> None:
     parser.add_argument("--guidance_scales", type=float, nargs="+", default=[3.0, 1.5],
                         help="one full comparison per guidance scale (3 = the demo's; 1.5 = a weaker edit)")
     parser.add_argument("--train_steps", type=int, default=60)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--output", default="outputs/bench_contextdiff_video.json", help="per-run scores")
     parser.add_argument("--no_write", action="store_true", help="print only, do not touch bench/results.*")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     command = "OMP_NUM_THREADS=1 python bench/bench_contextdiff_video.py " + " ".join(argv or sys.argv[1:])
+    section = section_name(args.train_steps, args.learning_rate)
     runs, clips = [], clip_models()
     for cfg in args.guidance_scales:
         args.guidance_scale = cfg
@@ -132,7 +137,7 @@ def main(argv=None) -> None:
     n_edits = len(CLIPS) * len(args.seeds)
     floor = statistics.mean(vae_round_trip_mae(d, c, s, args.n_frames) for d, c, _ in CLIPS for s in args.seeds)
     records = [dict(name="contextdiff video: VAE round-trip error of the source clips (floor of reconstruction)",
-                    value=round(floor, 3), unit="0..255", command=command, section=SECTION)]
+                    value=round(floor, 3), unit="0..255", command=command, section=section)]
     print(f"VAE round trip (encode, decode) of the source clips: {floor:.3f}")
     for cfg in args.guidance_scales:
         for arm in ARMS:
@@ -146,20 +151,20 @@ def main(argv=None) -> None:
                     name=f"contextdiff video, cfg {cfg:g}, {arm}: {key.replace('_', ' ')}",
                     value=round(100 * value, 1) if percent else round(value, 4),
                     unit="%" if percent else ("0..255" if key == "reconstruction_mae" else "mean"),
-                    command=command, section=SECTION))
+                    command=command, section=section))
             records.append(dict(name=f"contextdiff video, cfg {cfg:g}, {arm}: seconds per edit",
-                                value=round(summary["seconds"], 2), unit="s", command=command, section=SECTION))
+                                value=round(summary["seconds"], 2), unit="s", command=command, section=section))
         for key in ("color_accuracy", "clip_text_alignment", "stroke_iou", "clip_frame_consistency"):
             wins, losses = paired(runs, key, cfg)
             print(f"cfg {cfg} shift vs no shift, paired {key} over {n_edits} edits: {wins} wins / {losses} losses")
             records.append(dict(name=f"contextdiff video, cfg {cfg:g}, shift vs no shift: paired wins / losses, "
                                      f"{key.replace('_', ' ')}",
                                 value=f"{wins} / {losses} of {n_edits}", unit="edits", command=command,
-                                section=SECTION))
+                                section=section))
     if not args.no_write:
         from records import write_records
 
-        write_records(records, replace_section=SECTION)
+        write_records(records, replace_section=section)
 
 
 if __name__ == "__main__":

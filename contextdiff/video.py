@@ -385,7 +385,7 @@ class VideoEditConfig:
     steps: int = 25
     guidance_scale: float = 3.0
     train_steps: int = 60
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-4
     seed: int = 0
     shift: str = "all"
     fixed_point_iters: int = 2

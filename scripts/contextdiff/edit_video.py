@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps for inversion and sampling")
     parser.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance of the edit")
     parser.add_argument("--train_steps", type=int, default=60, help="one-shot tuning steps on the source clip")
-    parser.add_argument("--learning_rate", type=float, default=1e-3, help="tuning learning rate (AdamW, constant)")
+    parser.add_argument("--learning_rate", type=float, default=1e-4,
+                        help="tuning learning rate (AdamW, constant; 1e-3 made late frames drift, bench/results.md)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--model_dir", default=DEFAULT_MODEL, help="ContextDiff checkpoint folder (image model)")
     parser.add_argument("--shift", choices=("all", "train", "none"), default="all",

@@ -116,6 +116,8 @@ class RelationalNet(ModelMixin, ConfigMixin):
         text_sources: which text encoders feed it, in order: ``"clip"`` (the UNet's own CLIP text states) and/or
             ``"t5"``. Their tokens are concatenated after a per-source ``LayerNorm -> Linear(D_i, dim)``.
         text_dims: hidden width D_i of each source (1024 for SD-2's OpenCLIP-H text tower, 4096 for T5-XXL).
+        r_bound: optional soft bound on every element of r, ``r = b tanh(raw / b)`` (None: unbounded, the paper).
+            An experiment for the digits finding that |r| grows to the latents' own size (METHOD.md).
     """
 
     @register_to_config
@@ -128,8 +130,11 @@ class RelationalNet(ModelMixin, ConfigMixin):
         heads: int = 8,
         text_sources: Sequence[str] = ("clip",),
         text_dims: Sequence[int] = (1024,),
+        r_bound: Optional[float] = None,
     ):
         super().__init__()
+        if r_bound is not None and not float(r_bound) > 0:
+            raise UserError(f"adapter r_bound must be > 0 (or unset for no bound), got {r_bound}")
         text_sources, text_dims = tuple(text_sources), tuple(int(d) for d in text_dims)
         bad = [s for s in text_sources if s not in TEXT_SOURCES]
         if bad or not text_sources or len(set(text_sources)) != len(text_sources):
@@ -212,6 +217,8 @@ class RelationalNet(ModelMixin, ConfigMixin):
             x = block(x, text_tokens, text_mask)
         x = self.proj_out(self.norm_out(x))  # [B, h w, p p C]
         r = x.view(b, h, w, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
+        if cfg.r_bound is not None:
+            r = cfg.r_bound * torch.tanh(r / cfg.r_bound)  # ~identity for |r| << bound, so zero-init stays exact
         return r.to(x0.dtype)
 
 

@@ -58,7 +58,7 @@ from contextdiff.process import (
 
 
 ADAPTER_FLAGS = {"adapter_dim": "dim", "adapter_depth": "depth", "adapter_heads": "heads",
-                 "adapter_patch_size": "patch_size"}
+                 "adapter_patch_size": "patch_size", "adapter_r_bound": "r_bound"}
 TRAIN_DEFAULTS = {"learning_rate": 1e-4, "train_batch_size": 16, "lr_warmup_steps": 0, "report_to": "none",
                   "tracker_project_name": "contextdiff"}
 DESCRIPTIONS = {
@@ -91,6 +91,8 @@ def build_parser(stage: int) -> argparse.ArgumentParser:
         p.add_argument("--adapter_depth", type=int, default=None, help="relational blocks (default 4)")
         p.add_argument("--adapter_heads", type=int, default=None, help="attention heads (default 8)")
         p.add_argument("--adapter_patch_size", type=int, default=None, help="latent patch size (default 2)")
+        p.add_argument("--adapter_r_bound", type=float, default=None,
+                       help="soft bound on r's elements, r = b tanh(raw / b) (default: none, as the paper)")
         p.add_argument("--adapter_text_sources", nargs="+", choices=TEXT_SOURCES, default=None,
                        help="text encoders the adapter reads, in order (default clip); overrides the config's, and "
                             "the widths then follow the encoders (t5 needs --t5_model_name_or_path)")

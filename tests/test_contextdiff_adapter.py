@@ -139,3 +139,24 @@ def test_configs_build_and_paper_scale_parameter_counts(tmp_path):
     with pytest.raises(UserError) as err:
         load_config(bad)
     _assert_one_line(err, "hidden_size")
+
+
+def test_r_bound_soft_clips_r_and_round_trips(tmp_path):
+    """``r_bound = b``: r = b tanh(raw / b), elementwise within (-b, b); zero-init stays exactly zero; unset = the
+    paper's unbounded r; the bound is saved with the config."""
+    x0, text = _inputs()
+    with torch.no_grad():
+        raw = tiny_adapter(seed=1, head_std=1.0)(x0, text)
+        bounded_model = tiny_adapter(seed=1, head_std=1.0, r_bound=0.5)
+        bounded = bounded_model(x0, text)
+        assert not tiny_adapter(r_bound=0.5)(x0, text).any()
+    assert raw.abs().max() > 1.0  # the test would not show the bound otherwise
+    assert bounded.abs().max() <= 0.5  # (tanh saturates to exactly 1 in float32 far out)
+    assert torch.allclose(bounded, 0.5 * torch.tanh(raw / 0.5), atol=1e-6)
+    bounded_model.save_pretrained(tmp_path / "a", safe_serialization=True)
+    reloaded = load_adapter(tmp_path / "a")
+    assert reloaded.config.r_bound == 0.5
+    with torch.no_grad():
+        assert torch.equal(reloaded(x0, text), bounded)
+    with pytest.raises(UserError, match="r_bound must be > 0"):
+        tiny_adapter(r_bound=0.0)

@@ -75,16 +75,18 @@ def _caption_fields(value: Any) -> tuple[str, Optional[tuple[str, ...]]]:
     return ("" if value is None else str(value)), None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl_rows(path: Path) -> list[dict]:
+    """The rows of an imagefolder jsonl (``metadata.jsonl`` and the like): one JSON object per non-blank line, each
+    with a ``file_name``; a bad line is a one-line :class:`UserError` naming the file and line."""
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             raise UserError(f"{path}:{n} is not valid JSON: fix or remove that line") from None
-        if not isinstance(row, dict) or "file_name" not in row:
+        if not isinstance(row, dict) or not row.get("file_name"):
             raise UserError(f"{path}:{n} has no file_name: each line needs {{\"file_name\": ..., \"text\": ...}}")
         rows.append(row)
     return rows
@@ -97,7 +99,7 @@ def folder_records(root: Path, caption_column: str = "text", require_captions: b
     meta = root / "metadata.jsonl"
     if meta.is_file():
         records = []
-        for row in _read_jsonl(meta):
+        for row in read_jsonl_rows(meta):
             if require_captions and caption_column not in row:
                 raise UserError(f"{meta}: a line has no {caption_column!r} column: pass --caption_column")
             mask = root / row["mask_file_name"] if row.get("mask_file_name") else None

@@ -144,17 +144,9 @@ def read_metadata(folder: Path, metadata: Optional[Path] = None) -> list[dict]:
         if not path.is_file():
             raise UserError(f"{folder} has no {' or '.join(METADATA_NAMES)}: the judge needs one line per image "
                             "with file_name and text (or digit and color)")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{n} is not valid JSON: fix or remove that line") from None
-        if not isinstance(row, dict) or not row.get("file_name"):
-            raise UserError(f"{path}:{n} has no file_name: each line needs the image's file_name")
-        rows.append(row)
+    from common.data import read_jsonl_rows
+
+    rows = read_jsonl_rows(path)
     if not rows:
         raise UserError(f"{path} lists no images")
     return rows

@@ -57,17 +57,10 @@ def read_captions(folder, column: str = "text") -> list[str]:
     if not path.is_file():
         raise UserError(f"{path} does not exist: pass a folder with metadata.jsonl (e.g. data/digits/train, "
                         "built by `python datasets/digits.py --output_dir data/digits`)")
-    captions = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{n} is not valid JSON") from None
-        text = row.get(column)
-        if isinstance(text, str) and text.strip():
-            captions.append(text)
+    from common.data import read_jsonl_rows
+
+    captions = [row[column] for row in read_jsonl_rows(path)
+                if isinstance(row.get(column), str) and row[column].strip()]
     if not captions:
         raise UserError(f"{path} has no '{column}' captions: pass --caption_column")
     return captions

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--guidance_scales", default="1,3", help="comma-separated per-member CFG scales to evaluate")
     p.add_argument("--variants", default="mask_only,text_only,average,collaborative,collaborative+released")
+    p.add_argument("--record_label", default="",
+                   help="with --write_records: appended to the section names, so an ablation checkpoint's numbers sit "
+                        "beside the shipped one's instead of replacing them")
     p.add_argument("--mse_images", type=int, default=297, help="test images for the held-out eps-MSE (0 skips it)")
     p.add_argument("--edit_images", type=int, default=12, help="0 skips the editing evaluation")
     p.add_argument("--edit_alphas", default="0,1,1.5,2,3")
@@ -130,8 +133,9 @@ def write(results: dict, args, argv) -> None:
 
     command = "OMP_NUM_THREADS=1 python scripts/codiff/evaluate.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
-    section = "codiff (issue 7): condition following and editing on digits"
-    mse_section = "codiff (issue 7): held-out eps-MSE of each variant and where the influence goes"
+    label = f" ({args.record_label})" if args.record_label else ""
+    section = "codiff (issue 7): condition following and editing on digits" + label
+    mse_section = "codiff (issue 7): held-out eps-MSE of each variant and where the influence goes" + label
     rows, mse_rows = [], []
     n = args.num_prompts
     for label, scores in results["generation"].items():

@@ -18,6 +18,7 @@ import torch
 import yaml
 from PIL import Image
 from script_loading import load_script  # noqa: E402
+from tiny_data import write_captioned_images  # noqa: E402
 
 from common.tiny import make_tiny_sd_folder, tiny_unet2d_condition
 from contextdiff.adapter import load_adapter, tiny_adapter
@@ -42,16 +43,7 @@ def sd_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """Eight 32x32 captioned images in the imagefolder layout (file_name, text)."""
-    root = tmp_path_factory.mktemp("data") / "train"
-    (root / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(8):
-        name = f"images/{i}.png"
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / name)
-        rows.append(json.dumps({"file_name": name, "text": f"a {['red', 'blue'][i % 2]} handwritten {i}"}))
-    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    return root
+    return write_captioned_images(tmp_path_factory.mktemp("data") / "train")
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from PIL import Image
 from script_loading import load_script  # noqa: E402
+from tiny_data import write_captioned_images  # noqa: E402
 
 from common.errors import UserError
 from common.tiny import make_tiny_sd_folder, t5_tokenizer, tiny_t5_encoder, tiny_unet2d_condition
@@ -48,15 +48,7 @@ def _t5_folder(path: Path, seed: int = 0, **overrides) -> Path:
 def world(tmp_path_factory):
     """A tiny SD folder, two tiny T5 folders (32-d and 48-d), eight captioned 32x32 images, a [clip, t5] config."""
     root = tmp_path_factory.mktemp("t5world")
-    data = root / "train"
-    (data / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(8):
-        name = f"images/{i}.png"
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / name)
-        rows.append(json.dumps({"file_name": name, "text": f"a {['red', 'blue'][i % 2]} handwritten {i}"}))
-    (data / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    data = write_captioned_images(root / "train")
     config = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
     config["adapter"].update(text_sources=["clip", "t5"], text_dims=[32, 32])
     (root / "clip_t5.yaml").write_text(yaml.safe_dump(config))

@@ -155,7 +155,13 @@ def released_prior_config(state_dict: Mapping[str, torch.Tensor], heads: int = R
     inner = shape("transformer.layers.0.1.to_q.weight")[0]
     if inner % heads:
         raise UserError(f"--heads {heads} does not divide the attention width {inner}")
-    clip_dims = list(config.pop("clip_dims", None) or ([emb_dim // 3] * 3 if emb_dim % 3 == 0 else [emb_dim]))
+    clip_dims = config.pop("clip_dims", None)
+    if clip_dims is None:  # the release concatenates CLIP models of one width
+        count = max(len(config.get("clip_models") or ()), 1)
+        if emb_dim % count:
+            raise UserError(f"the {emb_dim}-d embedding does not split evenly over {count} CLIP models: pass one "
+                            "--clip per CLIP model of the release (three: ViT-B/16, ViT-B/32, RN101)")
+        clip_dims = [emb_dim // count] * count
     return dict(
         emb_dim=emb_dim,
         text_dim=shape("t5_proj.0.gamma")[0],
@@ -166,7 +172,7 @@ def released_prior_config(state_dict: Mapping[str, torch.Tensor], heads: int = R
         dim_head=inner // heads,
         ff_mult=shape("transformer.layers.1.1.net.3.weight")[1] // width,
         use_bank_token="pos_embed.0.weight" in state_dict,
-        clip_dims=clip_dims,
+        clip_dims=list(clip_dims),
         attn_out_bias=False,
         **config,
     )

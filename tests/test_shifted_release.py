@@ -190,6 +190,8 @@ def test_bad_released_prior_files_are_one_line_errors_naming_the_key(tmp_path):
         _load_bad(tmp_path, {**good, "out_proj.2.weight": torch.zeros(48, 24), "out_proj.2.bias": torch.zeros(48)})
     with pytest.raises(UserError, match="does not divide"):
         _load_bad(tmp_path, good, heads=5)
+    with pytest.raises(UserError, match="does not split evenly over 5 CLIP models"):
+        _load_bad(tmp_path, good, clip_dims=None, clip_models=list("abcde"))
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.th")  # a pickled module, not a state dict: never unpickled
     with pytest.raises(UserError, match="refusing to load"):
         release.load_released_prior(tmp_path / "module.th", **NAMES)
@@ -276,6 +278,8 @@ def test_convert_script_writes_a_checkpoint_sample_py_runs(tmp_path, capsys):
     rel.mkdir()
     torch.save({k: v.half() for k, v in release.project_to_released(prior.state_dict()).items()},
                rel / "model_state.th")  # the release stores what its training saved; half precision here
+    baseline = ShiftedPrior(**{**prior.config, "use_bank_token": False}).eval()
+    torch.save(release.project_to_released(baseline.state_dict()), rel / "baseline_state.th")
     g = torch.Generator().manual_seed(1)
     mean, std = torch.randn(5, 64, generator=g), torch.rand(5, 64, generator=g) + 0.05
     torch.save(mean, rel / "mean.pth")
@@ -288,7 +292,11 @@ def test_convert_script_writes_a_checkpoint_sample_py_runs(tmp_path, capsys):
             "--bank_size", "4", "--heads", "2", "--decoder", str(sd), "--null_embedding",
             str(rel / "small_sft_empty_embeds.th"), "--clip", str(clip), "--t5_model", str(states),
             "--t5_max_length", "12", "--out", str(out)]
-    assert convert.main(argv) == 0
+    assert convert.main([*argv, "--prior_baseline", str(rel / "baseline_state.th")]) == 0
+    base, no_bank = load_prior(out / "prior_baseline")
+    assert no_bank is None and all(torch.equal(v, baseline.state_dict()[k]) for k, v in base.state_dict().items())
+    assert convert.main(argv) == 0  # an existing checkpoint folder is replaced as a whole
+    assert not (out / "prior_baseline").exists()
     loaded, bank = load_prior(out / "prior")
     assert loaded.config.clip_models == [model_name(clip)] and loaded.config.text_encoder == text_encoder_name(states)
     assert all(torch.equal(v, prior.state_dict()[k].half().float()) for k, v in loaded.state_dict().items())
@@ -321,6 +329,13 @@ def test_convert_script_writes_a_checkpoint_sample_py_runs(tmp_path, capsys):
         convert.main([*argv[:argv.index("--decoder") + 1], str(TINY / "shifted" / "decoder"),
                       *argv[argv.index("--decoder") + 2:]])
     assert "UNet2DConditionModelEmb" in capsys.readouterr().err
+    mine = tmp_path / "mine"  # a folder of the user's is never replaced
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(SystemExit):
+        convert.main([*argv[:-1], str(mine)])
+    assert "not a Shifted Diffusion checkpoint" in capsys.readouterr().err
+    assert [f.name for f in mine.iterdir()] == ["notes.txt"]
 
 
 # --------------------------------------------------------------------------------- the shipped tiny priors

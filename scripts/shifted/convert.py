@@ -60,9 +60,6 @@ def main(argv=None) -> int:
 
     prior = release.load_released_prior(args.prior, **names)
     dims = prior.config.clip_dims
-    if len(dims) != len(clip_names):
-        raise UserError(f"the prior's {prior.config.emb_dim}-d embedding is not split over {len(clip_names)} CLIP "
-                        f"models: pass one --clip per model of the release ({len(dims)})")
     bank = None
     if prior.config.use_bank_token:
         if not (args.mean and args.std):

@@ -105,6 +105,8 @@ def released_to_project(state_dict: Mapping[str, torch.Tensor], source: str = "t
         if new is None:
             hint = " (a learnable bank: convert its mean/std files instead)" if key.startswith("vocab.") else ""
             raise UserError(f"{source}: unexpected key {key}{hint}: not part of the released ClipPrior")
+        if new in out:
+            raise UserError(f"{source}: unexpected key {key}: a second tensor for {new}")
         out[new] = value
     return out
 

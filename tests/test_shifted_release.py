@@ -184,6 +184,8 @@ def test_bad_released_prior_files_are_one_line_errors_naming_the_key(tmp_path):
         _load_bad(tmp_path, {**good, "vocab.mean.weight": torch.zeros(4, 24)})
     with pytest.raises(UserError, match=r"time_embed\.2\.weight has shape \(64, 32\)"):
         _load_bad(tmp_path, {**good, "time_embed.2.weight": torch.zeros(64, 32)})
+    with pytest.raises(UserError, match=r"unexpected key x_proj\.2\.weight: a second tensor for x_proj\.2\.weight"):
+        _load_bad(tmp_path, {**good, "x_proj.2.weight": torch.ones(64)})
     with pytest.raises(UserError, match=r"x_proj\.2\.beta is not zero"):
         _load_bad(tmp_path, {**good, "x_proj.2.beta": torch.ones(64)})
     with pytest.raises(UserError, match="learn_sigma"):

@@ -3,5 +3,6 @@ towards a Gaussian bank of embedding statistics, and Stable Diffusion conditione
 
 Modules: ``bank`` (Gaussian bank, fit_bank), ``process`` (the bank's Shift on the core), ``prior`` (the causal
 transformer), ``embeddings`` (multi-CLIP, text states, cache), ``adapter`` (image embedding -> SD tokens),
-``pipeline`` (sampling, training loss, save/load), ``config``. See ``METHOD.md``.
+``pipeline`` (sampling, training loss, save/load), ``config``, ``release`` (the authors' released files).
+See ``METHOD.md``.
 """

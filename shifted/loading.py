@@ -130,6 +130,16 @@ def load_text_states(path: PathLike, max_length: int, device: Union[str, torch.d
     return _text_states(str(resolved.resolve()), model_name(resolved), kind, int(max_length), str(device))
 
 
+def text_encoder_name(path: PathLike) -> str:
+    """The name :func:`load_text_states` gives a text-encoder folder (what a prior records as ``text_encoder``)."""
+    from common.models import resolve_model_folder
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"text-encoder folder {folder} does not exist: pass a T5 or CLIP text_encoder folder")
+    return model_name(resolve_model_folder(folder, None, "text_encoder"))
+
+
 @functools.lru_cache(maxsize=4)
 def _text_states(folder: str, name: str, kind: str, max_length: int, device: str):
     from common.models import load_clip_text, load_t5_encoder

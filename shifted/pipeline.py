@@ -319,6 +319,36 @@ def save_prior(folder: Union[str, Path], prior: ShiftedPrior, bank: Optional[Gau
     return Path(folder)
 
 
+def _legacy_prior_overrides(folder: Path) -> dict:
+    """Config values a prior folder saved before they existed implies, checked against its weights.
+
+    Priors saved before ``attn_out_bias`` existed all had biased attention outputs: their config lacks the key and
+    their weights hold ``blocks.N.attn.to_out.bias``; they load as they were saved. Any other difference between
+    the weights and the network the config builds is an error naming the key (diffusers would only warn and leave
+    a random tensor, or drop a trained one).
+    """
+    import json
+
+    from safetensors import safe_open
+
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{folder} has no diffusion_pytorch_model.safetensors: pass the folder written by save_prior")
+    config = json.loads((folder / "config.json").read_text())
+    with safe_open(str(weights), framework="pt") as handle:
+        keys = set(handle.keys())
+    overrides = {}
+    if "attn_out_bias" not in config:
+        overrides["attn_out_bias"] = "blocks.0.attn.to_out.bias" in keys
+    with torch.device("meta"):
+        expected = set(ShiftedPrior.from_config({**config, **overrides}).state_dict())
+    for what, names in (("lacks", expected - keys), ("has an unexpected", keys - expected)):
+        if names:
+            raise UserError(f"the prior weights in {folder} {what} tensor {sorted(names)[0]} "
+                            f"({len(names)} in all): its config.json does not describe them; re-save the prior")
+    return overrides
+
+
 def load_prior(
     folder: Union[str, Path],
     clip_models: Optional[Sequence[str]] = None,
@@ -329,7 +359,7 @@ def load_prior(
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} is not a prior folder (no config.json): pass the folder written by save_prior")
-    prior = ShiftedPrior.from_pretrained(str(folder)).to(device).eval()
+    prior = ShiftedPrior.from_pretrained(str(folder), **_legacy_prior_overrides(folder)).to(device).eval()
     bank = GaussianBank.load(folder / BANK_FILE).to(device) if (folder / BANK_FILE).is_file() else None
     check_prior_bank(prior, bank)
     if clip_models is not None:

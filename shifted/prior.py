@@ -8,8 +8,10 @@ Each token comes from its own small projection (``t5_proj``, ``clip_sentence_pro
 timestep and for the bank index, ``x_proj``); a decoder-only transformer with causal self-attention reads the
 sequence and the hidden state at the query position, through ``out_proj``, is ``x0_hat`` (x0 parameterisation,
 spec §2.6). The transformer mirrors x-transformers 0.28.4 ``Decoder(use_rmsnorm=True, ff_glu=True)`` as the
-reference instantiates it: pre-RMSNorm, causal attention with bias-free q/k/v and a biased output projection,
-GEGLU feed-forward (x4), no positional embedding, no final norm (spec §3, §7.10). Causality plus the fixed token
+reference instantiates it: pre-RMSNorm, causal attention with bias-free q/k/v and output projection, GEGLU
+feed-forward (x4), no positional embedding, no final norm (spec §3, §7.10). ``attn_out_bias=True`` adds a bias to
+each attention output projection: priors trained here before the network matched the release (the shipped tiny
+ones) record it in their ``config.json`` and keep loading bit for bit. Causality plus the fixed token
 order lets the text tokens be computed once per prompt; positions are implicit in causal attention.
 """
 
@@ -57,16 +59,16 @@ class RMSNorm(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention ``[B, N, W] -> [B, N, W]``; q/k/v bias-free, output projection biased."""
+    """Multi-head causal self-attention ``[B, N, W] -> [B, N, W]``; q/k/v and (by default) the output bias-free."""
 
-    def __init__(self, width: int, heads: int, dim_head: int):
+    def __init__(self, width: int, heads: int, dim_head: int, out_bias: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
         self.to_q = nn.Linear(width, inner, bias=False)
         self.to_k = nn.Linear(width, inner, bias=False)
         self.to_v = nn.Linear(width, inner, bias=False)
-        self.to_out = nn.Linear(inner, width)
+        self.to_out = nn.Linear(inner, width, bias=out_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -91,10 +93,10 @@ class GEGLUFeedForward(nn.Module):
 class PriorBlock(nn.Module):
     """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + ff(norm(x))``."""
 
-    def __init__(self, width: int, heads: int, dim_head: int, ff_mult: int):
+    def __init__(self, width: int, heads: int, dim_head: int, ff_mult: int, attn_out_bias: bool = False):
         super().__init__()
         self.attn_norm = RMSNorm(width)
-        self.attn = CausalSelfAttention(width, heads, dim_head)
+        self.attn = CausalSelfAttention(width, heads, dim_head, attn_out_bias)
         self.ff_norm = RMSNorm(width)
         self.ff = GEGLUFeedForward(width, ff_mult)
 
@@ -131,6 +133,8 @@ class ShiftedPrior(ModelMixin, ConfigMixin):
         text_encoder: name of the text encoder the states came from (a prior trained on t5-11b states does not
             work with t5-large ones, issue #3).
         num_train_timesteps, beta_schedule, beta_start, beta_end: the diffusion schedule it was trained with.
+        attn_out_bias: a bias on each attention output projection. False is the released network (x-transformers
+            ``Attention`` has ``bias=False``); True only for priors trained here before that was fixed.
     """
 
     _supports_gradient_checkpointing = False
@@ -154,6 +158,7 @@ class ShiftedPrior(ModelMixin, ConfigMixin):
         beta_schedule: str = "linear",
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
+        attn_out_bias: bool = False,
     ):
         super().__init__()
         if sum(clip_dims) != emb_dim or len(clip_dims) != len(clip_models):
@@ -169,7 +174,9 @@ class ShiftedPrior(ModelMixin, ConfigMixin):
         self.index_embed = sinusoidal_mlp(width) if use_bank_token else None
         self.x_proj = embedding_projection(emb_dim, width)
         self.query = nn.Parameter(torch.randn(1, 1, width))
-        self.blocks = nn.ModuleList(PriorBlock(width, heads, dim_head, ff_mult) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            PriorBlock(width, heads, dim_head, ff_mult, attn_out_bias) for _ in range(layers)
+        )
         self.out_proj = nn.Sequential(nn.Linear(width, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
     # ---------------------------------------------------------------------------------------------- helpers
@@ -249,11 +256,11 @@ class ShiftedPrior(ModelMixin, ConfigMixin):
 
 def prior_parameter_count(
     emb_dim: int, text_dim: int, width: int, layers: int, heads: int, dim_head: int = 64, ff_mult: int = 4,
-    use_bank_token: bool = True,
+    use_bank_token: bool = True, attn_out_bias: bool = False,
 ) -> int:
     """Closed-form parameter count of :class:`ShiftedPrior` (spec §3 sizes: 0.58B / 1.12B / 1.39B at 8 / 16 / 20)."""
     inner, w, e = heads * dim_head, width, emb_dim
-    block = 2 * w + 4 * w * inner + w + (2 * ff_mult * w) * (w + 1) + ff_mult * w * w + w
+    block = 2 * w + 4 * w * inner + (w if attn_out_bias else 0) + (2 * ff_mult * w) * (w + 1) + ff_mult * w * w + w
     text = text_dim + text_dim * w + w + w + w * w + w
     emb_proj = e * w + w + w + w * w + w
     mlp = 2 * (w * w + w)

@@ -288,7 +288,7 @@ def test_baseline_prior_without_bank_trains_and_samples_plain_ddpm():
 def test_paper_config_builds_on_meta_with_the_released_sizes(capsys):
     cfg = load_config(CONFIGS / "paper.yaml")
     counts = parameter_counts(cfg)
-    assert counts["prior"] == prior_parameter_count(1536, 1024, 2048, 8, 32) == 580_354_048  # ~0.58B (spec §3)
+    assert counts["prior"] == prior_parameter_count(1536, 1024, 2048, 8, 32) == 580_337_664  # ~0.58B (spec §3)
     assert counts["sd_unet"] == 865_910_724  # stock SD-2 UNet
     assert counts["sd_projection"] == 1536 * 4 * 1024 + 4 * 1024  # Linear(1536 -> 4 x 1024)
     assert counts["sd_vae"] == 83_653_863
@@ -300,7 +300,7 @@ def test_paper_config_builds_on_meta_with_the_released_sizes(capsys):
 
     main([str(CONFIGS / "paper.yaml")])
     printed = capsys.readouterr().out
-    assert "580,354,048" in printed and "865,910,724" in printed
+    assert "580,337,664" in printed and "865,910,724" in printed
 
 
 def test_tiny_config_builds_a_working_prior_and_projection():

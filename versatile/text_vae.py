@@ -104,6 +104,17 @@ def build_tokenizers(config: TextVAEConfig) -> tuple[Any, Any]:
     return found[0], found[1]
 
 
+def clean_up_tokenization(text: str) -> str:
+    """[R]'s ``decode(..., clean_up_tokenization_spaces=True)`` clean-up: no space before punctuation and clitics.
+
+    Applied here for every tokenizer, since transformers 5 skips its own clean-up for byte-level BPE (GPT-2).
+    """
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" do not", " don't"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
+
+
 def merge_adjacent_duplicates(text: str) -> str:
     """Drop a word equal to the word before it ([R0] ``prompt_merge_same_adj_word``): "a a red red cat" -> "a red cat"."""
     out: list[str] = []
@@ -301,8 +312,8 @@ class OptimusVAE(nn.Module):
         texts = []
         for row in ids:
             body = row[1 : row.index(self.eos_id, 1)] if self.eos_id in row[1:] else row[1:]
-            text = self.decoder_tokenizer.decode(body, skip_special_tokens=True, clean_up_tokenization_spaces=True)
-            text = " ".join(text.split())
+            text = self.decoder_tokenizer.decode(body, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            text = " ".join(clean_up_tokenization(text).split())
             texts.append(merge_adjacent_duplicates(text) if merge_duplicates else text)
         return texts
 

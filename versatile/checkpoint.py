@@ -10,7 +10,8 @@ Layout written by ``scripts/versatile/train.py`` (``ckpt/tiny/versatile/pipeline
     {"format": "diffusion-lab/versatile/v1",
      "image_vae": "../../vae",            # diffusers AutoencoderKL folder (its config.scaling_factor is used)
      "clip": "../../clip",                # open_clip local folder (open_clip_config.json + weights)
-     "text_vae": "../text_vae",           # versatile.text_vae.save_text_vae folder, or null (no text flows)
+     "text_vae": "../text_vae",           # versatile.text_vae.save_text_vae folder, or null (no text flows);
+                                          # "text_vae" when stored inside (a converted release)
      "trained_flows": ["iv", "t2i", ...], # flows whose three layer groups were all trained
      "uncond_image": null,                # the null image the run trained with (null: per-flow default)
      "context_scale": 1.0,                # factor on every context token the diffuser was trained with (VD: 1)

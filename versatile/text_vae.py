@@ -15,7 +15,8 @@
 
 Built from transformers configs (``BertModel``, ``GPT2LMHeadModel``) and an offline tokenizer: a WordPiece
 tokenizer built with the ``tokenizers`` library from a word list (:func:`word_tokenizer`, the tiny default), the
-project's CLIP BPE (``common.tiny.clip_tokenizer``), or tokenizer folders on disk. Nothing is downloaded.
+project's CLIP BPE (``common.tiny.clip_tokenizer``), or tokenizer folders on disk. Nothing is downloaded. The
+released ``optimus-vae.pth`` loads through :mod:`versatile.optimus_convert`.
 """
 
 from __future__ import annotations
@@ -383,7 +384,10 @@ def save_text_vae(vae: OptimusVAE, folder) -> Path:
     with atomic_write_dir(folder) as tmp:
         fields = {**dataclasses.asdict(config), "latent_dim": vae.latent_dim}
         (tmp / TEXT_VAE_CONFIG).write_text(json.dumps(fields, indent=2))
-        save_safetensors(vae.state_dict(), tmp / TEXT_VAE_WEIGHTS)
+        state = vae.state_dict()
+        if state["decoder.lm_head.weight"].data_ptr() == state["decoder.transformer.wte.weight"].data_ptr():
+            del state["decoder.lm_head.weight"]  # tied to wte: one copy (154 MB at GPT-2 size); the load re-ties
+        save_safetensors(state, tmp / TEXT_VAE_WEIGHTS)
         vae.encoder_tokenizer.save_pretrained(tmp / "encoder_tokenizer")
         vae.decoder_tokenizer.save_pretrained(tmp / "decoder_tokenizer")
     return Path(folder)

@@ -10,7 +10,8 @@ Layout written by ``scripts/versatile/train.py`` (``ckpt/tiny/versatile/pipeline
     {"format": "diffusion-lab/versatile/v1",
      "image_vae": "../../vae",            # diffusers AutoencoderKL folder (its config.scaling_factor is used)
      "clip": "../../clip",                # open_clip local folder (open_clip_config.json + weights)
-     "text_vae": "../text_vae",           # versatile.text_vae.save_text_vae folder, or null (no text flows)
+     "text_vae": "../text_vae",           # versatile.text_vae.save_text_vae folder, or null (no text flows);
+                                          # "text_vae" when stored inside (a converted release)
      "trained_flows": ["iv", "t2i", ...], # flows whose three layer groups were all trained
      "uncond_image": null,                # the null image the run trained with (null: per-flow default)
      "context_scale": 1.0,                # factor on every context token the diffuser was trained with (VD: 1)
@@ -42,6 +43,7 @@ from versatile.multiflow import FLOWS, MultiFlowDiffuser, resolve_flow
 FORMAT = "diffusion-lab/versatile/v1"
 MANIFEST = "versatile.json"
 DIFFUSER_DIR = "diffuser"
+TEXT_VAE_DIR = "text_vae"  # a text VAE stored inside the folder (converted from a release)
 TRAINABLE_FLOWS = ("t2i", "iv", "i2t", "tv")
 
 
@@ -139,21 +141,34 @@ def save_pipeline_folder(
     stages: Optional[list[dict[str, Any]]] = None,
     dtype: Optional[torch.dtype] = None,
     context_scale: float = 1.0,
+    text_vae_model=None,
 ) -> Path:
-    """Write ``versatile.json`` + ``diffuser/`` (per-group shards, ``dtype`` storage) atomically."""
+    """Write ``versatile.json`` + ``diffuser/`` (per-group shards, ``dtype`` storage) atomically.
+
+    ``text_vae_model``: an :class:`~versatile.text_vae.OptimusVAE` saved inside the folder (``text_vae/``, e.g.
+    converted from a release) instead of referencing a ``text_vae`` folder elsewhere.
+    """
     from common.io import atomic_write_dir
     from versatile.convert import save_diffuser
+    from versatile.text_vae import save_text_vae
+
+    if text_vae_model is not None and text_vae is not None:
+        raise UserError("give the text VAE as a folder (text_vae) or as a model to store inside (text_vae_model), "
+                        "not both")
 
     folder = Path(folder)
     flows = tuple(sorted({resolve_flow(f).name for f in trained_flows}, key=TRAINABLE_FLOWS.index))
     sampling_fields = dataclasses.asdict(sampling or SamplingConfig())
     with atomic_write_dir(folder) as tmp:
         save_diffuser(diffuser, tmp / DIFFUSER_DIR, dtype=dtype, shard_by_group=True)
+        if text_vae_model is not None:
+            save_text_vae(text_vae_model, tmp / TEXT_VAE_DIR)
         manifest = {
             "format": FORMAT,
             # relative to the final folder (tmp is its sibling, so the same relative paths hold)
             "image_vae": _relative(image_vae, folder), "clip": _relative(clip, folder),
-            "text_vae": _relative(text_vae, folder), "trained_flows": list(flows), "uncond_image": uncond_image,
+            "text_vae": TEXT_VAE_DIR if text_vae_model is not None else _relative(text_vae, folder),
+            "trained_flows": list(flows), "uncond_image": uncond_image,
             "context_scale": float(context_scale), "sampling": sampling_fields, "stages": list(stages or []),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -15,7 +15,8 @@
 
 Built from transformers configs (``BertModel``, ``GPT2LMHeadModel``) and an offline tokenizer: a WordPiece
 tokenizer built with the ``tokenizers`` library from a word list (:func:`word_tokenizer`, the tiny default), the
-project's CLIP BPE (``common.tiny.clip_tokenizer``), or tokenizer folders on disk. Nothing is downloaded.
+project's CLIP BPE (``common.tiny.clip_tokenizer``), or tokenizer folders on disk. Nothing is downloaded. The
+released ``optimus-vae.pth`` loads through :mod:`versatile.optimus_convert`.
 """
 
 from __future__ import annotations
@@ -102,6 +103,17 @@ def build_tokenizers(config: TextVAEConfig) -> tuple[Any, Any]:
             raise UserError(f"{folder} has no {side}/ folder: save both tokenizers there with save_pretrained")
         found.append(AutoTokenizer.from_pretrained(folder / side, local_files_only=True))
     return found[0], found[1]
+
+
+def clean_up_tokenization(text: str) -> str:
+    """[R]'s ``decode(..., clean_up_tokenization_spaces=True)`` clean-up: no space before punctuation and clitics.
+
+    Applied here for every tokenizer, since transformers 5 skips its own clean-up for byte-level BPE (GPT-2).
+    """
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" do not", " don't"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
 
 
 def merge_adjacent_duplicates(text: str) -> str:
@@ -301,8 +313,8 @@ class OptimusVAE(nn.Module):
         texts = []
         for row in ids:
             body = row[1 : row.index(self.eos_id, 1)] if self.eos_id in row[1:] else row[1:]
-            text = self.decoder_tokenizer.decode(body, skip_special_tokens=True, clean_up_tokenization_spaces=True)
-            text = " ".join(text.split())
+            text = self.decoder_tokenizer.decode(body, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            text = " ".join(clean_up_tokenization(text).split())
             texts.append(merge_adjacent_duplicates(text) if merge_duplicates else text)
         return texts
 
@@ -372,7 +384,10 @@ def save_text_vae(vae: OptimusVAE, folder) -> Path:
     with atomic_write_dir(folder) as tmp:
         fields = {**dataclasses.asdict(config), "latent_dim": vae.latent_dim}
         (tmp / TEXT_VAE_CONFIG).write_text(json.dumps(fields, indent=2))
-        save_safetensors(vae.state_dict(), tmp / TEXT_VAE_WEIGHTS)
+        state = vae.state_dict()
+        if state["decoder.lm_head.weight"].data_ptr() == state["decoder.transformer.wte.weight"].data_ptr():
+            del state["decoder.lm_head.weight"]  # tied to wte: one copy (154 MB at GPT-2 size); the load re-ties
+        save_safetensors(state, tmp / TEXT_VAE_WEIGHTS)
         vae.encoder_tokenizer.save_pretrained(tmp / "encoder_tokenizer")
         vae.decoder_tokenizer.save_pretrained(tmp / "decoder_tokenizer")
     return Path(folder)

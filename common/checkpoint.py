@@ -289,6 +289,11 @@ def load_ema_state(ema: Any, path: Path, device: torch.device) -> None:
 def verify_checkpoint(folder: str | os.PathLike) -> None:
     """Manifest (every file whole) plus a parse of every RNG and EMA state; :class:`CheckpointInvalid` otherwise."""
     folder = Path(folder)
+    for path in sorted(folder.glob("*.pkl")):  # accelerate's custom / RNG states: never written, never loaded here
+        raise CheckpointInvalid(
+            f"{path} is a pickle: this trainer writes none and loads none (unpickling can run code); "
+            "delete the file if the rest of the checkpoint is yours"
+        )
     verify_manifest(folder)
     rng_files = sorted(folder.glob(f"{RNG_PREFIX}*.safetensors"))
     if not rng_files:
@@ -464,10 +469,10 @@ def disk_fault(err: BaseException, path: str | os.PathLike, needed_bytes: int, w
     )
     reason = f"{os.strerror(code)} ({errno.errorcode.get(code, code)})" if code else one_line(str(err))[:160]
     free = free_bytes(path)
-    free_text = f", {_human(free)} free now" if free is not None else ""
+    free_text = f" ({_human(free)} free now)" if free is not None else ""
     return UserError(
-        f"cannot {what} {path}: {reason}; it needs about {_human(needed_bytes)} of free space{free_text} "
-        "and a writable folder: free space or pass another --output_dir"
+        f"cannot {what} {path}: {reason}; it needs a writable folder with about {_human(needed_bytes)} free"
+        f"{free_text}: free space or pass another --output_dir"
     )
 
 

@@ -30,8 +30,12 @@ Usage (a method script)::
             result.models["unet"].save_pretrained(os.path.join(config.output_dir, "unet"))  # EMA weights
     raise SystemExit(result.exit_code)                # 0 done; 143/130 stopped by SIGTERM/SIGINT (resumable)
 
-Exact resume. A checkpoint is ``accelerator.save_state`` (models, optimizer, LR scheduler, GradScaler, the EMA
-via ``register_for_checkpointing``, per-process torch/numpy/python RNG states) plus ``trainer_state.json``. The
+Exact resume. A checkpoint is ``accelerator.save_state``'s models (safetensors), optimizer, LR scheduler and
+GradScaler (torch files accelerate reads with ``weights_only=True``), plus this trainer's own safetensors of the
+EMA and of each process's torch/numpy/python RNG states (accelerate would pickle those and read the EMA back with
+``weights_only=False``), ``trainer_state.json`` and, written last, ``manifest.json`` (size and sha256 of every
+file; see :mod:`common.checkpoint`). A resume verifies all of it first: a damaged checkpoint is refused with one
+line naming the file, and ``latest`` falls back to the newest checkpoint that verifies, with a warning. The
 data order is a pure function of ``(seed, epoch)`` (accelerate's seedable sampler, ``set_epoch`` every epoch),
 and a resumed run skips the batches of the current epoch already consumed (``skip_first_batches``). Two
 things would otherwise make a resumed run drift from an uninterrupted one even with all states restored, and
@@ -57,6 +61,14 @@ the flag (it rides along with the loss all-gather), write a checkpoint and retur
 ``TrainResult.exit_code`` is then ``128 + signal`` (143 for SIGTERM, 130 for SIGINT), the Unix convention, so a
 pipeline (``make``, CI, ``&&``) does not treat an interrupted training as finished and go on to export or
 evaluate; the checkpoint makes it resumable. A second SIGINT aborts at once (``KeyboardInterrupt``).
+
+One writer per folder. The main process holds ``<output_dir>/.trainer.lock`` (pid, host, start time) from the
+constructor to :meth:`Trainer.close`; a second trainer on the folder is refused with one line (exit code 2 through
+``cli_entry``), and the lock of a dead process on this host is taken over with a warning. Temporary checkpoint
+folders carry the writer's host and pid, so cleaning up never removes another live writer's save. A fresh start
+into a folder whose newest checkpoint belongs to another run (another :func:`run_fingerprint`) is refused unless
+``--resume_from_checkpoint`` asks to continue it. A full, read-only or forbidden disk during a save is one line
+naming the path and the space a checkpoint needs; the temporary folder is removed, earlier checkpoints stay.
 
 Multi-process: ``torchrun --nproc_per_node N script.py`` or ``accelerate launch [--cpu] --num_processes N``. On a
 machine without GPU accelerate needs ``cpu=True`` to see the torchrun environment (else every process trains
@@ -1275,15 +1287,15 @@ class Trainer:
                 os.rename(tmp, final)
             _fsync_dir(self.output_dir)
 
-        self._save_phase(write_states, tmp, needed, True)
-        self._save_phase(seal, tmp, needed, acc.is_main_process)
+        self._save_phase(write_states, tmp, final, needed, True)
+        self._save_phase(seal, tmp, final, needed, acc.is_main_process)
         if acc.is_main_process:
             self._rotate_checkpoints()
             logger.info("saved %s", final)
         acc.wait_for_everyone()
         return final
 
-    def _save_phase(self, body: Callable[[], None], tmp: Path, needed: int, run_here: bool) -> None:
+    def _save_phase(self, body: Callable[[], None], tmp: Path, final: Path, needed: int, run_here: bool) -> None:
         """Run ``body`` (where ``run_here``), then agree across processes; on any failure remove ``tmp`` and raise.
 
         The agreement is the phase's barrier: a process that failed does not leave the others waiting.
@@ -1292,7 +1304,7 @@ class Trainer:
         message: str | None = None
         if run_here:
             try:
-                with disk_faults_as_user_errors(tmp, needed, "write checkpoint"):
+                with disk_faults_as_user_errors(final, needed, "write checkpoint"):
                     body()
             except Exception as err:
                 own, message = err, one_line(str(err)) or type(err).__name__

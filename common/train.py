@@ -115,8 +115,10 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from common.checkpoint import (
     CheckpointInvalid,
     OutputLock,
+    disk_fault,
     disk_faults_as_user_errors,
     ema_file,
+    is_disk_fault,
     load_ema_state,
     load_rng_state,
     rng_file,
@@ -796,8 +798,18 @@ class Trainer:
     def __enter__(self) -> Trainer:
         return self
 
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, traceback: Any) -> None:
         self.close(wait=exc_type is None)
+        if exc is not None and not isinstance(exc, UserError) and is_disk_fault(exc):
+            # A full / read-only disk while the script exports its models inside the block: one line, not a
+            # traceback (atomic writers have already removed their temporary output).
+            path = getattr(exc, "filename", None) or self.output_dir
+            raise disk_fault(exc, path, self._export_bytes(), "write") from None
+
+    def _export_bytes(self) -> int:
+        """Size of the modules a script exports (trainable and frozen weights), for a disk-fault message."""
+        modules = list(self._prepared.values()) + list(getattr(self, "_frozen", {}).values())
+        return sum(state_bytes(dict(self.unwrap(m).state_dict())) for m in modules) + (1 << 20)
 
     # ---- the loop ------------------------------------------------------------------------------------------------
 
@@ -852,6 +864,7 @@ class Trainer:
         if set(models) & set(frozen):
             raise ValueError(f"module names used twice (trainable and frozen): {sorted(set(models) & set(frozen))}")
         self._prepare_modules(models, frozen)
+        self._frozen = frozen
         optimizer = self._make_optimizer(list(params) if params is not None else self._trainable_params(models))
         dataloader = self._make_dataloader(train_data, collate_fn)
         lr_scheduler = self._make_lr_scheduler(optimizer, dataloader)

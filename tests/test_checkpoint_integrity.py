@@ -380,6 +380,29 @@ def test_disk_fault_during_save_is_one_line_no_tmp_and_last_checkpoint_kept(tmp_
     assert resolve_resume_path("latest", out) == out / "checkpoint-3"  # and it is what a resume picks
 
 
+def test_disk_fault_during_final_export_is_one_line(tmp_path):
+    """A script exports inside ``with Trainer(...)``: a full disk there is one line naming the file, lock released."""
+    config = six_steps(tmp_path, "export", max_train_steps=1, checkpointing_steps=100)
+    target = Path(config.output_dir) / "unet" / "diffusion_pytorch_model.safetensors"
+
+    def export_to_full_disk(model):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))  # what open()/write() raise
+
+    with pytest.raises(UserError) as info:
+        with Trainer(config) as trainer:
+            result = trainer.fit(make_mlp(), noisy_mse, make_dataset())
+            export_to_full_disk(result.models["model"])
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"cannot write {target}: No space left on device (ENOSPC)")
+    assert re.search(r"about [\d.]+ (KB|MB) free \([\d.]+ [KMGT]?B free now\)", message), message
+    assert not (Path(config.output_dir) / LOCK_FILE).exists()
+
+    with pytest.raises(ValueError, match="not a disk fault"):  # other errors pass through unchanged
+        with Trainer(six_steps(tmp_path, "export2", max_train_steps=1)):
+            raise ValueError("not a disk fault")
+
+
 def test_checkpoint_size_estimate_covers_the_written_checkpoint(trained):
     """The free space a disk-fault message asks for is not below what a checkpoint really takes."""
     checkpoint = trained[0] / "checkpoint-6"

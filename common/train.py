@@ -30,8 +30,12 @@ Usage (a method script)::
             result.models["unet"].save_pretrained(os.path.join(config.output_dir, "unet"))  # EMA weights
     raise SystemExit(result.exit_code)                # 0 done; 143/130 stopped by SIGTERM/SIGINT (resumable)
 
-Exact resume. A checkpoint is ``accelerator.save_state`` (models, optimizer, LR scheduler, GradScaler, the EMA
-via ``register_for_checkpointing``, per-process torch/numpy/python RNG states) plus ``trainer_state.json``. The
+Exact resume. A checkpoint is ``accelerator.save_state``'s models (safetensors), optimizer, LR scheduler and
+GradScaler (torch files accelerate reads with ``weights_only=True``), plus this trainer's own safetensors of the
+EMA and of each process's torch/numpy/python RNG states (accelerate would pickle those and read the EMA back with
+``weights_only=False``), ``trainer_state.json`` and, written last, ``manifest.json`` (size and sha256 of every
+file; see :mod:`common.checkpoint`). A resume verifies all of it first: a damaged checkpoint is refused with one
+line naming the file, and ``latest`` falls back to the newest checkpoint that verifies, with a warning. The
 data order is a pure function of ``(seed, epoch)`` (accelerate's seedable sampler, ``set_epoch`` every epoch),
 and a resumed run skips the batches of the current epoch already consumed (``skip_first_batches``). Two
 things would otherwise make a resumed run drift from an uninterrupted one even with all states restored, and
@@ -57,6 +61,14 @@ the flag (it rides along with the loss all-gather), write a checkpoint and retur
 ``TrainResult.exit_code`` is then ``128 + signal`` (143 for SIGTERM, 130 for SIGINT), the Unix convention, so a
 pipeline (``make``, CI, ``&&``) does not treat an interrupted training as finished and go on to export or
 evaluate; the checkpoint makes it resumable. A second SIGINT aborts at once (``KeyboardInterrupt``).
+
+One writer per folder. The main process holds ``<output_dir>/.trainer.lock`` (pid, host, start time) from the
+constructor to :meth:`Trainer.close`; a second trainer on the folder is refused with one line (exit code 2 through
+``cli_entry``), and the lock of a dead process on this host is taken over with a warning. Temporary checkpoint
+folders carry the writer's host and pid, so cleaning up never removes another live writer's save. A fresh start
+into a folder whose newest checkpoint belongs to another run (another :func:`run_fingerprint`) is refused unless
+``--resume_from_checkpoint`` asks to continue it. A full, read-only or forbidden disk during a save is one line
+naming the path and the space a checkpoint needs; the temporary folder is removed, earlier checkpoints stay.
 
 Multi-process: ``torchrun --nproc_per_node N script.py`` or ``accelerate launch [--cpu] --num_processes N``. On a
 machine without GPU accelerate needs ``cpu=True`` to see the torchrun environment (else every process trains
@@ -100,7 +112,25 @@ from accelerate.utils import (
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from common.errors import UserError
+from common.checkpoint import (
+    CheckpointInvalid,
+    OutputLock,
+    disk_fault,
+    disk_faults_as_user_errors,
+    ema_file,
+    is_disk_fault,
+    load_ema_state,
+    load_rng_state,
+    rng_file,
+    save_ema_state,
+    save_rng_state,
+    state_bytes,
+    token_writer_alive,
+    verify_checkpoint,
+    write_manifest,
+    writer_token,
+)
+from common.errors import UserError, one_line
 
 
 logger = logging.getLogger(__name__)
@@ -455,16 +485,46 @@ def read_checkpoint_state(path: Path) -> dict[str, Any]:
 
 
 def resolve_resume_path(resume: str | None, output_dir: str | os.PathLike) -> Path | None:
-    """``latest`` -> newest complete checkpoint (or None: fresh start); a path or a name inside ``output_dir``."""
+    """``latest`` -> newest checkpoint that verifies (or None: fresh start); a path or a name inside ``output_dir``.
+
+    Every candidate is verified (:func:`common.checkpoint.verify_checkpoint`: manifest, sizes, sha256, RNG and EMA
+    states). ``latest`` skips checkpoints that fail, with a warning naming the file, and refuses when none verifies;
+    an explicit checkpoint that fails is a UserError.
+    """
     if not resume:
         return None
     if resume == "latest":
         checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        failures = []
+        for candidate in reversed(checkpoints):
+            try:
+                read_checkpoint_state(candidate)
+                verify_checkpoint(candidate)
+            except (UserError, CheckpointInvalid) as err:
+                failures.append(one_line(str(err)))
+                logger.warning("--resume_from_checkpoint latest: skipping %s: %s", candidate.name, one_line(str(err)))
+                continue
+            if failures:
+                logger.warning(
+                    "--resume_from_checkpoint latest: resuming from %s, the newest checkpoint that verifies", candidate
+                )
+            return candidate
+        if failures:
+            raise UserError(
+                f"--resume_from_checkpoint latest: no checkpoint in {output_dir} verifies (newest: {failures[0]}); "
+                "pass a good checkpoint folder or another --output_dir"
+            )
+        return None
     candidates = [Path(resume), Path(output_dir) / resume]
     for candidate in candidates:
         if candidate.is_dir():
             read_checkpoint_state(candidate)
+            try:
+                verify_checkpoint(candidate)
+            except CheckpointInvalid as err:
+                raise UserError(
+                    f"--resume_from_checkpoint {resume}: refused, {err}; pick another checkpoint or 'latest'"
+                ) from None
             return candidate
     raise UserError(
         f"--resume_from_checkpoint {resume}: no such checkpoint folder "
@@ -500,6 +560,23 @@ def _module_signature(models: Mapping[str, nn.Module]) -> dict[str, dict[str, An
         }
         for name, m in models.items()
     }
+
+
+# The config keys that define a run's trajectory (with the modules and the seed); output paths, logging,
+# checkpoint cadence and the step budget do not, so a run continued with a larger --max_train_steps is the same run.
+RUN_KEYS = (
+    "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler",
+    "lr_warmup_steps", "lr_num_cycles", "lr_power", "use_8bit_adam", "use_ema", "ema_decay", "adam_beta1",
+    "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "mixed_precision",
+)  # fmt: skip
+
+
+def run_fingerprint(signature: Mapping[str, Any], config: TrainConfig, seed: int) -> str:
+    """A short hash of what makes two trainings "the same run": module signature, seed and :data:`RUN_KEYS`."""
+    import hashlib
+
+    identity = {"modules": signature, "seed": seed, "config": {k: getattr(config, k) for k in RUN_KEYS}}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _unpack_loss(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -581,8 +658,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, ddp_find_unused_parameters: bool = False):
         self.config = config.validate()
         self.output_dir = Path(config.output_dir)
-        self.resume_path = resolve_resume_path(config.resume_from_checkpoint, self.output_dir)
-        self.resume_state = read_checkpoint_state(self.resume_path) if self.resume_path else None
+        self._lock: OutputLock | None = None
+        self._closed = False
         cpu = self._needs_cpu_flag()
         if config.mixed_precision == "fp16" and cpu:
             # accelerate silently drops fp16 on CPU (no autocast, no scaler) while still reporting "fp16", so frozen
@@ -591,7 +668,52 @@ class Trainer:
                 "--mixed_precision fp16 needs a GPU (accelerate would silently run it as fp32 on CPU); "
                 "use --mixed_precision bf16 or no on CPU"
             )
-        PartialState(cpu=cpu)  # joins the process group now, so a drawn seed can be broadcast before seeding
+        # Joins the process group now, so the lock / resume decision and a drawn seed can be broadcast.
+        partial = PartialState(cpu=cpu)
+        try:
+            self._token, self.resume_path = self._claim_output_dir(partial.is_main_process)
+            self.resume_state = read_checkpoint_state(self.resume_path) if self.resume_path else None
+            self._init_accelerator(config, cpu, ddp_find_unused_parameters)
+        except BaseException:
+            self._release_lock()
+            raise
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    def _claim_output_dir(self, is_main: bool) -> tuple[str, Path | None]:
+        """Main process: create the folder, take its lock, pick and verify the resume checkpoint; all ranks learn it.
+
+        Returns the writer token (names this run's temporary checkpoint folders) and the checkpoint to resume.
+        """
+        payload: list[Any] = [None]
+        own_error: BaseException | None = None
+        if is_main:
+            try:
+                with disk_faults_as_user_errors(self.output_dir, 1 << 20, "create the output folder"):
+                    self.output_dir.mkdir(parents=True, exist_ok=True)
+                    token = writer_token()
+                    lock = OutputLock(self.output_dir, token)
+                    lock.acquire()
+                self._lock = lock
+                resume = resolve_resume_path(self.config.resume_from_checkpoint, self.output_dir)
+                payload = [{"token": token, "resume": str(resume) if resume else None, "error": None}]
+            except Exception as err:  # every rank must hear of it, or the others wait in the broadcast forever
+                own_error = err
+                payload = [{"error": one_line(str(err)), "user": isinstance(err, UserError)}]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(payload, src=0)
+        if own_error is not None:
+            raise own_error
+        answer = payload[0]
+        if answer["error"] is not None:
+            raise (UserError if answer.get("user") else RuntimeError)(answer["error"])
+        return answer["token"], Path(answer["resume"]) if answer["resume"] else None
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _init_accelerator(self, config: TrainConfig, cpu: bool, ddp_find_unused_parameters: bool) -> None:
         self.seed = self._resolve_seed()
         self.accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -618,13 +740,10 @@ class Trainer:
         self._pending_stop: str | None = None  # set by a signal or request_stop() on *this* process
         self._stop_reason: str | None = None  # the decision, taken from the all-gathered codes: same on every rank
         self._previous_handlers: dict[int, Any] = {}
-        self._closed = False
         self._trackers_started = False
         self._emas: dict[str, Any] = {}
         self._prepared: dict[str, nn.Module] = {}
-        if self.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-        atexit.register(_close_at_exit, weakref.ref(self))
+        self._fingerprint: str | None = None
 
     # ---- small public API --------------------------------------------------------------------------------------
 
@@ -669,15 +788,28 @@ class Trainer:
         self._restore_signal_handlers()
         if wait and torch.distributed.is_available() and torch.distributed.is_initialized():
             self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
+        try:
+            self.accelerator.end_training()
+        finally:
+            self._release_lock()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
     def __enter__(self) -> Trainer:
         return self
 
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, traceback: Any) -> None:
         self.close(wait=exc_type is None)
+        if exc is not None and not isinstance(exc, UserError) and is_disk_fault(exc):
+            # A full / read-only disk while the script exports its models inside the block: one line, not a
+            # traceback (atomic writers have already removed their temporary output).
+            path = getattr(exc, "filename", None) or self.output_dir
+            raise disk_fault(exc, path, self._export_bytes(), "write") from None
+
+    def _export_bytes(self) -> int:
+        """Size of the modules a script exports (trainable and frozen weights), for a disk-fault message."""
+        modules = list(self._prepared.values()) + list(getattr(self, "_frozen", {}).values())
+        return sum(state_bytes(dict(self.unwrap(m).state_dict())) for m in modules) + (1 << 20)
 
     # ---- the loop ------------------------------------------------------------------------------------------------
 
@@ -732,6 +864,7 @@ class Trainer:
         if set(models) & set(frozen):
             raise ValueError(f"module names used twice (trainable and frozen): {sorted(set(models) & set(frozen))}")
         self._prepare_modules(models, frozen)
+        self._frozen = frozen
         optimizer = self._make_optimizer(list(params) if params is not None else self._trainable_params(models))
         dataloader = self._make_dataloader(train_data, collate_fn)
         lr_scheduler = self._make_lr_scheduler(optimizer, dataloader)
@@ -992,7 +1125,11 @@ class Trainer:
         )
 
     def _make_emas(self) -> None:
-        """One diffusers EMAModel per trainable module, registered so save_state/load_state carry it exactly."""
+        """One diffusers EMAModel per trainable module; checkpoints carry it as ``ema_<name>.safetensors``.
+
+        Not registered with ``accelerator.register_for_checkpointing``: accelerate pickles registered objects and
+        reads them back with ``torch.load(weights_only=False)``, which would run whatever a checkpoint file holds.
+        """
         if not self.config.use_ema:
             return
         from diffusers.training_utils import EMAModel
@@ -1007,7 +1144,6 @@ class Trainer:
                 model_cls=type(plain) if is_diffusers else None,
                 model_config=plain.config if is_diffusers else None,
             )
-            self.accelerator.register_for_checkpointing(ema)
             self._emas[name] = ema
 
     def _start_trackers(self) -> None:
@@ -1103,49 +1239,127 @@ class Trainer:
     # ---- checkpoints -----------------------------------------------------------------------------------------
 
     def save_checkpoint(self, step: int, epoch: int) -> Path:
-        """``accelerator.save_state`` into ``checkpoint-<step>.tmp``, fsync, rename; then rotate. Collective call.
+        """Write ``checkpoint-<step>`` atomically, with a manifest written last; then rotate. Collective call.
 
-        A kill at any point leaves the previous checkpoints untouched: until the rename the new one only exists
-        as ``.tmp``, which ``latest`` ignores and the next save deletes. Old checkpoints are removed only after the
-        new one is in place, so for a moment ``checkpoints_total_limit + 1`` exist.
+        Everything goes to ``checkpoint-<step>.tmp-<writer token>`` first: accelerate's models / optimizer /
+        scheduler, this trainer's RNG (per process) and EMA states as safetensors, ``trainer_state.json``, and last
+        ``manifest.json`` (sizes and sha256 of every file); the folder is fsynced and renamed into place. A kill at
+        any point leaves the previous checkpoints untouched: until the rename the new one only exists under its
+        temporary name, which ``latest`` ignores and a later save removes once its writer is dead. Old checkpoints
+        are removed only after the new one is in place, so for a moment ``checkpoints_total_limit + 1`` exist.
+
+        A full, read-only or forbidden disk raises a one-line UserError naming the path and the space needed, with
+        the temporary folder removed and every earlier checkpoint as it was; all processes raise together.
         """
         acc = self.accelerator
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{step}"
-        tmp = final.with_name(final.name + TMP_SUFFIX)
+        tmp = final.with_name(f"{final.name}{TMP_SUFFIX}-{self._token}")
+        needed = self._checkpoint_bytes()
         if acc.is_main_process:
-            for leftover in self.output_dir.glob(f"{CHECKPOINT_PREFIX}*{TMP_SUFFIX}"):
-                logger.info("removing leftover of an interrupted save: %s", leftover)
-                shutil.rmtree(leftover, ignore_errors=True)
+            self._remove_dead_leftovers()
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
+
+        def write_states() -> None:  # every process: its RNG state; the main process also models and EMA
+            acc.save_state(str(tmp))
+            # accelerate's pickled RNG state is replaced by a safetensors file (read without unpickling)
+            (tmp / f"random_states_{acc.process_index}.pkl").unlink(missing_ok=True)
+            save_rng_state(tmp, acc.process_index)
+            if acc.is_main_process:
+                for name, ema in self._emas.items():
+                    save_ema_state(ema, ema_file(tmp, name))
+
+        def seal() -> None:  # main process, after every process wrote: state, fsync, manifest, rename, rotate
             state = {
                 "format": STATE_FORMAT,
                 "global_step": step,
                 "epoch": epoch,
                 "seed": self.seed,
+                "accelerator_step": acc.step,
                 "num_processes": acc.num_processes,
                 "train_batch_size": self.config.train_batch_size,
                 "gradient_accumulation_steps": self.config.gradient_accumulation_steps,
                 "use_ema": self.config.use_ema,
                 "modules": _module_signature({n: self.unwrap(m) for n, m in self._prepared.items()}),
+                "fingerprint": self._fingerprint,
                 "config": dataclasses.asdict(self.config),
             }
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
             _fsync_tree(tmp)
-            if final.exists():  # same step written by an earlier run into this output_dir: swap, then delete
-                stale = final.with_name(final.name + ".replaced" + TMP_SUFFIX)
+            write_manifest(tmp)
+            _fsync_dir(tmp)
+            if final.exists():  # same step written by an earlier run of this fingerprint: swap, then delete
+                stale = final.with_name(f"{final.name}.replaced{TMP_SUFFIX}-{self._token}")
                 os.rename(final, stale)
-                os.rename(tmp, final)
+                try:
+                    os.rename(tmp, final)
+                except OSError:
+                    os.rename(stale, final)
+                    raise
                 shutil.rmtree(stale, ignore_errors=True)
             else:
                 os.rename(tmp, final)
             _fsync_dir(self.output_dir)
+
+        self._save_phase(write_states, tmp, final, needed, True)
+        self._save_phase(seal, tmp, final, needed, acc.is_main_process)
+        if acc.is_main_process:
             self._rotate_checkpoints()
             logger.info("saved %s", final)
         acc.wait_for_everyone()
         return final
+
+    def _save_phase(self, body: Callable[[], None], tmp: Path, final: Path, needed: int, run_here: bool) -> None:
+        """Run ``body`` (where ``run_here``), then agree across processes; on any failure remove ``tmp`` and raise.
+
+        The agreement is the phase's barrier: a process that failed does not leave the others waiting.
+        """
+        own: BaseException | None = None
+        message: str | None = None
+        if run_here:
+            try:
+                with disk_faults_as_user_errors(final, needed, "write checkpoint"):
+                    body()
+            except Exception as err:
+                own, message = err, one_line(str(err)) or type(err).__name__
+        failures = self._gather_objects(message)
+        failed = [m for m in failures if m is not None]
+        if not failed:
+            return
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if own is not None:
+            raise own
+        raise UserError(f"checkpoint save failed on another process: {failed[0]}")
+
+    def _gather_objects(self, obj: Any) -> list[Any]:
+        if self.accelerator.num_processes > 1 and torch.distributed.is_initialized():
+            out: list[Any] = [None] * self.accelerator.num_processes
+            torch.distributed.all_gather_object(out, obj)
+            return out
+        return [obj]
+
+    def _checkpoint_bytes(self) -> int:
+        """Estimated size of one checkpoint: weights, optimizer state, EMA shadows, plus 1 MB of small files."""
+        weights = sum(state_bytes(dict(self.unwrap(m).state_dict())) for m in self._prepared.values())
+        optimizer = sum(state_bytes(opt.state_dict().get("state", {})) for opt in self.accelerator._optimizers)
+        ema = sum(state_bytes(list(e.shadow_params)) for e in self._emas.values())
+        return weights + optimizer + ema + (1 << 20)
+
+    def _remove_dead_leftovers(self) -> None:
+        """Remove temporary checkpoint folders of interrupted saves: ours, unowned ones, or of a dead local writer.
+
+        A folder whose writer is alive (or on another host) is left alone: it may be a save in progress.
+        """
+        for leftover in self.output_dir.glob(f"{CHECKPOINT_PREFIX}*{TMP_SUFFIX}*"):
+            owner = leftover.name.split(TMP_SUFFIX, 1)[1]
+            if owner and not owner.startswith("-"):
+                continue  # not a name this trainer writes
+            token = owner[1:]
+            if token and token != self._token and token_writer_alive(token):
+                logger.warning("leaving %s alone: its writer may still be running", leftover)
+                continue
+            logger.info("removing leftover of an interrupted save: %s", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def _rotate_checkpoints(self) -> None:
         limit = self.config.checkpoints_total_limit
@@ -1157,8 +1371,15 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
 
     def _resume(self, models: Mapping[str, nn.Module], updates_per_epoch: int) -> int:
-        """Load the resume checkpoint (if any) into everything prepared; returns the global step to continue from."""
-        cfg = self.config
+        """Load the resume checkpoint (if any) into everything prepared; returns the global step to continue from.
+
+        The checkpoint was verified when it was chosen (manifest, RNG and EMA states). Without a resume request, a
+        folder whose newest checkpoint belongs to another run (another fingerprint) is refused, so rotation and
+        ``latest`` never mix two runs.
+        """
+        cfg, acc = self.config, self.accelerator
+        mine = _module_signature(models)
+        self._fingerprint = run_fingerprint(mine, cfg, self.seed)
         if cfg.resume_from_checkpoint and self.resume_path is None:
             logger.info(
                 "--resume_from_checkpoint %s: no checkpoint in %s yet, starting a new run",
@@ -1167,16 +1388,10 @@ class Trainer:
             )
             return 0
         if self.resume_path is None:
-            if list_checkpoints(self.output_dir):
-                logger.warning(
-                    "%s already has checkpoints but --resume_from_checkpoint is not set: starting from "
-                    "step 0 and overwriting / rotating them",
-                    self.output_dir,
-                )
+            self._refuse_foreign_checkpoints()
             return 0
         state = self.resume_state
         assert state is not None
-        mine = _module_signature(models)
         if state.get("modules") != mine or bool(state.get("use_ema")) != cfg.use_ema:
             raise UserError(
                 f"{self.resume_path} is a checkpoint of a different run (modules "
@@ -1184,27 +1399,45 @@ class Trainer:
                 f"{_describe(mine)}, EMA {cfg.use_ema}); resume with the same model and --use_ema setting"
             )
         now = {
-            "num_processes": self.accelerator.num_processes,
+            "num_processes": acc.num_processes,
             "train_batch_size": cfg.train_batch_size,
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
             "seed": self.seed,
         }
         changed = [k for k, v in now.items() if state.get(k) != v]
+        saved_config = state.get("config") if isinstance(state.get("config"), dict) else {}
+        changed += [k for k in RUN_KEYS if k in saved_config and k not in now and saved_config[k] != getattr(cfg, k)]
         if changed:
             logger.warning(
                 "resuming %s with different %s: training continues but not bit-exactly",
                 self.resume_path,
                 ", ".join(changed),
             )
+        if acc._custom_objects:
+            # accelerate would read them with torch.load(weights_only=False): code in the checkpoint would run
+            raise RuntimeError(
+                "objects registered with accelerator.register_for_checkpointing cannot be resumed safely; "
+                "save their state as safetensors instead"
+            )
         try:
-            self.accelerator.load_state(str(self.resume_path))
+            acc.load_state(str(self.resume_path))  # models (safetensors), optimizer/scheduler (weights_only=True)
         except Exception as err:  # corrupt/truncated files: one line, the fix, no traceback
             raise UserError(
                 f"cannot resume from {self.resume_path}: {type(err).__name__}: "
-                f"{' '.join(str(err).split())[:300]}; pick another checkpoint or delete this one"
+                f"{one_line(str(err))[:300]}; pick another checkpoint or delete this one"
             ) from None
-        for ema in self._emas.values():
-            ema.to(self.device)  # accelerate loads custom states with map_location="cpu"
+        acc.step = int(state.get("accelerator_step", 0))  # gradient-accumulation phase
+        try:
+            for name, ema in self._emas.items():
+                load_ema_state(ema, ema_file(self.resume_path, name), self.device)
+            rng = rng_file(self.resume_path, acc.process_index)
+            if rng.is_file():
+                load_rng_state(rng)
+            else:  # resumed with more processes than saved: new ranks start fresh streams (warned above)
+                logger.warning("%s is missing: process %d starts a fresh RNG stream", rng, acc.process_index)
+                set_seed(derive_seed(self.seed, int(state["global_step"])), device_specific=True)
+        except CheckpointInvalid as err:
+            raise UserError(f"cannot resume from {self.resume_path}: {err}; pick another checkpoint") from None
         step = int(state["global_step"])
         logger.info(
             "resumed from %s at step %d (epoch %d, skipping %d batches of it)",
@@ -1214,6 +1447,28 @@ class Trainer:
             (step % updates_per_epoch) * cfg.gradient_accumulation_steps,
         )
         return step
+
+    def _refuse_foreign_checkpoints(self) -> None:
+        """A fresh start into a folder with checkpoints: allowed for the same run (warned), refused otherwise."""
+        existing = list_checkpoints(self.output_dir)
+        if not existing:
+            return
+        newest = existing[-1]
+        try:
+            theirs = read_checkpoint_state(newest).get("fingerprint")
+        except UserError:
+            theirs = None
+        if theirs != self._fingerprint:
+            raise UserError(
+                f"{self.output_dir} holds checkpoints of a different run ({newest.name}: fingerprint "
+                f"{theirs or 'unknown'}, this run {self._fingerprint}); pass --resume_from_checkpoint latest "
+                "(or a checkpoint folder) to continue it, or choose another --output_dir"
+            )
+        logger.warning(
+            "%s already has checkpoints of this run but --resume_from_checkpoint is not set: starting from "
+            "step 0 and overwriting / rotating them",
+            self.output_dir,
+        )
 
     # ---- signals ---------------------------------------------------------------------------------------------
 

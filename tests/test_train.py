@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from common import train as train_mod
+from common.checkpoint import write_manifest
 from common.errors import UserError
 from common.train import (
     LossOutput,
@@ -171,9 +172,10 @@ def test_two_step_smoke_writes_checkpoint_logs_and_validation(tmp_path):
     assert result.completed and result.global_step == 2 and result.exit_code == 0
     assert seen_modes == [False, False]  # validated at steps 1 and 2, in eval mode
     ckpt = out / "checkpoint-2"
-    for name in ("model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
-                 "custom_checkpoint_0.pkl", "trainer_state.json"):  # fmt: skip
+    for name in ("model.safetensors", "optimizer.bin", "scheduler.bin", "rng_state_0.safetensors",
+                 "ema_unet.safetensors", "trainer_state.json", "manifest.json"):  # fmt: skip
         assert (ckpt / name).is_file(), name
+    assert not list(ckpt.glob("*.pkl")), "a checkpoint holds a pickle"
     assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == 2
     assert list((out / "logs").rglob("events.out.tfevents*")), "no tensorboard event file"
     assert sorted(p.name for p in (out / "validation").iterdir()) == [
@@ -379,6 +381,11 @@ def test_bad_resume_paths_are_one_line_user_errors(tmp_path):
     # A truncated weights file (disk full, copy interrupted): a UserError naming the checkpoint, not a traceback.
     weights_file = checkpoint / "model.safetensors"
     weights_file.write_bytes(weights_file.read_bytes()[:100])
+    with pytest.raises(UserError, match=r"checkpoint-2/model.safetensors has 100 bytes, the manifest says") as info:
+        Trainer(base_config(tmp_path, "d", resume_from_checkpoint=str(checkpoint)))  # refused by its manifest
+    assert "\n" not in str(info.value)
+    # Even with a manifest that matches the damage (re-written by hand), loading fails with one line.
+    write_manifest(checkpoint)
     with Trainer(base_config(tmp_path, "d", resume_from_checkpoint=str(checkpoint))) as trainer:
         with pytest.raises(UserError, match="cannot resume from .*checkpoint-2") as info:
             trainer.fit(make_mlp(), noisy_mse, make_dataset())

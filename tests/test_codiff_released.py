@@ -588,6 +588,11 @@ def test_convert_script_writes_folders_that_generate(release, tmp_path, capsys):
                      "--batch_size", "1", "--ddim_steps", "2", "--seed", "0", "--save_folder", str(save)]) in (0, None)
     images = list(save.rglob("*_x_0.png"))
     assert len(images) == 1 and Image.open(images[0]).size == (16, 16)
+    sample = load_script("scripts/sample.py").main
+    assert sample(["--method", "codiff", "--pretrained_model_name_or_path", str(out), "--prompt", "a woman",
+                   "--mask_path", str(mask), "--steps", "2", "--eta", "1", "--guidance_scale", "1", "--no_progress",
+                   "--output_dir", str(tmp_path / "sampled")]) == 0
+    assert len(list((tmp_path / "sampled" / "images").glob("*.png"))) == 1
 
     member_out = tmp_path / "text-member"
     assert convert(["--checkpoint", str(root / "pretrained" / "tiny_text.ckpt"), "--config",
@@ -616,3 +621,42 @@ def test_a_released_ckpt_file_where_a_folder_is_expected_names_the_converter(rel
         message = str(err.value)
         assert "released LDM checkpoint file" in message and "scripts/codiff/convert.py" in message
         assert "does not exist" not in message
+
+
+# ---------------------------------------------------------------------------------------- zero initialisation
+
+
+def test_ldm_zero_init_zeroes_exactly_the_ldm_zero_modules():
+    from codiff.config import build_unet
+    from codiff.dynamic import build_dynamic_diffuser
+
+    diffuser_config, unet_config = (released.unet_config_from_ldm(p) for p in (TINY_DIFFUSER, TINY_UNET))
+    pairs = ((build_dynamic_diffuser(diffuser_config, seed=0), build_dynamic_diffuser(diffuser_config, False, seed=0)),
+             (build_unet(unet_config, seed=0), build_unet(unet_config, seed=0, zero_init="none")))
+    for net, fresh in pairs:
+        key_map = released.unet_key_map(net)
+        before = fresh.state_dict()
+        zero = {key_map[k] for k, v in net.state_dict().items() if not v.any() and before[k].any()}
+        assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items() if key_map[k] not in zero)
+        # openaimodel/attention.py wrap these in zero_module: out[2], every ResBlock's out_layers[3], every proj_out
+        expected = {k for k in key_map.values()
+                    if k.startswith("out.2.") or ".out_layers.3." in k or ".proj_out." in k}
+        assert zero == expected and expected
+    plain = build_dynamic_diffuser(diffuser_config, zero_init="conv_out", seed=0).state_dict()
+    before = pairs[0][1].state_dict()
+    assert {k for k, v in plain.items() if not v.any() and before[k].any()} == {"conv_out.weight", "conv_out.bias"}
+    with pytest.raises(UserError, match="zero_init"):
+        build_dynamic_diffuser(released.unet_config_from_ldm(TINY_DIFFUSER), zero_init="xavier")
+
+
+def test_shipped_checkpoint_weights_are_loaded_not_reinitialised():
+    from codiff.members import load_collaboration
+    from common.io import load_safetensors
+
+    shipped = Path(__file__).resolve().parent.parent / "ckpt" / "tiny" / "codiff"
+    collab = load_collaboration(shipped)
+    for name in collab.modalities:
+        stored = load_safetensors(next((shipped / "dynamic_diffusers" / name).glob("*.safetensors")))
+        loaded = collab.model.diffusers[name].state_dict()
+        assert set(stored) == set(loaded) and all(torch.equal(stored[k], loaded[k].to(stored[k].dtype)) for k in stored)
+        assert loaded["conv_out.weight"].any() and loaded["up_blocks.0.resnets.0.conv2.weight"].any()

@@ -296,7 +296,8 @@ PAPER_DIFFUSER = {**PAPER_UNET, "out_channels": 1, "model_channels": 32}
 TINY_UNET = dict(image_size=8, in_channels=3, out_channels=3, model_channels=32, attention_resolutions=[2, 4],
                  num_res_blocks=2, channel_mult=[1, 2, 2], num_heads=4, use_spatial_transformer=True,
                  transformer_depth=1, context_dim=32, use_checkpoint=True, legacy=False)
-TINY_DIFFUSER = {**TINY_UNET, "out_channels": 1, "num_res_blocks": 1, "channel_mult": [1, 2]}
+# attention only at the first level: an up level that upsamples without attention (``output_blocks.i.1.conv``)
+TINY_DIFFUSER = {**TINY_UNET, "out_channels": 1, "num_res_blocks": 1, "channel_mult": [1, 2], "attention_resolutions": [1]}
 
 
 def meta_state(module_factory):
@@ -346,24 +347,25 @@ def test_text_and_mask_encoder_key_sets_at_paper_size():
 def test_unet_and_vae_maps_agree_with_diffusers_converters():
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    for params in (PAPER_UNET, PAPER_DIFFUSER):
+    for params in (PAPER_UNET, PAPER_DIFFUSER, TINY_UNET, TINY_DIFFUSER):
         config = released.unet_config_from_ldm(params)
         unet = released.build_unet(config, "meta")
         key_map = released.unet_key_map(unet)
         sentinel = {"model.diffusion_model." + ldm: ldm for ldm in key_map.values()}  # values pass through unchanged
         assert convert_ldm_unet_checkpoint(sentinel, config) == key_map
-    ddconfig = dict(double_z=True, z_channels=3, resolution=512, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
-                    num_res_blocks=2, attn_resolutions=[], dropout=0.0)
-    config = released.vae_config_from_ldm(ddconfig, 3, 0.141)
-    vae = released.build_vae(config, "cpu")
-    key_map = released.vae_key_map(vae)
-    exported = released.export_vae_state(seeded_(vae, 0))
-    converted = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in exported.items()}, config)
-    assert set(converted) == set(vae.state_dict())
-    for key, value in vae.state_dict().items():
-        assert torch.equal(converted[key], value), key
-    assert any(v.ndim == 4 and v.shape[-1] == 1 for k, v in exported.items() if "mid.attn_1.q" in k)
-    assert len(key_map) == len(exported)
+    paper = dict(double_z=True, z_channels=3, resolution=512, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+                 num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+    for ddconfig, device in ((paper, "meta"), (TINY_DDCONFIG, "cpu")):
+        config = released.vae_config_from_ldm(ddconfig, 3, 0.141)
+        vae = released.build_vae(config, device)
+        exported = released.export_vae_state(seeded_(vae, 0) if device == "cpu" else vae)
+        assert len(exported) == len(released.vae_key_map(vae)) == len(vae.state_dict())
+        assert any(v.ndim == 4 and v.shape[-1] == 1 for k, v in exported.items() if "mid.attn_1.q" in k)
+        converted = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in exported.items()}, config)
+        assert set(converted) == set(vae.state_dict())
+        for key, value in vae.state_dict().items():
+            assert converted[key].shape == value.shape, key
+            assert device == "meta" or torch.equal(converted[key], value), key
 
 
 @torch.no_grad()
@@ -512,27 +514,24 @@ def test_member_and_vae_files_round_trip(release):
     assert all(torch.equal(a, b) for a, b in zip(vae.vae.state_dict().values(), release["vae"].state_dict().values()))
 
 
-def _save_variant(release, tmp_path, edit) -> Path:
-    state = dict(release["state"])
-    edit(state)
-    path = tmp_path / "variant.ckpt"
-    torch.save({"state_dict": state}, path)
-    return path
-
-
-@pytest.mark.parametrize("edit, words", [
-    (lambda s: s.pop("model.text_confidence_predictor.diffusion_model.out.2.weight"),
+@pytest.mark.parametrize("name, edit, words", [
+    ("codiff_mask_text", lambda s: s.pop("model.text_confidence_predictor.diffusion_model.out.2.weight"),
      "no model.text_confidence_predictor.diffusion_model.out.2.weight"),
-    (lambda s: s.__setitem__("model.extra_head.weight", torch.zeros(2)), "unexpected entry model.extra_head.weight"),
-    (lambda s: s.__setitem__("seg_mask_ldm.cond_stage_model.linear.weight", torch.zeros(32, 17)),
+    ("text", lambda s: s.__setitem__("model.extra_head.weight", torch.zeros(2)),
+     "unexpected entry model.extra_head.weight"),
+    ("codiff_mask_text", lambda s: s.__setitem__("seg_mask_ldm.cond_stage_model.linear.weight", torch.zeros(32, 17)),
      "seg_mask_ldm.cond_stage_model.linear.weight has shape (32, 17)"),
-    (lambda s: s.__setitem__("model.seg_mask_unet.diffusion_model.out.2.bias", torch.ones(3)), "differs from"),
-    (lambda s: s.__setitem__("betas", torch.linspace(1e-4, 0.02, 1000)), "noise schedule"),
+    ("codiff_mask_text", lambda s: s.__setitem__("model.seg_mask_unet.diffusion_model.out.2.bias", torch.ones(3)),
+     "differs from"),
+    ("text", lambda s: s.__setitem__("betas", torch.linspace(1e-4, 0.02, 1000)), "noise schedule"),
 ], ids=["missing", "unexpected", "shape", "copies", "schedule"])
-def test_bad_files_are_one_line_errors(release, tmp_path, edit, words):
-    path = _save_variant(release, tmp_path, edit)
+def test_bad_files_are_one_line_errors(release, tmp_path, name, edit, words):
+    root = release["root"]
+    state = released.read_lightning_state_dict(root / "pretrained" / f"tiny_{name}.ckpt")
+    edit(state)
+    torch.save({"state_dict": state}, tmp_path / "variant.ckpt")
     with pytest.raises(UserError) as err:
-        released.convert_release(path, release["root"] / "configs" / "tiny_codiff_mask_text.yaml")
+        released.convert_release(tmp_path / "variant.ckpt", root / "configs" / f"tiny_{name}.yaml")
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
@@ -660,3 +659,21 @@ def test_shipped_checkpoint_weights_are_loaded_not_reinitialised():
         loaded = collab.model.diffusers[name].state_dict()
         assert set(stored) == set(loaded) and all(torch.equal(stored[k], loaded[k].to(stored[k].dtype)) for k in stored)
         assert loaded["conv_out.weight"].any() and loaded["up_blocks.0.resnets.0.conv2.weight"].any()
+
+
+def test_paper_config_describes_the_released_networks():
+    from codiff.config import load_config
+
+    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "codiff" / "paper.yaml")
+    for section, params in ((config["dynamic_diffuser"]["unet"], PAPER_DIFFUSER),
+                            (config["modalities"]["mask"]["unet"], PAPER_UNET),
+                            (config["modalities"]["text"]["unet"], PAPER_UNET)):
+        converted = released.unet_config_from_ldm(params)
+        assert {k: converted[k] for k in section} == {k: v for k, v in section.items()}
+    ddconfig = dict(double_z=True, z_channels=3, resolution=512, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+                    num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+    assert released.vae_config_from_ldm(ddconfig, 3, 0.141) == config["vae"]["config"]
+    official_text = tiny_member_yaml("text")
+    official_text["model"]["params"]["cond_stage_config"]["params"] = {"n_embed": 640, "n_layer": 32}  # 512_text.yaml
+    member = released.parse_member_config(official_text["model"], "512_text.yaml")
+    assert member.text_encoder_args == config["modalities"]["text"]["text_encoder"]["args"]

@@ -6,15 +6,15 @@ repository, read with ``yaml.safe_load``)::
     # the collaboration: both frozen members, the VAE and the dynamic diffusers, all from the one file
     python scripts/codiff/convert.py --checkpoint pretrained/512_codiff_mask_text.ckpt \\
         --config Collaborative-Diffusion/configs/512_codiff_mask_text.yaml \\
-        --tokenizer path/to/bert-base-uncased --output ckpt/codiff-512
-    python scripts/sample.py --method codiff --pretrained_model_name_or_path ckpt/codiff-512 \\
-        --prompt "This woman is in her twenties." --mask_path mask.png --steps 50 --guidance_scale 1
+        --tokenizer path/to/bert-base-uncased --output outputs/codiff-512
+    python scripts/sample.py --method codiff --pretrained_model_name_or_path outputs/codiff-512 \\
+        --prompt "This woman is in her twenties." --mask_path mask.png --steps 50 --eta 1 --guidance_scale 1
 
     # a uni-modal model alone (a member folder with its VAE inside) or the VAE alone (a diffusers folder)
     python scripts/codiff/convert.py --checkpoint pretrained/512_text.ckpt --config .../configs/512_text.yaml \\
-        --tokenizer path/to/bert-base-uncased --output ckpt/codiff-512-text
+        --tokenizer path/to/bert-base-uncased --output outputs/codiff-512-text
     python scripts/codiff/convert.py --checkpoint pretrained/512_vae.ckpt --config .../configs/512_vae.yaml \\
-        --output ckpt/codiff-512-vae
+        --output outputs/codiff-512-vae
 
 The collaboration config names its member configs (``configs/512_mask.yaml``, ...); they are looked up as given,
 from the official repository root above ``--config`` and beside it. ``--tokenizer`` is a local

@@ -61,12 +61,15 @@ def _seeded(seed: Optional[int]):
     return seeded(seed)
 
 
-def build_unet(config: Mapping[str, Any], seed: Optional[int] = None) -> nn.Module:
-    """A uni-modal eps model: ``UNet2DConditionModel(**config)``."""
+def build_unet(config: Mapping[str, Any], seed: Optional[int] = None, zero_init: str = "ldm") -> nn.Module:
+    """A uni-modal eps model: ``UNet2DConditionModel(**config)``, started as ``zero_init`` says
+    (:data:`codiff.dynamic.ZERO_INITS`; ``ldm``, the release: every LDM ``zero_module`` layer at zero)."""
     from diffusers import UNet2DConditionModel
 
+    from codiff.dynamic import apply_zero_init
+
     with _seeded(seed):
-        return UNet2DConditionModel(**dict(config))
+        return apply_zero_init(UNet2DConditionModel(**dict(config)), zero_init)
 
 
 def build_vae(config: Mapping[str, Any], seed: Optional[int] = None) -> nn.Module:
@@ -129,12 +132,15 @@ def build_models(
     config: Mapping[str, Any], device: str | torch.device = "cpu", seed: int = 0, with_encoders: bool = True
 ) -> CodiffModels:
     """Random-weight models of ``config`` on ``device`` (``"meta"``: shapes only). Seeds ``seed + k`` per network;
-    the diffusers' output convolutions are zero (the collaboration starts as the plain average)."""
+    the diffusers' output convolutions are zero (the collaboration starts as the plain average), and by default every
+other LDM ``zero_module`` layer of every UNet too (``zero_init`` of a modality / of ``dynamic_diffuser``)."""
     modalities = config["modalities"]
     with torch.device(device):
-        unets = {name: build_unet(section["unet"], seed + 2 * i) for i, (name, section) in enumerate(modalities.items())}
+        unets = {name: build_unet(section["unet"], seed + 2 * i, section.get("zero_init", "ldm"))
+                 for i, (name, section) in enumerate(modalities.items())}
         diffusers = {
-            name: build_dynamic_diffuser(config["dynamic_diffuser"]["unet"], seed=seed + 2 * i + 1)
+            name: build_dynamic_diffuser(config["dynamic_diffuser"]["unet"], seed=seed + 2 * i + 1,
+                                         zero_init=config["dynamic_diffuser"].get("zero_init", "ldm"))
             for i, name in enumerate(modalities)
         }
         collaboration = CollaborativeDiffusion(

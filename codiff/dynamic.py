@@ -9,7 +9,8 @@ tokens and predicts a one-channel logit map at latent resolution::
 
 ``D_m`` is a diffusers ``UNet2DConditionModel`` with ``out_channels=1`` whose output convolution is zero-initialised,
 as LDM's ``zero_module`` does (diffusers does not): every logit is 0 at the start, so ``I_m = 1/M`` and the
-collaboration starts as the plain average of the uni-modal predictions (spec §2.3).
+collaboration starts as the plain average of the uni-modal predictions. By default the other LDM ``zero_module``
+layers (each ResBlock's last convolution, each transformer's ``proj_out``) start at zero too (:data:`ZERO_INITS`).
 """
 
 from __future__ import annotations
@@ -41,14 +42,48 @@ def zero_init_output(unet: nn.Module) -> nn.Module:
     return unet
 
 
-def build_dynamic_diffuser(config: dict[str, Any], zero_init: bool = True, seed: int | None = None) -> nn.Module:
+# How a UNet trained from scratch starts. ``ldm``: as LDM's ``UNetModel`` (``zero_module`` on the output
+# convolution, on the last convolution of every ResBlock and on every SpatialTransformer's ``proj_out``), so every
+# residual branch starts as the identity; ``conv_out``: only the output convolution; ``none``: diffusers' init.
+ZERO_INITS = ("ldm", "conv_out", "none")
+
+
+def zero_init_ldm(unet: nn.Module) -> nn.Module:
+    """LDM's ``zero_module`` layers of a diffusers UNet, zeroed in place: ``conv_out``, each ResnetBlock2D's
+    ``conv2`` (LDM ``out_layers[3]``) and each Transformer2DModel's ``proj_out``; returns it."""
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    zero_init_output(unet)
+    for module in unet.modules():
+        layer = (module.conv2 if isinstance(module, ResnetBlock2D) else
+                 module.proj_out if isinstance(module, Transformer2DModel) else None)
+        if layer is not None:
+            nn.init.zeros_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+    return unet
+
+
+def apply_zero_init(unet: nn.Module, scheme: str) -> nn.Module:
+    """Zero the layers ``scheme`` (one of :data:`ZERO_INITS`) names; a fresh model only, never loaded weights."""
+    if scheme not in ZERO_INITS:
+        raise UserError(f"unknown zero_init {scheme!r}: choose one of {', '.join(ZERO_INITS)}")
+    if scheme == "ldm":
+        return zero_init_ldm(unet)
+    return zero_init_output(unet) if scheme == "conv_out" else unet
+
+
+def build_dynamic_diffuser(config: dict[str, Any], zero_init: bool | str = True, seed: int | None = None) -> nn.Module:
     """A dynamic diffuser: ``UNet2DConditionModel(**config)`` forced to ``out_channels=1``, output zeroed.
 
     ``config`` is a diffusers UNet config (paper: spec §3.3, widths 32/64/96/160, 32 heads, context 640, ~13.1M
     parameters). Called as ``D(x_t [B, C, h, w], t [B], encoder_hidden_states=c [B, L, D]) -> [B, 1, h, w]``.
+    ``zero_init``: a scheme of :data:`ZERO_INITS`; ``True`` is ``ldm`` (the release), ``False`` is ``none``.
     """
     from diffusers import UNet2DConditionModel
 
+    scheme = ("ldm" if zero_init else "none") if isinstance(zero_init, bool) else zero_init
     config = {**config, "out_channels": 1}
     if seed is None:
         unet = UNet2DConditionModel(**config)
@@ -56,7 +91,7 @@ def build_dynamic_diffuser(config: dict[str, Any], zero_init: bool = True, seed:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             unet = UNet2DConditionModel(**config)
-    return zero_init_output(unet) if zero_init else unet
+    return apply_zero_init(unet, scheme)
 
 
 def influence_maps(logits: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,18 @@ def schedules_agree(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     )
 
 
+def refuse_released_file(path: Path, what: str) -> None:
+    """A released Lightning ``.ckpt`` (or any file) where a folder is expected: say what it is and how to convert."""
+    if not path.is_file():
+        return
+    if path.suffix == ".ckpt":
+        raise UserError(f"{path} is a released LDM checkpoint file, not a {what}: convert it first with "
+                        f"python scripts/codiff/convert.py --checkpoint {path} --config <its official configs/*.yaml> "
+                        "--output <new folder> (add --tokenizer <bert-base-uncased folder> for text models)")
+    raise UserError(f"{path} is a file, not a {what}: pass the folder scripts/codiff/convert.py or the codiff "
+                    "training scripts wrote")
+
+
 # ------------------------------------------------------------------------------------------------- members
 
 
@@ -146,7 +158,23 @@ class UniModalMember:
         return self
 
 
-def _load_text_encoder(path: Path, tokenizer_path: Optional[Path], max_length: Optional[int]) -> TextConditioner:
+def _load_text_encoder(path: Path, tokenizer_path: Optional[Path], max_length: Optional[int],
+                       encoder_type: str = "clip") -> TextConditioner:
+    """``clip``: a transformers CLIP text tower (its tokenizer beside it unless named); ``ldm_bert``: the released
+    model's :class:`~codiff.text_encoder.LDMTextEncoder` with a BERT tokenizer folder."""
+    if encoder_type == "ldm_bert":
+        from transformers import AutoTokenizer
+
+        from codiff.text_encoder import LDMTextEncoder
+
+        if tokenizer_path is None or not Path(tokenizer_path).is_dir():
+            raise UserError(f"the text member's tokenizer folder {tokenizer_path} does not exist: re-run "
+                            "scripts/codiff/convert.py with --tokenizer")
+        encoder = LDMTextEncoder.from_pretrained(path).float().eval().requires_grad_(False)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
+        return TextConditioner(tokenizer, encoder, max_length or encoder.config["max_length"])
+    if encoder_type != "clip":
+        raise UserError(f"unknown text_encoder_type {encoder_type!r} in the member index: use clip or ldm_bert")
     from common.models import load_clip_text
 
     encoder, tokenizer = load_clip_text(path, tokenizer_path=tokenizer_path, with_projection=False)
@@ -159,6 +187,7 @@ def load_member(folder: PathLike, device: Union[str, torch.device] = "cpu") -> U
     from common.models import load_unet
 
     folder = Path(folder)
+    refuse_released_file(folder, "member folder")
     if not folder.is_dir():
         raise UserError(f"member folder {folder} does not exist: train it with scripts/codiff/train_unimodal.py or "
                         "pass a Stable Diffusion pipeline folder as the text member")
@@ -180,7 +209,8 @@ def load_member(folder: PathLike, device: Union[str, torch.device] = "cpu") -> U
         else:
             tok = meta.get("tokenizer")
             encoder = _load_text_encoder(resolve_from(meta["text_encoder"], folder),
-                                         resolve_from(tok, folder) if tok else None, meta.get("max_length"))
+                                         resolve_from(tok, folder) if tok else None, meta.get("max_length"),
+                                         meta.get("text_encoder_type", "clip"))
         vae = resolve_from(meta["vae"], folder) if meta.get("vae") else None
         member = UniModalMember(kind, unet, encoder, dict(meta["scheduler"]), vae, folder, meta,
                                 conditioning if kind == "mask" else "crossattn")
@@ -198,7 +228,8 @@ def load_member(folder: PathLike, device: Union[str, torch.device] = "cpu") -> U
     if member.kind == "mask":
         expected = member.encoder.fmt.token_dim if member.mask_conditioning == "concat" else member.encoder.dim
     else:
-        expected = member.encoder.text_encoder.config.hidden_size
+        expected = member.encoder.text_encoder.hidden_size if hasattr(member.encoder.text_encoder, "hidden_size") \
+            else member.encoder.text_encoder.config.hidden_size
     if member.token_dim != expected:
         raise UserError(f"member {folder}: the UNet attends to width {member.token_dim} but its condition encoder "
                         "gives another width: the folder mixes parts of different models")
@@ -217,10 +248,14 @@ def save_member(
     tokenizer_path: Optional[PathLike] = None,
     info: Optional[Mapping[str, Any]] = None,
     mask_conditioning: str = "crossattn",
+    text_encoder: Optional[nn.Module] = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Write a member folder atomically (``unet/`` safetensors, ``mask_encoder/`` for masks, the index).
 
-    Frozen towers are referenced by a path relative to ``folder`` (never copied)."""
+    Frozen towers are referenced by a path relative to ``folder`` (never copied). A text member whose encoder is
+    its own (the released model's :class:`~codiff.text_encoder.LDMTextEncoder`, trained with its UNet) passes the
+    module as ``text_encoder`` and its BERT ``tokenizer``: both are written into the folder."""
     from codiff.spatial import SpatialMaskUNet
     from common.io import atomic_write_dir
 
@@ -230,7 +265,7 @@ def save_member(
         raise UserError(f"unknown member kind {kind!r}: choose one of {', '.join(KINDS)}")
     if kind == "mask" and mask_encoder is None:
         raise UserError("a mask member needs its mask encoder")
-    if kind == "text" and text_encoder_path is None:
+    if kind == "text" and text_encoder_path is None and text_encoder is None:
         raise UserError("a text member needs the path of its (frozen) text encoder")
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -243,6 +278,12 @@ def save_member(
             mask_encoder.save_pretrained(tmp / "mask_encoder")
             meta["mask_encoder"] = "mask_encoder"
             meta["mask_conditioning"] = mask_conditioning
+        elif text_encoder is not None:
+            if tokenizer is None:
+                raise UserError("a text member with its own text encoder needs its tokenizer")
+            text_encoder.save_pretrained(tmp / "text_encoder")
+            tokenizer.save_pretrained(tmp / "tokenizer")
+            meta.update(text_encoder="text_encoder", tokenizer="tokenizer", text_encoder_type="ldm_bert")
         else:
             meta["text_encoder"] = relative_to(text_encoder_path, folder)
             if tokenizer_path is not None:
@@ -385,6 +426,7 @@ def load_collaboration(
     from common.models import load_vae
 
     folder = Path(folder)
+    refuse_released_file(folder, "checkpoint folder")
     if not folder.is_dir():
         raise UserError(f"checkpoint folder {folder} does not exist: train one with scripts/codiff/train_dynamic.py "
                         "(the shipped one is ckpt/tiny/codiff once `make tiny-checkpoints` ran)")

@@ -9,6 +9,9 @@ small explicit block below. 512 setting: 32 layers, 640 wide, 166.6M parameters.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,3 +79,39 @@ class LDMTextEncoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         return (self.norm(x),)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the token states (what a UNet cross-attends to)."""
+        return int(self.config["dim"])
+
+    def save_pretrained(self, folder) -> Path:
+        """``config.json`` (``architecture: ldm_bert`` + the constructor arguments) + ``model.safetensors``, atomic."""
+        from common.io import atomic_write_dir, save_safetensors
+
+        with atomic_write_dir(folder) as tmp:
+            (tmp / "config.json").write_text(json.dumps({"architecture": ARCHITECTURE, **self.config}, indent=2))
+            save_safetensors(self.state_dict(), tmp / "model.safetensors")
+        return Path(folder)
+
+    @classmethod
+    def from_pretrained(cls, folder) -> LDMTextEncoder:
+        """Load what :meth:`save_pretrained` wrote (strict about keys and shapes)."""
+        from common.errors import UserError
+        from common.io import load_safetensors, require_file
+
+        config = json.loads(require_file(Path(folder) / "config.json", "text encoder config").read_text())
+        if config.pop("architecture", None) != ARCHITECTURE:
+            raise UserError(f"{folder} is not an LDM text encoder folder (config.json has no architecture: "
+                            f"{ARCHITECTURE})")
+        with torch.device("meta"):
+            encoder = cls(**config)
+        try:
+            encoder.load_state_dict(load_safetensors(Path(folder) / "model.safetensors"), strict=True, assign=True)
+        except RuntimeError as err:
+            first = " ".join(str(err).split())[:300]
+            raise UserError(f"{folder}/model.safetensors does not fit its config.json ({first}): re-export it") from None
+        return encoder.eval()
+
+
+ARCHITECTURE = "ldm_bert"

@@ -107,7 +107,8 @@ def main(argv=None) -> int:
         for k, (name, member) in enumerate(members.items()):
             unet_cfg = {**section["unet"], "cross_attention_dim": member.token_dim, "sample_size": latent_h,
                         "in_channels": latent_c}
-            nets[name] = build_dynamic_diffuser(unet_cfg, seed=(config.seed or 0) + 1 + 2 * k)
+            nets[name] = build_dynamic_diffuser(unet_cfg, seed=(config.seed or 0) + 1 + 2 * k,
+                                                zero_init=section.get("zero_init", "ldm"))
         collab = build_collaboration(members, DynamicDiffusers(nets, confidence_input), vae)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         resolution = latent_h * factor

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise_schedule_from", default=None,
                    help="pipeline folder or scheduler_config.json to take the noise schedule from (default: LDM's)")
     p.add_argument("--unet_config", default=None, help="JSON config of the UNet2DConditionModel")
+    p.add_argument("--zero_init", choices=("ldm", "conv_out", "none"), default="ldm",
+                   help="how the UNet starts: ldm (the release: output conv, each ResBlock's last conv and each "
+                        "transformer's proj_out at zero), conv_out (output conv only), none (diffusers' init)")
     p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the VAE's)")
     p.add_argument("--mask_classes", default="digits", help="digits, celebamask_hq, or comma-separated class names")
     p.add_argument("--mask_grid", type=int, default=16, help="mask token grid (tokens of grid*grid one-hot pixels)")
@@ -84,6 +87,7 @@ def main(argv=None) -> int:
 
     from codiff.conditions import MaskEncoder
     from codiff.data import LDM_SCHEDULER_CONFIG, cache_latents, check_eps_schedule
+    from codiff.dynamic import apply_zero_init
     from codiff.losses import UniModalObjective
     from codiff.members import read_scheduler_json, save_member
     from common.data import image_text_dataset
@@ -118,7 +122,7 @@ def main(argv=None) -> int:
         if resolution % factor:
             raise UserError(f"--resolution {resolution} is not divisible by the VAE's factor {factor}")
         unet_cfg = json.loads(unet_config.read_text())
-        unet = UNet2DConditionModel.from_config(unet_cfg)
+        unet = apply_zero_init(UNet2DConditionModel.from_config(unet_cfg), args.zero_init)
         if unet.config.sample_size * factor != resolution or unet.config.in_channels != vae.config.latent_channels:
             raise UserError(f"--unet_config makes {unet.config.in_channels}x{unet.config.sample_size}^2 latents but the VAE "
                             f"gives {vae.config.latent_channels}x{resolution // factor}^2: fix sample_size/in_channels")

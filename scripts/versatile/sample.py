@@ -139,9 +139,10 @@ def write_outputs(out, sources, args, flow) -> Path:
 
 @cli_entry
 def main(argv=None) -> int:
+    from common import limits
     from versatile.checkpoint import check_flow, load_pipeline
 
-    args = build_parser().parse_args(argv)
+    args = limits.check_namespace(build_parser().parse_args(argv))
     flow, images = check_args(args)
     checkpoint = Path(args.checkpoint) if args.checkpoint else REPO / DEFAULT_CHECKPOINT
     pipe, manifest = load_pipeline(checkpoint, args.device, image_vae=args.vae_model_path,

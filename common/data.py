@@ -454,7 +454,7 @@ def build_embedding_cache(dataset: Sequence[dict], encode_fn: Callable[[dict], d
     of the cache is item ``i``. If ``cache_dir`` already holds a finished cache with the same ``fingerprint``
     (see :func:`cache_fingerprint`) and length, nothing is computed; otherwise the cache is rebuilt and replaces
     the old one. The folder is written atomically (:func:`common.io.atomic_write_dir`): it holds either the old
-    cache or the complete new one, never a partial write. In multi-process training, build on the main process
+    cache or the complete new one, never a partial write; a folder the project did not write is refused. In multi-process training, build on the main process
     first (``accelerator.main_process_first()``). Layout::
 
         cache_dir/manifest.json                {"format", "fingerprint", "num_samples", "keys", "shards"}

@@ -123,6 +123,18 @@ def check_output_dir(path: PathLike, flag: str = "--output_dir", writer: str | N
     return path
 
 
+def claim_output_dir(path: PathLike, flag: str = "--output_dir", writer: str | None = None) -> Path:
+    """Make ``path`` this writer's folder for outputs written into it piece by piece (subfolders by other
+    writers, a summary file by this one): refused like :func:`check_output_dir`; a new or empty folder gets a
+    manifest naming ``writer`` (and no files), so a later run of the same writer is recognised."""
+    writer = writer or _caller_label()
+    path = check_output_dir(path, flag, writer)
+    path.mkdir(parents=True, exist_ok=True)
+    if read_output_manifest(path) is None:
+        _write_manifest(path, writer, [])
+    return path
+
+
 def _relative_files(root: Path) -> list[str]:
     """Every file (and symlink) below ``root``, as sorted POSIX relative paths."""
     found = []

@@ -151,6 +151,35 @@ def test_digits_builder_and_library_writers_refuse_foreign_folders(tmp_path):
     assert snapshot(data) == before and snapshot(model)["thesis.tex"] == b"three years of work"
 
 
+def test_overwrite_replaces_only_the_projects_own_files(tmp_path, capsys):
+    """versatile/convert.py --overwrite: refused in a folder of the user's; in its own earlier output it replaces
+    its files and keeps a file the user added there."""
+    import torch
+
+    from versatile.convert import export_state_dict
+    from versatile.tiny import tiny_diffuser
+
+    convert = load_script("scripts/versatile/convert.py")
+    torch.save(export_state_dict(tiny_diffuser(seed=3, zero_init=False), "vd-r1"), tmp_path / "vd.pth")
+
+    def run(dst):
+        return run_sample(convert, capsys, ["--from", "vd-r1", "--src", str(tmp_path / "vd.pth"), "--dst", str(dst),
+                                            "--model_config", "tiny", "--overwrite"])
+
+    theirs = foreign_folder(tmp_path / "theirs")
+    before = snapshot(theirs)
+    code, lines = run(theirs)
+    one_error_line(code, lines, str(theirs), "not written by this project")
+    assert snapshot(theirs) == before
+    ours = tmp_path / "ours"
+    assert run(ours)[0] == 0
+    (ours / "README.txt").write_text("my notes on this conversion")
+    first = snapshot(ours)
+    assert run(ours)[0] == 0
+    second = snapshot(ours)
+    assert second["README.txt"] == b"my notes on this conversion" and set(second) == set(first)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bounded inputs
 # ---------------------------------------------------------------------------------------------------------------

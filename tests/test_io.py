@@ -18,6 +18,7 @@ from common.io import (
     OUTPUT_MANIFEST,
     atomic_write_dir,
     atomic_write_file,
+    claim_output_dir,
     load_image_rgb,
     load_safetensors,
     load_torchscript_weights,
@@ -158,6 +159,20 @@ def test_atomic_write_dir_manifest_cannot_claim_files_outside_its_folder(tmp_pat
     with atomic_write_dir(out) as tmp:
         (tmp / "a.txt").write_text("new")
     assert outside.read_text() == "keep"
+
+
+def test_claim_output_dir_marks_a_new_folder_and_refuses_a_foreign_one(tmp_path):
+    out = claim_output_dir(tmp_path / "demo", writer="scripts/demo.py")
+    (out / "baseline").mkdir()  # written piece by piece afterwards
+    assert claim_output_dir(out, writer="scripts/demo.py") == out  # a rerun is recognised
+    with pytest.raises(UserError, match="holds the output of scripts/demo.py"):
+        claim_output_dir(out, writer="scripts/sample.py")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "a.txt").write_text("x")
+    with pytest.raises(UserError, match="--out"):
+        claim_output_dir(theirs, "--out")
+    assert sorted(p.name for p in theirs.iterdir()) == ["a.txt"]
 
 
 def test_atomic_write_dir_refuses_a_file_path(tmp_path):

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_vae", default=None, help="with --clip: write a complete versatile folder")
     p.add_argument("--clip", default=None, help="open_clip folder of the contexts (with --image_vae)")
     p.add_argument("--text_vae", default=None, help="text VAE folder (text flows)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    p.add_argument("--overwrite", action="store_true", help="replace the files an earlier conversion wrote in --dst (anything else there is never touched)")
     return p
 
 
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     if not src.exists():
         raise UserError(f"--src {src} does not exist: pass a checkpoint file or a diffusers Versatile Diffusion folder")
     if dst.exists() and not args.overwrite:
-        raise UserError(f"--dst {dst} exists: pass a new folder, or --overwrite")
+        raise UserError(f"--dst {dst} exists: pass a new folder, or --overwrite to replace an earlier conversion there")
     if bool(args.image_vae) != bool(args.clip):
         raise UserError("a complete folder needs both --image_vae and --clip (or neither, for weights only)")
     config = VersatileConfig.load(args.model_config)

@@ -107,7 +107,8 @@ def check_output_dir(path: PathLike, flag: str = "--output_dir", writer: str | N
         return path
     if not path.is_dir():
         raise UserError(f"output path {path} is a file, not a folder: pass a folder path with {flag}")
-    if not any(path.iterdir()):
+    # A staging folder left by a killed run is ours (by its name) and does not make a folder the user's.
+    if not any(not entry.name.startswith(_STAGING_PREFIX) for entry in path.iterdir()):
         return path
     manifest = read_output_manifest(path)
     if manifest is None:
@@ -136,13 +137,14 @@ def claim_output_dir(path: PathLike, flag: str = "--output_dir", writer: str | N
 
 
 def _relative_files(root: Path) -> list[str]:
-    """Every file (and symlink) below ``root``, as sorted POSIX relative paths."""
+    """Every file (and symlink) below ``root``, as sorted POSIX relative paths; a manifest at the top (a copied
+    output) is left out: the writer's own replaces it."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         base = Path(dirpath)
         for name in filenames + [d for d in dirnames if (base / d).is_symlink()]:
             found.append((base / name).relative_to(root).as_posix())
-    return sorted(found)
+    return sorted(name for name in found if name != OUTPUT_MANIFEST)
 
 
 def _write_manifest(folder: Path, writer: str, files: list[str]) -> None:
@@ -177,8 +179,7 @@ def _merge_into(folder: Path, staged: Path, writer: str, flag: str) -> None:
     previous files are restored.
     """
     manifest = read_output_manifest(folder)
-    ours = {staged.name, f"{staged.name}-previous"}
-    if manifest is None and any(entry.name not in ours for entry in folder.iterdir()):
+    if manifest is None and any(not entry.name.startswith(_STAGING_PREFIX) for entry in folder.iterdir()):
         check_output_dir(folder, flag, writer)  # something appeared meanwhile: the same refusal as up front
     if manifest is not None and manifest["writer"] != writer:
         check_output_dir(folder, flag, writer)

@@ -116,6 +116,7 @@ def check_args(args) -> None:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     limits.steps(args.steps)
     limits.check_namespace(args)  # every float flag finite (guidance, eta, the methods' weights), seeds in range
+    limits.finite(args.eta, "--eta", 0.0, 1.0)
     if args.num_images is not None:
         limits.count(args.num_images, "--num_images")
     if args.resolution is not None and args.resolution < 8:

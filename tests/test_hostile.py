@@ -189,6 +189,7 @@ def test_overwrite_replaces_only_the_projects_own_files(tmp_path, capsys):
     (["--guidance_scale", "nan"], ["--guidance_scale", "finite"]),
     (["--guidance_scale", "inf"], ["--guidance_scale", "finite"]),
     (["--eta", "nan"], ["--eta"]),
+    (["--eta", "1.5"], ["--eta must lie in [0, 1], got 1.5"]),
     (["--num_images", "0"], ["--num_images", "got 0"]),
     (["--seed", str(2**64)], ["--seed", "2**63-1"]),
     (["--seed", "-1"], ["--seed"]),

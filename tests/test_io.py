@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -159,6 +160,20 @@ def test_atomic_write_dir_manifest_cannot_claim_files_outside_its_folder(tmp_pat
     with atomic_write_dir(out) as tmp:
         (tmp / "a.txt").write_text("new")
     assert outside.read_text() == "keep"
+
+
+def test_atomic_write_dir_survives_a_killed_run_and_a_copied_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".diffusion-lab-staging-0123456789ab").mkdir()  # what a SIGKILL mid-write leaves: ours by its name
+    with atomic_write_dir(out) as tmp:
+        (tmp / "a.txt").write_text("new")
+    copy = tmp_path / "copy"
+    with atomic_write_dir(copy) as tmp:
+        shutil.copytree(out, tmp, dirs_exist_ok=True)  # a writer that copies a whole earlier output
+    with atomic_write_dir(copy) as tmp:
+        shutil.copytree(out, tmp, dirs_exist_ok=True)
+    assert json.loads((copy / OUTPUT_MANIFEST).read_text())["files"] == ["a.txt"]
 
 
 def test_claim_output_dir_marks_a_new_folder_and_refuses_a_foreign_one(tmp_path):

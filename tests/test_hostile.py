@@ -205,6 +205,24 @@ def test_sample_refuses_unbounded_settings_with_one_line(sample, capsys, tmp_pat
     assert not out.exists()
 
 
+@pytest.mark.parametrize("script,argv,needle", [
+    ("scripts/versatile/sample.py", ["--prompt", "a seven", "--scale", "inf"], "--scale"),
+    ("scripts/versatile/sample.py", ["--prompt", "a seven", "--seed", str(2**63)], "--seed"),
+    ("scripts/codiff/generate.py", ["--input_text", "a seven", "--guidance_scale", "nan"], "--guidance_scale"),
+    ("scripts/codiff/generate.py", ["--input_text", "a seven", "--batch_size", "64", "--max_memory_gb", "0.001"],
+     "--batch_size need an estimated"),
+    ("scripts/sdg/sample.py", ["--text_weight=-inf"], "--text_weight"),
+    ("scripts/contextdiff/edit_video.py", ["--video", "embedded", "--target_prompt", "x", "--guidance_scale", "nan"], "--guidance_scale"),
+])
+def test_method_scripts_refuse_unbounded_settings(tmp_path, capsys, script, argv, needle):
+    out = tmp_path / "never"
+    flag = {"scripts/codiff/generate.py": "--save_folder", "scripts/sdg/sample.py": "--out_root"}.get(script,
+                                                                                                       "--output_dir")
+    code, lines = run_sample(load_script(script), capsys, [*argv, flag, str(out)])
+    one_error_line(code, lines, needle)
+    assert not out.exists()
+
+
 def png_declaring(width: int, height: int) -> bytes:
     """A tiny PNG whose header declares ``width x height`` grayscale pixels (a decompression bomb's shape):
     the few stored rows are valid, the rest are missing, so only a header-first check can refuse it cheaply."""

@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     args = limits.check_namespace(parse_args_with_config(parser, argv))
     check_args(args)
     collab = load_collaboration(args.model_dir, device=args.device)
+    limits.check_memory(args, batch=args.batch_size, height=collab.image_size, what="--batch_size")
     conditions, ids, mask_stem = gather_conditions(args, collab)
     sampling = collab.sampling
     steps = args.ddim_steps or int(sampling.get("ddim_steps", 50))

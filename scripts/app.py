@@ -155,7 +155,10 @@ def check_upload(name: str, data: bytes, max_bytes: int):
         image.load()
     except UserError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        raise UserError(f"{name} declares more pixels than can be decoded safely: the limit is {MAX_UPLOAD_PIXELS} "
+                        "pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise UserError(f"{name} is not an image: upload a PNG, JPEG, BMP, GIF, WebP or TIFF file") from None
     if fmt not in IMAGE_FORMATS:
         raise UserError(f"{name} is a {fmt} file: upload a PNG, JPEG, BMP, GIF, WebP or TIFF image")

@@ -246,6 +246,13 @@ def test_huge_declared_image_is_refused_before_decoding(tmp_path, side):
     assert "\n" not in str(err.value) and ("declares" in str(err.value) or "too large" in str(err.value))
 
 
+@pytest.mark.parametrize("side", [11000, 20000])
+def test_huge_declared_upload_is_refused_on_the_page(side):
+    app_module = load_script("scripts/app.py")
+    with pytest.raises(UserError, match="pixels"):
+        app_module.check_upload("bomb.png", png_declaring(side, side), 2**20)
+
+
 def test_dataset_with_a_huge_image_is_a_user_error(tmp_path):
     from common.data import image_text_dataset
 

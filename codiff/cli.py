@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from codiff.collaborate import SCHEDULES, ReleasedReweighting
 from codiff.variants import VARIANTS
+from common.limits import add_memory_argument
 
 
 def generate_parser() -> argparse.ArgumentParser:
@@ -56,6 +57,7 @@ def generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--softmax_twice", action=bool_flag, default=False)
     parser.add_argument("--boost_factor", type=float, default=1.0)
     parser.add_argument("--device", type=str, default="cpu")
+    add_memory_argument(parser)
     return parser
 
 

@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from common.errors import UserError, one_line
-from common.io import PathLike, atomic_write_dir, load_safetensors, require_file, save_safetensors
+from common.io import PathLike, atomic_write_dir, load_safetensors, open_image, require_file, save_safetensors
 
 
 # CelebAMask-HQ's 19 classes and colours (CelebAMask-HQ ``g_mask.py``; the palette of Collaborative Diffusion's
@@ -187,7 +187,7 @@ def load_mask(path: PathLike, fmt: MaskFormat) -> torch.Tensor:
     """
     path = require_file(path, "mask")
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.load()
             mode = image.mode
             if mode in ("P", "L", "I", "I;16", "1"):

@@ -31,6 +31,8 @@ import torch
 from PIL import Image
 
 from common.errors import UserError
+from common.io import open_image
+from common.limits import inside
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -55,7 +57,7 @@ def _readable(path: Path, validate: str = "decode") -> bool:
     if validate == "none":
         return path.is_file()
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             if validate == "verify":
                 im.verify()  # chunk structure and checksums, no pixel decode
             else:
@@ -102,10 +104,12 @@ def folder_records(root: Path, caption_column: str = "text", require_captions: b
         for row in read_jsonl_rows(meta):
             if require_captions and caption_column not in row:
                 raise UserError(f"{meta}: a line has no {caption_column!r} column: pass --caption_column")
-            mask = root / row["mask_file_name"] if row.get("mask_file_name") else None
+            mask = inside(root, row["mask_file_name"], f"{meta}: mask_file_name") if row.get("mask_file_name") \
+                else None
             extra = {k: v for k, v in row.items() if k not in ("file_name", caption_column, "mask_file_name")}
             text, captions = _caption_fields(row.get(caption_column, ""))
-            records.append(Record(root / row["file_name"], text, mask, extra, captions))
+            image = inside(root, row["file_name"], f"{meta}: file_name")
+            records.append(Record(image, text, mask, extra, captions))
         return records
     if require_captions:
         raise UserError(f"{root} has no metadata.jsonl: add one with file_name and text per image")
@@ -128,6 +132,7 @@ def coco_records(images_dir: Path, captions_json: Path, one_per_image: bool = Fa
     try:
         data = json.loads(captions_json.read_text(encoding="utf-8"))
         files = {img["id"]: img["file_name"] for img in data["images"]}
+        files = {key: inside(images_dir, str(name), f"{captions_json}: file_name") for key, name in files.items()}
         annotations = data["annotations"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{captions_json} is not a COCO captions file (needs images[] and annotations[])") from None
@@ -136,7 +141,7 @@ def coco_records(images_dir: Path, captions_json: Path, one_per_image: bool = Fa
         for ann in annotations:
             if isinstance(ann, dict) and ann.get("image_id") in files:
                 grouped.setdefault(ann["image_id"], []).append(str(ann.get("caption", "")).strip())
-        return [Record(images_dir / files[i], caps[0], captions=tuple(caps) if len(caps) > 1 else None)
+        return [Record(files[i], caps[0], captions=tuple(caps) if len(caps) > 1 else None)
                 for i, caps in grouped.items()]
     seen, records = set(), []
     for ann in annotations:
@@ -144,7 +149,7 @@ def coco_records(images_dir: Path, captions_json: Path, one_per_image: bool = Fa
         if image_id not in files or (one_per_image and image_id in seen):
             continue
         seen.add(image_id)
-        records.append(Record(images_dir / files[image_id], str(ann.get("caption", "")).strip()))
+        records.append(Record(files[image_id], str(ann.get("caption", "")).strip()))
     return records
 
 
@@ -153,7 +158,7 @@ def load_mask_ids(path: Path, num_classes: int, ignore_index: Optional[int] = No
 
     ``ignore_index`` (e.g. 255, the "void" label of VOC-style masks) is allowed through unchanged.
     """
-    with Image.open(path) as im:
+    with open_image(path) as im:
         if im.mode not in ("P", "L", "I", "I;16"):
             raise UserError(f"mask {path} is {im.mode}: masks must be palette or grayscale PNGs of class ids")
         ids = np.asarray(im).astype(np.int64)
@@ -269,7 +274,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         from common.io import pil_to_rgb
 
         rec = self.records[index]
-        with Image.open(rec.image) as im:
+        with open_image(rec.image) as im:
             im.load()
             image = pil_to_rgb(ImageOps.exif_transpose(im))
         ids = None
@@ -449,7 +454,7 @@ def build_embedding_cache(dataset: Sequence[dict], encode_fn: Callable[[dict], d
     of the cache is item ``i``. If ``cache_dir`` already holds a finished cache with the same ``fingerprint``
     (see :func:`cache_fingerprint`) and length, nothing is computed; otherwise the cache is rebuilt and replaces
     the old one. The folder is written atomically (:func:`common.io.atomic_write_dir`): it holds either the old
-    cache or the complete new one, never a partial write. In multi-process training, build on the main process
+    cache or the complete new one, never a partial write; a folder the project did not write is refused. In multi-process training, build on the main process
     first (``accelerator.main_process_first()``). Layout::
 
         cache_dir/manifest.json                {"format", "fingerprint", "num_samples", "keys", "shards"}

@@ -56,40 +56,222 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-@contextlib.contextmanager
-def atomic_write_dir(path: PathLike) -> Iterator[Path]:
-    """Write a folder all-or-nothing: ``with atomic_write_dir(out) as tmp: model.save_pretrained(tmp)``.
+# A folder the project wrote holds this file, listing what it wrote there (relative paths) and which program wrote it.
+# It is what allows a later run of the same program to replace those files, and only those: a folder without it
+# (or written by another program) is never emptied, merged into or overwritten.
+OUTPUT_MANIFEST = ".diffusion-lab-manifest.json"
+_STAGING_PREFIX = ".diffusion-lab-staging-"
 
-    The body writes into an empty temporary sibling folder. On success it is renamed to ``path``; an existing
-    folder at ``path`` is first moved aside and deleted only after the new one is in place (if the final rename
-    fails, the old folder is moved back). On any exception, including ``KeyboardInterrupt``, the temporary
-    folder is removed and ``path`` is left exactly as it was. POSIX cannot swap two folders in one step, so for
-    an instant between the two renames ``path`` does not exist; it never holds a partial write.
+
+def _caller_label(depth: int = 2) -> str:
+    """``parent/file.py`` of the function ``depth`` frames up: who writes, the same whether run as a script or
+    imported (tests call ``main(argv)``)."""
+    import sys
+
+    file = sys._getframe(depth).f_globals.get("__file__") or "?"
+    parts = Path(file).parts
+    return "/".join(parts[-2:])
+
+
+def read_output_manifest(folder: PathLike) -> dict | None:
+    """The manifest of a folder this project wrote, or None (no manifest, or one that does not parse)."""
+    import json
+
+    path = Path(folder) / OUTPUT_MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), list):
+        return None
+    files = []
+    for name in data["files"]:
+        # A manifest never grants anything outside its folder: no absolute paths, no "..".
+        if isinstance(name, str) and name and not Path(name).is_absolute() and ".." not in Path(name).parts:
+            files.append(Path(name).as_posix())
+    return {"writer": str(data.get("writer", "?")), "files": files}
+
+
+def check_output_dir(path: PathLike, flag: str = "--output_dir", writer: str | None = None) -> Path:
+    """Refuse, before any work, an output folder this writer may not write into; returns ``Path(path)``.
+
+    Allowed: a path that does not exist yet, an empty folder, or a folder whose manifest says this ``writer``
+    (default: the calling file) wrote it. Anything else is a one-line :class:`UserError` naming the folder and
+    ``flag``, the option that picks another one. Nothing is created or removed here.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output path {path} is a file, not a folder: pass a folder path or remove the file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path, "tmp")
-    tmp.mkdir()
+    writer = writer or _caller_label()
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"output folder {path} is a broken symlink: pass another folder with {flag}")
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise UserError(f"output path {path} is a file, not a folder: pass a folder path with {flag}")
+    # A staging folder left by a killed run is ours (by its name) and does not make a folder the user's.
+    if not any(not entry.name.startswith(_STAGING_PREFIX) for entry in path.iterdir()):
+        return path
+    manifest = read_output_manifest(path)
+    if manifest is None:
+        raise UserError(
+            f"output folder {path} is not empty and was not written by this project: refusing to write into it "
+            f"(nothing was changed); choose a new or empty folder with {flag}"
+        )
+    if manifest["writer"] != writer:
+        raise UserError(
+            f"output folder {path} holds the output of {manifest['writer']}, not of {writer}: refusing to replace "
+            f"it (nothing was changed); choose another folder with {flag}"
+        )
+    return path
+
+
+def claim_output_dir(path: PathLike, flag: str = "--output_dir", writer: str | None = None) -> Path:
+    """Make ``path`` this writer's folder for outputs written into it piece by piece (subfolders by other
+    writers, a summary file by this one): refused like :func:`check_output_dir`; a new or empty folder gets a
+    manifest naming ``writer`` (and no files), so a later run of the same writer is recognised."""
+    writer = writer or _caller_label()
+    path = check_output_dir(path, flag, writer)
+    path.mkdir(parents=True, exist_ok=True)
+    if read_output_manifest(path) is None:
+        _write_manifest(path, writer, [])
+    return path
+
+
+def _relative_files(root: Path) -> list[str]:
+    """Every file (and symlink) below ``root``, as sorted POSIX relative paths; a manifest at the top (a copied
+    output) is left out: the writer's own replaces it."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath)
+        for name in filenames + [d for d in dirnames if (base / d).is_symlink()]:
+            found.append((base / name).relative_to(root).as_posix())
+    return sorted(name for name in found if name != OUTPUT_MANIFEST)
+
+
+def _write_manifest(folder: Path, writer: str, files: list[str]) -> None:
+    import json
+
+    target = folder / OUTPUT_MANIFEST
+    tmp = folder / f"{OUTPUT_MANIFEST}.{uuid.uuid4().hex[:12]}.tmp"
     try:
-        yield tmp
+        tmp.write_text(json.dumps({"format": 1, "writer": writer, "files": files}, indent=1) + "\n")
+        os.replace(tmp, target)
     except BaseException:
         _remove(tmp)
         raise
-    old = None
+
+
+def _prune_empty_parents(file: Path, root: Path) -> None:
+    """Remove the folders above ``file`` that became empty, up to (not including) ``root``."""
+    parent = file.parent
+    while parent != root and root in parent.parents:
+        try:
+            parent.rmdir()  # only succeeds on an empty folder: nothing of anyone's is lost
+        except OSError:
+            return
+        parent = parent.parent
+
+
+def _merge_into(folder: Path, staged: Path, writer: str, flag: str) -> None:
+    """Move the staged files into ``folder``, replacing the files the previous output of ``writer`` listed there.
+
+    Files the manifest does not list are never touched; a staged file whose name is taken by such a file is a
+    :class:`UserError` before anything moves. If a move fails part-way, the moved files go back and the
+    previous files are restored.
+    """
+    manifest = read_output_manifest(folder)
+    if manifest is None and any(not entry.name.startswith(_STAGING_PREFIX) for entry in folder.iterdir()):
+        check_output_dir(folder, flag, writer)  # something appeared meanwhile: the same refusal as up front
+    if manifest is not None and manifest["writer"] != writer:
+        check_output_dir(folder, flag, writer)
+    owned = set(manifest["files"]) if manifest else set()
+    new = _relative_files(staged)
+    for name in new:
+        target = folder / name
+        between = [p for p in target.parents if folder in p.parents]
+        blocked = next((p for p in between if p.is_symlink() or (p.exists() and not p.is_dir())), None)
+        if blocked is None and (target.exists() or target.is_symlink()):
+            if name not in owned or (target.is_dir() and not target.is_symlink()):
+                blocked = target
+        if blocked is not None:
+            raise UserError(
+                f"output folder {folder} already holds {blocked.relative_to(folder).as_posix()}, which this project "
+                f"did not write: refusing to overwrite it (nothing was changed); move it away or choose another "
+                f"folder with {flag}"
+            )
+    backup = staged.parent / f"{staged.name}-previous"
+    backup.mkdir()
+    moved_old: list[str] = []
+    moved_new: list[str] = []
     try:
-        if path.exists():
-            old = _temp_sibling(path, "old")
-            os.rename(path, old)
-        os.rename(tmp, path)
+        for name in sorted(owned):  # the previous output of this writer steps aside
+            source = folder / name
+            if source.is_file() or source.is_symlink():
+                (backup / name).parent.mkdir(parents=True, exist_ok=True)
+                os.rename(source, backup / name)
+                moved_old.append(name)
+        for name in new:
+            target = folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(staged / name, target)
+            moved_new.append(name)
+        _write_manifest(folder, writer, new)
     except BaseException:
-        if old is not None and not path.exists():
-            os.rename(old, path)
-        _remove(tmp)
+        for name in reversed(moved_new):
+            with contextlib.suppress(OSError):
+                os.rename(folder / name, staged / name)
+                _prune_empty_parents(folder / name, folder)
+        for name in moved_old:
+            with contextlib.suppress(OSError):
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                os.rename(backup / name, folder / name)
+        _remove(backup)
         raise
-    if old is not None:
-        _remove(old)
+    for name in moved_old:  # only the writer's own previous files, now replaced
+        if name not in new:
+            _prune_empty_parents(folder / name, folder)
+    _remove(backup)
+
+
+def atomic_write_dir(path: PathLike, flag: str = "--output_dir", writer: str | None = None):
+    """Write a folder all-or-nothing, never losing anything that was there: ``with atomic_write_dir(out) as tmp:
+    model.save_pretrained(tmp)``.
+
+    The body writes into an empty hidden staging folder. When it finishes:
+
+    - ``path`` does not exist: the staging folder is renamed to ``path`` (one atomic step);
+    - ``path`` is an empty folder, or holds an earlier output of the same ``writer`` (default: the calling file),
+      as its :data:`OUTPUT_MANIFEST` says: the new files are moved in file by file; the files the earlier output
+      listed are replaced or, when the new output lacks them, removed. Files the manifest does not list are
+      never touched, and a new file whose name one of them takes is refused;
+    - otherwise (a non-empty folder the project did not write, e.g. ``--output_dir .``): a one-line
+      :class:`UserError` naming the folder and ``flag`` (the option choosing another folder), raised before the
+      body runs, with nothing changed.
+
+    Every folder written here ends with the manifest listing its files. On any exception, including
+    ``KeyboardInterrupt``, the staging folder is removed and ``path`` is left exactly as it was.
+    """
+    return _atomic_write_dir(Path(path), flag, writer or _caller_label())
+
+
+@contextlib.contextmanager
+def _atomic_write_dir(path: Path, flag: str, writer: str) -> Iterator[Path]:
+    check_output_dir(path, flag, writer)
+    existed = path.is_dir()
+    # Stage inside an existing folder (same filesystem, and no need to write its parent), else beside it.
+    parent = path if existed else Path(os.path.abspath(path)).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staged = parent / f"{_STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
+    staged.mkdir()
+    try:
+        yield staged
+        if existed or path.exists():
+            _merge_into(path, staged, writer, flag)
+        else:
+            _write_manifest(staged, writer, _relative_files(staged))
+            os.rename(staged, path)
+    finally:
+        _remove(staged)
+        _remove(staged.parent / f"{staged.name}-previous")
 
 
 @contextlib.contextmanager
@@ -429,19 +611,22 @@ def write_image_folder(
     extra_files: Mapping[str, object] | None = None,
     value_range: tuple[float, float] = (0.0, 1.0),
     grid_limit: int = 100,
+    flag: str = "--output_dir",
+    writer: str | None = None,
 ) -> Path:
     """An imagefolder of results, written atomically (all of it or nothing): ``images/NNNN.png``, ``metadata.jsonl``
     (one row per image, ``file_name`` added first) and ``grid.png`` (the first ``grid_limit`` images, 10 per row).
 
     ``extra_files``: ``{relative name: writer}``, each writer called with the path to create inside the folder
-    (e.g. masks or a settings file), so they land in the same atomic commit.
+    (e.g. masks or a settings file), so they land in the same atomic commit. ``folder`` follows the rules of
+    :func:`atomic_write_dir` (``writer`` defaults to the calling file, ``flag`` names the option in refusals).
     """
     import json
 
     if len(images) != len(rows):
         raise ValueError(f"{len(images)} images but {len(rows)} metadata rows")
     folder = Path(folder)
-    with atomic_write_dir(folder) as tmp:
+    with atomic_write_dir(folder, flag, writer or _caller_label()) as tmp:
         (tmp / "images").mkdir()
         with open(tmp / "metadata.jsonl", "w") as meta:
             for i, (image, row) in enumerate(zip(images, rows)):
@@ -493,6 +678,30 @@ def pil_to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255,
     return image.convert("RGB")
 
 
+def open_image(path: PathLike, max_pixels: int | None = None) -> Image.Image:
+    """``Image.open(path)`` (header only, nothing decoded yet), refused as a one-line :class:`UserError` when the
+    declared size exceeds ``max_pixels`` (default :data:`common.limits.MAX_IMAGE_PIXELS`), so a small file that
+    declares a huge canvas (a decompression bomb) is never decoded. Use it as ``with open_image(p) as im:``.
+    PIL's own :class:`~PIL.Image.DecompressionBombError` becomes a UserError too; other read errors pass through.
+    """
+    import warnings
+
+    from common.limits import image_pixels
+
+    try:
+        with warnings.catch_warnings():  # PIL's warning threshold lies above our limit: the refusal below says it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise UserError(f"{path} is too large to decode safely ({one_line(str(err))}): resize it first") from None
+    try:
+        image_pixels(image.size[0], image.size[1], str(path), max_pixels)
+    except BaseException:
+        image.close()
+        raise
+    return image
+
+
 def load_image_rgb(path: PathLike, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Open an image file as 8-bit RGB, fully decoded, with EXIF orientation applied.
 
@@ -502,7 +711,7 @@ def load_image_rgb(path: PathLike, background: tuple[int, int, int] = (255, 255,
     """
     path = require_file(path, "image")
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.load()
             image = ImageOps.exif_transpose(image)
             return pil_to_rgb(image, background)

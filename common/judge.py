@@ -174,11 +174,14 @@ def judge_folder(folder: str | Path, metadata: Optional[str | Path] = None) -> d
         raise UserError(f"image folder {folder} does not exist: pass --images pointing at the generated images")
     rows = read_metadata(folder, Path(metadata) if metadata else None)
     base = (Path(metadata).parent if metadata else folder)
+    from common.io import open_image
+    from common.limits import inside
+
     images, targets = [], []
     for row in rows:
-        path = base / row["file_name"]
+        path = inside(base, row["file_name"], "file_name")
         try:
-            with Image.open(path) as im:
+            with open_image(path) as im:
                 im.load()
                 images.append(im.copy())
         except (OSError, ValueError, SyntaxError):

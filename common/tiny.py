@@ -374,8 +374,8 @@ def make_tiny_sd_folder(path: str | Path, seed: int = 0) -> Path:
     """Write a complete tiny Stable Diffusion folder that plain ``StableDiffusionPipeline.from_pretrained`` loads.
 
     Layout as on the Hub (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-    ``scheduler/``), weights in safetensors, written atomically (an existing folder at ``path`` is replaced
-    only once the new one is complete). The tokenizer folder also gets ``vocab.json`` / ``merges.txt``. Default
+    ``scheduler/``), weights in safetensors, written atomically by :func:`common.io.atomic_write_dir` (a new
+    or empty folder, or this builder's own earlier output; never a folder of the user's). The tokenizer folder also gets ``vocab.json`` / ``merges.txt``. Default
     generation is 32x32 RGB (UNet sample size 8 times the VAE's factor 4).
     """
     from diffusers import StableDiffusionPipeline

@@ -76,8 +76,10 @@ def _folder_frames(folder: Path) -> Iterator[np.ndarray]:
 
 
 def _pil_frames(path: Path) -> Iterator[np.ndarray]:
+    from common.io import open_image
+
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             for frame in ImageSequence.Iterator(image):
                 yield _rgb(frame.convert("RGBA") if frame.mode == "P" else frame)
     except UnidentifiedImageError:

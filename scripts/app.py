@@ -155,7 +155,10 @@ def check_upload(name: str, data: bytes, max_bytes: int):
         image.load()
     except UserError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        raise UserError(f"{name} declares more pixels than can be decoded safely: the limit is {MAX_UPLOAD_PIXELS} "
+                        "pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise UserError(f"{name} is not an image: upload a PNG, JPEG, BMP, GIF, WebP or TIFF file") from None
     if fmt not in IMAGE_FORMATS:
         raise UserError(f"{name} is a {fmt} file: upload a PNG, JPEG, BMP, GIF, WebP or TIFF image")
@@ -776,18 +779,67 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
                 method_tab(m, builders[m])
 
 
-def add_upload_guard(app, max_bytes: int) -> None:
-    """Refuse upload requests whose declared length exceeds the limit (plus form overhead) before reading them."""
-    from starlette.responses import JSONResponse
+class UploadLimit:
+    """ASGI middleware bounding upload requests (POST to an ``/upload/`` path) by the bytes actually received.
 
-    @app.middleware("http")
-    async def guard(request, call_next):
-        if request.method == "POST" and "/upload/" in request.url.path:
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > max_bytes + 64 * 1024:
-                return JSONResponse({"detail": f"upload larger than the {max_bytes / 2**20:g} MB limit"},
-                                    status_code=413)
-        return await call_next(request)
+    A declared ``Content-Length`` above the limit is refused at once; otherwise the body is read here, counted
+    chunk by chunk, and refused with 413 as soon as it passes the limit, so a chunked upload without a length (or
+    with a false one) is never taken in whole. A body within the limit is handed to the page unchanged. The limit
+    adds 64 KiB to ``max_bytes`` for the multipart form around the file.
+    """
+
+    def __init__(self, app, max_bytes: int, drain_bytes: int = 64 * 2**20) -> None:
+        self.app, self.limit, self.drain_bytes = app, max_bytes + 64 * 1024, drain_bytes
+        self.max_bytes = max_bytes
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps({"detail": f"upload larger than the {self.max_bytes / 2**20:g} MB limit"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST" or "/upload/" not in scope.get("path", ""):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            await self._refuse(send)
+            return
+        chunks, received, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            more = message.get("more_body", False)
+            if received > self.limit:
+                await self._refuse(send)
+                # Read (and drop) a bounded tail so that the client, still sending, gets to read the 413.
+                drained = 0
+                while more and drained < self.drain_bytes:
+                    message = await receive()
+                    drained += len(message.get("body", b""))
+                    more = message.get("type") == "http.request" and message.get("more_body", False)
+                return
+            chunks.append(chunk)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def add_upload_guard(app, max_bytes: int) -> None:
+    """Bound every upload request of ``app`` by :class:`UploadLimit`."""
+    app.add_middleware(UploadLimit, max_bytes=max_bytes)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -108,7 +108,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.num_prompts < 1:
         raise UserError(f"--num_prompts must be >= 1, got {args.num_prompts}")
-    out = Path(args.output_dir)
+    from common.io import claim_output_dir
+
+    out = claim_output_dir(args.output_dir)  # new, empty or an earlier demo's: never a folder of the user's
     data = build_digits(args.data_dir)
     print(f"digits dataset: {data}")
     results = {"judge on real held-out digits": real_test_scores()}

@@ -21,7 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import limits  # noqa: E402
 from common.errors import UserError, cli_entry  # noqa: E402
+from common.limits import add_memory_argument  # noqa: E402
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="outputs/samples")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    add_memory_argument(p)
     return p
 
 
@@ -103,19 +106,23 @@ def read_prompts(args) -> list[str]:
     if any(not p.strip() for p in prompts):
         raise UserError("an empty prompt was given: write the text to generate, or use --guidance_scale 1 with a "
                         "real prompt")
-    n = args.num_images or len(prompts)
-    if n < 1:
-        raise UserError(f"--num_images must be >= 1, got {n}")
+    n = len(prompts) if args.num_images is None else limits.count(args.num_images, "--num_images")
     return [prompts[i % len(prompts)] for i in range(n)]
 
 
 def check_args(args) -> None:
+    """The shared flags, bounded (common.limits): a method's own flags are checked by its module."""
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
-    if not 0.0 <= args.eta <= 1.0:
-        raise UserError(f"--eta must lie in [0, 1], got {args.eta}")
+    limits.steps(args.steps)
+    limits.check_namespace(args)  # every float flag finite (guidance, eta, the methods' weights), seeds in range
+    limits.finite(args.eta, "--eta", 0.0, 1.0)
+    if args.num_images is not None:
+        limits.count(args.num_images, "--num_images")
     if args.resolution is not None and args.resolution < 8:
         raise UserError(f"--resolution must be >= 8 pixels, got {args.resolution}")
+    # All images are sampled in one batch (see the module docstring), so the batch is --num_images.
+    limits.check_memory(args, batch=args.num_images or 1, height=args.resolution)
 
 
 def generate_baseline(args, prompts):
@@ -164,9 +171,12 @@ def write_outputs(images, prompts, args) -> Path:
 
 @cli_entry
 def main(argv=None) -> int:
+    from common.io import check_output_dir
+
     args, module = parse_args(argv)
     check_args(args)
     prompts = read_prompts(args)
+    check_output_dir(args.output_dir)  # before generating: a folder we may not write is refused up front
     images = generate_images(args, module, prompts)
     out = write_outputs(images, prompts, args)
     print(f"wrote {len(prompts)} images, grid.png and metadata.jsonl to {out}")

@@ -14,6 +14,7 @@ from PIL import Image
 from script_loading import load_script  # noqa: E402
 
 from common.digits import build_digits
+from common.io import OUTPUT_MANIFEST
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,7 +120,7 @@ def test_generate_writes_the_documented_files(world, capsys):
                          f"{idx}_text_influence_function.png": (grid_w, grid_h), f"{idx}_x_inter.png": (grid_w, grid_h),
                          f"{idx}_pred_x0.png": (grid_w, grid_h), f"{idx}_z_0.png": (4 * 9 + 1, 10),
                          f"{idx}_mixed.png": (32, 32)})
-    assert sorted(p.name for p in folder.iterdir()) == sorted(expected)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*expected, OUTPUT_MANIFEST])
     for name, size in expected.items():
         if size is not None:
             with Image.open(folder / name) as im:

@@ -20,6 +20,7 @@ from PIL import Image
 from script_loading import load_script  # noqa: E402
 from tiny_data import write_captioned_images  # noqa: E402
 
+from common.io import OUTPUT_MANIFEST
 from common.tiny import make_tiny_sd_folder, tiny_unet2d_condition
 from contextdiff.adapter import load_adapter, tiny_adapter
 from contextdiff.checkpoint import load_contextdiff, save_contextdiff
@@ -65,7 +66,7 @@ def _one_error_line(capsys) -> str:
 def test_stage1_trains_the_adapter_only_and_writes_its_folder(stage1, sd_folder):
     folder = stage1 / "adapter"
     assert {p.name for p in folder.iterdir()} == {"config.json", "diffusion_pytorch_model.safetensors",
-                                                  "process.json"}
+                                                  "process.json", OUTPUT_MANIFEST}
     assert not (stage1 / "pipeline").exists()  # frozen UNet: nothing new to export
     process = json.loads((folder / "process.json").read_text())
     assert process["k_schedule"] == "quadratic" and process["parameterization"] == "shifted_eps"
@@ -82,7 +83,7 @@ def test_stage2_uses_the_adapter_and_the_checkpoint_samples(stage1, sd_folder, d
             str(data_dir), "--output_dir", str(out), "--reference_towers", "--checkpoint_dir", str(ckpt), *FAST]
     assert _script("finetune_diffusion").main(argv) == 0
     assert not (out / "pipeline").exists()
-    assert {p.name for p in ckpt.iterdir()} == {"unet", "scheduler", "adapter", "contextdiff.json"}
+    assert {p.name for p in ckpt.iterdir()} == {"unet", "scheduler", "adapter", "contextdiff.json", OUTPUT_MANIFEST}
     meta = json.loads((ckpt / "contextdiff.json").read_text())
     assert (ckpt / meta["towers"]["vae"]).resolve() == (sd_folder / "vae").resolve()
     trained, carried = (load_adapter(p) for p in (stage1 / "adapter", ckpt / "adapter"))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -14,8 +16,10 @@ from PIL import Image
 
 from common.errors import UserError
 from common.io import (
+    OUTPUT_MANIFEST,
     atomic_write_dir,
     atomic_write_file,
+    claim_output_dir,
     load_image_rgb,
     load_safetensors,
     load_torchscript_weights,
@@ -55,6 +59,7 @@ def test_atomic_write_dir_success_creates_folder_and_leaves_no_temp(tmp_path):
         assert tmp != out and tmp.parent == tmp_path and not out.exists()
         (tmp / "a.txt").write_text("new")
     assert (out / "a.txt").read_text() == "new"
+    assert json.loads((out / OUTPUT_MANIFEST).read_text())["files"] == ["a.txt"]
     assert leftovers(tmp_path, {"out"}) == []
 
 
@@ -68,27 +73,121 @@ def test_atomic_write_dir_failure_leaves_nothing(tmp_path):
     assert leftovers(tmp_path, set()) == []
 
 
-def test_atomic_write_dir_failure_keeps_previous_folder_intact(tmp_path):
+def test_atomic_write_dir_failure_keeps_previous_output_intact(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    with atomic_write_dir(out) as tmp:
+        (tmp / "old.txt").write_text("old")
     with pytest.raises(KeyboardInterrupt):
         with atomic_write_dir(out) as tmp:
             (tmp / "new.txt").write_text("new")
+            (tmp / "old.txt").write_text("half")
             raise KeyboardInterrupt
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MANIFEST, "old.txt"]
     assert (out / "old.txt").read_text() == "old"
     assert leftovers(tmp_path, {"out"}) == []
 
 
-def test_atomic_write_dir_success_replaces_previous_folder(tmp_path):
+def test_atomic_write_dir_replaces_only_its_own_previous_files(tmp_path):
+    out = tmp_path / "out"
+    with atomic_write_dir(out) as tmp:
+        (tmp / "images").mkdir()
+        for name in ("images/0.png", "images/1.png", "grid.png"):
+            (tmp / name).write_text("old")
+    (out / "notes.txt").write_text("the user's")  # added by the user after the first run
+    (out / "images" / "keep.png").write_text("the user's")
+    with atomic_write_dir(out) as tmp:
+        (tmp / "images").mkdir()
+        (tmp / "images/0.png").write_text("new")
+        (tmp / "grid.png").write_text("new")
+    assert (out / "images/0.png").read_text() == "new" and (out / "grid.png").read_text() == "new"
+    assert not (out / "images/1.png").exists()  # the writer's own stale file goes
+    assert (out / "notes.txt").read_text() == "the user's" and (out / "images/keep.png").read_text() == "the user's"
+    assert json.loads((out / OUTPUT_MANIFEST).read_text())["files"] == ["grid.png", "images/0.png"]
+    assert leftovers(tmp_path, {"out"}) == [] and not [p for p in out.iterdir() if "staging" in p.name]
+
+
+def test_atomic_write_dir_refuses_a_foreign_folder_before_the_body_runs(tmp_path):
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    ran = []
+    with pytest.raises(UserError, match=r"thesis is not empty and was not written by this project.*--save_to"):
+        with atomic_write_dir(out, "--save_to"):
+            ran.append(True)
+    assert not ran and sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+    assert leftovers(tmp_path, {"thesis"}) == []
+
+
+def test_atomic_write_dir_writes_into_an_empty_existing_folder(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("old")
     with atomic_write_dir(out) as tmp:
-        (tmp / "new.txt").write_text("new")
-    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
-    assert leftovers(tmp_path, {"out"}) == []
+        (tmp / "a.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MANIFEST, "a.txt"]
+
+
+def test_atomic_write_dir_never_overwrites_a_foreign_file_in_its_own_folder(tmp_path):
+    out = tmp_path / "out"
+    with atomic_write_dir(out) as tmp:
+        (tmp / "a.txt").write_text("ours")
+    (out / "b.txt").write_text("the user's")
+    with pytest.raises(UserError, match="already holds b.txt"):
+        with atomic_write_dir(out) as tmp:
+            (tmp / "a.txt").write_text("new")
+            (tmp / "b.txt").write_text("clobber")
+    assert (out / "a.txt").read_text() == "ours" and (out / "b.txt").read_text() == "the user's"
+
+
+def test_atomic_write_dir_refuses_the_output_of_another_writer(tmp_path):
+    out = tmp_path / "model"
+    with atomic_write_dir(out, writer="scripts/train_vae.py") as tmp:
+        (tmp / "weights.safetensors").write_text("trained for days")
+    with pytest.raises(UserError, match="holds the output of scripts/train_vae.py"):
+        with atomic_write_dir(out, writer="scripts/sample.py") as tmp:
+            (tmp / "grid.png").write_text("x")
+    assert (out / "weights.safetensors").read_text() == "trained for days"
+
+
+def test_atomic_write_dir_manifest_cannot_claim_files_outside_its_folder(tmp_path):
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep")
+    out = tmp_path / "out"
+    with atomic_write_dir(out) as tmp:
+        (tmp / "a.txt").write_text("ours")
+    manifest = json.loads((out / OUTPUT_MANIFEST).read_text())
+    manifest["files"] += ["../precious.txt", str(outside)]
+    (out / OUTPUT_MANIFEST).write_text(json.dumps(manifest))
+    with atomic_write_dir(out) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert outside.read_text() == "keep"
+
+
+def test_atomic_write_dir_survives_a_killed_run_and_a_copied_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".diffusion-lab-staging-0123456789ab").mkdir()  # what a SIGKILL mid-write leaves: ours by its name
+    with atomic_write_dir(out) as tmp:
+        (tmp / "a.txt").write_text("new")
+    copy = tmp_path / "copy"
+    with atomic_write_dir(copy) as tmp:
+        shutil.copytree(out, tmp, dirs_exist_ok=True)  # a writer that copies a whole earlier output
+    with atomic_write_dir(copy) as tmp:
+        shutil.copytree(out, tmp, dirs_exist_ok=True)
+    assert json.loads((copy / OUTPUT_MANIFEST).read_text())["files"] == ["a.txt"]
+
+
+def test_claim_output_dir_marks_a_new_folder_and_refuses_a_foreign_one(tmp_path):
+    out = claim_output_dir(tmp_path / "demo", writer="scripts/demo.py")
+    (out / "baseline").mkdir()  # written piece by piece afterwards
+    assert claim_output_dir(out, writer="scripts/demo.py") == out  # a rerun is recognised
+    with pytest.raises(UserError, match="holds the output of scripts/demo.py"):
+        claim_output_dir(out, writer="scripts/sample.py")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "a.txt").write_text("x")
+    with pytest.raises(UserError, match="--out"):
+        claim_output_dir(theirs, "--out")
+    assert sorted(p.name for p in theirs.iterdir()) == ["a.txt"]
 
 
 def test_atomic_write_dir_refuses_a_file_path(tmp_path):

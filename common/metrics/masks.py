@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from common.errors import UserError
+from common.io import open_image
 from common.metrics.images import ImageSource, count_images, iter_pil_batches
 
 
@@ -47,7 +48,7 @@ def load_mask(path: str | Path, num_classes: int) -> np.ndarray:
     A binary mask saved as 0/255 is read as 0/1 when ``num_classes == 2``. UserError for colour masks.
     """
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             array = np.asarray(image)
     except OSError as err:
         raise UserError(f"cannot read mask {path} ({err}); replace the file") from None

@@ -90,10 +90,11 @@ def main(argv=None) -> int:
     from codiff.edit import edit_image
     from codiff.members import load_collaboration
     from codiff.pipeline import safe_dirname
+    from common import limits
     from common.io import atomic_write_dir, require_file, save_safetensors, to_pil
     from common.train import parse_args_with_config
 
-    args = parse_args_with_config(build_parser(), argv)
+    args = limits.check_namespace(parse_args_with_config(build_parser(), argv))
     if not args.input_image_path:
         raise UserError("--input_image_path is required: the image to edit")
     require_file(args.input_image_path, "--input_image_path")
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
                      sample_seed=args.sample_seed, guidance_scale=args.guidance_scale, unimodal=args.save_unimodal,
                      progress=False)
     folder = Path(args.save_folder) / safe_dirname(Path(args.input_image_path).stem)
-    with atomic_write_dir(folder) as tmp:
+    with atomic_write_dir(folder, "--save_folder") as tmp:
         to_pil(image[0]).save(tmp / "input.png")
 
         def write(images_by_alpha, sub):

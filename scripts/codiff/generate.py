@@ -94,14 +94,16 @@ def main(argv=None) -> int:
     from codiff.members import load_collaboration
     from codiff.pipeline import safe_dirname, save_generation
     from codiff.variants import variant_weights
+    from common import limits
     from common.io import atomic_write_dir
     from common.train import parse_args_with_config
 
     parser = generate_parser()
     parser.description = __doc__.split("\n\n")[0]
-    args = parse_args_with_config(parser, argv)
+    args = limits.check_namespace(parse_args_with_config(parser, argv))
     check_args(args)
     collab = load_collaboration(args.model_dir, device=args.device)
+    limits.check_memory(args, batch=args.batch_size, height=collab.image_size, what="--batch_size")
     conditions, ids, mask_stem = gather_conditions(args, collab)
     sampling = collab.sampling
     steps = args.ddim_steps or int(sampling.get("ddim_steps", 50))
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
         print(f"warning: {one_line(str(w.message))}", file=sys.stderr)
     text = conditions.get(collab.modality_of_kind("text") or "", None)
     out = Path(args.save_folder) / safe_dirname(mask_stem) / safe_dirname(text if text else "no_text")
-    with atomic_write_dir(out) as tmp:
+    with atomic_write_dir(out, "--save_folder") as tmp:
         mask_rgb = None
         if ids is not None:
             mask_rgb = mask_to_rgb(ids, collab.mask_format)

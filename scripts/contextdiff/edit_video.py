@@ -89,9 +89,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--target_prompt is empty: give the edited caption")
     if args.no_shift:
         args.shift = "none"
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} is a file: pass a folder path")
+    from common.io import check_output_dir
+
+    check_output_dir(args.output_dir)  # a folder we may not write is refused before the edit runs
 
 
 def parse_embedded(spec: str):
@@ -231,7 +231,9 @@ def run(args: argparse.Namespace) -> dict:
 
 @cli_entry
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    from common import limits
+
+    args = limits.check_namespace(build_parser().parse_args(argv))
     settings = run(args)
     parts = [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in settings["scores"].items()]
     print(f"wrote {args.output_dir}/ (edited.gif, strip.png, settings.json) in {settings['seconds']} s: "

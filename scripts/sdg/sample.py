@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO))
 
 from common.errors import UserError, cli_entry  # noqa: E402
+from common.limits import add_memory_argument  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exp_name", default=None, help="name of the run folder (required)")
     p.add_argument("--out_root", default="results", help="where <exp_name>/ is written")
     p.add_argument("--seed", type=int, default=2)
+    add_memory_argument(p)
     p.add_argument("--guidance_seed", type=int, default=None,
                    help="seed of the reference noise (default: --seed + 1000003); kept apart from the sampler's")
     p.add_argument("--device", default="cpu")
@@ -118,13 +120,14 @@ def folder_name(ref_index: int, text_index: int, reference, instruction) -> str:
 def main(argv=None) -> int:
     import torch
 
-    from common.io import atomic_write_dir, to_pil
+    from common import limits
+    from common.io import atomic_write_dir, check_output_dir, to_pil
     from sdg.adm import noise_schedule
     from sdg.checkpoint import load_diffusion_model, load_noise_aware_clip_folder
     from sdg.data import list_reference_images, load_reference, read_instructions
     from sdg.pipeline import sample_sdg
 
-    args = build_parser().parse_args(argv)
+    args = limits.check_namespace(build_parser().parse_args(argv))
     check_args(args)
     instructions = read_instructions(args.text_instruction_file) if args.text_weight else [None]
     references = list_reference_images(args.data_dir) if args.image_weight else [None]
@@ -133,18 +136,20 @@ def main(argv=None) -> int:
     if args.data_dir and not args.image_weight:
         print("note: --data_dir is ignored because --image_weight is 0", file=sys.stderr)
     out = Path(args.out_root) / args.exp_name
+    check_output_dir(out, "--out_root/--exp_name")  # refuse a folder we may not write before sampling
 
     unet, flags = load_diffusion_model(args.model_path, model_flags(args), device=args.device)
     respacing = args.timestep_respacing or flags.timestep_respacing or "100"
     schedule = noise_schedule(flags)
     bundle = load_noise_aware_clip_folder(args.clip_path, args.device) if args.clip_path else None
     size = unet.config.sample_size
+    limits.check_memory(args, batch=args.batch_size, height=size, what="--batch_size")
     guidance_seed = args.seed + 1000003 if args.guidance_seed is None else args.guidance_seed
     texts = {i: bundle.encode_text([i]) for i in instructions if i is not None} if bundle else {}
 
     meta = {"flags": vars(args), "model_flags": flags.to_dict(), "timestep_respacing": respacing, "folders": {}}
     counter, start = 0, time.time()
-    with atomic_write_dir(out) as tmp:
+    with atomic_write_dir(out, "--out_root/--exp_name") as tmp:
         folders = 0
         for ref_index, reference in enumerate(references):
             ref = load_reference(reference, size).to(args.device) if reference is not None else None

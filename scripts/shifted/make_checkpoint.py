@@ -48,7 +48,7 @@ def main(argv=None) -> int:
             raise UserError(f"--prior_baseline {args.prior_baseline} has a Gaussian bank: pass the --no_bank prior")
     out = Path(args.out)
     readme = (out / "README.md").read_text() if (out / "README.md").is_file() else None
-    with atomic_write_dir(out) as tmp:
+    with atomic_write_dir(out, "--out") as tmp:
         shutil.copytree(args.prior, tmp / "prior")
         if args.prior_baseline:
             shutil.copytree(args.prior_baseline, tmp / "prior_baseline")

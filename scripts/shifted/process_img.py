@@ -35,9 +35,8 @@ def square(image, size: int):
 
 @cli_entry
 def main(argv=None) -> int:
-    from PIL import Image
 
-    from common.io import atomic_write_dir, pil_to_rgb
+    from common.io import atomic_write_dir, open_image, pil_to_rgb
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--src", required=True, help="image folder (searched recursively)")
@@ -54,10 +53,10 @@ def main(argv=None) -> int:
     files = sorted(f for f in src.rglob("*") if f.suffix.lower() in SUFFIXES and f.is_file())
     if not files:
         raise UserError(f"{src} holds no images ({', '.join(SUFFIXES)})")
-    with atomic_write_dir(dest) as tmp:
+    with atomic_write_dir(dest, "--dest") as tmp:
         for f in files:
             try:
-                with Image.open(f) as im:
+                with open_image(f) as im:
                     image = pil_to_rgb(im)
             except (OSError, ValueError):
                 raise UserError(f"cannot read image {f}: fix or remove it") from None

@@ -68,7 +68,9 @@ def main(argv=None) -> int:
     add_clip_args(p)
     add_prior_sampling_args(p, prefix="prior_")
     add_decoder_args(p)
-    args = p.parse_args(argv)
+    from common import limits
+
+    args = limits.check_namespace(p.parse_args(argv))
     prompts = read_prompts(args)
     kwargs = decoder_kwargs(args)
     prior_kwargs = prior_sampling_kwargs(args, prefix="prior_")

@@ -37,7 +37,9 @@ def main(argv=None) -> int:
     p.add_argument("--output_dir", default="outputs/shifted/test")
     add_clip_args(p, text_states=False)
     add_decoder_args(p)
-    args = p.parse_args(argv)
+    from common import limits
+
+    args = limits.check_namespace(p.parse_args(argv))
     kwargs = decoder_kwargs(args)
     paths = [Path(x) for x in (args.image or [])]
     if args.image_dir:

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bert_tokenizer", default=None, help="with --optimus_vae: folder with BERT-base-cased's vocab.txt")
     p.add_argument("--gpt2_tokenizer", default=None, help="with --optimus_vae: folder with GPT-2's vocab.json + "
                                                           "merges.txt")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files an earlier conversion wrote in --dst (anything else there is never touched)")
     return p
 
 
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
         raise UserError(f"unknown layout {args.layout!r} for --from: choose one of {', '.join(FORMATS)}")
     dst = Path(args.dst)
     if dst.exists() and not args.overwrite:
-        raise UserError(f"--dst {dst} exists: pass a new folder, or --overwrite")
+        raise UserError(f"--dst {dst} exists: pass a new folder, or --overwrite to replace an earlier conversion there")
     _check_optimus_args(args)
     if args.src is None:
         return _convert_optimus_only(args, dst)

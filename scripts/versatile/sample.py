@@ -25,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO))
 
+from common import limits  # noqa: E402
 from common.errors import UserError, cli_entry  # noqa: E402
 
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text_vae_path", default=None, help="override the folder's text VAE")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no_progress", action="store_true")
+    limits.add_memory_argument(p)
     return p
 
 
@@ -139,14 +141,19 @@ def write_outputs(out, sources, args, flow) -> Path:
 
 @cli_entry
 def main(argv=None) -> int:
+    from common.io import check_output_dir
     from versatile.checkpoint import check_flow, load_pipeline
 
-    args = build_parser().parse_args(argv)
+    args = limits.check_namespace(build_parser().parse_args(argv))
     flow, images = check_args(args)
     checkpoint = Path(args.checkpoint) if args.checkpoint else REPO / DEFAULT_CHECKPOINT
     pipe, manifest = load_pipeline(checkpoint, args.device, image_vae=args.vae_model_path,
                                    clip=args.clip_model_path, text_vae=args.text_vae_path)
     check_flow(manifest, flow)
+    check_output_dir(args.output_dir)  # before sampling: a folder we may not write is refused up front
+    size = pipe.sampling.resolution or int(pipe.image_vae.config.sample_size)
+    batch = args.num_samples * max(1, len(args.prompt or []), len(images or []))
+    limits.check_memory(args, batch=batch, height=size, what="--num_samples")
     out, sources = run_flow(pipe, flow, args.prompt or [], images, args)
     folder = write_outputs(out, sources, args, flow)
     if out.texts is not None:

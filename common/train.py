@@ -549,8 +549,8 @@ def launch_mismatch_note(requested: tuple[str, int] | None, world_size: int) -> 
     hint = ""
     if launcher == "accelerate launch" and not torch.accelerator.is_available():
         hint = (
-            f"; without a GPU, accelerate launch starts one process: use `torchrun --nproc_per_node {asked} "
-            "SCRIPT ...` for several CPU processes"
+            f"; without a GPU, accelerate launch starts one process unless given --multi_gpu: use `accelerate "
+            f"launch --multi_gpu --num_processes {asked} ...` or `torchrun --nproc_per_node {asked} SCRIPT ...`"
         )
     return f"{launcher} was asked for {asked} processes but this run has {world_size}{hint}"
 

@@ -323,3 +323,21 @@ def test_a_yaml_true_is_switched_off_on_the_command_line(tmp_path):
     args = parse_args_with_config(parser, ["--config", str(config), "--no-cache_latents", "--no-use_ema"])
     assert not args.cache_latents and not args.use_ema
     assert args.mixed_precision is None  # the launcher decides
+
+
+def test_sdg_adm_switches_reach_the_trainer():
+    spec = importlib.util.spec_from_file_location("_sdg_uncond", REPO / "scripts/sdg/train_unconditional.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parser = module.build_parser()
+    args = parser.parse_args(["--use_checkpoint", "True", "--use_fp16", "True"])
+    module.apply_adm_switches(args, module.adm_flags_from_args(args))
+    assert args.gradient_checkpointing and args.mixed_precision == "fp16"
+    args = parser.parse_args([])
+    module.apply_adm_switches(args, module.adm_flags_from_args(args))
+    assert not args.gradient_checkpointing and args.mixed_precision is None
+    args = parser.parse_args(["--use_fp16", "True", "--mixed_precision", "bf16"])
+    from common.errors import UserError
+
+    with pytest.raises(UserError, match="--use_fp16"):
+        module.apply_adm_switches(args, module.adm_flags_from_args(args))

@@ -305,7 +305,8 @@ def test_every_boolean_flag_can_be_switched_off_and_on(name):
     assert "--no-gradient_checkpointing" in parser._option_string_actions
 
 
-DENOISING_TRAINERS = ["train_text_to_image", "shifted_finetune", "contextdiff1", "contextdiff2"]
+DENOISING_TRAINERS = ["train_text_to_image", "shifted_finetune", "contextdiff1", "contextdiff2", "codiff_train_unimodal",
+                      "codiff_train_dynamic"]
 
 
 @pytest.mark.parametrize("name", DENOISING_TRAINERS)

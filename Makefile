@@ -31,19 +31,24 @@ test: $(STAMP) browser
 bench: $(STAMP)
 	$(PY) bench/cross_method.py
 
-# Retrain the shipped tiny towers and baseline from scratch on the digits world (about 25 minutes on 2 cores).
+# Retrain the shipped tiny towers and baseline from scratch on the digits world (about 25 minutes on 2 cores). Each
+# run writes its model into its output_dir (beside checkpoint-*/, logs/, validation/); only the model files are shipped.
 TINY_RUNS := outputs/tiny
+VAE_FILES := config.json diffusion_pytorch_model.safetensors
+CLIP_FILES := open_clip_config.json open_clip_model.safetensors text_encoder tokenizer
+PIPELINE_FILES := model_index.json scheduler text_encoder tokenizer unet vae
 tiny-checkpoints: $(STAMP)
 	$(PY) datasets/digits.py --output_dir data/digits
 	$(PY) scripts/train_vae.py --config configs/baseline/vae.yaml --train_data_dir data/digits/train \
 		--output_dir $(TINY_RUNS)/vae_run
-	rm -rf ckpt/tiny/vae && cp -r $(TINY_RUNS)/vae_run/vae ckpt/tiny/vae
+	rm -rf ckpt/tiny/vae && mkdir -p ckpt/tiny/vae && cd $(TINY_RUNS)/vae_run && cp -r $(VAE_FILES) $(CURDIR)/ckpt/tiny/vae/
 	$(PY) scripts/train_clip.py --config configs/baseline/clip.yaml --train_data_dir data/digits/train \
 		--output_dir $(TINY_RUNS)/clip_run
-	rm -rf ckpt/tiny/clip && cp -r $(TINY_RUNS)/clip_run/clip ckpt/tiny/clip
+	rm -rf ckpt/tiny/clip && mkdir -p ckpt/tiny/clip && cd $(TINY_RUNS)/clip_run && cp -r $(CLIP_FILES) $(CURDIR)/ckpt/tiny/clip/
 	$(PY) scripts/train_text_to_image.py --config configs/baseline/tiny.yaml --train_data_dir data/digits/train \
 		--output_dir $(TINY_RUNS)/baseline_run
-	rm -rf ckpt/tiny/baseline && cp -r $(TINY_RUNS)/baseline_run/pipeline ckpt/tiny/baseline
+	rm -rf ckpt/tiny/baseline && mkdir -p ckpt/tiny/baseline && cd $(TINY_RUNS)/baseline_run && \
+		cp -r $(PIPELINE_FILES) $(CURDIR)/ckpt/tiny/baseline/
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

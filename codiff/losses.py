@@ -22,11 +22,11 @@ from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from codiff.batching import call_unet
 from codiff.collaborate import CollaborativeDiffusion
+from common.diffusion_loss import diffusion_mse
 from common.errors import UserError
 from common.process import q_sample_standard
 from common.schedule import NoiseSchedule
@@ -42,14 +42,19 @@ def noise_batch(
     t: Optional[torch.Tensor] = None,
     noise: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
+    noise_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(x_t, t, eps)`` for clean latents ``[B, C, h, w]``: uniform ``t`` and Gaussian ``eps`` unless given."""
+    """``(x_t, t, eps)`` for clean latents ``[B, C, h, w]``: uniform ``t`` and Gaussian ``eps`` unless given
+    (plus ``noise_offset`` x a per-(sample, channel) Gaussian, ``--noise_offset``)."""
     batch = latents.shape[0]
     if t is None:
         t = torch.randint(0, schedule.num_train_timesteps, (batch,), generator=generator, device="cpu")
     t = t.to(latents.device).long()
     if noise is None:
         noise = torch.randn(latents.shape, generator=generator, device="cpu", dtype=latents.dtype)
+        if noise_offset:
+            shape = latents.shape[:2] + (1,) * (latents.ndim - 2)
+            noise = noise + noise_offset * torch.randn(shape, generator=generator, device="cpu", dtype=latents.dtype)
     noise = noise.to(latents.device)
     return q_sample_standard(latents, schedule.abar(t, like=latents), noise), t, noise
 
@@ -59,11 +64,14 @@ def unimodal_loss(
     latents: torch.Tensor,
     cond: torch.Tensor,
     schedule: NoiseSchedule,
+    snr_gamma: Optional[float] = None,
     **noise_kwargs: Any,
 ) -> torch.Tensor:
-    """``mean (eps - eps_theta(x_t, t, c))^2`` for one conditional UNet; ``cond`` tokens ``[B, L, D]``."""
+    """``mean (eps - eps_theta(x_t, t, c))^2`` for one conditional UNet; ``cond`` tokens ``[B, L, D]``
+    (Min-SNR weighted with ``snr_gamma``, ``common.diffusion_loss``)."""
     x_t, t, eps = noise_batch(latents, schedule, **noise_kwargs)
-    return F.mse_loss(call_unet(unet, x_t, t, cond).float(), eps.float())
+    return diffusion_mse(call_unet(unet, x_t, t, cond), eps, abar=schedule.abar(t, like=latents),
+                         snr_gamma=snr_gamma, prediction_type="epsilon")
 
 
 def collaborative_loss(
@@ -73,6 +81,7 @@ def collaborative_loss(
     schedule: NoiseSchedule,
     *,
     dynamic: Optional[nn.Module] = None,
+    snr_gamma: Optional[float] = None,
     **noise_kwargs: Any,
 ) -> torch.Tensor:
     """``mean (eps - sum_m I_m eps_m(x_t, t, c_m))^2`` (spec §2.6): gradients reach the diffusers through I_m only.
@@ -81,7 +90,8 @@ def collaborative_loss(
     ``dynamic``: the (prepared) diffusers module to call instead of ``model.dynamic``.
     """
     x_t, t, eps = noise_batch(latents, schedule, **noise_kwargs)
-    return F.mse_loss(model.predict(x_t, t, conds, dynamic=dynamic).eps.float(), eps.float())
+    return diffusion_mse(model.predict(x_t, t, conds, dynamic=dynamic).eps, eps, abar=schedule.abar(t, like=latents),
+                         snr_gamma=snr_gamma, prediction_type="epsilon")
 
 
 class _LatentSource:
@@ -153,6 +163,8 @@ class UniModalObjective:
         cond_dropout: float = 0.0,
         null_input: Optional[Callable[[int], torch.Tensor]] = None,
         generator: Optional[torch.Generator] = None,
+        snr_gamma: Optional[float] = None,
+        noise_offset: float = 0.0,
     ):
         if not 0.0 <= cond_dropout < 1.0:
             raise UserError(f"cond_dropout must lie in [0, 1), got {cond_dropout}")
@@ -165,6 +177,7 @@ class UniModalObjective:
         self.vae = vae
         self.latents = _LatentSource(vae, scaling_factor, generator)
         self.cond_dropout, self.null_input, self.generator = cond_dropout, null_input, generator
+        self.snr_gamma, self.noise_offset = snr_gamma, noise_offset
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"unet": self.unet, **({"cond_encoder": self.cond_encoder} if self.train_encoder else {})}
@@ -187,7 +200,8 @@ class UniModalObjective:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_encoder):
             cond = _tokens(encoder(inputs))
         unet = _prepared(ctx, "unet", self.unet)
-        return unimodal_loss(unet, latents, cond.to(latents.device), self.schedule, generator=self.generator)
+        return unimodal_loss(unet, latents, cond.to(latents.device), self.schedule, generator=self.generator,
+                             snr_gamma=self.snr_gamma, noise_offset=self.noise_offset)
 
 
 class DynamicDiffuserObjective:
@@ -209,6 +223,8 @@ class DynamicDiffuserObjective:
         vae: Optional[nn.Module] = None,
         scaling_factor: Optional[float] = None,
         generator: Optional[torch.Generator] = None,
+        snr_gamma: Optional[float] = None,
+        noise_offset: float = 0.0,
     ):
         model.check_known(encoders)
         missing = [n for n in model.modalities if n not in encoders]
@@ -219,6 +235,7 @@ class DynamicDiffuserObjective:
         self.vae = vae
         self.latents = _LatentSource(vae, scaling_factor, generator)
         self.generator = generator
+        self.snr_gamma, self.noise_offset = snr_gamma, noise_offset
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"dynamic": self.model.dynamic}
@@ -237,4 +254,5 @@ class DynamicDiffuserObjective:
         latents = self.latents(batch)
         conds = {n: c.to(latents.device) for n, c in self.encode(batch).items()}
         return collaborative_loss(self.model, latents, conds, self.schedule, generator=self.generator,
-                                  dynamic=_prepared(ctx, "dynamic", self.model.dynamic))
+                                  dynamic=_prepared(ctx, "dynamic", self.model.dynamic), snr_gamma=self.snr_gamma,
+                                  noise_offset=self.noise_offset)

@@ -144,7 +144,12 @@ def _image_count_at_least(folder: str, minimum: int, metric: str) -> list[Path]:
 
 def _match_by_stem(files: list[Path], folder: str, what: str) -> list[Path]:
     """For each file, the file of ``folder`` with the same stem (any image suffix)."""
-    by_stem = {p.stem: p for p in list_image_files(folder)}
+    by_stem: dict[str, Path] = {}
+    for p in list_image_files(folder):
+        if p.stem in by_stem:
+            raise UserError(f"{what} folder {folder} has two files named {p.stem} ({by_stem[p.stem]}, {p}); "
+                            "file names must be unique to pair them with the images")
+        by_stem[p.stem] = p
     missing = [f.name for f in files if f.stem not in by_stem]
     if missing:
         raise UserError(
@@ -227,8 +232,20 @@ def run_kid(args: argparse.Namespace) -> dict:
     return _finish(args, report, rows)
 
 
+def _folder_arg(args: argparse.Namespace, name: str) -> None:
+    """``args.<name>`` from the positional form or ``--<name>`` (one of them, not two different ones)."""
+    positional, flag = getattr(args, f"{name}_positional", None), getattr(args, name, None)
+    if positional and flag and Path(positional) != Path(flag):
+        raise UserError(f"two {name} folders given ({positional} and --{name} {flag}); pass one")
+    if not (positional or flag):
+        raise UserError(f"no {name} folder: pass it as an argument or with --{name} DIR")
+    setattr(args, name, positional or flag)
+
+
 def run_clip_score(args: argparse.Namespace) -> dict:
-    """``clip-score --images DIR``: image-text (captions) and/or image-image (``--references``) CLIP similarity."""
+    """``clip-score DIR`` (or ``--images DIR``): image-text (captions) and/or image-image (``--references``) CLIP
+    similarity."""
+    _folder_arg(args, "images")
     files = list_image_files(args.images)
     captions_path = args.captions or (Path(args.images) / "metadata.jsonl")
     has_captions = args.captions is not None or Path(captions_path).is_file()
@@ -259,7 +276,9 @@ def run_clip_fd(args: argparse.Namespace) -> dict:
 
 
 def run_mask(args: argparse.Namespace) -> dict:
-    """``mask --images DIR --masks DIR``: parse each generated image and compare with its conditioning mask."""
+    """``mask IMAGES MASKS`` (or ``--images``/``--masks``): parse each generated image, compare with its mask."""
+    _folder_arg(args, "images")
+    _folder_arg(args, "masks")
     files = list_image_files(args.images)
     masks = [load_mask(path, args.num_classes) for path in _match_by_stem(files, args.masks, "masks")]
     result = parsed_mask_agreement(files, masks, args.num_classes, stroke_parser(args.threshold), args.ignore_index)
@@ -351,7 +370,9 @@ def register_metric_subcommands(subparsers) -> None:
     clip_score = subparsers.add_parser(
         "clip-score", help="CLIP image-text / image-image similarity, averaged over models"
     )
-    clip_score.add_argument("--images", required=True, help="folder of generated images")
+    clip_score.add_argument("images_positional", nargs="?", metavar="IMAGES",
+                            help="folder of generated images (searched recursively; same as --images)")
+    clip_score.add_argument("--images", default=None, help="folder of generated images")
     clip_score.add_argument(
         "--captions", default=None, help="metadata.jsonl (file_name + caption) or .txt, one a line"
     )
@@ -370,8 +391,10 @@ def register_metric_subcommands(subparsers) -> None:
     clip_fd.set_defaults(func=run_clip_fd)
 
     mask = subparsers.add_parser("mask", help="pixel accuracy and mIoU of parsed generated images vs input masks")
-    mask.add_argument("--images", required=True, help="folder of generated images")
-    mask.add_argument("--masks", required=True, help="folder of conditioning masks, same file stems as the images")
+    mask.add_argument("images_positional", nargs="?", metavar="IMAGES", help="folder of generated images (or --images)")
+    mask.add_argument("masks_positional", nargs="?", metavar="MASKS", help="folder of masks (or --masks)")
+    mask.add_argument("--images", default=None, help="folder of generated images")
+    mask.add_argument("--masks", default=None, help="folder of conditioning masks, same file stems as the images")
     mask.add_argument("--num_classes", "--num-classes", dest="num_classes", type=int, default=2)
     mask.add_argument("--threshold", type=float, default=0.5, help="stroke parser: channel-max threshold in [0, 1)")
     mask.add_argument("--ignore_index", "--ignore-index", dest="ignore_index", type=int, default=None)

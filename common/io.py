@@ -18,10 +18,10 @@ import pickle
 import shutil
 import uuid
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from io import BytesIO
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -723,3 +723,33 @@ def load_image_rgb(path: PathLike, background: tuple[int, int, int] = (255, 255,
         raise UserError(
             f"{path} is truncated or corrupt ({one_line(str(err))}): re-export it or remove it from the dataset"
         ) from None
+
+
+def save_pretrained_into(folder: PathLike, write: Callable[[Path], Any]) -> Path:
+    """Write a model into ``folder`` itself, beside what is already there (a training run's checkpoints, logs).
+
+    ``write(tmp)`` saves into a fresh hidden folder inside ``folder`` (e.g. ``pipe.save_pretrained(tmp)``); then
+    each entry it wrote is moved into ``folder``, an older entry of the same name (the previous export) being
+    moved aside first and deleted only after the new one is in place. Entries ``write`` did not produce are never
+    touched. On an exception nothing of the new export is left behind.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"output path {folder} is a file, not a folder: pass a folder path or remove the file")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".export-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for entry in sorted(tmp.iterdir()):
+            target = folder / entry.name
+            old = None
+            if target.exists() or target.is_symlink():
+                old = _temp_sibling(target, "old")
+                os.rename(target, old)
+            os.rename(entry, target)
+            if old is not None:
+                _remove(old)
+    finally:
+        _remove(tmp)
+    return folder

@@ -187,8 +187,12 @@ class TrainConfig:
     adam_weight_decay: float = _opt(1e-2, "AdamW decoupled weight decay.", type=float)
     adam_epsilon: float = _opt(1e-8, "Adam epsilon.", type=float)
     max_grad_norm: float = _opt(1.0, "Clip the global gradient norm to this (0 disables clipping).", type=float)
-    mixed_precision: str = _opt(
-        "no", "Autocast precision; fp16 needs a GPU.", type=str, choices=MIXED_PRECISION_CHOICES
+    mixed_precision: str | None = _opt(
+        None,
+        "Autocast precision; fp16 needs a GPU. Default: what the launcher says (accelerate config / "
+        "accelerate launch --mixed_precision, else no).",
+        type=str,
+        choices=MIXED_PRECISION_CHOICES,
     )
     report_to: str = _opt("tensorboard", "Tracker for accelerate.log.", type=str, choices=REPORT_TO_CHOICES)
     logging_dir: str = _opt("logs", "Tracker directory, relative to --output_dir.", type=str)
@@ -228,7 +232,7 @@ class TrainConfig:
         _check(0 <= self.ema_decay <= 1, f"--ema_decay must be in [0, 1] (got {self.ema_decay})")
         _check(self.lr_power > 0, f"--lr_power must be > 0 (got {self.lr_power})")
         _check(
-            self.mixed_precision in MIXED_PRECISION_CHOICES,
+            self.mixed_precision is None or self.mixed_precision in MIXED_PRECISION_CHOICES,
             f"--mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)} (got {self.mixed_precision!r})",
         )
         _check(
@@ -458,6 +462,129 @@ def image_grid(images: Sequence[Any], cols: int | None = None):
     return grid
 
 
+def validation_images(value: Any) -> list[Any]:
+    """PIL images from what a validation_fn returns for one key, or [] if it is not images.
+
+    Accepted: a PIL image or a list of them; a float tensor ``[B, C, H, W]`` / ``[C, H, W]`` or a list of
+    ``[C, H, W]`` tensors with values in [0, 1] (diffusers' ``output_type="pt"`` convention), C in {1, 3, 4}.
+    """
+    from PIL import Image
+
+    from common.io import to_pil
+
+    def is_image_tensor(t: Any, ndim: int) -> bool:
+        return torch.is_tensor(t) and t.ndim == ndim and t.shape[-3] in (1, 3, 4) and t.is_floating_point()
+
+    if isinstance(value, Image.Image):
+        return [value]
+    if is_image_tensor(value, 4):
+        return [to_pil(im, value_range=(0, 1)) for im in value]
+    if is_image_tensor(value, 3):
+        return [to_pil(value, value_range=(0, 1))]
+    if isinstance(value, (list, tuple)) and value:
+        if all(isinstance(v, Image.Image) for v in value):
+            return list(value)
+        if all(is_image_tensor(v, 3) for v in value):
+            return [to_pil(v, value_range=(0, 1)) for v in value]
+    return []
+
+
+def configure_logging() -> None:
+    """INFO from the trainer (run header, checkpoints, validation) by default, as diffusers' example scripts.
+
+    Nothing changes when the program configured logging itself (root handlers present, or a level set on
+    ``common``); other processes than the main one only warn.
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S"
+        )
+    package = logging.getLogger("common")
+    if package.level == logging.NOTSET:
+        main = os.environ.get("RANK", "0") == "0"
+        package.setLevel(logging.INFO if main else logging.WARNING)
+
+
+def resolve_mixed_precision(flag: str | None) -> str:
+    """``--mixed_precision`` if given, else the launcher's choice (``accelerate launch`` exports its flag or its
+    config file's value as ACCELERATE_MIXED_PRECISION), else ``"no"``."""
+    if flag is not None:
+        return flag
+    value = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+    if value not in MIXED_PRECISION_CHOICES:
+        raise UserError(
+            f"the launcher asks for mixed precision {value!r} (ACCELERATE_MIXED_PRECISION); this trainer supports "
+            f"{', '.join(MIXED_PRECISION_CHOICES)}: pass --mixed_precision"
+        )
+    return value
+
+
+def _flag_value(argv: Sequence[str], *names: str) -> str | None:
+    """The value of ``--name VALUE`` or ``--name=VALUE`` in ``argv`` (the last one wins), else None."""
+    found = None
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg == name and i + 1 < len(argv):
+                found = argv[i + 1]
+            elif arg.startswith(name + "="):
+                found = arg.split("=", 1)[1]
+    return found
+
+
+def launcher_requested_processes(parent_argv: Sequence[str] | None = None) -> tuple[str, int] | None:
+    """``(launcher, number of processes it was asked for)`` when that can be known, else None.
+
+    torchrun (and accelerate's multi-process launchers, which run torchrun) export WORLD_SIZE. ``accelerate
+    launch`` without ``--multi_gpu`` starts ONE process whatever ``--num_processes`` (or its config file) says, and
+    exports only ACCELERATE_* settings; the count is then read from the launching command line (the parent
+    process: ``--num_processes`` or ``--config_file``, else accelerate's default config file).
+    """
+    if "WORLD_SIZE" in os.environ:
+        return "torchrun", int(os.environ["WORLD_SIZE"])
+    if "ACCELERATE_USE_CPU" not in os.environ and "ACCELERATE_MIXED_PRECISION" not in os.environ:
+        return None  # plain `python script.py`: nothing was asked
+    if parent_argv is None:
+        try:
+            raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+        except OSError:
+            return None
+        parent_argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    if not any(a.endswith("accelerate") or a == "launch" for a in parent_argv):
+        return None
+    num = _flag_value(parent_argv, "--num_processes", "--num-processes")
+    if num is None:
+        config_file = _flag_value(parent_argv, "--config_file", "--config-file")
+        if config_file is None:
+            with contextlib.suppress(Exception):
+                from accelerate.commands.config.config_args import default_config_file
+
+                config_file = default_config_file
+        if config_file and Path(config_file).is_file():
+            with contextlib.suppress(Exception):
+                import yaml
+
+                loaded = yaml.safe_load(Path(config_file).read_text())
+                num = str(loaded.get("num_processes")) if isinstance(loaded, dict) else None
+    try:
+        return ("accelerate launch", int(num)) if num is not None else None
+    except ValueError:
+        return None
+
+
+def launch_mismatch_note(requested: tuple[str, int] | None, world_size: int) -> str | None:
+    """A warning line when the launcher was asked for another number of processes than the run got."""
+    if requested is None or requested[1] == world_size or requested[1] < 1:
+        return None
+    launcher, asked = requested
+    hint = ""
+    if launcher == "accelerate launch" and not torch.accelerator.is_available():
+        hint = (
+            f"; without a GPU, accelerate launch starts one process unless given --multi_gpu: use `accelerate "
+            f"launch --multi_gpu --num_processes {asked} ...` or `torchrun --nproc_per_node {asked} SCRIPT ...`"
+        )
+    return f"{launcher} was asked for {asked} processes but this run has {world_size}{hint}"
+
+
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints of ``output_dir``, oldest first. ``*.tmp`` leftovers of a killed save never match."""
     root = Path(output_dir)
@@ -660,6 +787,10 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self._lock: OutputLock | None = None
         self._closed = False
+        configure_logging()
+        # No --mixed_precision: the launcher decides (accelerate launch exports its flag or config value).
+        mixed_precision = resolve_mixed_precision(config.mixed_precision)
+        self.config = config = dataclasses.replace(config, mixed_precision=mixed_precision)
         cpu = self._needs_cpu_flag()
         if config.mixed_precision == "fp16" and cpu:
             # accelerate silently drops fp16 on CPU (no autocast, no scaler) while still reporting "fp16", so frozen
@@ -732,6 +863,9 @@ class Trainer:
                 f"WORLD_SIZE={world} but accelerate set up {self.accelerator.num_processes} process(es); "
                 "every process would train alone"
             )
+        self.launch_note = launch_mismatch_note(launcher_requested_processes(), self.accelerator.num_processes)
+        if self.launch_note and self.accelerator.is_main_process:
+            logger.warning(self.launch_note)
         set_seed(self.seed)
         if config.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -969,15 +1103,16 @@ class Trainer:
         run.progress.update(1)
         run.progress.set_postfix(loss=f"{step_loss:.4g}", lr=f"{record['lr']:.3g}", refresh=False)
 
-        if run.validation_fn is not None and run.global_step % cfg.validation_steps == 0:
-            self._validate(run.validation_fn, run.global_step)
-            run.validated_at = run.global_step
         # Decide on the gathered code only: a signal that reaches one rank after the gather must wait for the next
         # step, or that rank alone would enter the (collective) checkpoint save and the job would hang.
         self._stop_reason = self._stop_name(stop_code)
         if run.global_step % cfg.checkpointing_steps == 0 or self._stop_reason:
             run.last_checkpoint = self.save_checkpoint(run.global_step, epoch)
             run.checkpointed_at = run.global_step
+        # Validation after the checkpoint: a validation that fails (or is killed) never costs the trained steps.
+        if run.validation_fn is not None and run.global_step % cfg.validation_steps == 0 and not self._stop_reason:
+            self._validate(run.validation_fn, run.global_step)
+            run.validated_at = run.global_step
 
     def _finish(self, run: _Run) -> TrainResult:
         """Checkpoint a stop that came after the last step's check, final validation, summary, EMA swap."""
@@ -1031,13 +1166,14 @@ class Trainer:
 
     @staticmethod
     def _enable_gradient_checkpointing(name: str, module: nn.Module) -> None:
-        if hasattr(module, "enable_gradient_checkpointing"):  # diffusers ModelMixin
-            module.enable_gradient_checkpointing()
-        elif hasattr(module, "gradient_checkpointing_enable"):  # transformers PreTrainedModel
-            module.gradient_checkpointing_enable()
+        from common.grad_checkpoint import enable_gradient_checkpointing
+
+        parts = enable_gradient_checkpointing(module)
+        if parts:
+            logger.info("--gradient_checkpointing: %r checkpoints %s", name, ", ".join(parts))
         else:
             logger.warning(
-                "--gradient_checkpointing: module %r (%s) has no checkpointing switch; left as is",
+                "--gradient_checkpointing: module %r (%s) has no blocks to checkpoint; left as is",
                 name,
                 type(module).__name__,
             )
@@ -1158,10 +1294,13 @@ class Trainer:
         total = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
         logger.info(
             "***** training %d steps (%d epochs x %d batches/process); batch %d/process x %d processes x %d "
-            "accumulation = %d; mixed precision %s; EMA %s *****",
+            "accumulation = %d; mixed precision %s (weights of frozen modules %s); EMA %s; output %s *****",
             run.max_steps, run.num_epochs, len(run.dataloader), cfg.train_batch_size, acc.num_processes,
-            cfg.gradient_accumulation_steps, total, cfg.mixed_precision, cfg.use_ema,
+            cfg.gradient_accumulation_steps, total, cfg.mixed_precision, str(self.weight_dtype).replace("torch.", ""),
+            cfg.use_ema, self.output_dir,
         )  # fmt: skip
+        if self.launch_note:
+            logger.warning("***** %s *****", self.launch_note)
 
     # ---- data ------------------------------------------------------------------------------------------------
 
@@ -1195,10 +1334,14 @@ class Trainer:
     # ---- validation ------------------------------------------------------------------------------------------
 
     def _validate(self, validation_fn: ValidationFn, step: int) -> None:
-        """Main process only, EMA weights, eval mode, a fixed RNG scope; images -> grid PNG + tracker."""
+        """Main process only, EMA weights, eval mode, a fixed RNG scope, the training's autocast; images are
+        written to ``output_dir/validation/step-<N>/`` and sent to every tracker, numbers to the trackers."""
         acc = self.accelerator
         if acc.is_main_process:
-            with self.ema_weights() as modules, rng_scope(derive_seed(self.seed, 3), self.device):
+            started = time.perf_counter()
+            # Under the training autocast: frozen modules live in weight_dtype (bf16/fp16) and the trainable ones
+            # in float32, and only autocast lets the two meet in one forward as they do in loss_fn.
+            with self.ema_weights() as modules, rng_scope(derive_seed(self.seed, 3), self.device), acc.autocast():
                 modes = {name: m.training for name, m in modules.items()}
                 for m in modules.values():
                     m.eval()
@@ -1207,34 +1350,52 @@ class Trainer:
                 finally:
                     for name, m in modules.items():
                         m.train(modes[name])
-            self._record_validation(out, step)
+            recorded = self._record_validation(out, step)
+            logger.info("validation at step %d (%.1f s): %s", step, time.perf_counter() - started, recorded or "-")
         acc.wait_for_everyone()
 
-    def _record_validation(self, out: Any, step: int) -> None:
+    def _record_validation(self, out: Any, step: int) -> str:
+        """Save and log what a validation_fn returned; returns a one-line description of what was recorded.
+
+        ``out``: images (PIL images, a float tensor ``[B, C, H, W]`` or ``[C, H, W]`` tensors with values in
+        [0, 1]), or a mapping of names to such images and/or scalars.
+        """
         if out is None:
-            return
-        items = {"validation": out} if isinstance(out, (list, tuple)) else dict(out)
-        scalars = {}
+            return ""
+        items = dict(out) if isinstance(out, Mapping) else {"validation": out}
+        scalars, written = {}, []
+        folder = self.output_dir / "validation" / f"step-{step}"
         for key, value in items.items():
-            if isinstance(value, (list, tuple)) and value and hasattr(value[0], "convert"):
-                grid = image_grid(value)
-                folder = self.output_dir / "validation"
+            images = validation_images(value)
+            if images:
                 folder.mkdir(parents=True, exist_ok=True)
-                grid.save(folder / f"{key}-step{step:07d}.png")
-                self._log_image(key, grid, step)
+                stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+                for i, image in enumerate(images):
+                    image.save(folder / f"{stem}-{i:03d}.png")
+                image_grid(images).save(folder / f"{stem}-grid.png")
+                self._log_images(key, images, step)
+                written.append(f"{len(images)} {key} images")
             elif isinstance(value, (int, float)) or (torch.is_tensor(value) and value.numel() == 1):
                 scalars[key if key.startswith("validation") else f"validation/{key}"] = float(value)
         if scalars:
             self.accelerator.log(scalars, step=step)
+        parts = ([f"{', '.join(written)} in {folder}"] if written else []) + [
+            f"{k}={v:.4g}" for k, v in scalars.items()
+        ]
+        return "; ".join(parts)
 
-    def _log_image(self, key: str, grid: Any, step: int) -> None:
+    def _log_images(self, key: str, images: list[Any], step: int) -> None:
+        """Every image to every tracker: tensorboard (one NHWC batch, or the grid if sizes differ) and wandb."""
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
-                tracker.writer.add_image(key, np.asarray(grid), step, dataformats="HWC")
+                arrays = [np.asarray(im.convert("RGB")) for im in images]
+                if len({a.shape for a in arrays}) > 1:
+                    arrays = [np.asarray(image_grid(images))]
+                tracker.writer.add_images(key, np.stack(arrays), step, dataformats="NHWC")
             elif tracker.name == "wandb":
                 import wandb
 
-                tracker.log({key: [wandb.Image(grid)]}, step=step)
+                tracker.log({key: [wandb.Image(im, caption=f"{key} {i}") for i, im in enumerate(images)]}, step=step)
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
 

@@ -130,6 +130,9 @@ class ContextLossConfig:
         shifted by the conditional r_hat, so the unconditional branch must learn to denoise that same process.
     p2_gamma: P2 weight ``1 / (1 + SNR)^gamma`` (0 = unweighted MSE).
     lambda_r: weight of the ELBO's r term ``|(k_{t-1} - c2_t k_t)(r_phi(x0) - r_phi(x0_hat))|^2`` (spec §2.5).
+    snr_gamma: Min-SNR-gamma weighting of the MSE (``common.diffusion_loss``; a shifted_eps model is weighted as an
+        eps model, an x0 model as a sample model); None = unweighted. Exclusive with p2_gamma.
+    noise_offset: per-(sample, channel) offset noise added to eps (``common.diffusion_loss.training_noise``).
     """
 
     stage: int = 1
@@ -141,6 +144,8 @@ class ContextLossConfig:
     cfg_drop_prob: float = 0.0
     p2_gamma: float = 0.0
     lambda_r: float = 0.0
+    snr_gamma: Optional[float] = None
+    noise_offset: float = 0.0
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -151,6 +156,12 @@ class ContextLossConfig:
             raise UserError(f"cfg_drop_prob must lie in [0, 1), got {self.cfg_drop_prob}")
         if self.lambda_r < 0 or self.p2_gamma < 0:
             raise UserError("lambda_r and p2_gamma must be >= 0")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise UserError(f"--snr_gamma must be > 0, got {self.snr_gamma}")
+        if self.snr_gamma is not None and self.p2_gamma > 0:
+            raise UserError("--snr_gamma and --p2_gamma are two loss weightings: pass one of them")
+        if self.noise_offset < 0:
+            raise UserError(f"--noise_offset must be >= 0, got {self.noise_offset}")
         if self.stage == 2 and self.freeze_unet:
             raise UserError("--freeze_unet with stage 2 leaves nothing to train: stage 2 fine-tunes the UNet")
         if self.stage == 1 and self.freeze_unet and self.detach_xt and self.parameterization == "x0":
@@ -284,6 +295,11 @@ def contextual_loss(
     if noise is None:
         noise = (torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device) if generator is not None
                  else torch.randn_like(x0))
+        if config.noise_offset:
+            shape = x0.shape[:2] + (1,) * (x0.ndim - 2)
+            offset = (torch.randn(shape, generator=generator, dtype=x0.dtype).to(x0.device) if generator is not None
+                      else torch.randn(shape, device=x0.device, dtype=x0.dtype))
+            noise = noise + config.noise_offset * offset
 
     text, text_mask = default_adapter_text(adapter, batch)
     if config.stage == 2:
@@ -315,6 +331,12 @@ def contextual_loss(
     if config.p2_gamma > 0:
         per_sample = F.mse_loss(_upcast(out), _upcast(target), reduction="none").mean(dim=tuple(range(1, x0.ndim)))
         loss = (per_sample * p2_weight(_upcast(abar.flatten()), config.p2_gamma)).mean()
+    elif config.snr_gamma is not None:
+        from common.diffusion_loss import min_snr_weights
+
+        per_sample = F.mse_loss(_upcast(out), _upcast(target), reduction="none").mean(dim=tuple(range(1, x0.ndim)))
+        ptype = "epsilon" if config.parameterization == "shifted_eps" else "sample"
+        loss = (per_sample * min_snr_weights(abar, config.snr_gamma, ptype).to(per_sample.device)).mean()
     else:  # diffusers' train_text_to_image reduction, so r == 0 reproduces its loss bit for bit
         loss = F.mse_loss(_upcast(out), _upcast(target))
     logs = {"mse": loss.detach(), "r_abs": r.detach().abs().mean()}  # tensors: no device sync per step

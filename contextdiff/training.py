@@ -76,6 +76,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(stage: int) -> argparse.ArgumentParser:
     """Flags: diffusers' ``train_text_to_image.py`` names (``common.train``) + the released script's + the method's."""
+    from common.diffusion_loss import add_diffusion_loss_args
     from common.train import add_train_args
 
     p = _Parser(description=DESCRIPTIONS[stage])
@@ -131,6 +132,7 @@ def build_parser(stage: int) -> argparse.ArgumentParser:
     add_contextdiff_args(p, stage=stage)
     if stage == 2:  # default: the process the adapter was trained for (its process.json)
         p.set_defaults(parameterization=None, k_schedule=None, k_scale=None)
+    add_diffusion_loss_args(p, prediction_type=False)  # the target is --parameterization
     add_train_args(p, defaults=TRAIN_DEFAULTS)
     return p
 

@@ -1,13 +1,15 @@
 """Train an open_clip CLIP (from a model config, with the real bundled tokenizer) on image-caption pairs.
 
-    python scripts/train_clip.py --config configs/baseline/tiny.yaml --train_data_dir data/digits/train \\
-        --model_config configs/baseline/clip.json --output_dir ckpt/tiny/clip
+    python scripts/train_clip.py --config configs/baseline/clip.yaml --train_data_dir data/digits/train \\
+        --output_dir outputs/tiny/clip_run
 
 Loss: the symmetric InfoNCE of CLIP (Radford et al. 2021) with a learned temperature (open_clip's ``ClipLoss``).
-Writes open_clip's local folder layout (``open_clip_config.json`` + ``open_clip_model.safetensors``, loadable with
+Writes, into ``--output_dir`` itself (beside the trainer's ``checkpoint-<step>/``), open_clip's local folder layout (``open_clip_config.json`` + ``open_clip_model.safetensors``, loadable with
 ``common.models.load_open_clip(folder)``) and, in ``text_encoder/`` + ``tokenizer/``, the text tower converted to a
 transformers ``CLIPTextModelWithProjection`` for Stable-Diffusion-layout pipelines. ``--save_dtype float16`` keeps
-the committed tiny checkpoint small (the 49,408-token embedding dominates it).
+the committed tiny checkpoint small (the 49,408-token embedding dominates it). Validation (``--validation_steps``, and
+at the end): zero-shot retrieval on the first ``--num_validation_pairs`` training pairs (top-1 accuracy of the
+matching caption among theirs) and their image-text similarity matrix as a figure in ``validation/step-<step>/``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caption_column", default="text")
     p.add_argument("--model_config", default=None, help="open_clip model config JSON (default: configs/tiny's)")
     p.add_argument("--save_dtype", default="float32", choices=("float32", "float16"))
+    p.add_argument("--num_validation_pairs", type=int, default=32,
+                   help="training pairs of the zero-shot retrieval validation (0: no validation)")
     add_train_args(p, defaults={"learning_rate": 1e-3, "train_batch_size": 128, "lr_warmup_steps": 100,
                                 "checkpointing_steps": 1000, "validation_steps": 100000, "report_to": "none",
                                 "tracker_project_name": "train_clip", "adam_weight_decay": 0.1})
@@ -57,6 +61,17 @@ class ContrastiveCLIP(torch.nn.Module):
         image_features, text_features, logit_scale = out[:3]
         return ClipLoss()(image_features, text_features, logit_scale)
 
+    def similarity(self, images, ids):
+        """Cosine similarities ``[images, texts]`` of the normalised embeddings."""
+        out = self.model(((images + 1) / 2 - self.mean) / self.std, ids)
+        return out[0] @ out[1].T
+
+
+def similarity_figure(sim: torch.Tensor, cell: int = 4) -> torch.Tensor:
+    """A similarity matrix as an image ``[3, N*cell, N*cell]`` in [0, 1] (cosine -1 black .. 1 white)."""
+    grey = ((sim.clamp(-1, 1) + 1) / 2).repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+    return grey.unsqueeze(0).expand(3, -1, -1).contiguous()
+
 
 def build_model(model_config: Path):
     import open_clip
@@ -71,10 +86,10 @@ def build_model(model_config: Path):
 
 def save_open_clip_folder(model, model_cfg: dict, preprocess_cfg: dict, folder: Path, dtype: torch.dtype) -> None:
     from common.clip_convert import open_clip_text_to_transformers
-    from common.io import atomic_write_dir, save_safetensors
+    from common.io import save_pretrained_into, save_safetensors
     from common.tiny import clip_tokenizer
 
-    with atomic_write_dir(folder) as tmp:
+    def write(tmp: Path) -> None:
         state = {k: v.detach().to(dtype) for k, v in model.state_dict().items() if v.is_floating_point()}
         save_safetensors(state, tmp / "open_clip_model.safetensors")
         (tmp / "open_clip_config.json").write_text(
@@ -82,6 +97,8 @@ def save_open_clip_folder(model, model_cfg: dict, preprocess_cfg: dict, folder: 
         text = open_clip_text_to_transformers(model).to(dtype)
         text.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         clip_tokenizer().save_pretrained(tmp / "tokenizer")
+
+    save_pretrained_into(folder, write)
 
 
 @cli_entry
@@ -114,13 +131,24 @@ def main(argv=None) -> int:
 
         mean = preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
         std = preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD)
-        result = trainer.fit({"clip": ContrastiveCLIP(model, mean, std)}, loss_fn, dataset, collate_fn=collate)
+        pairs = min(max(args.num_validation_pairs, 0), len(dataset))
+
+        def validate(step, models):
+            batch = collate([dataset[i] for i in range(pairs)])
+            with torch.no_grad():
+                sim = models["clip"].similarity(batch["pixel_values"].to(trainer.device),
+                                                batch["input_ids"].to(trainer.device)).float().cpu()
+            top1 = float((sim.argmax(dim=1) == torch.arange(pairs)).float().mean())
+            return {"zero_shot_top1": top1, "similarity": similarity_figure(sim)}
+
+        result = trainer.fit({"clip": ContrastiveCLIP(model, mean, std)}, loss_fn, dataset, collate_fn=collate,
+                             validation_fn=validate if pairs else None)
         if trainer.is_main_process and result.completed:
             model = result.models["clip"].model.eval()
             model_cfg = json.loads(model_config.read_text())
             dtype = torch.float16 if args.save_dtype == "float16" else torch.float32
-            save_open_clip_folder(model, model_cfg, preprocess_cfg, Path(config.output_dir) / "clip", dtype)
-            print(f"CLIP saved to {Path(config.output_dir) / 'clip'} (open_clip layout + text_encoder/ + tokenizer/)")
+            save_open_clip_folder(model, model_cfg, preprocess_cfg, Path(config.output_dir), dtype)
+            print(f"CLIP saved to {config.output_dir} (open_clip layout + text_encoder/ + tokenizer/)")
     return result.exit_code
 
 

@@ -10,9 +10,11 @@ or build one from parts (the digits world: our own VAE and CLIP, a UNet from a c
 
     python scripts/train_text_to_image.py --config configs/baseline/tiny.yaml
 
-The output folder loads with plain ``diffusers.StableDiffusionPipeline.from_pretrained`` and with
-``scripts/sample.py --pretrained_model_name_or_path``. Loss: the eps (or v) regression of DDPM on VAE latents,
-captions dropped to "" with ``--proportion_empty_prompts`` so classifier-free guidance works.
+The pipeline is written into ``--output_dir`` itself (as diffusers' example does; trainer checkpoints sit beside it
+in ``checkpoint-<step>/``, validation images in ``validation/step-<step>/``), so ``output_dir`` loads with plain
+``diffusers.DiffusionPipeline.from_pretrained(output_dir)`` and with ``scripts/sample.py
+--pretrained_model_name_or_path``. Loss: the eps (or v) regression of DDPM on VAE latents (Min-SNR weighted with
+``--snr_gamma``), captions dropped to "" with ``--proportion_empty_prompts`` so classifier-free guidance works.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from common.errors import UserError, cli_entry  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.diffusion_loss import add_diffusion_loss_args
     from common.train import add_train_args
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -43,20 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_data_dir", default=None, help="image folder with metadata.jsonl (file_name, text)")
     p.add_argument("--caption_column", default="text")
     p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the VAE's)")
-    p.add_argument("--random_flip", action="store_true")
+    p.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True,
+                   help="crop the centre square after resizing (--no-center_crop: a random crop)")
+    p.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=False,
+                   help="flip images horizontally at random (needs on-the-fly encoding: --no-cache_latents)")
     p.add_argument("--proportion_empty_prompts", type=float, default=0.1,
                    help="fraction of captions replaced by '' (classifier-free guidance training)")
-    p.add_argument("--prediction_type", default=None, choices=("epsilon", "v_prediction"),
-                   help="default: the folder's scheduler setting (epsilon for new models)")
-    p.add_argument("--noise_offset", type=float, default=0.0)
-    p.add_argument("--cache_latents", action="store_true",
+    p.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=False,
                    help="encode every image and caption once (VAE posterior, text states) and train on the cache")
     p.add_argument("--cache_dir", default=None,
                    help="with --cache_latents: keep the encodings in this folder (safetensors, keyed by data and "
                         "model fingerprints) so later runs reuse them")
-    p.add_argument("--validation_prompts", nargs="*", default=None)
+    p.add_argument("--validation_prompts", nargs="*", default=None,
+                   help="prompts drawn at every --validation_steps (and at the end) into validation/step-<N>/")
     p.add_argument("--text_encoder_save_dtype", default="float32", choices=("float32", "float16"),
                    help="dtype the (frozen) text encoder is written in; float16 keeps tiny checkpoints small")
+    add_diffusion_loss_args(p)
     add_train_args(p, defaults={"learning_rate": 1e-4, "train_batch_size": 16, "lr_warmup_steps": 500,
                                 "report_to": "none", "tracker_project_name": "text2image"})
     return p
@@ -102,24 +107,24 @@ def load_components(args):
 def save_pipeline(output_dir: Path, unet, vae, text_encoder, tokenizer, scheduler_config, text_dtype) -> Path:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from common.io import atomic_write_dir
+    from common.io import save_pretrained_into
 
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder.to(text_dtype), tokenizer=tokenizer, unet=unet,
+        vae=vae.float(), text_encoder=text_encoder.to(text_dtype), tokenizer=tokenizer, unet=unet,
         scheduler=DDIMScheduler.from_config(scheduler_config), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
-    with atomic_write_dir(output_dir) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-    text_encoder.float()
+    try:
+        save_pretrained_into(output_dir, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+    finally:
+        text_encoder.float()
     return output_dir
 
 
 @cli_entry
 def main(argv=None) -> int:
-    import torch.nn.functional as F
-
     from common.data import image_text_dataset
+    from common.diffusion_loss import check_diffusion_loss_args, diffusion_mse, training_noise
     from common.latent_data import LatentTextEncoder
     from common.process import canonical_prediction_type, q_sample, training_target
     from common.schedule import NoiseSchedule
@@ -131,6 +136,10 @@ def main(argv=None) -> int:
         raise UserError("--train_data_dir is required: an image folder with metadata.jsonl captions")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise UserError(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}")
+    check_diffusion_loss_args(args)
+    if args.random_flip and args.cache_latents:
+        raise UserError("--random_flip needs on-the-fly encoding (the cache holds one view of each image): "
+                        "add --no-cache_latents")
     config = config_from_args(args)
     with Trainer(config) as trainer:
         unet, vae, text_encoder, tokenizer, scheduler_config = load_components(args)
@@ -143,7 +152,7 @@ def main(argv=None) -> int:
         schedule = NoiseSchedule.from_config(scheduler_config)
         ptype = canonical_prediction_type(scheduler_config.get("prediction_type", "epsilon"))
         dataset = image_text_dataset(args.train_data_dir, resolution=resolution, random_flip=args.random_flip,
-                                     caption_column=args.caption_column)
+                                     center_crop=args.center_crop, caption_column=args.caption_column)
         encoder = LatentTextEncoder(vae, text_encoder, tokenizer)
         if args.cache_latents:
             dataset = encoder.cache(dataset, args.cache_dir)
@@ -153,15 +162,13 @@ def main(argv=None) -> int:
             latents, states = encoder.encode_batch(batch, ctx.device)
             drop = torch.rand(latents.shape[0], device=ctx.device) < args.proportion_empty_prompts
             states = torch.where(drop.view(-1, 1, 1), empty.to(ctx.device).expand_as(states), states)
-            noise = torch.randn_like(latents)
-            if args.noise_offset:
-                noise = noise + args.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
-                                                                device=latents.device)
+            noise = training_noise(latents, args.noise_offset)
             t = torch.randint(0, schedule.num_train_timesteps, (latents.shape[0],), device=latents.device)
             abar = schedule.abar(t, like=latents)
             noisy = q_sample(latents, abar, noise)
             pred = ctx.models["unet"](noisy, t, encoder_hidden_states=states).sample
-            return F.mse_loss(pred.float(), training_target(latents, noise, abar, ptype).float())
+            return diffusion_mse(pred, training_target(latents, noise, abar, ptype), abar=abar,
+                                 snr_gamma=args.snr_gamma, prediction_type=ptype)
 
         validate = None
         if args.validation_prompts:
@@ -171,13 +178,13 @@ def main(argv=None) -> int:
                 pipe = LatentTextToImage(models["unet"], vae, text_encoder, tokenizer, scheduler_config)
                 out = pipe(args.validation_prompts, num_inference_steps=25, guidance_scale=3.0,
                            generator=torch.Generator().manual_seed(0), progress=False)
-                return list(out.images)
+                return out.images  # [B, 3, H, W] in [0, 1]: the trainer writes and logs each image
 
         result = trainer.fit({"unet": unet}, loss_fn, dataset, collate_fn=encoder.collate,
                              frozen={"vae": vae, "text_encoder": text_encoder}, validation_fn=validate)
         if trainer.is_main_process and result.completed:
             dtype = torch.float16 if args.text_encoder_save_dtype == "float16" else torch.float32
-            out = save_pipeline(Path(config.output_dir) / "pipeline", result.models["unet"].eval(), vae,
+            out = save_pipeline(Path(config.output_dir), result.models["unet"].eval(), vae,
                                 text_encoder, tokenizer, scheduler_config, dtype)
             print(f"pipeline saved to {out} (diffusers StableDiffusionPipeline layout)")
     return result.exit_code

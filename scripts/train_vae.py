@@ -1,11 +1,13 @@
 """Train a diffusers ``AutoencoderKL`` (the latent space every latent model of the lab uses) on an image folder.
 
-    python scripts/train_vae.py --config configs/baseline/tiny.yaml --train_data_dir data/digits/train \\
-        --output_dir ckpt/tiny/vae
+    python scripts/train_vae.py --config configs/baseline/vae.yaml --train_data_dir data/digits/train \\
+        --output_dir outputs/tiny/vae_run
 
 Loss: mean squared reconstruction error + ``--kl_weight`` x KL(q(z|x) || N(0, I)), as the seed repos' own small
 VAEs. At the end the latent ``scaling_factor`` is set to ``1 / std`` of the training latents (Stable Diffusion's
-0.18215 was found the same way) and the model is written with ``save_pretrained`` (safetensors).
+0.18215 was found the same way) and the model is written with ``save_pretrained`` (safetensors) into ``--output_dir``
+itself, so ``AutoencoderKL.from_pretrained(output_dir)`` loads it (trainer checkpoints: ``checkpoint-<step>/``;
+validation reconstructions, originals on the first row: ``validation/step-<step>/``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON config of the AutoencoderKL to train from scratch (default: common.tiny's)")
     p.add_argument("--pretrained_vae", default=None, help="a VAE folder to fine-tune instead of training anew")
     p.add_argument("--kl_weight", type=float, default=1e-6)
-    p.add_argument("--random_flip", action="store_true")
+    p.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True,
+                   help="crop the centre square after resizing (--no-center_crop: a random crop)")
+    p.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=False,
+                   help="flip images horizontally at random")
+    p.add_argument("--num_validation_images", type=int, default=8,
+                   help="training images reconstructed at each validation (0: no validation)")
     add_train_args(p, defaults={"learning_rate": 1e-3, "train_batch_size": 64, "lr_warmup_steps": 100,
                                 "checkpointing_steps": 1000, "validation_steps": 1000, "report_to": "none",
                                 "tracker_project_name": "train_vae"})
@@ -63,7 +70,7 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
 
     from common.data import image_text_dataset
-    from common.io import atomic_write_dir
+    from common.io import save_pretrained_into
     from common.train import Trainer, config_from_args, parse_args_with_config
 
     parser = build_parser()
@@ -71,8 +78,10 @@ def main(argv=None) -> int:
     if not args.train_data_dir:
         raise UserError("--train_data_dir is required: an image folder (with metadata.jsonl) to train on")
     config = config_from_args(args)
+    if args.num_validation_images < 0:
+        raise UserError(f"--num_validation_images must be >= 0, got {args.num_validation_images}")
     dataset = image_text_dataset(args.train_data_dir, resolution=args.resolution, random_flip=args.random_flip,
-                                 require_captions=False)
+                                 center_crop=args.center_crop, require_captions=False)
     with Trainer(config) as trainer:
         vae = build_vae(args)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -85,22 +94,25 @@ def main(argv=None) -> int:
             mse = F.mse_loss(recon.float(), pixels.float())
             return {"loss": mse + args.kl_weight * kl, "mse": mse.detach(), "kl": kl.detach()}
 
+        validation = min(args.num_validation_images, len(dataset))
+
         def validate(step, models):
             model = models["vae"].vae
-            sample = torch.stack([dataset[i]["pixel_values"] for i in range(8)])
+            sample = torch.stack([dataset[i]["pixel_values"] for i in range(validation)])
             with torch.no_grad():
-                recon = model(sample.to(trainer.device)).sample.clamp(-1, 1).cpu()
-            return {"reconstructions": [(x + 1) / 2 for x in torch.cat([sample, recon])]}
+                recon = model(sample.to(trainer.device)).sample.float().clamp(-1, 1).cpu()
+            mse = float(((recon - sample) ** 2).mean())
+            # the originals, then their reconstructions, in [0, 1]
+            return {"reconstructions": (torch.cat([sample, recon]) + 1) / 2, "reconstruction_mse": mse}
 
-        result = trainer.fit({"vae": VAEWithKL(vae)}, loss_fn, dataset, validation_fn=validate)
+        result = trainer.fit({"vae": VAEWithKL(vae)}, loss_fn, dataset, validation_fn=validate if validation else None)
         if trainer.is_main_process and result.completed:
             vae = result.models["vae"].vae.eval()
             scale, mse = latent_statistics(vae, dataset)
             vae.register_to_config(scaling_factor=scale)
-            with atomic_write_dir(Path(config.output_dir) / "vae") as tmp:
-                vae.save_pretrained(tmp, safe_serialization=True)
+            save_pretrained_into(config.output_dir, lambda tmp: vae.save_pretrained(tmp, safe_serialization=True))
             print(f"VAE: reconstruction MSE {mse:.5f} (pixels in [-1, 1]), scaling_factor {scale:.4f}; "
-                  f"saved to {Path(config.output_dir) / 'vae'}")
+                  f"saved to {config.output_dir}")
     return result.exit_code
 
 

@@ -34,6 +34,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from common.errors import UserError
 
@@ -192,6 +193,7 @@ class NoiseAwareCLIP(nn.Module):
         for module in self._sites:
             module.register_forward_hook(_apply_film)
         self.finetune_mode = "all"
+        self.gradient_checkpointing = False
 
     # ------------------------------------------------------------------------------------------------ building
     @property
@@ -245,14 +247,33 @@ class NoiseAwareCLIP(nn.Module):
         if getattr(getattr(self.visual, "transformer", None), "grad_checkpointing", False):
             raise UserError("gradient checkpointing of the CLIP tower re-runs blocks after forward and would lose the "
                             "time modulation: disable it (visual.set_grad_checkpointing(False))")
-        for module, film in zip(self._sites, self.modulation(t)):
-            module._sdg_film = film
+        films = self.modulation(t)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # The FiLM hooks read _sdg_film, which exists only during this call: checkpoint the whole tower with
+            # the modulation passed in, so the backward's recomputation sets it again.
+            flat = [tensor for pair in films for tensor in pair]
+            features, embedding = checkpoint(self._tower, x, *flat, use_reentrant=False)
+        else:
+            features, embedding = self._tower(x, *[tensor for pair in films for tensor in pair])
+        return NoisyCLIPOutput(features, embedding)
+
+    def _tower(self, x: torch.Tensor, *flat_films: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """The modulated tower: ``flat_films`` are the per-site (scale, shift) pairs, flattened."""
+        for k, module in enumerate(self._sites):
+            module._sdg_film = (flat_films[2 * k], flat_films[2 * k + 1])
         try:
             out = self.visual.forward_intermediates(self.preprocess(x))
         finally:
             for module in self._sites:
                 module._sdg_film = None
-        return NoisyCLIPOutput(tuple(out["image_intermediates"]), out["image_features"])
+        return tuple(out["image_intermediates"]), out["image_features"]
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the tower's activations in the backward instead of storing them (``--gradient_checkpointing``)."""
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = False
 
     def embed(self, x: torch.Tensor, t: Union[torch.Tensor, int]) -> torch.Tensor:
         """The image embedding ``[B, D]`` only (SDG's ``encode_image``)."""

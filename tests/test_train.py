@@ -178,9 +178,11 @@ def test_two_step_smoke_writes_checkpoint_logs_and_validation(tmp_path):
     assert not list(ckpt.glob("*.pkl")), "a checkpoint holds a pickle"
     assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == 2
     assert list((out / "logs").rglob("events.out.tfevents*")), "no tensorboard event file"
-    assert sorted(p.name for p in (out / "validation").iterdir()) == [
-        "samples-step0000001.png",
-        "samples-step0000002.png",
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-1", "step-2"]
+    assert sorted(p.name for p in (out / "validation" / "step-2").iterdir()) == [
+        "samples-000.png",
+        "samples-001.png",
+        "samples-grid.png",
     ]
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["samples_per_second"] > 0 and summary["peak_memory_mb"] > 0

@@ -35,13 +35,13 @@ COMMON = ["--max_train_steps", "2", "--train_batch_size", "4", "--lr_warmup_step
 def test_vae_clip_and_text_to_image_chain(small_digits, tmp_path, capsys):
     assert train_vae.main(["--train_data_dir", str(small_digits), "--output_dir", str(tmp_path / "vae_run"),
                            *COMMON]) == 0
-    vae_dir = tmp_path / "vae_run" / "vae"
+    vae_dir = tmp_path / "vae_run"
     cfg = json.loads((vae_dir / "config.json").read_text())
     assert cfg["_class_name"] == "AutoencoderKL" and cfg["scaling_factor"] > 0
     assert train_clip.main(["--train_data_dir", str(small_digits), "--output_dir", str(tmp_path / "clip_run"),
                             "--model_config", str(REPO / "configs" / "baseline" / "clip.json"), "--save_dtype",
                             "float16", *COMMON]) == 0
-    clip_dir = tmp_path / "clip_run" / "clip"
+    clip_dir = tmp_path / "clip_run"
     from common.models import load_open_clip
 
     model, _, tokenizer = load_open_clip(clip_dir)
@@ -50,7 +50,7 @@ def test_vae_clip_and_text_to_image_chain(small_digits, tmp_path, capsys):
             str(REPO / "configs" / "baseline" / "unet.json"), "--train_data_dir", str(small_digits), "--output_dir",
             str(tmp_path / "t2i"), "--cache_latents", "--cache_dir", str(tmp_path / "cache"), "--use_ema", *COMMON]
     assert train_text_to_image.main(argv) == 0
-    folder = tmp_path / "t2i" / "pipeline"
+    folder = tmp_path / "t2i"
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red handwritten seven", num_inference_steps=2, output_type="np").images
@@ -63,7 +63,7 @@ def test_vae_clip_and_text_to_image_chain(small_digits, tmp_path, capsys):
                                      str(small_digits), "--output_dir", str(tmp_path / "ft"), "--cache_latents",
                                      "--cache_dir", str(tmp_path / "cache"), *COMMON]) == 0
     assert "reusing encodings cache" in capsys.readouterr().out
-    assert (tmp_path / "ft" / "pipeline" / "model_index.json").is_file()
+    assert (tmp_path / "ft" / "model_index.json").is_file()
 
 
 def test_scripts_reject_bad_input(small_digits, tmp_path, capsys):
@@ -78,4 +78,4 @@ def test_scripts_reject_bad_input(small_digits, tmp_path, capsys):
         train_vae.main(["--train_data_dir", str(small_digits), "--output_dir", str(tmp_path / "o3"),
                         "--resolution", "30", *COMMON])
     assert err.value.code == 2 and "not divisible" in capsys.readouterr().err
-    assert not (tmp_path / "o3" / "vae").exists()
+    assert not (tmp_path / "o3" / "config.json").exists()

@@ -2,7 +2,8 @@
 
 An *image source* is any of
 
-- a folder (``str`` / ``Path``): every image file directly inside it, in sorted file-name order;
+- a folder (``str`` / ``Path``): every image file in it or its sub-folders (``scripts/sample.py`` writes
+  ``images/``), in sorted relative-path order, without grids (``grid.png``, ``*-grid.png``) and hidden entries;
 - a sequence of file paths or ``PIL.Image`` objects;
 - a tensor ``[N, 3, H, W]``: ``uint8`` in ``[0, 255]`` or floating point in ``[0, 1]``.
 
@@ -28,14 +29,30 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".ti
 ImageSource = Union[str, Path, Sequence[Union[str, Path, Image.Image]], torch.Tensor]
 
 
+def is_grid_file(path: Path) -> bool:
+    """A contact sheet of other images (``grid.png``, ``validation-grid.png``, ``grid_3.png``), not a sample."""
+    stem = path.stem.lower()
+    return stem == "grid" or stem.startswith(("grid_", "grid-")) or stem.endswith(("-grid", "_grid"))
+
+
 def list_image_files(folder: str | Path) -> list[Path]:
-    """Image files directly inside ``folder`` (not recursive), sorted by name; UserError if there are none."""
+    """Image files in ``folder`` and its sub-folders, sorted by relative path, grids and hidden entries skipped;
+    UserError if there are none."""
     path = Path(folder)
     if not path.is_dir():
         raise UserError(f"image folder {path} does not exist or is not a folder; pass a folder of image files")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = []
+    for p in path.rglob("*"):
+        rel = p.relative_to(path)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue
+        if p.suffix.lower() in IMAGE_SUFFIXES and not is_grid_file(p):
+            files.append(p)
+    files.sort(key=lambda p: p.relative_to(path).as_posix())
     if not files:
-        raise UserError(f"image folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}); point at the images")
+        raise UserError(
+            f"image folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}; grids are skipped); point at the images"
+        )
     return files
 
 

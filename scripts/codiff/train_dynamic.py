@@ -26,6 +26,7 @@ from common.errors import UserError, cli_entry  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.diffusion_loss import add_diffusion_loss_args
     from common.train import add_train_args
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default_guidance_scale", type=float, default=1.0,
                    help="per-member CFG scale stored as the sampling default (1 = none, the paper)")
     p.add_argument("--export_dir", default=None, help="where the checkpoint goes (default: <output_dir>/codiff)")
+    add_diffusion_loss_args(p, prediction_type=False)  # CoDiff's members are eps models
     add_train_args(p, defaults={"learning_rate": 1e-4, "train_batch_size": 64, "lr_warmup_steps": 100,
                                 "report_to": "none", "tracker_project_name": "codiff-dynamic",
                                 "output_dir": "outputs/codiff/dynamic"})
@@ -94,6 +96,10 @@ def main(argv=None) -> int:
     model_config = load_config(args.model_config)
     section = model_config.get("dynamic_diffuser", {})
     confidence_input = args.confidence_input or section.get("confidence_input", "x_t")
+    from common.diffusion_loss import check_diffusion_loss_args
+
+    check_diffusion_loss_args(args)
+    loss_flags = {"snr_gamma": args.snr_gamma, "noise_offset": args.noise_offset}
     config = config_from_args(args)
 
     with Trainer(config) as trainer:
@@ -129,7 +135,7 @@ def main(argv=None) -> int:
             if text_member:
                 encoders["text"], keys["text"] = text_member.encode, "text"
         objective = DynamicDiffuserObjective(collab.model, collab.schedule, encoders, condition_keys=keys,
-                                             vae=None if args.cache_latents else vae)
+                                             vae=None if args.cache_latents else vae, **loss_flags)
         frozen = objective.frozen_modules()
         if mask_member:
             frozen["mask_encoder"] = mask_member.encoder

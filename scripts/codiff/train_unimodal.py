@@ -29,6 +29,7 @@ from common.errors import UserError, cli_entry  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.diffusion_loss import add_diffusion_loss_args
     from common.train import add_train_args
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=True,
                    help="encode images (and captions) once and train on the cache")
     p.add_argument("--export_dir", default=None, help="where the member folder goes (default: <output_dir>/member)")
+    add_diffusion_loss_args(p, prediction_type=False)  # CoDiff's members are eps models
     add_train_args(p, defaults={"learning_rate": 5e-4, "train_batch_size": 64, "lr_warmup_steps": 200,
                                 "report_to": "none", "tracker_project_name": "codiff-unimodal",
                                 "output_dir": "outputs/codiff/unimodal"})
@@ -106,6 +108,10 @@ def main(argv=None) -> int:
     unet_config = Path(args.unet_config)
     if not unet_config.is_file():
         raise UserError(f"--unet_config {unet_config} does not exist: pass a UNet2DConditionModel JSON config")
+    from common.diffusion_loss import check_diffusion_loss_args
+
+    check_diffusion_loss_args(args)
+    loss_flags = {"snr_gamma": args.snr_gamma, "noise_offset": args.noise_offset}
     config = config_from_args(args)
     scheduler_config = check_eps_schedule(
         read_scheduler_json(args.noise_schedule_from) if args.noise_schedule_from else dict(LDM_SCHEDULER_CONFIG),
@@ -157,19 +163,19 @@ def main(argv=None) -> int:
             # the wrapper holds the encoder: it trains as part of "unet" and takes the one-hot tokens themselves
             objective = UniModalObjective(unet, torch.nn.Identity(), encoder.one_hot, schedule, "mask",
                                           vae=None if args.cache_latents else vae, cond_dropout=args.cond_dropout,
-                                          null_input=encoder.null_one_hot)
+                                          null_input=encoder.null_one_hot, **loss_flags)
         elif args.modality == "mask":
             objective = UniModalObjective(unet, encoder, encoder.one_hot, schedule, "mask", train_encoder=True,
                                           vae=None if args.cache_latents else vae, cond_dropout=args.cond_dropout,
-                                          null_input=encoder.null_one_hot)
+                                          null_input=encoder.null_one_hot, **loss_flags)
         elif args.cache_latents:
             empty = text([""]).float()
             objective = UniModalObjective(unet, torch.nn.Identity(), lambda states: states, schedule, "text_states",
                                           cond_dropout=args.cond_dropout,
-                                          null_input=lambda batch: empty.expand(batch, -1, -1))
+                                          null_input=lambda batch: empty.expand(batch, -1, -1), **loss_flags)
         else:
             objective = UniModalObjective(unet, text.text_encoder, text.tokenize, schedule, "text", vae=vae,
-                                          cond_dropout=args.cond_dropout, null_input=text.null_ids)
+                                          cond_dropout=args.cond_dropout, null_input=text.null_ids, **loss_flags)
         result = trainer.fit(objective.trainable_modules(), objective, data, frozen=objective.frozen_modules())
         if trainer.is_main_process and result.completed:
             export = Path(args.export_dir or Path(config.output_dir) / "member")

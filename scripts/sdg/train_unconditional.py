@@ -8,6 +8,8 @@ Model: guided-diffusion flags (``--image_size --num_channels --num_res_blocks --
 --noise_schedule``) -> diffusers ``UNet2DModel`` (``sdg.adm``), the same path that loads the paper's LSUN/FFHQ models.
 Loss (Improved DDPM eq. 16, ``sdg.adm_train``): ``L_simple + lambda * L_vlb`` with lambda = ``--lambda_vlb`` 0.001,
 the VLB term with a stop-gradient on the mean so it trains only the learned variance. No captions are used.
+ADM's ``--use_checkpoint True`` is ``--gradient_checkpointing`` and ``--use_fp16 True`` is ``--mixed_precision fp16``
+(GPU only; the weights stay float32 and autocast runs the forward in fp16, as diffusers' examples do).
 Writes ``<output_dir>/unet/`` (diffusers folder + ``adm_flags.json``), loadable by ``scripts/sdg/sample.py
 --model_path`` and ``scripts/sample.py --method sdg``; trainer checkpoints go to ``<output_dir>/checkpoint-*``.
 """
@@ -56,6 +58,17 @@ def adm_flags_from_args(args):
     return ADMFlags.from_dict({f.name: getattr(args, f.name) for f in fields(ADMFlags)})
 
 
+def apply_adm_switches(args, flags) -> None:
+    """guided-diffusion's ``--use_checkpoint`` / ``--use_fp16``: the trainer's gradient checkpointing and fp16."""
+    if flags.use_checkpoint:
+        args.gradient_checkpointing = True
+    if flags.use_fp16:
+        if args.mixed_precision not in (None, "fp16"):
+            raise UserError(f"--use_fp16 True asks for fp16 but --mixed_precision is {args.mixed_precision}: "
+                            "pass one of them")
+        args.mixed_precision = "fp16"
+
+
 @cli_entry
 def main(argv=None) -> int:
     from common.train import Trainer, config_from_args, parse_args_with_config
@@ -73,6 +86,7 @@ def main(argv=None) -> int:
         raise UserError("SDG guides a learn_sigma model (ADM's learned variance): pass --learn_sigma True")
     if args.num_validation_images < 0:
         raise UserError(f"--num_validation_images must be >= 0, got {args.num_validation_images}")
+    apply_adm_switches(args, flags)
     config = config_from_args(args)
     with Trainer(config) as trainer:
         unet = build_unet(flags).train()

@@ -38,6 +38,7 @@ DEFAULTS = {  # the reference finetune.py defaults (spec §5.2)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.diffusion_loss import add_diffusion_loss_args
     from common.train import add_train_args
     from shifted.cli import add_clip_args
 
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "first --clip folder's)")
     src.add_argument("--n_tokens", type=int, default=4, help="cross-attention tokens made from one embedding")
     src.add_argument("--prediction_type", default=None, choices=("epsilon", "v_prediction"))
-    src.add_argument("--no_text_tower", action="store_true",
+    src.add_argument("--no_text_tower", action=argparse.BooleanOptionalAction, default=False,
                      help="leave the (unused) text encoder and tokenizer out of the output; diffusers then loads it "
                           "with StableDiffusionPipeline.from_pretrained(folder, text_encoder=None, tokenizer=None)")
     src.add_argument("--frozen_save_dtype", default="float32", choices=("float32", "float16"),
@@ -60,18 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train_data_dir", default=None, help="image folder; captions, if any, are never read")
     data.add_argument("--resolution", type=int, default=None, help="default: the VAE's sample size")
     data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True)
-    data.add_argument("--random_flip", action="store_true")
-    data.add_argument("--cache_latents", action="store_true",
+    data.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=False)
+    data.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=False,
                       help="encode every image once (VAE posterior + CLIP embedding); no augmentation then")
     add_clip_args(data)
     cfg = p.add_argument_group("classifier-free guidance")
     cfg.add_argument("--cfg_drop", type=float, default=0.1, help="fraction of embeddings replaced by the null")
     cfg.add_argument("--null_embedding", default=None,
                      help="prior | zero | black | FILE.safetensors (default: prior with --prior, else zero)")
-    cfg.add_argument("--learned_null", action="store_true", help="train the null embedding (init as chosen)")
+    cfg.add_argument("--learned_null", action=argparse.BooleanOptionalAction, default=False,
+                     help="train the null embedding (init as chosen)")
     cfg.add_argument("--prior", default=None, help="prior folder (train.py) whose empty-caption sample is the null")
     cfg.add_argument("--validation_images", type=int, default=0,
                      help="at each validation, decode the embeddings of this many training images")
+    add_diffusion_loss_args(p)
     add_train_args(p, defaults=DEFAULTS)
     return p
 
@@ -178,9 +181,8 @@ def cache_dataset(dataset, vae, clip, batch_size: int = 64):
 
 @cli_entry
 def main(argv=None) -> int:
-    import torch.nn.functional as F
-
     from common.data import image_text_dataset
+    from common.diffusion_loss import check_diffusion_loss_args, diffusion_mse, training_noise
     from common.process import canonical_prediction_type, q_sample, training_target
     from common.schedule import NoiseSchedule
     from common.train import Trainer, config_from_args, parse_args_with_config
@@ -194,6 +196,7 @@ def main(argv=None) -> int:
         raise UserError("--train_data_dir is required: an image folder (captions are not used)")
     check_probability("cfg_drop", args.cfg_drop)
     check_positive("n_tokens", args.n_tokens)
+    check_diffusion_loss_args(args)
     if args.random_flip and args.cache_latents:
         raise UserError("--random_flip needs on-the-fly encoding: drop --cache_latents (or --random_flip)")
     config = config_from_args(args)
@@ -235,11 +238,12 @@ def main(argv=None) -> int:
                     emb = clip.encode_image((pixels.float() + 1) / 2)
             drop = torch.rand(emb.shape[0], device=ctx.device) < args.cfg_drop
             tokens = ctx.models["projection"](plain_projection.drop(emb.float(), drop))
-            noise = torch.randn_like(latents)
+            noise = training_noise(latents, args.noise_offset)
             t = torch.randint(0, schedule.num_train_timesteps, (latents.shape[0],), device=latents.device)
             abar = schedule.abar(t, like=latents)
             pred = ctx.models["unet"](q_sample(latents, abar, noise), t, encoder_hidden_states=tokens).sample
-            return F.mse_loss(pred.float(), training_target(latents, noise, abar, ptype).float())
+            return diffusion_mse(pred, training_target(latents, noise, abar, ptype), abar=abar,
+                                 snr_gamma=args.snr_gamma, prediction_type=ptype)
 
         validate = None
         if args.validation_images > 0:
@@ -254,9 +258,7 @@ def main(argv=None) -> int:
                 decoder = ImageDecoder(models["unet"], vae, models["projection"], scheduler_config)
                 out = decoder(val_emb, num_inference_steps=25, guidance_scale=2.0,
                               generator=torch.Generator().manual_seed(0))
-                from common.io import to_pil
-
-                return [to_pil(im, value_range=(0, 1)) for im in out.cpu()]
+                return out  # [B, 3, H, W] in [0, 1]
 
         result = trainer.fit({"unet": unet, "projection": projection}, loss_fn, dataset, frozen={"vae": vae},
                              validation_fn=validate)

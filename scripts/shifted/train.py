@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_clip_args(data)
     bank = p.add_argument_group("Gaussian bank (shifted process)")
     bank.add_argument("--bank", default=None, help="bank file from fit_bank.py (required unless --no_bank)")
-    bank.add_argument("--no_bank", action="store_true",
+    bank.add_argument("--no_bank", action=argparse.BooleanOptionalAction, default=False,
                       help="train the baseline prior: standard DDPM to N(0, I), no bank-index token")
     bank.add_argument("--mean_path", default=None,
                       help="instead of --bank: the reference's mean.pth (K x D means, reshaped to (-1, D))")

@@ -9,7 +9,7 @@ tokens and predicts a one-channel logit map at latent resolution::
 
 ``D_m`` is a diffusers ``UNet2DConditionModel`` with ``out_channels=1`` whose output convolution is zero-initialised,
 as LDM's ``zero_module`` does (diffusers does not): every logit is 0 at the start, so ``I_m = 1/M`` and the
-collaboration starts as the plain average of the uni-modal predictions (spec §2.3).
+collaboration starts as the plain average of the uni-modal predictions (METHOD.md, "Influence functions").
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def zero_init_output(unet: nn.Module) -> nn.Module:
 def build_dynamic_diffuser(config: dict[str, Any], zero_init: bool = True, seed: int | None = None) -> nn.Module:
     """A dynamic diffuser: ``UNet2DConditionModel(**config)`` forced to ``out_channels=1``, output zeroed.
 
-    ``config`` is a diffusers UNet config (paper: spec §3.3, widths 32/64/96/160, 32 heads, context 640, ~13.1M
+    ``config`` is a diffusers UNet config (paper: widths 32/64/96/160, 32 heads, context 640, ~13.1M
     parameters). Called as ``D(x_t [B, C, h, w], t [B], encoder_hidden_states=c [B, L, D]) -> [B, 1, h, w]``.
     """
     from diffusers import UNet2DConditionModel

@@ -1,7 +1,7 @@
 """Uni-modal members and collaboration checkpoints on disk: what the scripts write and ``--model_dir`` loads.
 
 A **member** is one frozen uni-modal latent model ``eps_m(x_t, t, c_m)`` with what turns its raw condition into
-tokens (spec §2.2). Two layouts are read:
+tokens (METHOD.md, "Members"). Two layouts are read:
 
 - a diffusers Stable-Diffusion pipeline folder (``model_index.json``: ``unet/``, ``text_encoder/``,
   ``tokenizer/``, ``vae/``, ``scheduler/``) is a **text** member as it stands: the shipped baseline

@@ -1,4 +1,4 @@
-"""ContextDiff text-to-image generation and DDIM inversion on the core samplers (spec §2.3, §2.4, §4).
+"""ContextDiff text-to-image generation and DDIM inversion on the core samplers (METHOD.md: reverse DDPM / DDIM, DDIM inversion).
 
 One step of either sampler, for a text-conditioned UNet with classifier-free guidance:
 
@@ -185,7 +185,7 @@ def generate(
     callback: Optional[Callable] = None,
     progress: bool = False,
 ) -> ContextDiffOutput:
-    """Sample images for ``prompts`` with the contextualized reverse process (spec §2.3 DDPM, §2.4 DDIM).
+    """Sample images for ``prompts`` with the contextualized reverse process (METHOD.md: reverse DDPM / DDIM).
 
     ``steps``: diffusers-style count over ``scheduler_config`` (default SD-2.1-base's); ``sampler`` ``ddim`` (with
     ``eta``) or ``ddpm`` (the config's ``variance_type``). ``parameterization`` defaults from the config's
@@ -248,7 +248,7 @@ def invert(
     no_shift: bool = False,
     progress: bool = False,
 ) -> InversionOutput:
-    """Contextualized DDIM inversion (spec §2.4): clean ``images`` (or ``latents``) -> x_T, with r_hat in every step.
+    """Contextualized DDIM inversion (METHOD.md, "DDIM inversion"): clean ``images`` (or ``latents``) -> x_T, with r_hat in every step.
 
     The source prompt conditions the model (Tune-A-Video / FateZero: ``guidance_scale = 1``, conditional only).
     Sampling :func:`generate` with ``sampler="ddim"``, ``eta=0``, the same steps, prompts, shift and

@@ -1,4 +1,4 @@
-"""Build the embedded "digits" dataset (design note §4) from scikit-learn's bundled handwritten digits.
+"""Build the embedded "digits" dataset from scikit-learn's bundled handwritten digits.
 
     python datasets/digits.py --output_dir data/digits
 

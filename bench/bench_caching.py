@@ -90,7 +90,7 @@ def main(argv=None):
     from records import write_records
 
     command = "python bench/bench_caching.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    section = "training data (issue 3)"
+    section = "training data"
     write_records([
         dict(name="latent + text-state caching: training speed-up over on-the-fly encoding", value=round(speedup, 3),
              unit="x", target=">= 1.3", command=command, section=section),

@@ -182,7 +182,7 @@ def main(argv=None):
     from records import write_records
 
     command = "OMP_NUM_THREADS=1 python bench/bench_codiff.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    section = "codiff (issue 7): speed and memory"
+    section = "codiff: speed and memory"
     unit_note = f"{plain['label']}, batch {args.batch}, 1 thread, {device}"
     records = [
         dict(name=f"codiff: collaborative step / sum of member forwards ({unit_note})",

@@ -115,7 +115,7 @@ def main(argv=None):
 
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     command = threads + "python bench/bench_sampler.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    section = "core sampler (issue 2)"
+    section = "core sampler"
     write_records([
         dict(name="sampler: ours / bare UNet loop (time ratio)", value=round(med["ours"] / med["bare"], 4),
              unit="x", target="<= 1.03", command=command, section=section),

@@ -1,4 +1,4 @@
-"""SDG (issue 8): guided-step overhead and the paper's claims measured on the digits world with the independent judge.
+"""SDG: guided-step overhead and the paper's claims measured on the digits world with the independent judge.
 
     OMP_NUM_THREADS=1 python bench/bench_sdg.py --perf          # one guided step vs (UNet forward + CLIP fwd/bwd)
     OMP_NUM_THREADS=1 python bench/bench_sdg.py --claims        # weight sweeps on ckpt/tiny/sdg (~25 min, 1 thread)
@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from records import write_records  # noqa: E402
 
 
-SECTION = "sdg (issue 8): semantic diffusion guidance"
+SECTION = "sdg: semantic diffusion guidance"
 CKPT = REPO / "ckpt" / "tiny" / "sdg"
 PERF_CMD = "OMP_NUM_THREADS=1 python bench/bench_sdg.py --perf"
 CLAIMS_CMD = "OMP_NUM_THREADS=1 python bench/bench_sdg.py --claims"

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 COMMAND = "OMP_NUM_THREADS=1 python bench/bench_versatile.py"
-SECTION = "versatile (issue 9): flow machinery overhead"
+SECTION = "versatile: flow machinery overhead"
 PLAIN = {"t2i": "image_unet", "iv": "image_unet", "i2t": "text_unet", "tv": "text_unet"}
 
 

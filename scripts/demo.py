@@ -64,7 +64,7 @@ def evaluate_baseline(output_dir: Path, n: int, seed: int, steps: int = 25, guid
 
 
 def evaluate_contextdiff_video(output_dir: Path, seed: int) -> dict:
-    """One ContextDiff video edit of the embedded clip (issue 10): GIF/MP4, strip and settings in ``output_dir``;
+    """One ContextDiff video edit of the embedded clip: GIF/MP4, strip and settings in ``output_dir``;
     returns its scores (judge on the edited frames, frame consistency, structure kept) and the time taken."""
     import importlib.util
 

@@ -1,4 +1,4 @@
-"""Edit a real image with a collaboration: Imagic per modality, then collaborate (spec §6, the released
+"""Edit a real image with a collaboration: Imagic per modality, then collaborate (the released
 ``editing/imagic_edit_{text,mask}.py`` + ``collaborative_edit.py`` in one command)::
 
     python scripts/codiff/edit.py --config configs/codiff/edit_tiny.yaml \\

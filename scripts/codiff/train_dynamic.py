@@ -1,4 +1,4 @@
-"""Train the dynamic diffusers of a collaboration; the uni-modal members stay frozen (spec §2.3, §2.6, §4).
+"""Train the dynamic diffusers of a collaboration; the uni-modal members stay frozen.
 
 For each modality a small UNet ``D_m(x_t, t, c_m)`` predicts a logit map; the per-pixel softmax over modalities
 weights the frozen members' eps, and only the diffusers learn, from the plain eps loss on the combination::

@@ -1,4 +1,4 @@
-"""Train one uni-modal latent model of a collaboration (Collaborative Diffusion §3.1, spec §2.2, §4).
+"""Train one uni-modal latent model of a collaboration (Collaborative Diffusion §3.1).
 
 A mask-to-image model (``--modality mask``: the UNet and the mask's Linear encoder, trained jointly) or a
 text-to-image model (``--modality text``: the UNet on a frozen CLIP text encoder), eps objective on VAE latents,
@@ -8,8 +8,8 @@ on the shared trainer (``common/train.py``: EMA, checkpoints, exact resume, mixe
 
 The members of one collaboration must share the VAE and the noise schedule: ``--noise_schedule_from
 ckpt/tiny/baseline`` trains on the baseline's schedule so that the shipped baseline can be the text member
-(the default is LDM's schedule, spec §2.1). ``--cond_dropout`` > 0 trains a null condition (all-zero one-hot
-mask / empty prompt) for classifier-free guidance, an extension: the released models have none (spec §2.5).
+(the default is LDM's schedule). ``--cond_dropout`` > 0 trains a null condition (all-zero one-hot
+mask / empty prompt) for classifier-free guidance, an extension: the released models have none.
 Writes the member folder to ``--export_dir`` (default ``<output_dir>/member``): ``unet/``, ``mask_encoder/``
 and ``codiff_member.json``; frozen towers are referenced by path.
 """

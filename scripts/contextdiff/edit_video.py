@@ -1,4 +1,4 @@
-"""Text-guided video editing with ContextDiff (issue 10): one-shot tuning, contextualized inversion, edited sampling.
+"""Text-guided video editing with ContextDiff: one-shot tuning, contextualized inversion, edited sampling.
 
     python scripts/contextdiff/edit_video.py --video embedded --target_prompt "a blue handwritten seven" \\
         --output_dir outputs/contextdiff_video

@@ -1,4 +1,4 @@
-"""Embed an image folder once with one or several CLIPs (concatenated in order): the offline cache (spec §8.2).
+"""Embed an image folder once with one or several CLIPs (concatenated in order): the offline cache.
 
     python scripts/shifted/extract_embeddings.py --train_data_dir data/digits/train --out emb/train.safetensors
     python scripts/shifted/extract_embeddings.py --train_data_dir data/digits/train --clip A --clip B --no_text ...

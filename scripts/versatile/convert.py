@@ -5,7 +5,7 @@
     python scripts/versatile/convert.py --from diffusers --src path/to/versatile-diffusion --dst out/vd \\
         --image_vae path/to/vae --clip path/to/open_clip_folder --text_vae path/to/optimus     # a full folder
 
-Layouts (spec §2.9; ``versatile.convert``): ``vd-r0`` (the 2022-12 repo, ``model.diffusion_model.*``), ``vd-r1``
+Layouts (``versatile.convert``): ``vd-r0`` (the 2022-12 repo, ``model.diffusion_model.*``), ``vd-r1``
 (``vd-four-flow-v1-0.pth``, ``diffuser.*``), ``diffusers`` (the hub folder's ``image_unet/`` + ``text_unet/``, or
 a flat state dict with those prefixes), ``sd-unet`` (an SD v1 ``UNet2DConditionModel`` state dict: global + image
 data layers + both context sets, the paper's stage-1 init; the text data layers stay freshly initialised),

@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 from common.errors import UserError, cli_entry  # noqa: E402
 
 
-SECTION = "versatile (issue 9): digits quality"
+SECTION = "versatile: digits quality"
 
 
 def build_parser():

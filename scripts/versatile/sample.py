@@ -6,7 +6,7 @@
     python scripts/versatile/sample.py --flow t2t --prompt "a blue handwritten two" --num_samples 4
     python scripts/versatile/sample.py --flow dual --prompt "a green digit" --image IMG.png --mix_ratio 0.5
 
-Flows (paper Fig. 2; spec §3): ``t2i`` / ``i2i`` (= ``iv``) / ``dual`` write ``images/NNNN.png``, ``grid.png`` and
+Flows (paper Fig. 2): ``t2i`` / ``i2i`` (= ``iv``) / ``dual`` write ``images/NNNN.png``, ``grid.png`` and
 ``metadata.jsonl`` (file_name, text, flow, source); ``i2t`` / ``t2t`` (= ``tv``) write ``metadata.jsonl`` with one
 generated caption per line (``text``) next to its source. ``--mix_ratio`` is the text weight of dual guidance
 (0 = image only, 1 = text only), mixed inside every context layer. DDIM (``--steps``, eta 0) with classifier-free

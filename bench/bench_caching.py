@@ -18,8 +18,6 @@ import torch
 
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 
 from common.digits import build_digits  # noqa: E402
 from common.process import q_sample  # noqa: E402
@@ -86,7 +84,6 @@ def main(argv=None):
           f"peak RSS {peak_rss_mb():.0f} MB; threads {torch.get_num_threads()}")
     if args.no_write:
         return
-    sys.path.insert(0, str(REPO / "bench"))
     from records import write_records
 
     command = "python bench/bench_caching.py " + " ".join(argv if argv is not None else sys.argv[1:])

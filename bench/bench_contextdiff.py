@@ -42,8 +42,6 @@ import torch.nn.functional as F
 
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 OVERHEAD_SECTION = "contextdiff: adapter overhead"
 COMPARE_SECTION = "contextdiff: ContextDiff vs baseline on digits, same training budget"

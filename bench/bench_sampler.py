@@ -19,9 +19,6 @@ from pathlib import Path
 
 import torch
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from common.denoisers import guided_unet  # noqa: E402
 from common.pipeline import LatentTextToImage  # noqa: E402
 from common.samplers import sample_ddim  # noqa: E402

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -31,8 +30,6 @@ import torch
 
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 from records import write_records  # noqa: E402
 
@@ -147,9 +144,9 @@ def perf(args) -> list[dict]:
 
 def judged(images, targets):
     from common.judge import judge_images
-    from sdg.sample_cli import _uint8
+    from common.metrics.images import tensor_to_uint8
 
-    return judge_images([_uint8(im) for im in images], targets)
+    return judge_images(list(tensor_to_uint8(images).permute(0, 2, 3, 1).numpy()), targets)
 
 
 def claims(args) -> list[dict]:

@@ -27,7 +27,6 @@ import torch
 
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 SECTION = "shifted diffusion"
 COMMAND = "OMP_NUM_THREADS=1 python bench/bench_shifted.py"
@@ -336,7 +335,6 @@ def main(argv=None) -> int:
         r.setdefault("command", command)
         print(f"{r['name']}: {r['value']} {r['unit']}")
     if not args.no_write:
-        sys.path.insert(0, str(REPO / "bench"))
         from records import write_records
 
         write_records(records, replace_section=SECTION if args.part == "all" else None)

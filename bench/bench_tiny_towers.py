@@ -5,14 +5,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from common.data import image_text_dataset  # noqa: E402
 from common.digits import COLORS, DIGIT_WORDS, build_digits, caption  # noqa: E402
@@ -57,7 +55,6 @@ def clip_zero_shot(test):
 
 
 def main():
-    sys.path.insert(0, str(REPO / "bench"))
     from records import write_records
 
     data = build_digits(REPO / "data" / "digits")

@@ -36,9 +36,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from common.tiny import tiny_unet2d_condition  # noqa: E402
 from common.train import TrainConfig, Trainer  # noqa: E402
 

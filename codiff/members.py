@@ -146,7 +146,8 @@ class UniModalMember:
         return self
 
 
-def _load_text_encoder(path: Path, tokenizer_path: Optional[Path], max_length: Optional[int]) -> TextConditioner:
+def load_text_encoder(path: Path, tokenizer_path: Optional[Path], max_length: Optional[int]) -> TextConditioner:
+    """A frozen float32 CLIP text tower and its tokenizer from local folders, as a member's text conditioner."""
     from common.models import load_clip_text
 
     encoder, tokenizer = load_clip_text(path, tokenizer_path=tokenizer_path, with_projection=False)
@@ -179,14 +180,14 @@ def load_member(folder: PathLike, device: Union[str, torch.device] = "cpu") -> U
                 unet = SpatialMaskUNet(unet, encoder)
         else:
             tok = meta.get("tokenizer")
-            encoder = _load_text_encoder(resolve_from(meta["text_encoder"], folder),
+            encoder = load_text_encoder(resolve_from(meta["text_encoder"], folder),
                                          resolve_from(tok, folder) if tok else None, meta.get("max_length"))
         vae = resolve_from(meta["vae"], folder) if meta.get("vae") else None
         member = UniModalMember(kind, unet, encoder, dict(meta["scheduler"]), vae, folder, meta,
                                 conditioning if kind == "mask" else "crossattn")
     elif (folder / "model_index.json").is_file():
         unet = load_unet(folder, subfolder="unet")
-        encoder = _load_text_encoder(folder / "text_encoder", folder / "tokenizer", None)
+        encoder = load_text_encoder(folder / "text_encoder", folder / "tokenizer", None)
         member = UniModalMember("text", unet, encoder, read_scheduler_json(folder), folder / "vae", folder,
                                 {"kind": "text", "pipeline": str(folder)})
     else:

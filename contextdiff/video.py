@@ -518,7 +518,7 @@ class _ZeroAdapter(nn.Module):
 
 def _setup(unet, adapter, text_encoder, tokenizer, prompt, *, steps, guidance_scale, scheduler_config,
            parameterization, k_schedule, k_scale, shift):
-    from contextdiff.pipeline import _setup as image_setup
+    from contextdiff.pipeline import sampling_setup as image_setup
 
     return image_setup(unet, adapter, text_encoder, tokenizer, [prompt], steps=steps, guidance_scale=guidance_scale,
                        sampler="ddim", scheduler_config=scheduler_config, parameterization=parameterization,

@@ -20,8 +20,6 @@ from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 
@@ -129,7 +127,7 @@ def main(argv=None) -> int:
 
 
 def write(results: dict, args, argv) -> None:
-    from records import write_records
+    from common.bench_records import write_records
 
     command = "OMP_NUM_THREADS=1 python scripts/codiff/evaluate.py " + " ".join(
         argv if argv is not None else sys.argv[1:])

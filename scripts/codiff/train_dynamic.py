@@ -15,12 +15,10 @@ space and the noise schedule. Writes a collaboration checkpoint to ``--export_di
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 
@@ -137,10 +135,10 @@ def main(argv=None) -> int:
                                                          + fmt.num_classes})
                 unet = SpatialMaskUNet(unet, encoder)
         else:
-            from codiff.members import _load_text_encoder
+            from codiff.members import load_text_encoder
 
             text_folder, tokenizer_folder = text_encoder_folder(Path(args.text_encoder_path))
-            text = _load_text_encoder(text_folder, tokenizer_folder, None)
+            text = load_text_encoder(text_folder, tokenizer_folder, None)
             if text.text_encoder.config.hidden_size != dim:
                 raise UserError(f"the UNet attends to width {dim} but the text encoder gives "
                                 f"{text.text_encoder.config.hidden_size}: set cross_attention_dim in --unet_config")

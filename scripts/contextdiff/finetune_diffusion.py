@@ -12,11 +12,8 @@ UNet is fine-tuned on; its ``process.json`` supplies the default k_t schedule an
 ``scripts/sample.py --method contextdiff --pretrained_model_name_or_path`` samples. Logic: ``contextdiff/training.py``.
 """
 
-import sys
-from pathlib import Path
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from common.errors import cli_entry  # noqa: E402
 

@@ -14,11 +14,8 @@ config.json, process.json) and, with ``--no-freeze_unet``, the checkpoint folder
 Logic: ``contextdiff/training.py``.
 """
 
-import sys
-from pathlib import Path
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from common.errors import cli_entry  # noqa: E402
 

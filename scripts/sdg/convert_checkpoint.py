@@ -20,11 +20,7 @@ The output folder is what ``scripts/sdg/sample.py --model_path/--clip_path`` and
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

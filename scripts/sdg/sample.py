@@ -32,7 +32,6 @@ from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parent.parent.parent
-sys.path.insert(0, str(REPO))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

@@ -12,11 +12,7 @@ exactly what ``train.py`` computes when it is given the folder instead of the ca
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

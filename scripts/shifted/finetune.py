@@ -19,13 +19,9 @@ tower is carried along, unused, unless ``--no_text_tower``) plus ``image_project
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

@@ -15,9 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
-
 from common.errors import UserError, cli_entry  # noqa: E402
 
 

@@ -13,11 +13,7 @@ what ``scripts/evaluate.py judge`` reads), ``grid.png`` and ``embeddings.safeten
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

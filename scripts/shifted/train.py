@@ -15,11 +15,7 @@ loadable with ``shifted.pipeline.load_prior``; checkpoints and ``--resume_from_c
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

@@ -22,11 +22,7 @@ Output: ``--dst/diffuser_config.json`` + per-group ``diffuser-<group>.safetensor
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

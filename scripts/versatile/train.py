@@ -24,14 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

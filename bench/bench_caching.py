@@ -18,8 +18,6 @@ import torch
 
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 
 from common.digits import build_digits  # noqa: E402
 from common.process import q_sample  # noqa: E402
@@ -86,11 +84,10 @@ def main(argv=None):
           f"peak RSS {peak_rss_mb():.0f} MB; threads {torch.get_num_threads()}")
     if args.no_write:
         return
-    sys.path.insert(0, str(REPO / "bench"))
     from records import write_records
 
     command = "python bench/bench_caching.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    section = "training data (issue 3)"
+    section = "training data"
     write_records([
         dict(name="latent + text-state caching: training speed-up over on-the-fly encoding", value=round(speedup, 3),
              unit="x", target=">= 1.3", command=command, section=section),

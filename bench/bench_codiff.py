@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -29,8 +30,6 @@ import torch
 
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 from codiff.batching import call_unet  # noqa: E402
 from codiff.collaborate import CollaborativeDenoiser  # noqa: E402
@@ -98,9 +97,7 @@ def step_timings(batch: int, reps: int, cfg: bool, device: str = "cpu", model_di
 
 
 PROBE = r"""
-import json, resource, sys, torch
-sys.path.insert(0, {repo!r})
-sys.path.insert(0, {bench!r})
+import json, resource, torch
 torch.set_num_threads(1)
 from bench_codiff import benchmark_models
 from codiff.pipeline import CollaborativePipeline
@@ -134,10 +131,11 @@ print(json.dumps({{"rss_mb": peak, "rss_before_mb": before, "cuda_mb": cuda_peak
 
 
 def memory_probe(mode: str, batch: int, model_dir: Path | None) -> dict:
-    code = PROBE.format(repo=str(REPO), bench=str(REPO / "bench"), mode=mode, batch=batch,
-                        model_dir=str(model_dir) if model_dir else "")
+    code = PROBE.format(mode=mode, batch=batch, model_dir=str(model_dir) if model_dir else "")
+    # A fresh interpreter (so its peak RSS is this probe's): the repository and bench/ on its import path.
+    path = os.pathsep.join([str(REPO), str(REPO / "bench")])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": path})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -182,7 +180,7 @@ def main(argv=None):
     from records import write_records
 
     command = "OMP_NUM_THREADS=1 python bench/bench_codiff.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    section = "codiff (issue 7): speed and memory"
+    section = "codiff: speed and memory"
     unit_note = f"{plain['label']}, batch {args.batch}, 1 thread, {device}"
     records = [
         dict(name=f"codiff: collaborative step / sum of member forwards ({unit_note})",

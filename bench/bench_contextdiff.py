@@ -42,11 +42,9 @@ import torch.nn.functional as F
 
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
-OVERHEAD_SECTION = "contextdiff: adapter overhead (issue 5)"
-COMPARE_SECTION = "contextdiff: ContextDiff vs baseline on digits, same training budget (issue 5)"
+OVERHEAD_SECTION = "contextdiff: adapter overhead"
+COMPARE_SECTION = "contextdiff: ContextDiff vs baseline on digits, same training budget"
 TRAIN_VARIANTS = ("plain", "stage1_frozen", "stage1_joint", "stage2")
 SAMPLE_VARIANTS = ("plain", "contextdiff")
 SCALES = ("tiny", "medium")

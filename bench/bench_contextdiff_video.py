@@ -1,4 +1,4 @@
-"""ContextDiff video editing on the embedded moving-digit clips, with and without the contextual shift (issue 10).
+"""ContextDiff video editing on the embedded moving-digit clips, with and without the contextual shift.
 
     OMP_NUM_THREADS=1 python bench/bench_contextdiff_video.py                 # records into bench/results.md
     OMP_NUM_THREADS=1 python bench/bench_contextdiff_video.py --no_write --seeds 0
@@ -8,7 +8,7 @@ checkpoint is inflated, tuned on the clip and edited (``contextdiff.video.edit_v
 budget (same tuning steps, same trainable UNet parameters, same DDIM steps and guidance):
 
 - ``shift`` (paper): the contextual shift in tuning, inversion and sampling;
-- ``train-only shift`` (the released code, spec §7.9c): tuned with the shift, inverted and sampled without it;
+- ``train-only shift`` (the released code): tuned with the shift, inverted and sampled without it;
 - ``no shift`` (Tune-A-Video): k = 0 everywhere.
 
 Scores per arm (means over clips x seeds x frames): the digits judge on the edited frames (target colour, source
@@ -33,14 +33,12 @@ import torch
 
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 
 
 def section_name(train_steps: int, learning_rate: float) -> str:
     """One results section per tuning budget, so runs at another learning rate sit beside, not over, each other."""
-    return f"contextdiff video (issue 10): {train_steps} tuning steps at lr {learning_rate:g}"
+    return f"contextdiff video: {train_steps} tuning steps at lr {learning_rate:g}"
 CLIPS = (  # digit, source colour, target colour
     (7, "red", "blue"),
     (3, "green", "magenta"),

@@ -19,9 +19,6 @@ from pathlib import Path
 
 import torch
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from common.denoisers import guided_unet  # noqa: E402
 from common.pipeline import LatentTextToImage  # noqa: E402
 from common.samplers import sample_ddim  # noqa: E402
@@ -115,7 +112,7 @@ def main(argv=None):
 
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     command = threads + "python bench/bench_sampler.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    section = "core sampler (issue 2)"
+    section = "core sampler"
     write_records([
         dict(name="sampler: ours / bare UNet loop (time ratio)", value=round(med["ours"] / med["bare"], 4),
              unit="x", target="<= 1.03", command=command, section=section),

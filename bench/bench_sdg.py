@@ -1,4 +1,4 @@
-"""SDG (issue 8): guided-step overhead and the paper's claims measured on the digits world with the independent judge.
+"""SDG: guided-step overhead and the paper's claims measured on the digits world with the independent judge.
 
     OMP_NUM_THREADS=1 python bench/bench_sdg.py --perf          # one guided step vs (UNet forward + CLIP fwd/bwd)
     OMP_NUM_THREADS=1 python bench/bench_sdg.py --claims        # weight sweeps on ckpt/tiny/sdg (~25 min, 1 thread)
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -31,13 +30,11 @@ import torch
 
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 from records import write_records  # noqa: E402
 
 
-SECTION = "sdg (issue 8): semantic diffusion guidance"
+SECTION = "sdg: semantic diffusion guidance"
 CKPT = REPO / "ckpt" / "tiny" / "sdg"
 PERF_CMD = "OMP_NUM_THREADS=1 python bench/bench_sdg.py --perf"
 CLAIMS_CMD = "OMP_NUM_THREADS=1 python bench/bench_sdg.py --claims"
@@ -147,9 +144,9 @@ def perf(args) -> list[dict]:
 
 def judged(images, targets):
     from common.judge import judge_images
-    from sdg.sample_cli import _uint8
+    from common.metrics.images import tensor_to_uint8
 
-    return judge_images([_uint8(im) for im in images], targets)
+    return judge_images(list(tensor_to_uint8(images).permute(0, 2, 3, 1).numpy()), targets)
 
 
 def claims(args) -> list[dict]:

@@ -3,7 +3,7 @@
     python bench/bench_shifted.py                  # everything (about 10 minutes on 2 busy cores)
     python bench/bench_shifted.py --part cost      # timings and memory only
 
-Claim 1 (prior quality, spec §1/§6): on the 297 held-out captions, the shifted prior's embeddings (8 respaced DDPM
+Claim 1 (prior quality, the paper's main claim): on the 297 held-out captions, the shifted prior's embeddings (8 respaced DDPM
 steps) against the unshifted prior of equal size and budget (both shipped in ckpt/tiny/shifted): Fréchet distance
 to the held-out real image embeddings (lower is better) and mean cosine to the paired image embedding (higher is
 better), averaged over sampling seeds; also at 25 steps.
@@ -27,9 +27,8 @@ import torch
 
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-SECTION = "shifted diffusion (issue 6)"
+SECTION = "shifted diffusion"
 COMMAND = "OMP_NUM_THREADS=1 python bench/bench_shifted.py"
 
 
@@ -336,7 +335,6 @@ def main(argv=None) -> int:
         r.setdefault("command", command)
         print(f"{r['name']}: {r['value']} {r['unit']}")
     if not args.no_write:
-        sys.path.insert(0, str(REPO / "bench"))
         from records import write_records
 
         write_records(records, replace_section=SECTION if args.part == "all" else None)

@@ -5,14 +5,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from common.data import image_text_dataset  # noqa: E402
 from common.digits import COLORS, DIGIT_WORDS, build_digits, caption  # noqa: E402
@@ -57,7 +55,6 @@ def clip_zero_shot(test):
 
 
 def main():
-    sys.path.insert(0, str(REPO / "bench"))
     from records import write_records
 
     data = build_digits(REPO / "data" / "digits")
@@ -66,7 +63,7 @@ def main():
     d, c, both = clip_zero_shot(test)
     print(f"VAE test MSE {mse:.5f} (PSNR {psnr:.1f} dB); CLIP zero-shot digit {d:.3f} colour {c:.3f} both {both:.3f}"
           f" (chance {1 / len(DIGIT_WORDS):.2f} / {1 / len(COLORS):.2f})")
-    command, section = "python bench/bench_tiny_towers.py", "tiny towers on digits (issue 3)"
+    command, section = "python bench/bench_tiny_towers.py", "tiny towers on digits"
     write_records([
         dict(name="tiny VAE: reconstruction MSE on the digits test split (pixels in [-1, 1])", value=round(mse, 6),
              unit="mse", target="", command=command, section=section),

@@ -36,9 +36,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from common.tiny import tiny_unet2d_condition  # noqa: E402
 from common.train import TrainConfig, Trainer  # noqa: E402
 
@@ -196,7 +193,7 @@ def main(argv=None) -> None:
     from records import write_records
 
     command = ("python bench/bench_trainer.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    section = "core trainer (design 1.4)"
+    section = "core trainer"
     what = f"tiny UNet2DCondition 0.8M, 8x8x4 latents, batch {BATCH}, {args.threads} thread(s)"
     rows = [
         ("trainer: ours / plain accelerate loop, speed ratio (wall clock)", round(wall_ratio, 4), "x", ">= 0.95"),

@@ -30,10 +30,9 @@ import torch
 
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 COMMAND = "OMP_NUM_THREADS=1 python bench/bench_versatile.py"
-SECTION = "versatile (issue 9): flow machinery overhead"
+SECTION = "versatile: flow machinery overhead"
 PLAIN = {"t2i": "image_unet", "iv": "image_unet", "i2t": "text_unet", "tv": "text_unet"}
 
 
@@ -249,7 +248,6 @@ def main(argv=None) -> int:
         r.update({"command": COMMAND, "section": SECTION})
         print(f"{r['name']}: {r['value']} {r['unit']}")
     if not args.no_write:
-        sys.path.insert(0, str(REPO / "bench"))
         from records import write_records
 
         write_records(records)

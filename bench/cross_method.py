@@ -75,7 +75,7 @@ def main(argv=None):
         folders[name] = out / name
     total = time.perf_counter() - start
     command = "python bench/cross_method.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    section = "cross-method table on digits (issue 4)"
+    section = "cross-method table on digits"
     records = []
     for name, scores in rows.items():
         for metric in METRICS:

@@ -1,7 +1,7 @@
-"""Command-line flags of the generation script, named as in the released ``generate.py`` (spec §5.1, §9.2).
+"""Command-line flags of the generation script, named as in the released ``generate.py``.
 
 The released script declares its four switches with ``type=bool``, so ``--save_z False`` switches saving ON
-(pitfall §8.3). Here they are real booleans (``--save_z`` / ``--no-save_z``; ``--save_z 0`` is an error). The
+(the released ``type=bool``). Here they are real booleans (``--save_z`` / ``--no-save_z``; ``--save_z 0`` is an error). The
 released sampler's mask re-weighting is off by default (the learned maps as trained) and one flag away:
 ``--released_reweighting`` (mask x2, cosine decay), with ``--mask_schedule`` / ``--mask_scale_factor`` to tune it.
 

@@ -1,6 +1,6 @@
 """The collaboration as a denoiser of the core: frozen uni-modal eps models weighted by influence maps.
 
-:class:`CollaborativeDiffusion` is the trainable module (paper eq. for the collaborative prediction, spec §2.3)::
+:class:`CollaborativeDiffusion` is the trainable module (METHOD.md, "Influence functions")::
 
     eps_hat(x_t, t, {c_m}) = sum_m I_m(x_t, t, c_m) * eps_m(x_t, t, c_m),   I = softmax_m D_m(x_t, t, c_m)
 
@@ -10,8 +10,8 @@ diffusers through ``I_m`` only.
 
 :class:`CollaborativeDenoiser` binds conditions to it and is the samplers' ``(x_t, t) -> eps`` callable (with
 ``prediction_type = "eps"``), so the collaboration runs on ``common.samplers.sample_ddim`` / ``sample_ddpm``. It
-optionally applies classifier-free guidance per modality (non-paper extension, spec §2.5) and the released sampler's
-inference-only re-weighting (:class:`ReleasedReweighting`, spec §2.4; off by default), and keeps the influence maps
+optionally applies classifier-free guidance per modality (non-paper extension, METHOD.md "CFG") and the released sampler's
+inference-only re-weighting (:class:`ReleasedReweighting`, METHOD.md; off by default), and keeps the influence maps
 of its last call for :class:`InfluenceRecorder`, a sampler ``callback``.
 
 Batching (``codiff.batching``): all forwards of one network with inputs of one shape run as one call (the CFG
@@ -41,11 +41,11 @@ SCHEDULES = ("none", "linear_decay", "cosine_decay")
 
 @dataclass(frozen=True)
 class ReleasedReweighting:
-    """The released sampler's hand-set post-processing of the influence maps (spec §2.4, pitfall §8.1).
+    """The released sampler's hand-set post-processing of the influence maps (METHOD.md, "Released inference re-weighting").
 
     Inference only, never in training. With ``E`` the ``emphasised`` (spatial) modalities and ``R`` the others:
 
-    1. schedule ``s(t)`` (per sample; the release used ``t[0]`` for the whole batch, pitfall §8.2):
+    1. schedule ``s(t)`` (per sample; the release used ``t[0]`` for the whole batch):
        ``cosine_decay`` ``s = (cos((1 - t/T) pi) + 1) / 2``, ``linear_decay`` ``s = t/T``, ``none`` ``s = 1``;
        ``I_E <- s I_E`` and ``R`` takes the freed mass ``1 - sum_E I_E``, split in proportion to its own maps
        (with one R modality, the release's ``text = 1 - mask``);
@@ -183,7 +183,7 @@ class CollaborativeDiffusion(nn.Module):
         return self.dynamic.confidence_input
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The dynamic diffusers' parameters: what the optimiser gets (spec §2.6)."""
+        """The dynamic diffusers' parameters: what the optimiser gets (METHOD.md, "Training the diffusers")."""
         return [p for p in self.dynamic.parameters() if p.requires_grad]
 
     def check_known(self, names) -> None:
@@ -260,7 +260,7 @@ class CollaborativeDiffusion(nn.Module):
         reweighting: Optional[ReleasedReweighting] = None,
         dynamic: Optional[nn.Module] = None,
     ) -> CollaborativeOutput:
-        """The collaborative prediction with its influence maps (spec §2.3, plus §2.4/§2.5 when asked).
+        """The collaborative prediction with its influence maps (METHOD.md; plus the re-weighting / CFG when asked).
 
         ``dynamic``: the module to call for the logits instead of ``self.dynamic``, e.g. the trainer's prepared
         (DDP-wrapped) copy, so that gradients are synchronised across processes.

@@ -3,7 +3,7 @@
 Both end as a sequence of tokens ``[B, L, D]`` that a UNet cross-attends to (``encoder_hidden_states``), which is
 what lets one collaboration treat every modality alike (Collaborative Diffusion, Huang et al. CVPR 2023, §3).
 
-Mask format (spec §3.5). A mask is an image whose pixel values ARE class ids ``0 .. K-1``: a palette PNG (PIL mode
+Mask format. A mask is an image whose pixel values ARE class ids ``0 .. K-1``: a palette PNG (PIL mode
 ``P``, as CelebAMask-HQ ships them) or a greyscale PNG. It becomes ``K`` tokens, one per class, each the flattened
 ``grid x grid`` binary map of that class after a nearest-neighbour resize::
 
@@ -63,7 +63,7 @@ class MaskFormat:
     """What a valid mask of one dataset looks like: ``K`` class names, their colours, the grid of the tokens.
 
     ``image_size`` (``(H, W)`` or None): the resolution masks must have, the output resolution of the model they
-    drive (spec §8.9); None accepts any size.
+    drive; None accepts any size.
     """
 
     def __init__(
@@ -182,7 +182,7 @@ def load_mask(path: PathLike, fmt: MaskFormat) -> torch.Tensor:
 
     Accepted: palette PNGs (mode ``P``: the stored indices are the ids, as in the released test masks), greyscale
     (``L``, ``I``, ``I;16``, ``1``: the values are the ids), RGB whose pixels are palette colours (mapped back to
-    ids; spec §8.8: the released code crashes on those), and grey stored as RGB. Anything else, ids outside the
+    ids; the released code crashes on those), and grey stored as RGB. Anything else, ids outside the
     palette or a size other than ``fmt.image_size`` is a one-line :class:`UserError`.
     """
     path = require_file(path, "mask")
@@ -210,7 +210,7 @@ def resize_ids_nearest(ids: torch.Tensor, size: Union[int, Sequence[int]]) -> to
     """Nearest-neighbour resize of id maps ``[..., H, W]`` sampling output-pixel centres.
 
     ``nearest-exact`` samples source pixel ``floor((i + 0.5) * H / h)``, which is PIL's ``NEAREST`` (the released
-    preprocessing, spec §3.5); torch's plain ``nearest`` samples ``floor(i * H / h)``, one half-cell off.
+    preprocessing); torch's plain ``nearest`` samples ``floor(i * H / h)``, one half-cell off.
     """
     size = (size, size) if isinstance(size, int) else tuple(size)
     lead = ids.shape[:-2]
@@ -233,7 +233,7 @@ def mask_to_tokens(ids: torch.Tensor, num_classes: int, grid: int) -> torch.Tens
 
 
 class MaskEncoder(nn.Module):
-    """One-hot class tokens ``[B, K, grid*grid]`` -> cross-attention tokens ``[B, K, D]`` (spec §3.5: a Linear).
+    """One-hot class tokens ``[B, K, grid*grid]`` -> cross-attention tokens ``[B, K, D]`` (a Linear, as in the paper's mask encoder).
 
     The paper's is ``Linear(1024, 640)`` (656k parameters), trained jointly with the mask-to-image UNet.
     ``encode_ids`` goes straight from id maps ``[B, H, W]``.
@@ -334,5 +334,5 @@ class TextConditioner:
         return self.tokenize([""] * batch_size)
 
     def null_tokens(self, batch_size: int) -> torch.Tensor:
-        """The empty prompt's states, the unconditional branch of CFG (non-paper, spec §2.5)."""
+        """The empty prompt's states, the unconditional branch of CFG (non-paper, METHOD.md "CFG")."""
         return self([""] * batch_size)

@@ -2,7 +2,7 @@
 
 Items of ``common.data.image_text_dataset(..., num_mask_classes=K)`` carry ``pixel_values [3, R, R]`` in [-1, 1],
 ``text`` and ``mask [R, R]`` (long). :func:`cache_latents` encodes every image once with the frozen VAE (posterior
-mean and std, so every epoch still *samples* the posterior as LDM does, spec §2.1) and, given a frozen text
+mean and std, so every epoch still *samples* the posterior as LDM does) and, given a frozen text
 conditioner, every caption once; :class:`CachedLatents` then serves ``latents`` (``s * (mean + std * noise)``),
 ``mask`` and ``text`` / ``text_states``. The noise comes from the global torch RNG, which the shared trainer scopes
 per batch fetch, so cached runs stay exactly resumable.
@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from common.errors import UserError
 
 
-# LDM's schedule as a diffusers DDIM scheduler config (spec §2.1, §2.7): the default for a new member.
+# LDM's schedule as a diffusers DDIM scheduler config (METHOD.md, "Process" / "DDIM"): the default for a new member.
 LDM_SCHEDULER_CONFIG = {
     "_class_name": "DDIMScheduler",
     "num_train_timesteps": 1000,
@@ -35,7 +35,7 @@ LDM_SCHEDULER_CONFIG = {
 
 
 def check_eps_schedule(config: dict, source: str) -> dict:
-    """Members are eps models (spec §2.2); a v- or x0-prediction scheduler config is a UserError."""
+    """Members are eps models (METHOD.md, "Members"); a v- or x0-prediction scheduler config is a UserError."""
     ptype = config.get("prediction_type", "epsilon")
     if ptype not in ("epsilon", "eps"):
         raise UserError(f"{source} has prediction_type {ptype!r}: Collaborative Diffusion combines eps predictions, "

@@ -9,8 +9,9 @@ tokens and predicts a one-channel logit map at latent resolution::
 
 ``D_m`` is a diffusers ``UNet2DConditionModel`` with ``out_channels=1`` whose output convolution is zero-initialised,
 as LDM's ``zero_module`` does (diffusers does not): every logit is 0 at the start, so ``I_m = 1/M`` and the
-collaboration starts as the plain average of the uni-modal predictions. By default the other LDM ``zero_module``
-layers (each ResBlock's last convolution, each transformer's ``proj_out``) start at zero too (:data:`ZERO_INITS`).
+collaboration starts as the plain average of the uni-modal predictions (METHOD.md, "Influence functions"). By default
+the other LDM ``zero_module`` layers (each ResBlock's last convolution, each transformer's ``proj_out``) start at zero
+too (:data:`ZERO_INITS`).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def apply_zero_init(unet: nn.Module, scheme: str) -> nn.Module:
 def build_dynamic_diffuser(config: dict[str, Any], zero_init: bool | str = True, seed: int | None = None) -> nn.Module:
     """A dynamic diffuser: ``UNet2DConditionModel(**config)`` forced to ``out_channels=1``, output zeroed.
 
-    ``config`` is a diffusers UNet config (paper: spec §3.3, widths 32/64/96/160, 32 heads, context 640, ~13.1M
+    ``config`` is a diffusers UNet config (paper: widths 32/64/96/160, 32 heads, context 640, ~13.1M
     parameters). Called as ``D(x_t [B, C, h, w], t [B], encoder_hidden_states=c [B, L, D]) -> [B, 1, h, w]``.
     ``zero_init``: a scheme of :data:`ZERO_INITS`; ``True`` is ``ldm`` (the release), ``False`` is ``none``.
     """

@@ -1,4 +1,4 @@
-"""Multi-modal editing of a real image (spec §6): Imagic per modality, then collaboration.
+"""Multi-modal editing of a real image (the paper's editing): Imagic per modality, then collaboration.
 
 Imagic (Kawar et al. CVPR 2023), per uni-modal model, on the clean latent ``z_0 = s E(x)`` of the input image:
 
@@ -8,7 +8,7 @@ Imagic (Kawar et al. CVPR 2023), per uni-modal model, on the clean latent ``z_0 
   1000 steps), on a copy, so the collaboration's original model is untouched;
 - stage C, :func:`interpolate_embedding`: ``e(alpha) = alpha e_tgt + (1 - alpha) e_opt``.
 
-Collaboration (spec §6.2, :func:`collaborative_edit`): the fine-tuned UNets replace the originals in their
+Collaboration (:func:`collaborative_edit`): the fine-tuned UNets replace the originals in their
 branches, the dynamic diffusers are kept as trained, and every modality gets its interpolated embedding.
 """
 
@@ -162,7 +162,7 @@ def edit_conditions(
     return conds
 
 
-# ------------------------------------------------------------------------------------ the whole edit (§6.1-6.2)
+# ------------------------------------------------------------------------------------ the whole edit (Imagic per modality, then collaboration)
 
 
 @dataclass
@@ -202,7 +202,7 @@ def edit_image(
     ``collab``: a :class:`codiff.members.Collaboration`; ``targets``: modality -> raw target condition (a prompt, a
     class-id mask ``[H, W]``), one for every modality of the collaboration (the released editing tunes both). Every
     alpha starts from the same noise ``x_T`` (drawn from ``sample_seed``; the release's ``start_code`` was never
-    used, §8.4). ``guidance_scale`` != 1: per-member CFG with the null tokens (an extension).
+    used). ``guidance_scale`` != 1: per-member CFG with the null tokens (an extension).
     """
     edits, latent = imagic_members(collab, image, targets, stage1_steps=stage1_steps, stage1_lr=stage1_lr,
                                    stage2_steps=stage2_steps, stage2_lr=stage2_lr, seed=seed)

@@ -324,7 +324,7 @@ def denoising_losses(
     seed: int = 0,
     batch_size: int = 99,
 ) -> dict[str, dict[str, float]]:
-    """Held-out eps-MSE (the objective the dynamic diffusers minimise, spec §2.6) of every variant on the test split:
+    """Held-out eps-MSE (the objective the dynamic diffusers minimise, METHOD.md) of every variant on the test split:
     the same latents (posterior means), timesteps and noise for all; per timestep and the mean over them."""
     from codiff.variants import variant_weights
     from common.data import image_text_dataset

@@ -4,15 +4,15 @@ Both use the plain LDM eps objective (Ho et al. 2020 eq. 14, "L_simple"): ``t ~ 
 ``x_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps``, loss = mean ``(eps - prediction)^2``.
 
 - :class:`UniModalObjective`: one conditional UNet ``eps_theta(x_t, t, c)`` plus its condition encoder (the mask's
-  linear layer is trained jointly, spec §2.2); optional condition dropout for the CFG extension (non-paper).
+  linear layer is trained jointly, METHOD.md "Members"); optional condition dropout for the CFG extension (non-paper).
 
 Both are the shared trainer's ``loss_fn(batch, ctx)`` (``common.train``) and name their trainable and frozen
 modules (``trainable_modules()`` / ``frozen_modules()``) for ``Trainer.fit``.
-- :class:`DynamicDiffuserObjective`: the collaborative prediction ``sum_m I_m eps_m`` (spec §2.6); the uni-modal
+- :class:`DynamicDiffuserObjective`: the collaborative prediction ``sum_m I_m eps_m`` (METHOD.md, "Training the diffusers"); the uni-modal
   models, condition encoders and VAE are frozen, so only the dynamic diffusers learn.
 
 A batch is a dict: ``latents [B, C, h, w]`` (already ``s * E(x)``) or ``pixel_values [B, 3, H, W]`` in [-1, 1]
-(encoded here, posterior *sampled* as LDM does, spec §2.1), plus one raw condition per modality under the key the
+(encoded here, posterior *sampled* as LDM does), plus one raw condition per modality under the key the
 objective is given (e.g. ``{"text": "caption", "mask": "mask"}``: a list of prompts, class ids ``[B, H, W]``).
 """
 
@@ -84,9 +84,9 @@ def collaborative_loss(
     snr_gamma: Optional[float] = None,
     **noise_kwargs: Any,
 ) -> torch.Tensor:
-    """``mean (eps - sum_m I_m eps_m(x_t, t, c_m))^2`` (spec §2.6): gradients reach the diffusers through I_m only.
+    """``mean (eps - sum_m I_m eps_m(x_t, t, c_m))^2``: gradients reach the diffusers through I_m only.
 
-    The released re-weighting is never applied here: training sees the learned softmax maps alone (§8.1).
+    The released re-weighting is never applied here: training sees the learned softmax maps alone.
     ``dynamic``: the (prepared) diffusers module to call instead of ``model.dynamic``.
     """
     x_t, t, eps = noise_batch(latents, schedule, **noise_kwargs)
@@ -143,7 +143,7 @@ class UniModalObjective:
     ``TextConditioner.tokenize``); ``cond_encoder`` maps that to tokens ``[B, L, D]`` (the mask's Linear, a text
     encoder). ``train_encoder``: train it jointly (the paper's mask Linear and from-scratch text transformer) or
     keep it frozen (a pre-trained CLIP). ``cond_dropout`` replaces a sample's encoder input by ``null_input(B)``
-    with that probability (the empty prompt, the all-zero one-hot mask), which CFG needs later (non-paper, §2.5).
+    with that probability (the empty prompt, the all-zero one-hot mask), which CFG needs later (non-paper).
 
     With the shared trainer: ``trainer.fit(obj.trainable_modules(), obj, data, frozen=obj.frozen_modules())``; the
     loss then calls the trainer's prepared modules (``ctx.models``), so DDP synchronises their gradients.
@@ -205,7 +205,7 @@ class UniModalObjective:
 
 
 class DynamicDiffuserObjective:
-    """``loss_fn(batch, ctx=None)`` for the dynamic diffusers of a :class:`CollaborativeDiffusion` (spec §2.6).
+    """``loss_fn(batch, ctx=None)`` for the dynamic diffusers of a :class:`CollaborativeDiffusion` (METHOD.md, "Training the diffusers").
 
     ``encoders``: modality -> frozen raw-condition encoder (``MaskEncoder.encode_ids``, a ``TextConditioner``);
     ``condition_keys``: modality -> batch key (default: the modality name). Encoders and VAE run without gradients.

@@ -1,7 +1,7 @@
 """Uni-modal members and collaboration checkpoints on disk: what the scripts write and ``--model_dir`` loads.
 
 A **member** is one frozen uni-modal latent model ``eps_m(x_t, t, c_m)`` with what turns its raw condition into
-tokens (spec §2.2). Two layouts are read:
+tokens (METHOD.md, "Members"). Two layouts are read:
 
 - a diffusers Stable-Diffusion pipeline folder (``model_index.json``: ``unet/``, ``text_encoder/``,
   ``tokenizer/``, ``vae/``, ``scheduler/``) is a **text** member as it stands: the shipped baseline
@@ -158,10 +158,11 @@ class UniModalMember:
         return self
 
 
-def _load_text_encoder(path: Path, tokenizer_path: Optional[Path], max_length: Optional[int],
-                       encoder_type: str = "clip") -> TextConditioner:
-    """``clip``: a transformers CLIP text tower (its tokenizer beside it unless named); ``ldm_bert``: the released
-    model's :class:`~codiff.text_encoder.LDMTextEncoder` with a BERT tokenizer folder."""
+def load_text_encoder(path: Path, tokenizer_path: Optional[Path], max_length: Optional[int],
+                      encoder_type: str = "clip") -> TextConditioner:
+    """A member's frozen float32 text conditioner from local folders. ``clip``: a transformers CLIP text tower (its
+    tokenizer beside it unless named); ``ldm_bert``: the released model's :class:`~codiff.text_encoder.LDMTextEncoder`
+    with a BERT tokenizer folder."""
     if encoder_type == "ldm_bert":
         from transformers import AutoTokenizer
 
@@ -208,15 +209,15 @@ def load_member(folder: PathLike, device: Union[str, torch.device] = "cpu") -> U
                 unet = SpatialMaskUNet(unet, encoder)
         else:
             tok = meta.get("tokenizer")
-            encoder = _load_text_encoder(resolve_from(meta["text_encoder"], folder),
-                                         resolve_from(tok, folder) if tok else None, meta.get("max_length"),
-                                         meta.get("text_encoder_type", "clip"))
+            encoder = load_text_encoder(resolve_from(meta["text_encoder"], folder),
+                                        resolve_from(tok, folder) if tok else None, meta.get("max_length"),
+                                        meta.get("text_encoder_type", "clip"))
         vae = resolve_from(meta["vae"], folder) if meta.get("vae") else None
         member = UniModalMember(kind, unet, encoder, dict(meta["scheduler"]), vae, folder, meta,
                                 conditioning if kind == "mask" else "crossattn")
     elif (folder / "model_index.json").is_file():
         unet = load_unet(folder, subfolder="unet")
-        encoder = _load_text_encoder(folder / "text_encoder", folder / "tokenizer", None)
+        encoder = load_text_encoder(folder / "text_encoder", folder / "tokenizer", None)
         member = UniModalMember("text", unet, encoder, read_scheduler_json(folder), folder / "vae", folder,
                                 {"kind": "text", "pipeline": str(folder)})
     else:

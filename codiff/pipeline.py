@@ -1,4 +1,4 @@
-"""Multi-modal generation with a collaboration on the core samplers, and the released script's outputs (spec §5.1).
+"""Multi-modal generation with a collaboration on the core samplers, and the released ``generate.py``'s outputs.
 
 Sampling is the core's DDIM (``common.samplers.sample_ddim``) over a :class:`~codiff.collaborate.CollaborativeDenoiser`
 with LDM's timesteps (:func:`ldm_plan`: 981, 961, ..., 1 for 50 steps, the last step landing on ``abar_0``) and the
@@ -37,17 +37,17 @@ LDM_DDIM_CONFIG = {"timestep_spacing": "leading", "steps_offset": 1, "set_alpha_
 
 
 def ldm_schedule(num_train_timesteps: int = 1000) -> NoiseSchedule:
-    """LDM's "linear" schedule, linear in sqrt(beta) from 0.0015 to 0.0195 (= diffusers ``scaled_linear``; §2.1)."""
+    """LDM's "linear" schedule, linear in sqrt(beta) from 0.0015 to 0.0195 (= diffusers ``scaled_linear``)."""
     return NoiseSchedule.named("scaled_linear", num_train_timesteps, 0.0015, 0.0195)
 
 
 def ldm_plan(schedule: NoiseSchedule, steps: int, sampler: str = "ddim") -> SamplingPlan:
-    """LDM's ``make_ddim_timesteps(uniform)`` (spec §2.7): ``c = T // S``, timesteps ``{0, c, 2c, ...} + 1``."""
+    """LDM's ``make_ddim_timesteps(uniform)`` (METHOD.md, "DDIM"): ``c = T // S``, timesteps ``{0, c, 2c, ...} + 1``."""
     return plan_like_diffusers(schedule, LDM_DDIM_CONFIG, steps, sampler)
 
 
 def safe_dirname(text: str, max_length: int = 80) -> str:
-    """A folder name for a prompt: the released code used the raw text, which breaks on '/' or long prompts (§8.10).
+    """A folder name for a prompt: the released code used the raw text, which breaks on '/' or long prompts.
 
     Keeps letters, digits, ``-_.,`` and spaces (as ``_``); adds a short hash when anything was changed or cut, so
     distinct prompts never share a folder.

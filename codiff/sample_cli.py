@@ -25,7 +25,7 @@ from common.errors import UserError
 
 
 DEFAULT_CHECKPOINT = "ckpt/tiny/codiff"
-# scripts/sample.py's shared flags: the release samples DDIM with eta 1 (spec §5); CFG 3 per member is our
+# scripts/sample.py's shared flags: the release samples DDIM with eta 1; CFG 3 per member is our
 # extension, the measured best on digits (both-correct 90% vs 48% without, codiff/METHOD.md).
 SAMPLE_DEFAULTS = {"sampler": "ddim", "eta": 1.0, "guidance_scale": 3.0}
 REPO = Path(__file__).resolve().parent.parent

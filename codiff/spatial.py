@@ -1,7 +1,7 @@
 """A mask-to-image member that also SEES the mask at latent resolution (extension; LDM's semantic synthesis).
 
 The paper's mask model reads the mask only through cross-attention to ``K`` class tokens (``conditioning_key:
-crossattn``, spec §2.2, §3.5): a token is the whole ``grid x grid`` binary map of one class, projected to the
+crossattn``): a token is the whole ``grid x grid`` binary map of one class, projected to the
 attention width. For a UNet to paint "stroke here" from that, a pixel's query must know where the pixel is, and a
 diffusers UNet has no positional encoding: it must learn position from zero padding. At the paper's scale (404M
 parameters, 64x64 latents, 640-wide tokens) that works; at the digits scale (0.8M parameters, 8x8 latents) a

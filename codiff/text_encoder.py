@@ -1,4 +1,4 @@
-"""The paper's text encoder: LDM's ``BERTEmbedder``, a pre-LN transformer trained from scratch (spec §3.4).
+"""The paper's text encoder: LDM's ``BERTEmbedder``, a pre-LN transformer trained from scratch.
 
 Only the tokenizer is BERT's (``bert-base-uncased`` ids, 77 positions, pads attended: no attention mask). The
 encoder is x-transformers' ``TransformerWrapper(Encoder)``: token + learned absolute position embeddings, then

@@ -1,4 +1,4 @@
-"""The embedded default world "digits" (design note §4): real handwritten digits, coloured and captioned.
+"""The embedded default world "digits": real handwritten digits, coloured and captioned.
 
 ``sklearn.datasets.load_digits()`` ships 1,797 real 8x8 handwritten digits (values 0..16). Each is upsampled to
 32x32, drawn in one of six named colours on black, captioned from a few templates ("a red handwritten seven"), and

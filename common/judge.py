@@ -1,4 +1,4 @@
-"""An independent judge of digits-world images: which digit, which colour (design note §4).
+"""An independent judge of digits-world images: which digit, which colour.
 
 Digit: an RBF support-vector classifier fitted on the REAL sklearn digits (train split), fed the image's
 brightness (max over RGB, normalised to its peak) pooled back to 8x8 on the original 0..16 scale, so colour and

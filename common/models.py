@@ -360,6 +360,37 @@ def register_open_clip_config(config_path: PathLike) -> str:
     return name
 
 
+def create_open_clip(model_config: PathLike):
+    """A randomly initialised open_clip CLIP from a model config ``.json`` -> ``(model, name, preprocess_cfg)``."""
+    import open_clip
+
+    name = register_open_clip_config(model_config)
+    model = open_clip.create_model(name, pretrained=None, load_weights=False)
+    preprocess_cfg = dict(model.visual.preprocess_cfg) if hasattr(model.visual, "preprocess_cfg") else {}
+    return model, name, preprocess_cfg
+
+
+def save_open_clip_folder(model, model_cfg: dict, preprocess_cfg: dict, folder: PathLike, dtype: torch.dtype) -> None:
+    """Write ``model`` in open_clip's local folder layout (``open_clip_config.json`` + ``open_clip_model.safetensors``,
+    read by :func:`load_open_clip`) plus its text tower as a transformers ``CLIPTextModelWithProjection`` in
+    ``text_encoder/`` and the CLIP tokenizer in ``tokenizer/``, atomically, in ``dtype``."""
+    from common.clip_convert import open_clip_text_to_transformers
+    from common.io import save_pretrained_into, save_safetensors
+    from common.tiny import clip_tokenizer
+
+    def write(tmp: Path) -> None:
+        state = {k: v.detach().to(dtype) for k, v in model.state_dict().items() if v.is_floating_point()}
+        save_safetensors(state, tmp / "open_clip_model.safetensors")
+        (tmp / "open_clip_config.json").write_text(
+            json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
+        text = open_clip_text_to_transformers(model).to(dtype)
+        text.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        clip_tokenizer().save_pretrained(tmp / "tokenizer")
+
+    # Into the folder itself, beside the trainer's checkpoints and logs (train_clip writes output_dir directly).
+    save_pretrained_into(folder, write)
+
+
 def _resolve_open_clip_model(model_name: PathLike, weights_path: PathLike | None) -> tuple[str, Path]:
     """open_clip's model identifier and the weights file: a registered name, a config ``.json``, or a folder
     with ``open_clip_config.json`` (open_clip's ``local-dir:`` layout, whose weights file may be implied)."""

@@ -1,6 +1,6 @@
 """The generalised (shifted) Gaussian diffusion process, and conversions between parameterisations.
 
-One forward process serves every method (design note §1.2)::
+One forward process serves every method::
 
     x_t = sqrt(abar_t) * x0 + k_t * m + sqrt(1 - abar_t) * S * eps,      eps ~ N(0, I)
 
@@ -197,7 +197,7 @@ class Shift:
 def q_sample(
     x0: torch.Tensor, abar: Abar, noise: torch.Tensor, shift: Shift | None = None, m: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Forward marginal ``x_t = sqrt(abar) x0 + k_t m + sqrt(1 - abar) S noise`` (design note §1.2).
+    """Forward marginal ``x_t = sqrt(abar) x0 + k_t m + sqrt(1 - abar) S noise``.
 
     ``m`` overrides ``shift.mean`` (e.g. the bias computed from the clean x0 during training).
     """
@@ -214,8 +214,8 @@ def shifted_posterior(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of q(x_prev | x_t, x0) of the shifted process, through the whitening identity.
 
-    Equals ContextDiff's ``c1 x0 + c2 x_t + (k_prev - c2 k_t) r`` (spec §2.2) and Shifted Diffusion's
-    ``c1 x0 + c2 x_t + (1 - c1 - c2) mu`` with variance ``var * S^2`` (spec §2.5); both checked in the tests.
+    Equals ContextDiff's ``c1 x0 + c2 x_t + (k_prev - c2 k_t) r`` (contextdiff/METHOD.md) and Shifted Diffusion's
+    ``c1 x0 + c2 x_t + (1 - c1 - c2) mu`` with variance ``var * S^2`` (shifted/METHOD.md); both checked in the tests.
     """
     c1, c2, var = posterior_coefficients(abar, abar_prev)
     y_mean = c1 * shift.whiten(x0, 1.0, m) + c2 * shift.whiten(x_t, abar, m)

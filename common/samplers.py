@@ -1,4 +1,4 @@
-"""DDPM and DDIM sampling, and DDIM inversion, as plain functions over a denoiser (design note §1.3).
+"""DDPM and DDIM sampling, and DDIM inversion, as plain functions over a denoiser.
 
 A *denoiser* is any callable ``denoiser(x_t, t) -> output`` where ``t`` is a LongTensor ``[B]`` of ORIGINAL training
 timesteps, with two optional attributes: ``prediction_type`` (``eps`` | ``x0`` | ``v``, default ``eps``) and

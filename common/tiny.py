@@ -14,7 +14,7 @@ Tokenizers are real too, and built offline:
   BPE pieces, ``x</w>`` re-spelled as ``\u2581x``. Real T5 ids differ, but the class, special tokens
   (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, 100 sentinels) and the save/load path are those of a real T5 folder.
 
-Sizes follow the design note's budget: the conditional UNet is ~0.8M parameters on 8x8x4 latents and the VAE
+Sizes keep the test suite fast on CPU: the conditional UNet is ~0.8M parameters on 8x8x4 latents and the VAE
 maps 32x32 RGB to 8x8x4 latents, the same structure as Stable Diffusion at a cost a CPU can carry.
 """
 

@@ -1,4 +1,4 @@
-"""One accelerate training loop for every training script in the project (design note, section 1.4).
+"""One accelerate training loop for every training script in the project.
 
 A method supplies its trainable modules, a ``loss_fn(batch, ctx) -> scalar tensor`` and a dataset; the loop
 supplies everything diffusers' ``train_text_to_image.py`` re-forks per script: mixed precision, gradient

@@ -1,4 +1,4 @@
-"""The relational network r_phi(x0, c) of ContextDiff (spec §2.6): the learned cross-modal bias of the process.
+"""The relational network r_phi(x0, c) of ContextDiff (METHOD.md, "relational network"): the learned cross-modal bias of the process.
 
 The clean visual sample x0 (an SD latent ``[B, C, H, W]``) is cut into ``p x p`` patches, which become visual tokens;
 they attend to themselves and, by cross-attention, to the text tokens (CLIP text tower and/or T5 states); a linear
@@ -10,10 +10,10 @@ Deliberate choices (see ``contextdiff/METHOD.md``):
 
 - no timestep input. The paper's figure feeds t into r_phi, but then every identity of the chain (marginal,
   posterior, DDIM) needs r_t and r_{t-1} separately, and the core's shift hook ``mean(x0_hat)`` is t-free; the
-  released code's shift is t-free too (spec §2.1, §7.10);
+  released code's shift is t-free too (METHOD.md, "Decisions where the paper is silent");
 - every visual token sees its own position (fixed 2-D sinusoidal code, so any latent size works) and the text.
   The released video adapter attended with identical keys (the one prompt embedding repeated), which made its
-  output independent of the video (spec §7.9a); real token sequences and the tests rule that out here.
+  output independent of the video; real token sequences and the tests rule that out here.
 """
 
 from __future__ import annotations

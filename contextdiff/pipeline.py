@@ -1,4 +1,4 @@
-"""ContextDiff text-to-image generation and DDIM inversion on the core samplers (spec §2.3, §2.4, §4).
+"""ContextDiff text-to-image generation and DDIM inversion on the core samplers (METHOD.md: reverse DDPM / DDIM, DDIM inversion).
 
 One step of either sampler, for a text-conditioned UNet with classifier-free guidance:
 
@@ -106,7 +106,9 @@ def adapter_text(
 
 
 @dataclass
-class _Setup:
+class SamplingSetup:
+    """What generation and inversion share: the schedule, the plan, the x0-facing denoiser, the shift, the config."""
+
     schedule: NoiseSchedule
     plan: SamplingPlan
     denoiser: Any
@@ -114,10 +116,10 @@ class _Setup:
     config: dict
 
 
-def _setup(
+def sampling_setup(
     unet, adapter, text_encoder, tokenizer, prompts, *, steps, guidance_scale, sampler, scheduler_config,
     parameterization, k_schedule, k_scale, negative_prompt, t5, t5_max_length, no_shift,
-) -> _Setup:
+) -> SamplingSetup:
     """Schedule, plan, the x0-facing (CFG-)denoiser and the contextual shift shared by generate and invert."""
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
@@ -151,7 +153,7 @@ def _setup(
                 "is far from the N(0, I) sampling starts from; prefer the quadratic schedule (k_T < sqrt(abar_T))",
                 stacklevel=4,
             )
-    return _Setup(schedule, plan, denoiser, shift, config)
+    return SamplingSetup(schedule, plan, denoiser, shift, config)
 
 
 # ------------------------------------------------------------------------------------------------- generation
@@ -185,7 +187,7 @@ def generate(
     callback: Optional[Callable] = None,
     progress: bool = False,
 ) -> ContextDiffOutput:
-    """Sample images for ``prompts`` with the contextualized reverse process (spec §2.3 DDPM, §2.4 DDIM).
+    """Sample images for ``prompts`` with the contextualized reverse process (METHOD.md: reverse DDPM / DDIM).
 
     ``steps``: diffusers-style count over ``scheduler_config`` (default SD-2.1-base's); ``sampler`` ``ddim`` (with
     ``eta``) or ``ddpm`` (the config's ``variance_type``). ``parameterization`` defaults from the config's
@@ -193,7 +195,7 @@ def generate(
     ablation without the shift. ``t5=(encoder, tokenizer)`` when the adapter reads T5 states. ``latents`` =
     initial x_T (e.g. from :func:`invert`). Returns images ``[B, 3, H, W]`` in [0, 1] and the final latents.
     """
-    s = _setup(unet, adapter, text_encoder, tokenizer, prompts, steps=steps, guidance_scale=guidance_scale,
+    s = sampling_setup(unet, adapter, text_encoder, tokenizer, prompts, steps=steps, guidance_scale=guidance_scale,
                sampler=sampler, scheduler_config=scheduler_config, parameterization=parameterization,
                k_schedule=k_schedule, k_scale=k_scale, negative_prompt=negative_prompt, t5=t5,
                t5_max_length=t5_max_length, no_shift=no_shift)
@@ -248,7 +250,7 @@ def invert(
     no_shift: bool = False,
     progress: bool = False,
 ) -> InversionOutput:
-    """Contextualized DDIM inversion (spec §2.4): clean ``images`` (or ``latents``) -> x_T, with r_hat in every step.
+    """Contextualized DDIM inversion (METHOD.md, "DDIM inversion"): clean ``images`` (or ``latents``) -> x_T, with r_hat in every step.
 
     The source prompt conditions the model (Tune-A-Video / FateZero: ``guidance_scale = 1``, conditional only).
     Sampling :func:`generate` with ``sampler="ddim"``, ``eta=0``, the same steps, prompts, shift and
@@ -260,7 +262,7 @@ def invert(
         if vae is None:
             raise UserError("inverting images needs the VAE: pass vae, or pass latents instead")
         latents = encode_images(vae, images)
-    s = _setup(unet, adapter, text_encoder, tokenizer, prompts, steps=steps, guidance_scale=guidance_scale,
+    s = sampling_setup(unet, adapter, text_encoder, tokenizer, prompts, steps=steps, guidance_scale=guidance_scale,
                sampler="ddim", scheduler_config=scheduler_config, parameterization=parameterization,
                k_schedule=k_schedule, k_scale=k_scale, negative_prompt=negative_prompt, t5=t5,
                t5_max_length=t5_max_length, no_shift=no_shift)

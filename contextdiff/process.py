@@ -1,14 +1,14 @@
 """ContextDiff's contextualized process on the core's shift hook, its parameterisations and its training loss.
 
-Paper (spec §2): forward marginal ``x_t = sqrt(abar_t) x0 + k_t r + sqrt(1 - abar_t) eps`` with
+Paper (equations in METHOD.md): forward marginal ``x_t = sqrt(abar_t) x0 + k_t r + sqrt(1 - abar_t) eps`` with
 ``r = r_phi(x0, c)`` (:class:`contextdiff.adapter.RelationalNet`) and a schedule ``k_t`` (``k_0 = 0``, ``k_T ~ 0``).
 The core (``common.process.Shift``) implements exactly this with ``m = r``; its samplers take the step in whitened
 coordinates ``y = x - k r`` and re-estimate ``r_hat = r_phi(x0_hat, c)`` from the denoiser's x0 prediction at every
 step, which is the paper's reverse process (DDPM, DDIM, DDIM inversion). Nothing here re-implements sampling maths:
 
 - :func:`contextual_shift` builds that ``Shift`` from an adapter and the text;
-- :class:`ShiftedEpsToX0` presents a shifted-eps network (spec §2.3 (b)) to the core as an x0-predicting denoiser;
-- :func:`contextual_loss` is the training objective of spec §2.5 for stage 1 (adapter, denoiser frozen or joint)
+- :class:`ShiftedEpsToX0` presents a shifted-eps network (METHOD.md) to the core as an x0-predicting denoiser;
+- :func:`contextual_loss` is the training objective (METHOD.md, "loss") for stage 1 (adapter, denoiser frozen or joint)
   and stage 2 (denoiser, with the trained adapter frozen and used), with the released code's ``--detach_xt``
   behind a flag.
 """
@@ -72,8 +72,8 @@ def contextual_shift(
     """The core ``Shift`` of ContextDiff: ``m = r_phi(x0_hat, c)`` re-estimated from x0_hat, ``k_t`` by name.
 
     ``text`` (and ``text_masks``) are the adapter's conditional text inputs for the batch, ``[B, L_i, D_i]`` per
-    source. Under classifier-free guidance the core calls ``mean`` once per step on the *guided* x0_hat (spec §2.4:
-    one r_hat, never one per branch), because guidance happens inside the denoiser wrapper.
+    source. Under classifier-free guidance the core calls ``mean`` once per step on the *guided* x0_hat (one r_hat,
+    never one per branch), because guidance happens inside the denoiser wrapper.
     """
 
     def mean(x0_hat: torch.Tensor) -> torch.Tensor:
@@ -83,7 +83,7 @@ def contextual_shift(
 
 
 class ShiftedEpsToX0:
-    """Present a shifted-eps network to the core as an x0-predicting denoiser (spec §2.3 (b)).
+    """Present a shifted-eps network (``g ~ eps + k_t r / sqrt(1 - abar)``) to the core as an x0-predicting denoiser.
 
     The network output ``g [B, C, H, W]`` regresses ``(x_t - sqrt(abar) x0) / sqrt(1 - abar) = eps + k_t r /
     sqrt(1 - abar)``, so ``x0_hat = (x_t - sqrt(1 - abar) g) / sqrt(abar)`` needs no r (no circularity); the core
@@ -116,20 +116,20 @@ def as_x0_denoiser(model, parameterization: str, schedule: NoiseSchedule):
 
 @dataclass(frozen=True)
 class ContextLossConfig:
-    """The method's training flags (spec §3, §8), validated on construction (one-line UserError).
+    """The method's training flags (both stages), validated on construction (one-line UserError).
 
     stage: 1 trains the adapter (the denoiser too unless ``freeze_unet``); 2 fine-tunes the denoiser with the
         trained adapter frozen and used to build x_t and the target.
     parameterization: ``shifted_eps`` (target eps + k_t r / sqrt(1 - abar); an SD UNet's eps head) or ``x0``.
     k_schedule, k_scale: see :func:`contextual_k`.
     freeze_unet: stage 1 only: the denoiser's weights stay fixed, gradients still flow THROUGH it into x_t.
-    detach_xt: the released T2I code's ``q_sample(...).detach()`` (spec §7.3): off by default; with ``x0`` it
+    detach_xt: the released T2I code's ``q_sample(...).detach()``: off by default; with ``x0`` it
         starves the adapter of every gradient, with ``shifted_eps`` only the target's r path is left.
     cfg_drop_prob: rows whose UNet text is replaced by the null text (classifier-free guidance training). The
         process itself (x_t, target) keeps r of the true caption: at sampling both CFG branches see the same x_t,
         shifted by the conditional r_hat, so the unconditional branch must learn to denoise that same process.
     p2_gamma: P2 weight ``1 / (1 + SNR)^gamma`` (0 = unweighted MSE).
-    lambda_r: weight of the ELBO's r term ``|(k_{t-1} - c2_t k_t)(r_phi(x0) - r_phi(x0_hat))|^2`` (spec §2.5).
+    lambda_r: weight of the ELBO's r term ``|(k_{t-1} - c2_t k_t)(r_phi(x0) - r_phi(x0_hat))|^2`` (METHOD.md, "loss").
     snr_gamma: Min-SNR-gamma weighting of the MSE (``common.diffusion_loss``; a shifted_eps model is weighted as an
         eps model, an x0 model as a sample model); None = unweighted. Exclusive with p2_gamma.
     noise_offset: per-(sample, channel) offset noise added to eps (``common.diffusion_loss.training_noise``).
@@ -192,7 +192,7 @@ def add_contextdiff_args(parser: argparse.ArgumentParser, stage: int = 1) -> Non
     parser.add_argument("--cfg_drop_prob", type=float, default=0.1,
                         help="fraction of captions replaced by the empty prompt in the UNet (classifier-free guidance)")
     parser.add_argument("--p2_gamma", type=float, default=d.p2_gamma, help="P2 weight 1/(1+SNR)^gamma (0: plain MSE)")
-    parser.add_argument("--lambda_r", type=float, default=d.lambda_r, help="weight of the ELBO's r term (spec §2.5)")
+    parser.add_argument("--lambda_r", type=float, default=d.lambda_r, help="weight of the ELBO's r term")
 
 
 def _require_adapter(adapter: Optional[nn.Module], stage: int) -> None:
@@ -249,7 +249,7 @@ def default_adapter_text(adapter: nn.Module, batch: dict[str, Any]):
 
 
 def _posterior_r_coefficient(schedule: NoiseSchedule, t: torch.Tensor, k, like: torch.Tensor) -> torch.Tensor:
-    """``k_{t-1} - c2_t k_t`` per sample (spec §2.2), with ``abar_{-1} = 1`` so the t = 0 term vanishes."""
+    """``k_{t-1} - c2_t k_t`` per sample (r's coefficient in the posterior mean), with ``abar_{-1} = 1`` so the t = 0 term vanishes."""
     abar = schedule.abar(t, like=like).double()
     abar_prev = torch.where(
         (t > 0).view_as(abar), schedule.abar((t - 1).clamp(min=0), like=like).double(), torch.ones_like(abar)
@@ -271,7 +271,7 @@ def contextual_loss(
     noise: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
 ) -> ContextLossOutput:
-    """One batch of ContextDiff's objective (spec §2.5): ``w_t |target - net(x_t, c, t)|^2 (+ lambda_r term)``.
+    """One batch of ContextDiff's objective (METHOD.md, "loss"): ``w_t |target - net(x_t, c, t)|^2 (+ lambda_r term)``.
 
     batch:
         ``latents`` x0 ``[B, C, H, W]`` (scaled VAE latents); ``encoder_hidden_states`` the UNet's text ``[B, L, D]``;

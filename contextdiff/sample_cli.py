@@ -6,7 +6,7 @@
     python scripts/sample.py --method contextdiff ... --t5_model_name_or_path PATH/TO/T5  # override the adapter's T5
     python scripts/sample.py --method contextdiff --no_shift ...                       # ablation: no shift
 
-Per step (spec §2.4): classifier-free guidance is evaluated ONCE (one batched ``[uncond; cond]`` UNet call), the
+Per step (METHOD.md, "CFG + shift"): classifier-free guidance is evaluated ONCE (one batched ``[uncond; cond]`` UNet call), the
 guided output becomes the guided x0_hat, and the shift ``k_t r_phi(x0_hat, c)`` is evaluated once on it, with the
 conditional text. ``--pretrained_model_name_or_path`` is a ContextDiff checkpoint folder (``contextdiff.checkpoint``);
 a plain Stable Diffusion folder works with ``--adapter_path`` (a stage-1 output) or ``--no_shift``.

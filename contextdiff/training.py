@@ -1,13 +1,13 @@
 """ContextDiff's two training stages as command-line programs; ``scripts/contextdiff/*.py`` are thin over this.
 
-Stage 1 (``train_adapter.py``, spec §3.1 / §8): the relational adapter r_phi(x0, c) is trained on image-caption data
+Stage 1 (``train_adapter.py``): the relational adapter r_phi(x0, c) is trained on image-caption data
 through the contextualized process ``x_t = sqrt(abar) x0 + k_t r + sqrt(1 - abar) eps``, with x_t NOT detached, so
 the adapter learns through the denoiser's input. ``--freeze_unet`` (default) keeps the UNet's weights fixed (the
 gradient still flows through it); ``--no-freeze_unet`` trains both jointly (the paper's joint objective).
 
-Stage 2 (``finetune_diffusion.py``, spec §3.2): the diffusion model is fine-tuned on the process the stage-1 adapter
+Stage 2 (``finetune_diffusion.py``): the diffusion model is fine-tuned on the process the stage-1 adapter
 defines; the adapter is LOADED, checked against the model, frozen and used for x_t and the target (the released
-stage 2 never loaded it, spec §7.1 / issue #8). Missing or ill-fitting adapter: one-line error, nothing written.
+stage 2 never loaded it, GitHub issue #8 of YangLing0818/ContextDiff). Missing or ill-fitting adapter: one-line error, nothing written.
 
 Outputs (all atomic): stage 1 ``<output_dir>/adapter/`` (safetensors + config.json + process.json) and, when the
 UNet was trained, ``<output_dir>/pipeline/``; stage 2 ``<output_dir>/pipeline/``, a ContextDiff checkpoint folder

@@ -1,4 +1,4 @@
-"""ContextDiff for text-guided video editing (spec §5, §2.4; issue 10): the paper's method, not the released code's.
+"""ContextDiff for text-guided video editing (METHOD.md, "Video editing"): the paper's method, not the released code's.
 
 Pieces, all on the image model's own weights:
 
@@ -17,13 +17,13 @@ Pieces, all on the image model's own weights:
 - :class:`VideoRelationalNet` is the image adapter ``r_phi`` applied per frame (frames folded into the batch, the
   text repeated per frame), plus a zero-initialised temporal attention over frames on its tokens after the last
   block, so ``r`` has the video's shape and depends on every frame and the text. The released ``CLIPLocalShift``
-  attended with one repeated text key and so ignored the video (spec §7.9a).
+  attended with one repeated text key and so ignored the video.
 - The process is the image one (``contextdiff.process``): ``x_t = sqrt(abar) x0 + k_t r + sqrt(1 - abar) eps`` with
   ``r = r_phi(video, text)``. One-shot tuning (:func:`tune_on_video`) minimises the shifted-eps loss on the source
   clip; contextualized DDIM inversion of the source (:func:`invert_video`) and contextualized DDIM sampling with the
   edited prompt (:func:`sample_video`) both re-estimate ``r_hat = r_phi(x0_hat, c)`` at every step through the core's
   shift hook. The released code only adds ``0.018125 r`` to the training noise and never uses it in inversion or
-  sampling (spec §7.9c); ``shift_in="train"`` reproduces that for comparison.
+  sampling; ``shift_in="train"`` reproduces that for comparison.
 """
 
 from __future__ import annotations
@@ -464,7 +464,7 @@ def tune_on_video(
     parameterization: str = "shifted_eps",
     progress: bool = True,
 ) -> list[float]:
-    """One-shot tuning on the source clip (Tune-A-Video) with ContextDiff's loss (spec §2.5), on the shared Trainer.
+    """One-shot tuning on the source clip (Tune-A-Video) with ContextDiff's loss (METHOD.md, "loss"), on the shared Trainer.
 
     ``latents [1, C, F, h, w]`` (scaled), ``text [1, L, D]`` (the source caption's CLIP states). Trainable: the
     temporal attentions and every attention ``to_q`` (:meth:`VideoUNet.set_trainable`), plus the whole video adapter
@@ -518,7 +518,7 @@ class _ZeroAdapter(nn.Module):
 
 def _setup(unet, adapter, text_encoder, tokenizer, prompt, *, steps, guidance_scale, scheduler_config,
            parameterization, k_schedule, k_scale, shift):
-    from contextdiff.pipeline import _setup as image_setup
+    from contextdiff.pipeline import sampling_setup as image_setup
 
     return image_setup(unet, adapter, text_encoder, tokenizer, [prompt], steps=steps, guidance_scale=guidance_scale,
                        sampler="ddim", scheduler_config=scheduler_config, parameterization=parameterization,
@@ -545,7 +545,7 @@ def sample_video(unet: VideoUNet, adapter, text_encoder, tokenizer, prompt: str,
                  guidance_scale: float, scheduler_config: dict, parameterization: str, k_schedule: str = "quadratic",
                  k_scale: float = 1.0, shift: bool = True, progress: bool = False) -> torch.Tensor:
     """Contextualized DDIM sampling (eta = 0) from ``x_T [1, C, F, h, w]`` with ``prompt``, CFG batched once per
-    step and one ``r_hat`` on the guided x0_hat (spec §2.4). Returns the clean latents."""
+    step and one ``r_hat`` on the guided x0_hat (METHOD.md, "CFG + shift"). Returns the clean latents."""
     s = _setup(unet, adapter, text_encoder, tokenizer, prompt, steps=steps, guidance_scale=guidance_scale,
                scheduler_config=scheduler_config, parameterization=parameterization, k_schedule=k_schedule,
                k_scale=k_scale, shift=shift)
@@ -648,7 +648,7 @@ def frame_consistency(frames: np.ndarray) -> float:
 def video_scores(source: np.ndarray, edited: np.ndarray, digit: Optional[int], color: Optional[str],
                  clip_models=None, target_prompt: Optional[str] = None) -> dict:
     """Judge (digit / colour of the target), frame consistency and structure kept, for one edited clip; with
-    ``clip_models`` (``{name: (model, preprocess, tokenizer)}``) also the papers' CLIP metrics (spec §6): CLIP frame
+    ``clip_models`` (``{name: (model, preprocess, tokenizer)}``) also the papers' CLIP metrics: CLIP frame
     consistency (consecutive pairs) and, with ``target_prompt``, CLIP text alignment of the edited frames."""
     scores = {**judge_video(edited, digit, color), "frame_consistency": frame_consistency(edited),
               "source_frame_consistency": frame_consistency(source), **structure_scores(source, edited)}

@@ -1,4 +1,4 @@
-"""Build the embedded "digits" dataset (design note §4) from scikit-learn's bundled handwritten digits.
+"""Build the embedded "digits" dataset from scikit-learn's bundled handwritten digits.
 
     python datasets/digits.py --output_dir data/digits
 
@@ -8,11 +8,6 @@ Rebuilding with the same version and seed is a no-op; the folder appears only wh
 """
 
 import argparse
-import sys
-from pathlib import Path
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.digits import build_digits  # noqa: E402
 from common.errors import cli_entry  # noqa: E402

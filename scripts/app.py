@@ -262,15 +262,10 @@ def _parse(parse: Callable, argv: list):
 
 
 def _versatile_script():
-    import importlib.util
+    """The command line of ``scripts/versatile/sample.py`` (its parser, checks and flow runner)."""
+    from versatile import flows_cli
 
-    name = "dlab_versatile_sample_script"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "versatile" / "sample.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return flows_cli
 
 
 def _influence_grids(gen, upscale: int = 4) -> dict:

@@ -64,13 +64,9 @@ def evaluate_baseline(output_dir: Path, n: int, seed: int, steps: int = 25, guid
 
 
 def evaluate_contextdiff_video(output_dir: Path, seed: int) -> dict:
-    """One ContextDiff video edit of the embedded clip (issue 10): GIF/MP4, strip and settings in ``output_dir``;
+    """One ContextDiff video edit of the embedded clip: GIF/MP4, strip and settings in ``output_dir``;
     returns its scores (judge on the edited frames, frame consistency, structure kept) and the time taken."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_dlab_edit_video", REPO / "scripts" / "contextdiff" / "edit_video.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from contextdiff import video_cli as script
     args = script.build_parser().parse_args([
         "--video", "embedded:7:red", "--target_prompt", "a blue handwritten seven", "--n_frames", "8",
         "--steps", "25", "--train_steps", "60", "--guidance_scale", "3", "--seed", str(seed),

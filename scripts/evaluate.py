@@ -9,11 +9,7 @@ Every subcommand prints a table and writes a JSON report (``--out``; ``judge`` a
 """
 
 import argparse
-import sys
 from pathlib import Path
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.errors import cli_entry  # noqa: E402
 

@@ -16,13 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 
@@ -73,39 +69,12 @@ def similarity_figure(sim: torch.Tensor, cell: int = 4) -> torch.Tensor:
     return grey.unsqueeze(0).expand(3, -1, -1).contiguous()
 
 
-def build_model(model_config: Path):
-    import open_clip
-
-    from common.models import register_open_clip_config
-
-    name = register_open_clip_config(model_config)
-    model = open_clip.create_model(name, pretrained=None, load_weights=False)
-    preprocess_cfg = dict(model.visual.preprocess_cfg) if hasattr(model.visual, "preprocess_cfg") else {}
-    return model, name, preprocess_cfg
-
-
-def save_open_clip_folder(model, model_cfg: dict, preprocess_cfg: dict, folder: Path, dtype: torch.dtype) -> None:
-    from common.clip_convert import open_clip_text_to_transformers
-    from common.io import save_pretrained_into, save_safetensors
-    from common.tiny import clip_tokenizer
-
-    def write(tmp: Path) -> None:
-        state = {k: v.detach().to(dtype) for k, v in model.state_dict().items() if v.is_floating_point()}
-        save_safetensors(state, tmp / "open_clip_model.safetensors")
-        (tmp / "open_clip_config.json").write_text(
-            json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
-        text = open_clip_text_to_transformers(model).to(dtype)
-        text.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-        clip_tokenizer().save_pretrained(tmp / "tokenizer")
-
-    save_pretrained_into(folder, write)
-
-
 @cli_entry
 def main(argv=None) -> int:
     import open_clip
 
     from common.data import image_text_dataset
+    from common.models import create_open_clip, save_open_clip_folder
     from common.train import Trainer, config_from_args, parse_args_with_config
 
     parser = build_parser()
@@ -116,7 +85,7 @@ def main(argv=None) -> int:
     model_config = Path(args.model_config or repo / "configs" / "tiny" / "tiny-open-clip.json")
     config = config_from_args(args)
     with Trainer(config) as trainer:
-        model, name, preprocess_cfg = build_model(model_config)
+        model, name, preprocess_cfg = create_open_clip(model_config)
         size = model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
         tokenizer = open_clip.get_tokenizer(name)

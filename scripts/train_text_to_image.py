@@ -21,13 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

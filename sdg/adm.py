@@ -1,12 +1,12 @@
 """ADM ("guided-diffusion", Dhariwal & Nichol 2021) flags -> diffusers ``UNet2DModel``, schedule and sampling plan.
 
 SDG guides frozen, unconditional pixel-space ADM models (LSUN cat/horse/bedroom from OpenAI, FFHQ from ILVR) given by
-guided-diffusion's command-line flags (spec §4). This module reads those flags with guided-diffusion's defaults,
+guided-diffusion's command-line flags (METHOD.md §5). This module reads those flags with guided-diffusion's defaults,
 builds the equivalent diffusers ``UNet2DModel`` (on the meta device for the full-size models: no memory), the
 noise schedule and the respaced plan, and lays out the guided-diffusion checkpoint keys for the same flags
 (:func:`adm_blocks`, used by ``sdg.convert`` and to count ADM's parameters independently of diffusers).
 
-The equivalence (spec §4): ``ResBlock`` = ``ResnetBlock2D`` (``scale_shift`` = ``use_scale_shift_norm``), res
+The equivalence: ``ResBlock`` = ``ResnetBlock2D`` (``scale_shift`` = ``use_scale_shift_norm``), res
 up/down blocks = ``Resnet{Down,Up}sampleBlock2D`` / ``downsample_type="resnet"``, attention = diffusers ``Attention``
 with GroupNorm(32) (``attn_norm_num_groups=32`` is required: without it the middle block's attention has no norm),
 ``norm_eps=1e-5``, positional time embedding with cosine first and no frequency shift.
@@ -189,7 +189,7 @@ def check_supported(flags: ADMFlags) -> None:
 
 
 def unet2d_config(flags: ADMFlags) -> dict[str, Any]:
-    """The diffusers ``UNet2DModel`` keyword arguments equivalent to ADM ``flags`` (spec §4 table)."""
+    """The diffusers ``UNet2DModel`` keyword arguments equivalent to ADM ``flags``."""
     check_supported(flags)
     attn = _attention_levels(flags)
     down_plain = "ResnetDownsampleBlock2D" if flags.resblock_updown else "DownBlock2D"

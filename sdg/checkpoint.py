@@ -8,7 +8,7 @@ An SDG folder (``ckpt/tiny/sdg``; ``scripts/sdg/convert_checkpoint.py`` writes t
                                                    to this folder when it can be), image_size, t_dim, hidden, ...
     <folder>/clip/noise_aware_clip.safetensors    ``NoiseAwareCLIP.state_dict()`` (tower + time MLP + FiLM projection)
 
-The base CLIP is referenced, not copied: its frozen TEXT tower embeds the language instructions (spec §2.4a), and
+The base CLIP is referenced, not copied: its frozen TEXT tower embeds the language instructions (METHOD.md §2), and
 its architecture is rebuilt before the fine-tuned image-side weights are loaded over it.
 """
 
@@ -266,7 +266,7 @@ def load_noise_aware_clip_folder(path: PathLike, device="cpu") -> NoiseAwareCLIP
 
 def plain_clip_guide(model: torch.nn.Module, image_size: Optional[int] = None) -> NoiseAwareCLIP:
     """The ablation guide: the base CLIP's image tower on x_t with NO time modulation (zero FiLM = plain CLIP, bit for
-    bit), i.e. off-the-shelf CLIP used as SDG's matching score (spec §3.5)."""
+    bit), i.e. off-the-shelf CLIP used as SDG's matching score (METHOD.md §3)."""
     return NoiseAwareCLIP(copy.deepcopy(model.visual), image_size=image_size, t_dim=8, hidden=8,
                           film_init="zero").eval()
 

@@ -1,7 +1,7 @@
 """Checkpoint converters: guided-diffusion ADM UNets -> diffusers ``UNet2DModel``; SDG's ``CLIP_gd`` -> NoiseAwareCLIP.
 
 ADM (``lsun_{bedroom,cat,horse}.pt``, ILVR's ``ffhq_10m.pt``): the module correspondence comes from
-``sdg.adm.adm_blocks`` (one walk of ADM's constructor). Per module (spec §4 "Conversion pitfalls"):
+``sdg.adm.adm_blocks`` (one walk of ADM's constructor). Per module (the conversion pitfalls):
 
 - ResBlock: ``in_layers.0/2`` -> ``norm1/conv1``, ``emb_layers.1`` -> ``time_emb_proj``, ``out_layers.0/3`` ->
   ``norm2/conv2``, ``skip_connection`` -> ``conv_shortcut``;
@@ -162,7 +162,7 @@ def load_adm_unet(
 
 # ------------------------------------------------------------------------------------------------ SDG CLIP_gd
 
-# Released CLIP_gd names (OpenAI RN50x16 wrapped as nn.Sequential "visual_frozen"; spec §3.6) -> open_clip names.
+# Released CLIP_gd names (OpenAI RN50x16 wrapped as nn.Sequential "visual_frozen") -> open_clip names.
 _CLIP_GD_STEM = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3",
                  "10": "layer1", "11": "layer2", "12": "layer3"}
 _CLIP_GD_PATTERN = re.compile(r"^visual_frozen\.(\d+)\.(.+)$")

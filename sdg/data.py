@@ -1,6 +1,6 @@
 """SDG's inputs: reference images (``--data_dir``), instruction files (``--text_instruction_file``), training images.
 
-Reference images (spec §5): the folder is searched recursively for jpg / jpeg / png / gif (any case), sorted by path;
+Reference images (as the released ``sample.py`` reads them): the folder is searched recursively for jpg / jpeg / png / gif (any case), sorted by path;
 each is converted to RGB, halved with a BOX filter while its short side is >= 2 x size, resized BICUBIC so the
 short side equals ``size``, centre-cropped to ``size x size`` and scaled to [-1, 1] (guided-diffusion's
 ``center_crop_arr``).

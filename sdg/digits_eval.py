@@ -5,7 +5,7 @@ stroke hue), never with the guiding CLIP itself:
 
 - language guidance: an unconditional model guided by "a handwritten seven" should make sevens (unguided: ~10 %);
 - image content guidance: samples should share the reference's digit; style guidance: the reference's colour;
-- the noise-aware CLIP should guide better than the plain CLIP on x_t at equal weight (spec §3.5).
+- the noise-aware CLIP should guide better than the plain CLIP on x_t at equal weight (METHOD.md §3).
 
 :func:`zero_shot_report` probes the encoder directly: the digit of a noised test image is read off as the nearest
 of the ten text embeddings "a handwritten <digit>" (plain CLIP vs noise-aware CLIP at several t).

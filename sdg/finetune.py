@@ -1,4 +1,4 @@
-"""Self-supervised fine-tuning of the noise-aware CLIP (spec §3.3, SDG's ``clip_finetune_noise_nolabel.py``).
+"""Self-supervised fine-tuning of the noise-aware CLIP (METHOD.md §4, SDG's ``clip_finetune_noise_nolabel.py``).
 
 No captions: for a batch of clean images x_0, draw t, noise ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` with
 the full training schedule, and pull the student embedding ``e_i = E'(x_t^i, t_i)`` towards the FROZEN pretrained
@@ -82,7 +82,8 @@ class NoisyClipLoss:
 
     ``batch``: images ``[B, 3, S, S]`` in [-1, 1], or a mapping with ``pixel_values`` (same) and optionally
     ``teacher_pixel_values`` (the clean image already prepared for the teacher, e.g. CLIP's 384-px preprocessing,
-    spec §7 item 11); without it the teacher sees the student's clean image, CLIP-normalised.
+    the released data pipeline never defined the teacher's input); without it the teacher sees the student's clean
+    image, CLIP-normalised.
     """
 
     def __init__(

@@ -1,10 +1,10 @@
-"""The noise-aware CLIP image encoder of SDG (Liu et al., WACV 2023, §3 of the paper; spec §3).
+"""The noise-aware CLIP image encoder of SDG (Liu et al., WACV 2023, §3 of the paper; METHOD.md §3).
 
 A pretrained CLIP image tower ``E`` is made timestep-aware: the original timestep ``t`` (0..T-1) is embedded with
 ADM's sinusoid, passed through a small MLP, and projected to one ``(scale_k, shift_k)`` pair per normalisation layer
 ``k`` of the tower. Each norm's output ``n_k`` becomes (FiLM, Perez et al. 2018)::
 
-    n_k  <-  n_k * (1 + scale_k(t)) + shift_k(t)                                             (spec §3.2, item 4)
+    n_k  <-  n_k * (1 + scale_k(t)) + shift_k(t)                                             (METHOD.md §3, FiLM)
 
 before the following ReLU / residual add. Which layers are modulated:
 
@@ -124,7 +124,7 @@ def _apply_film(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor
 def _resize_positional(table: torch.Tensor, old_grid: int, new_grid: int, mode: str, std: float) -> torch.Tensor:
     """A ``[1 + g^2, D]`` positional table (class/mean token first) for a new grid: bicubic resize or fresh random."""
     dim = table.shape[1]
-    if mode == "random":  # SDG: the pretrained table is discarded (spec §3.2 item 2)
+    if mode == "random":  # SDG: the pretrained table is discarded
         return torch.randn(1 + new_grid**2, dim, dtype=table.dtype, device=table.device) * std
     grid = table[1:].reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2)
     grid = F.interpolate(grid.float(), size=(new_grid, new_grid), mode="bicubic", align_corners=False)
@@ -227,7 +227,7 @@ class NoiseAwareCLIP(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ forward
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """[-1, 1] diffusion images -> CLIP-normalised input: ``((x + 1) / 2 - mean) / std`` (spec §3.2 item 1)."""
+        """[-1, 1] diffusion images -> CLIP-normalised input: ``((x + 1) / 2 - mean) / std`` (no resize)."""
         return ((x + 1) / 2 - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def modulation(self, t: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -288,7 +288,7 @@ class NoiseAwareCLIP(nn.Module):
     def set_finetune_mode(self, mode: str = "all") -> list[nn.Parameter]:
         """Choose the trainable parameters (SDG's ``--finetune_clip_layer``) and return them.
 
-        ``all``: everything, BatchNorms in train mode (running statistics adapt to noisy inputs, spec §7.14).
+        ``all``: everything, BatchNorms in train mode (running statistics adapt to noisy inputs).
         ``last``: time MLP, projection and the last stage (ResNet: layer4 + attention pool with its positional table;
         ViT: last block, ``ln_post``, ``proj``); the rest is frozen and kept in eval mode by :meth:`train`.
         """

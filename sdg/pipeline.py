@@ -1,4 +1,4 @@
-"""SDG sampling (spec §2.3): an unconditional ADM-style UNet, guided by the noise-aware CLIP, on the core's DDPM sampler.
+"""SDG sampling (METHOD.md §1): an unconditional ADM-style UNet, guided by the noise-aware CLIP, on the core's DDPM sampler.
 
 One reverse step at respaced index k (original t = s_k), all done by ``common.samplers.sample_ddpm``:
 
@@ -11,7 +11,7 @@ One reverse step at respaced index k (original t = s_k), all done by ``common.sa
 
 The UNet and the energies see the ORIGINAL t (the plan maps k -> s_k). The sampler's generator draws only x_T and z;
 the reference noise of image guidance has its own generator, so zero weights reproduce unguided sampling bit for bit
-and changing the weights never changes the sampler's noise (unlike the released code, spec §7 item 7).
+and changing the weights never changes the sampler's noise (unlike the released code).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SDG's guidance energies F(x_t, y, t) (spec §2.4) and the guidance hook that combines them.
+"""SDG's guidance energies F(x_t, y, t) (METHOD.md §2) and the guidance hook that combines them.
 
 Every energy is a *similarity* to increase, evaluated by the noise-aware CLIP ``E'`` (sdg.noisy_clip) directly on the
 noisy sample ``x_t`` at its ORIGINAL timestep t; the sampler adds ``Sigma * grad_x sum_i w_i F_i`` to the DDPM mean
@@ -9,15 +9,15 @@ noisy sample ``x_t`` at its ORIGINAL timestep t; the sampler adds ``Sigma * grad
 - style    (eq. F_style):  ``-(s / L) sum_j MSE(G(h_j(x_t, t)), G(h_j(x'_t, t)))`` over L feature maps h_j
 
 The reference is noised with the full training schedule at the original t (``x'_t = sqrt(abar_t) x'_0 +
-sqrt(1 - abar_t) eps'``, spec §2.5), with fresh noise at every call drawn from the energy's own generator, so the
+sqrt(1 - abar_t) eps'``), with fresh noise at every call drawn from the energy's own generator, so the
 sampler's noise stream is the same with and without guidance.
 
-Style Gram matrices (spec §7 item 2): ``gram="per_sample"`` (default) gives each sample its own ``C x C`` Gram
+Style Gram matrices (METHOD.md §2): ``gram="per_sample"`` (default) gives each sample its own ``C x C`` Gram
 ``F_i F_i^T / (C H W)`` and its own energy, so a sample's gradient never depends on the other samples;
 ``gram="batch"`` reproduces the released code, which reshapes the batch to ``(B C) x (H W)`` rows, normalises by
 ``sqrt(B C H W)`` and compares ``(B C) x (B C)`` Grams: samples are mixed, strength depends on B, and the energy is
 one number per batch. With B = 1 the two coincide. Grams are computed in at least float32 (the released code only
-worked under fp16 autocast, spec §7 items 1 and 3).
+worked under fp16 autocast).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def gram_per_sample(h: torch.Tensor) -> torch.Tensor:
 def gram_batch(h: torch.Tensor) -> torch.Tensor:
     """The released Gram: ``[B, C, H, W] -> [B C, B C]``, ``M M^T`` with ``M = h`` as ``(B C) x (H W) / sqrt(BCHW)``.
 
-    Rows of different samples meet in the off-diagonal blocks: this is the batch mixing of spec §7 item 2.
+    Rows of different samples meet in the off-diagonal blocks: this is the batch mixing of the released Gram.
     """
     h = _accurate(h)
     b, c = h.shape[:2]
@@ -75,7 +75,7 @@ def gram_batch(h: torch.Tensor) -> torch.Tensor:
 def noise_reference(
     reference: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, generator: Generator = None
 ) -> torch.Tensor:
-    """``x'_t = sqrt(abar_t) x'_0 + sqrt(1 - abar_t) eps'`` at the ORIGINAL timesteps ``t`` ``[B]`` (spec §2.5).
+    """``x'_t = sqrt(abar_t) x'_0 + sqrt(1 - abar_t) eps'`` at the ORIGINAL timesteps ``t`` ``[B]``.
 
     ``reference`` ``[1 or B, 3, H, W]`` in [-1, 1] is repeated to the batch; every sample gets its own noise.
     ``abar`` is the full training schedule's, never a respaced chain's (the released code's ``betas1000``).

@@ -1,12 +1,12 @@
-"""Stable Diffusion conditioned on a CLIP image embedding: projection to cross-attention tokens (spec §5).
+"""Stable Diffusion conditioned on a CLIP image embedding: projection to cross-attention tokens.
 
 The reference forked diffusers to add ``emb_proj_layers = Linear(1536, 4 * 1024)`` inside the UNet. Here the UNet is
 the stock ``UNet2DConditionModel`` and the projection is a separate module whose output ``[B, 4, 1024]`` is passed as
-``encoder_hidden_states`` (spec §5.1), so a fine-tuned UNet still loads in a plain ``StableDiffusionPipeline``.
+``encoder_hidden_states``, so a fine-tuned UNet still loads in a plain ``StableDiffusionPipeline``.
 
 Classifier-free guidance needs an unconditional input. Fine-tuning drops 10 % of the embeddings to a null
 embedding (the reference: the prior's embedding of the empty caption; alternatives zero or learned) and sampling
-uses the same null as the negative. The reference wrote the null INTO the batch tensor in place (spec §7.14); here
+uses the same null as the negative. The reference wrote the null INTO the batch tensor in place; here
 :meth:`ImageEmbProjection.drop` returns a new tensor, so neither the caller's batch nor the null is ever aliased.
 """
 
@@ -98,7 +98,7 @@ def image_embedding_denoiser(
     """An SD UNet conditioned on image embeddings ``[B, D]`` as a denoiser for ``common.samplers``.
 
     The negative defaults to the projection's null embedding (what fine-tuning dropped to), so every guidance
-    scale works, including <= 1 (the reference crashed there, spec §7.14); at scale 1 only the conditional branch
+    scale works, including <= 1 (the reference crashed there); at scale 1 only the conditional branch
     runs (no batch doubling).
     """
     batch = len(image_emb)

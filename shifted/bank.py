@@ -1,4 +1,4 @@
-"""The Gaussian bank: statistics of CLIP image embeddings that shifted diffusion diffuses towards (spec §2.2).
+"""The Gaussian bank: statistics of CLIP image embeddings that shifted diffusion diffuses towards (METHOD.md, "Gaussian bank").
 
 The bank holds K diagonal Gaussians ``N(mu_k, diag(sigma_k^2))`` fitted to the (raw, concatenated) CLIP image
 embeddings of the training set. The terminal distribution of the shifted process for a text ``c`` is
@@ -6,7 +6,7 @@ embeddings of the training set. The terminal distribution of the shifted process
 reference). K = 1 is one dataset-level Gaussian; ``mu = 0, S = 1`` is plain DDPM.
 
 ``mean``, ``std`` and ``std_scale`` are registered buffers: the released ``Vocab`` kept them as plain attributes, so a
-reloaded model silently sampled with ``std = 0`` (spec §7.1). Here they travel with ``state_dict`` and with
+reloaded model silently sampled with ``std = 0``. Here they travel with ``state_dict`` and with
 :meth:`GaussianBank.save`, together with the names of the CLIP models whose space they live in.
 """
 
@@ -35,8 +35,8 @@ def block_unit(x: torch.Tensor, block_dims: Sequence[int], similarity: str = "co
     """Map rows ``[N, D]`` to vectors whose dot products are the chosen similarity.
 
     ``concat``: ``x / |x|``, so ``<u(a), u(b)>`` is the cosine on the whole concatenation (the reference's bank
-    selection, spec §7.11). ``per_block``: every CLIP block normalised on its own and divided by
-    ``sqrt(n_blocks)``, so ``<u(a), u(b)>`` is the mean of the per-model cosines (spec §2.1, §6).
+    selection). ``per_block``: every CLIP block normalised on its own and divided by
+    ``sqrt(n_blocks)``, so ``<u(a), u(b)>`` is the mean of the per-model cosines (the paper's similarity).
     """
     if similarity == "concat":
         return nn.functional.normalize(x, dim=-1)
@@ -58,7 +58,7 @@ def check_clip_models(have: Sequence[str], want: Sequence[str], what: str) -> No
 
 
 class GaussianBank(nn.Module):
-    """K diagonal Gaussians in CLIP image-embedding space, chosen per text (spec §2.2, ``Vocab`` in the reference).
+    """K diagonal Gaussians in CLIP image-embedding space, chosen per text (``Vocab`` in the reference).
 
     Args:
         mean: ``[K, D]`` cluster means ``mu_k`` (raw embedding scale).
@@ -234,7 +234,7 @@ class GaussianBank(nn.Module):
 def _cluster_labels(x: np.ndarray, units: np.ndarray, size: int, method: str, seed: int) -> np.ndarray:
     if method == "spherical_kmeans":
         # k-means on unit vectors: squared distance 2 - 2 cos, so clusters are cones, matching the cosine
-        # assignment the bank uses at train and test time (spec §4 "statistics file production").
+        # assignment the bank uses at train and test time.
         from sklearn.cluster import KMeans, MiniBatchKMeans
 
         if len(units) * size <= 5_000_000:
@@ -262,7 +262,7 @@ def fit_bank(
     block_dims: Optional[Sequence[int]] = None,
     similarity: str = "concat",
 ) -> GaussianBank:
-    """Fit a bank of ``size`` diagonal Gaussians to CLIP image embeddings ``[N, D]`` (spec §2.2 and §4).
+    """Fit a bank of ``size`` diagonal Gaussians to CLIP image embeddings ``[N, D]`` (METHOD.md, "Gaussian bank").
 
     The clusters come from scikit-learn (``spherical_kmeans``: k-means on the rows mapped by :func:`block_unit`,
     i.e. on directions, because components are chosen by cosine; ``gmm_diag``: ``GaussianMixture`` with diagonal

@@ -64,7 +64,7 @@ def check_new_output(path: Path, what: str = "output") -> None:
 
 
 def add_prior_sampling_args(parser, prefix: str = "") -> None:
-    """The prior sampler's flags (spec §8.2 ``sample_prior.py``; defaults = the consistent process)."""
+    """The prior sampler's flags (defaults = the consistent process; the released behaviours behind flags)."""
     parser.add_argument(f"--{prefix}respacing", default="8",
                         help="prior sampling steps: a respacing string ('8' = the reference demo, 'ddim25', ...)")
     parser.add_argument(f"--{prefix}sampler", default="ddpm", choices=("ddpm", "ddim"), help="prior sampler")

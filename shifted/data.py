@@ -3,7 +3,7 @@
 The folder format is the project's (``common.data``: images + ``metadata.jsonl``; unreadable files are skipped and
 counted). Pixels are taken as the dataset yields them (resize of the short side + centre crop to ``resolution``,
 in [-1, 1]) and handed to :class:`~shifted.embeddings.MultiCLIP` as ``(x + 1) / 2``, which resizes to each CLIP's
-input size: the same call the decoder's fine-tuning makes on its training crops (spec §5.2), so a cached embedding
+input size: the same call the decoder's fine-tuning makes on its training crops, so a cached embedding
 and an on-the-fly one are the same tensor.
 """
 

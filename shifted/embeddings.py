@@ -1,6 +1,6 @@
 """CLIP embeddings for Shifted Diffusion: several CLIP models concatenated, text states, and an offline cache.
 
-Embedding space (spec §2.1): ``x0 = [E_1(img) | E_2(img) | ... ]``, the RAW (not normalised, not rescaled) image
+Embedding space (METHOD.md, "Embedding space"): ``x0 = [E_1(img) | E_2(img) | ... ]``, the RAW (not normalised, not rescaled) image
 embeddings of an ordered list of CLIP models (the paper: ViT-B/16, ViT-B/32, RN101, 512 each -> 1536); the text
 condition ``c`` is the same models' text embeddings in the same order. Similarities between such vectors are taken
 per CLIP block and averaged (:func:`mean_block_cosine`), never on the concatenation, because the blocks live on very
@@ -8,7 +8,7 @@ different scales (RN101 norms ~2 vs ~7-10 for the ViTs).
 
 A CLIP model here is ``(name, model, tokenizer)``: an ``open_clip`` model (``encode_image`` / ``encode_text``,
 ``visual.image_size``, ``visual.preprocess_cfg``) and its tokenizer (``open_clip.get_tokenizer``; it truncates long
-captions to the context length, which the reference's ``clip.tokenize`` did not, spec §7.8).
+captions to the context length, which the reference's ``clip.tokenize`` did not).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def to_pixels(images: Sequence[ImageLike]) -> torch.Tensor:
 
 
 class MultiCLIP:
-    """Several CLIP models as one encoder whose outputs are concatenated in a fixed order (spec §2.1, ``MultiCLIP``).
+    """Several CLIP models as one encoder whose outputs are concatenated in a fixed order (``MultiCLIP`` in the reference).
 
     Args:
         models: ``[(name, open_clip_model, tokenizer), ...]`` in concatenation order. ``name`` identifies the model
@@ -166,7 +166,7 @@ class TextStates:
     Any encoder whose forward takes ``input_ids`` and returns ``last_hidden_state`` works (T5, a CLIP text tower).
 
     Tokenised with ``padding="max_length"`` and truncation, and encoded WITHOUT an attention mask, as the reference
-    does (spec §7.9): the padding states are genuine inputs of the prior. The CFG null is all zeros, not the states
+    does: the padding states are genuine inputs of the prior. The CFG null is all zeros, not the states
     of an empty caption (:meth:`null`).
     """
 
@@ -225,7 +225,7 @@ def extract_embeddings(
     """Embed a dataset once: ``image_emb [N, D]``, and with captions ``text_emb [N, D]`` (+ ``text_states``).
 
     Computes exactly what training computes on the fly (same :class:`MultiCLIP` calls), batch by batch, so that a
-    cached run and an on-the-fly run see identical tensors (spec §8.2 ``extract_embeddings``).
+    cached run and an on-the-fly run see identical tensors.
     """
     if texts is not None and len(texts) != len(images):
         raise UserError(f"got {len(images)} images but {len(texts)} captions: they are paired one to one")

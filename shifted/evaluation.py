@@ -6,7 +6,7 @@ For each held-out (caption, image) pair the prior samples an image embedding fro
   images (``common.metrics.fid_from_features``: Gaussian fits, FID's formula on CLIP-embedding features); lower
   is closer to the real image-embedding distribution;
 - ``cosine``: mean per-CLIP-block cosine between each generated embedding and its paired real image embedding
-  (the paper's CLIP image-image similarity in embedding space, spec §6); higher is better.
+  (the paper's CLIP image-image similarity in embedding space); higher is better.
 
 References printed next to them: the same numbers for the captions' CLIP *text* embeddings used as if they were
 image embeddings, and the Fréchet distance between training and held-out real image embeddings (the floor set

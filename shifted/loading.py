@@ -1,6 +1,6 @@
 """Loading the frozen towers from local folders, and the shipped checkpoint layout (scripts, sample_cli).
 
-Names. Every embedding space is identified by the ordered names of the CLIP models that made it (spec §2.1), and
+Names. Every embedding space is identified by the ordered names of the CLIP models that made it (METHOD.md, "Embedding space"), and
 the prior's text tokens by the name of their text encoder; banks, caches, priors and decoders store these names
 and refuse to mix (``check_clip_models``). A model loaded from a folder is named ``<folder>@<digest>``, the digest
 being the first 10 hex digits of the SHA-256 of its weights file: the same weights give the same name whatever the

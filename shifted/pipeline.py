@@ -1,12 +1,12 @@
-"""Text -> CLIP image embedding with the shifted-diffusion prior, and the prior's training loss (spec §2, §4).
+"""Text -> CLIP image embedding with the shifted-diffusion prior, and the prior's training loss (equations in METHOD.md).
 
-Sampling (spec §2.7, §2.8): choose the bank component from the CLIP text embedding, start at
+Sampling (METHOD.md, "Reverse DDPM" / "Reverse DDIM"): choose the bank component from the CLIP text embedding, start at
 ``x_T = mu_k + S_k * z`` and run the core's DDPM or DDIM sampler with ``shift=Shift("prior", mu_k, S_k)`` over a
 respaced plan (the demo's ``"8"``: t in {999, 856, ..., 143, 0}, the network sees original timesteps). The prior
 predicts x0; classifier-free guidance combines ``[uncond; cond]`` from one batched forward, where the unconditional
-branch zeroes the text states but keeps the CLIP text embedding and the component (spec §2.10).
+branch zeroes the text states but keeps the CLIP text embedding and the component (METHOD.md, "Classifier-free guidance").
 
-Released-code behaviours kept behind flags for comparison (spec §7): ``guide_half`` (the GLIDE helper guides only
+Released-code behaviours kept behind flags for comparison (METHOD.md, "Defaults"): ``guide_half`` (the GLIDE helper guides only
 the first half of the embedding dimensions), ``prior_noise="zero"`` (x_T = mu, no noise), ``posterior_component=
 "pred_x0"`` (posterior mean shifted by the component nearest to x0_hat), ``clip_denoised`` (clamp x0_hat to
 ``mu +- 3 sigma``). The defaults are the consistent process: every dimension guided, the data std, the text-chosen
@@ -87,10 +87,10 @@ def sample_shifted(
 ) -> torch.Tensor:
     """The shifted reverse process for any x0-denoiser ``(x_t [B, D], t [B]) -> x0_hat [B, D]`` -> ``x_0 [B, D]``.
 
-    DDPM (spec §2.7; ``variance_type="fixed_large"`` is the reference's beta_t) or DDIM with ``eta`` (spec §2.8),
+    DDPM (``variance_type="fixed_large"`` is the reference's beta_t) or DDIM with ``eta`` (METHOD.md),
     both the core samplers with the bank's shift; ``bank=None`` is plain DDPM / DDIM (the baseline prior).
     ``steps`` is a respacing string (``"8"``, ``"ddim50"``, ``"fast27"``; the network sees original timesteps) or an
-    int (diffusers' leading spacing). ``x_T = mu + S z`` (spec §2.7), ``z`` the first draw from ``generator``.
+    int (diffusers' leading spacing). ``x_T = mu + S z``, ``z`` the first draw from ``generator``.
     """
     if sampler not in SAMPLERS:
         raise UserError(f"unknown prior sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
@@ -125,7 +125,7 @@ def prior_denoiser(
     guide_half: bool = False,
     clamp: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ):
-    """The prior with classifier-free guidance as an x0 denoiser (spec §2.10).
+    """The prior with classifier-free guidance as an x0 denoiser (METHOD.md, "Classifier-free guidance").
 
     ``x0_hat = u + w (c - u)`` with ``c`` the prediction from the text states and ``u`` from all-zero states (same
     CLIP text embedding, same component), one batched forward ``[uncond; cond]``. ``w = 0`` is unconditional,
@@ -215,7 +215,7 @@ def sample_prior_from_texts(
 def null_image_embedding(
     prior: ShiftedPrior, bank: Optional[GaussianBank], encoder: PriorTextEncoder, **kwargs
 ) -> torch.Tensor:
-    """``prior("")`` ``[D]``: the reference's CFG null / negative embedding for the SD decoder (spec §5.2, §5.3)."""
+    """``prior("")`` ``[D]``: the reference's CFG null / negative embedding for the SD decoder."""
     check_text_encoder(prior, encoder)
     clip_text, text_states = encoder([""], allow_empty=True)
     return sample_prior(prior, bank, clip_text, text_states, **kwargs)[0]
@@ -225,11 +225,11 @@ def null_image_embedding(
 
 
 class PriorObjective:
-    """The prior's training loss for the shared trainer: ``Trainer.fit(obj.models, obj, dataset)`` (spec §2.6, §4).
+    """The prior's training loss for the shared trainer: ``Trainer.fit(obj.models, obj, dataset)`` (METHOD.md, "Objective").
 
     ``batch``: ``image_emb [B, D]`` (x0, raw CLIP image embeddings), ``text_emb [B, D]`` (CLIP text embeddings)
     and ``text_states [B, L, d]``. Per sample: ``k = k(text_emb)`` (never from a dropped embedding),
-    ``t ~ U{0..T-1}``, ``x_t`` from the shifted marginal (spec §2.3), the text states zeroed with
+    ``t ~ U{0..T-1}``, ``x_t`` from the shifted marginal, the text states zeroed with
     ``empty_text_prob`` (reference ``--empty_t5_prob`` 0.1) and the CLIP text embedding with ``empty_clip_prob``
     (0.0), and ``loss = mean_b w_t mean_d (x0 - x0_hat)^2`` with the P2 weight ``w_t = 1 / (k + SNR_t)^gamma``
     (``= 1 - abar_t`` at the defaults). ``bank=None`` trains the baseline (plain DDPM, no bank token).
@@ -238,7 +238,7 @@ class PriorObjective:
 
     Called as ``objective(batch, ctx)`` by ``common.train.Trainer`` it runs ``ctx.models["prior"]`` (the prepared,
     possibly DDP-wrapped module); randomness comes from ``generator`` or else the global RNG the trainer scopes.
-    The bank stays float32 on the batch's device whatever the mixed-precision dtype (fp32 diffusion math, §7.12).
+    The bank stays float32 on the batch's device whatever the mixed-precision dtype (fp32 diffusion math).
     """
 
     def __init__(

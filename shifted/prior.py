@@ -1,4 +1,4 @@
-"""The Shifted Diffusion prior network: a causal transformer predicting the clean CLIP image embedding (spec §3).
+"""The Shifted Diffusion prior network: a causal transformer predicting the clean CLIP image embedding.
 
 Token sequence (length ``text_len + 5``, or ``+ 4`` without the bank token), in this order::
 
@@ -6,10 +6,10 @@ Token sequence (length ``text_len + 5``, or ``+ 4`` without the bank token), in 
 
 Each token comes from its own small projection (``t5_proj``, ``clip_sentence_proj``, sinusoidal + MLP for the
 timestep and for the bank index, ``x_proj``); a decoder-only transformer with causal self-attention reads the
-sequence and the hidden state at the query position, through ``out_proj``, is ``x0_hat`` (x0 parameterisation,
-spec §2.6). The transformer mirrors x-transformers 0.28.4 ``Decoder(use_rmsnorm=True, ff_glu=True)`` as the
+sequence and the hidden state at the query position, through ``out_proj``, is ``x0_hat`` (x0 parameterisation).
+The transformer mirrors x-transformers 0.28.4 ``Decoder(use_rmsnorm=True, ff_glu=True)`` as the
 reference instantiates it: pre-RMSNorm, causal attention with bias-free q/k/v and output projection, GEGLU
-feed-forward (x4), no positional embedding, no final norm (spec §3, §7.10). ``attn_out_bias=True`` adds a bias to
+feed-forward (x4), no positional embedding, no final norm. ``attn_out_bias=True`` adds a bias to
 each attention output projection: priors trained here before the network matched the release (the shipped tiny
 ones) record it in their ``config.json`` and keep loading bit for bit. Causality plus the fixed token
 order lets the text tokens be computed once per prompt; positions are implicit in causal attention.
@@ -121,7 +121,7 @@ def sinusoidal_mlp(width: int) -> nn.Sequential:
 
 
 class ShiftedPrior(ModelMixin, ConfigMixin):
-    """``x0_hat = f(x_t, t, c, text_states, k)``: the CLIP-image-embedding prior of Shifted Diffusion (spec §3).
+    """``x0_hat = f(x_t, t, c, text_states, k)``: the CLIP-image-embedding prior of Shifted Diffusion (METHOD.md, "The prior network").
 
     Args (saved in ``config.json``):
         emb_dim: D, width of the concatenated CLIP embeddings (image target and text condition; 1536 in the paper).
@@ -258,7 +258,7 @@ def prior_parameter_count(
     emb_dim: int, text_dim: int, width: int, layers: int, heads: int, dim_head: int = 64, ff_mult: int = 4,
     use_bank_token: bool = True, attn_out_bias: bool = False,
 ) -> int:
-    """Closed-form parameter count of :class:`ShiftedPrior` (spec §3 sizes: 0.58B / 1.12B / 1.39B at 8 / 16 / 20)."""
+    """Closed-form parameter count of :class:`ShiftedPrior` (the paper's sizes: 0.58B / 1.12B / 1.39B at 8 / 16 / 20 layers)."""
     inner, w, e = heads * dim_head, width, emb_dim
     block = 2 * w + 4 * w * inner + (w if attn_out_bias else 0) + (2 * ff_mult * w) * (w + 1) + ff_mult * w * w + w
     text = text_dim + text_dim * w + w + w + w * w + w

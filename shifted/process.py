@@ -1,12 +1,12 @@
-"""Shifted Diffusion's process as a :class:`common.process.Shift` built from a Gaussian bank (spec §2.3 - §2.8).
+"""Shifted Diffusion's process as a :class:`common.process.Shift` built from a Gaussian bank (equations in METHOD.md).
 
 The process itself lives in the core (``common/process.py``)::
 
-    x_t = sqrt(abar_t) x0 + (1 - sqrt(abar_t)) mu_k + sqrt(1 - abar_t) S_k * eps        (spec §2.3)
+    x_t = sqrt(abar_t) x0 + (1 - sqrt(abar_t)) mu_k + sqrt(1 - abar_t) S_k * eps
 
 i.e. ``Shift(k="prior", mean=mu_k, scale=S_k)``; the core samplers take every DDPM / DDIM step in the whitened
-coordinates ``(x - k_t mu) / S`` (spec §2.4). This module only says which ``mu`` and ``S`` a batch uses, including the
-two behaviours of the released sampler kept behind flags for comparison (spec §7.1, §7.2).
+coordinates ``(x - k_t mu) / S`` (METHOD.md, "Whitened view"). This module only says which ``mu`` and ``S`` a batch uses, including the
+two behaviours of the released sampler kept behind flags for comparison.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from shifted.bank import GaussianBank
 PRIOR_NOISE = ("data_std", "zero")
 POSTERIOR_COMPONENTS = ("text", "pred_x0")
 
-# ``prior_noise="zero"`` reproduces the released demo, whose bank std was never loaded (spec §7.1): x_T = mu and no
+# ``prior_noise="zero"`` reproduces the released demo, whose bank std was never loaded: x_T = mu and no
 # noise at any step. The whitened samplers divide by S, so zero is taken as a limit: a scale this small adds
 # noise far below float32 resolution while ``S * (x / S)`` still round-trips (|x - k mu| / S stays < 1e30).
 ZERO_NOISE_SCALE = 1e-12
@@ -49,7 +49,7 @@ def sampling_shift(
     ``prior_noise``: ``data_std`` (``S = std_scale * sigma``, what training used) or ``zero`` (the released demo).
     ``posterior_component``: ``text`` (the text-chosen component everywhere, a consistent reverse process) or
     ``pred_x0`` (released: the posterior mean's ``mu`` is the component nearest to each step's x0 estimate,
-    while x_T, the noise scale and the index token stay text-chosen; spec §2.7).
+    while x_T, the noise scale and the index token stay text-chosen).
     """
     if prior_noise not in PRIOR_NOISE:
         raise UserError(f"unknown --prior_noise {prior_noise!r}: choose one of {', '.join(PRIOR_NOISE)}")

@@ -1,30 +1,27 @@
-"""Load an entry-point script (``scripts/...py``; ``scripts/`` is not a package) as a module for the tests.
+"""Run an entry-point script's code for an end-to-end test, without importing the script as a library module.
 
-Several methods have scripts of the same name (``sample.py``, ``train.py``, ``evaluate.py``), so each script gets a
-module name derived from its path, and is executed once per test process.
+Scripts (``scripts/...py``) are entry points, not modules: nothing imports them. A test that drives one through its
+command line calls ``load_script(path).main(argv)``, which executes the file with :func:`runpy.run_path` (under a
+name that is not ``__main__``, so the script does not run on load) and exposes its top-level names. Several methods
+have scripts of the same name (``sample.py``, ``train.py``), so each path is run once per test process and cached
+by path; nothing is added to ``sys.modules``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import runpy
+import types
 from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parent.parent
+_LOADED: dict[Path, types.SimpleNamespace] = {}
 
 
-def load_script(relative_path: str):
-    """``load_script("scripts/codiff/generate.py")`` -> that script's module (cached in ``sys.modules``)."""
-    path = REPO / relative_path
-    name = "_dlab_script_" + "_".join(Path(relative_path).with_suffix("").parts)
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return sys.modules[name]
+def load_script(relative_path: str) -> types.SimpleNamespace:
+    """``load_script("scripts/codiff/generate.py").main(argv)``: the script's top-level names (cached per path)."""
+    path = (REPO / relative_path).resolve()
+    if path not in _LOADED:
+        name = "_dlab_script_" + "_".join(Path(relative_path).with_suffix("").parts)
+        _LOADED[path] = types.SimpleNamespace(**runpy.run_path(str(path), run_name=name))
+    return _LOADED[path]

@@ -149,7 +149,7 @@ def test_released_schedule_values_and_closed_form():
     assert s[0] > 0.998 and s[1].item() == pytest.approx(0.5, abs=1e-12) and s[2] < 1e-4
     g = torch.Generator().manual_seed(0)
     maps = influence_maps(torch.randn(3, 2, 4, 4, generator=g))
-    t = torch.tensor([981, 500, 101])  # per-sample t, not t[0] (pitfall §8.2)
+    t = torch.tensor([981, 500, 101])  # per-sample t, not t[0]
     out = rw(maps, t, ("mask", "text"))
     sm = rw.schedule_scale(t).view(-1, 1, 1).float() * maps[:, 0]
     torch.testing.assert_close(out[:, 0], 2 * sm / (1 + sm))

@@ -1,4 +1,4 @@
-"""Conditions: palette masks -> one-hot class tokens (spec §3.5), prompts -> tokens, and their bad inputs."""
+"""Conditions: palette masks -> one-hot class tokens, prompts -> tokens, and their bad inputs."""
 
 from __future__ import annotations
 

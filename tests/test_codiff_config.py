@@ -18,7 +18,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "codiff"
 def test_paper_config_has_the_papers_sizes_on_meta(capsys):
     config = load_config(CONFIGS / "paper.yaml")
     counts = build_models(config, device="meta").parameter_counts()
-    # Spec §3: uni-modal UNet ~403.6M, dynamic diffuser ~13.1M, Linear(1024, 640), 32-layer text encoder 166.6M.
+    # uni-modal UNet ~403.6M, dynamic diffuser ~13.1M, Linear(1024, 640), 32-layer text encoder 166.6M.
     assert round(counts["unet[text]"] / 1e6, 1) == 403.6 and counts["unet[mask]"] == counts["unet[text]"]
     assert round(counts["dynamic_diffuser[mask]"] / 1e6, 1) == 13.1
     assert counts["encoder[mask]"] == 1024 * 640 + 640

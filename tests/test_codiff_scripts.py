@@ -238,13 +238,9 @@ def test_edit_imagic_per_modality_then_collaborate(world, tmp_path, capsys):
 
 
 def test_sample_script_method_codiff(world, tmp_path, monkeypatch, capsys):
-    import importlib.util
-
     import codiff.sample_cli as cli
 
-    spec = importlib.util.spec_from_file_location("codiff_test_sample_py", REPO / "scripts" / "sample.py")
-    sample_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sample_script)
+    sample_script = load_script("scripts/sample.py")
 
     monkeypatch.setattr(cli, "DIGITS_ROOT", world["digits"])
     out = tmp_path / "s"

@@ -1,4 +1,4 @@
-"""The relational network r_phi(x0, c) (spec §2.6, §8.7): shapes, zero init, what it reads, save/load, bad input."""
+"""The relational network r_phi(x0, c): shapes, zero init, what it reads, save/load, bad input."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def test_zero_init_gives_exactly_zero_with_the_latent_shape():
 
 
 def test_output_reads_image_position_and_text_and_is_batch_equivariant():
-    """Off zero init, r changes with the image alone and the text alone (the released video adapter did not, spec
-    §7.9a), is not the same for every patch, and permuting the batch permutes the output."""
+    """Off zero init, r changes with the image alone and the text alone (the released video adapter did not),
+    is not the same for every patch, and permuting the batch permutes the output."""
     adapter = tiny_adapter(seed=1, head_std=0.1)
     x0, text = _inputs()
     perm = torch.tensor([2, 0, 1])

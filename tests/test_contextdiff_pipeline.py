@@ -1,4 +1,4 @@
-"""ContextDiff generation and inversion on the core samplers (spec §2.3, §2.4, §8.1, §8.4, §8.8, §8.9)."""
+"""ContextDiff generation and inversion on the core samplers."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _generate(parts, adapter, **kwargs):
 
 @pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 0.5), ("ddpm", 0.0)])
 def test_zero_adapter_is_the_plain_core_sampler_bit_for_bit(parts, sampler, eta):
-    """Spec §8.1/§8.7: with r == 0 the contextualized sampler (CFG, shift hook, shifted-eps wrapper) is the core's
+    """With r == 0 the contextualized sampler (CFG, shift hook, shifted-eps wrapper) is the core's
     plain sampler bit for bit; and it matches the core's SD pipeline (eps read directly) to float32 rounding of the
     exact shifted-eps -> x0 -> eps round trip."""
     ours = _generate(parts, tiny_adapter(), sampler=sampler, eta=eta).latents
@@ -64,7 +64,7 @@ def test_zero_adapter_is_the_plain_core_sampler_bit_for_bit(parts, sampler, eta)
 
 
 def test_cfg_then_one_shift_on_the_guided_x0(parts):
-    """Spec §2.4/§8.8: per step the adapter runs ONCE, on a batch of B (not 2B), on the guided x0_hat, with the
+    """Per step the adapter runs ONCE, on a batch of B (not 2B), on the guided x0_hat, with the
     conditional text. Checked at the first step against the guided x0 computed by hand."""
     adapter = tiny_adapter(seed=1, head_std=0.1)
     calls = []
@@ -95,8 +95,8 @@ def test_cfg_then_one_shift_on_the_guided_x0(parts):
 
 
 def test_inversion_round_trip_with_the_shift(parts):
-    """Spec §2.4/§8.4: contextualized DDIM inversion then DDIM sampling (same prompts, steps, shift) returns the
-    latents; inverting without the shift (the released video code, §7.9c) and sampling with it does not."""
+    """Contextualized DDIM inversion then DDIM sampling (same prompts, steps, shift) returns the
+    latents; inverting without the shift (the released video code) and sampling with it does not."""
     unet = copy.deepcopy(parts["unet"])
     with torch.no_grad():  # a calmer random UNet, so 5 fixed-point iterations solve the implicit inversion step
         unet.conv_out.weight.mul_(0.1)
@@ -115,7 +115,7 @@ def test_inversion_round_trip_with_the_shift(parts):
 
 
 def test_saved_adapter_reproduces_samples_and_the_shift_matters(parts, tmp_path):
-    """Spec §8.9: a saved and reloaded adapter gives the same images for a fixed seed; they differ from the
+    """A saved and reloaded adapter gives the same images for a fixed seed; they differ from the
     zero adapter's (the shift is used in sampling)."""
     adapter = tiny_adapter(seed=4, head_std=0.1)
     before = _generate(parts, adapter, sampler="ddpm")

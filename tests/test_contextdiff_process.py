@@ -1,6 +1,6 @@
-"""ContextDiff's contextualized process on the core's shift hook: the maths of spec §2 with a real adapter's r.
+"""ContextDiff's contextualized process on the core's shift hook: the maths of contextdiff/METHOD.md with a real adapter's r.
 
-Float64 where exactness matters. The oracles are the paper's direct formulas (spec §2.1 - §2.4), written out here
+Float64 where exactness matters. The oracles are the paper's direct formulas, written out here
 independently of ``common.process`` (which computes everything by whitening around the standard posterior).
 """
 
@@ -46,7 +46,7 @@ def data(adapter64):
 
 
 def test_k_schedules_values_and_unknown_name():
-    """Spec §2.1 numbers for the linear schedule; k_0 = 0 for every schedule; unknown name -> one-line UserError."""
+    """The k_t numbers of METHOD.md for the linear schedule; k_0 = 0 for every schedule; unknown name -> one-line UserError."""
     kq, kp = contextual_k("quadratic"), contextual_k("prior")
     ks = torch.stack([kq(a) for a in ABAR])
     assert kq(1.0) == 0.0 and kp(1.0) == 0.0 and contextual_k("none")(0.3) == 0.0
@@ -63,7 +63,7 @@ def test_k_schedules_values_and_unknown_name():
 @pytest.mark.parametrize("k", ["quadratic", "prior"])
 def test_marginal_is_the_chained_one_step_kernel(k, data):
     """Chaining q(x_t | x_{t-1}) = N(sqrt(a_t) x_{t-1} + (k_t - sqrt(a_t) k_{t-1}) r, b_t) from x0 gives the core's
-    forward marginal N(sqrt(abar_t) x0 + k_t r, 1 - abar_t) (spec §2.1) at every t."""
+    forward marginal N(sqrt(abar_t) x0 + k_t r, 1 - abar_t) at every t."""
     x0, _, r = data
     kf = contextual_k(k)
     mean, var = x0.clone(), 0.0
@@ -80,7 +80,7 @@ def test_marginal_is_the_chained_one_step_kernel(k, data):
 
 @pytest.mark.parametrize("t", [1, 5, 250, 600, 999])
 def test_posterior_equals_paper_forms_and_gaussian_conditioning(t, data):
-    """Spec §2.2: the core's shifted posterior = paper's x0 form = eps form = exact conditioning of (x_{t-1}, x_t)."""
+    """The core's shifted posterior = paper's x0 form = eps form = exact conditioning of (x_{t-1}, x_t)."""
     x0, _, r = data
     k = contextual_k("quadratic")
     a, ap = _abar(t), _abar(t - 1)
@@ -110,7 +110,7 @@ def _oracle(x_star: torch.Tensor) -> FunctionDenoiser:
 
 @pytest.mark.parametrize("t", [2, 400, 999])
 def test_ddpm_step_is_the_posterior_and_equals_ddim_eta1(t, data, adapter64):
-    """Spec §2.3/§2.4: with x0_hat = x0 one DDPM step has mean mu_tilde(x_t, x0, r_hat) and variance beta_tilde;
+    """With x0_hat = x0 one DDPM step has mean mu_tilde(x_t, x0, r_hat) and variance beta_tilde;
     a DDIM step with s = t - 1 and eta = 1 is the same step (same noise draw)."""
     x0, text, r = data
     shift = contextual_shift(adapter64, text, k="quadratic")
@@ -128,7 +128,7 @@ def test_ddpm_step_is_the_posterior_and_equals_ddim_eta1(t, data, adapter64):
 
 @pytest.mark.parametrize("k", ["quadratic", "prior"])
 def test_ddim_eta0_keeps_the_marginal_family_exactly(k, data, adapter64):
-    """Spec §2.4, closed form: with x0_hat = x0, eta = 0 DDIM maps sqrt(abar_t) x0 + k_t r + sqrt(1 - abar_t) eps to
+    """Closed form: with x0_hat = x0, eta = 0 DDIM maps sqrt(abar_t) x0 + k_t r + sqrt(1 - abar_t) eps to
     sqrt(abar_s) x0 + k_s r + sqrt(1 - abar_s) eps at every (strided) level s: the same eps, the shifted marginal."""
     x0, text, r = data
     kf = contextual_k(k)
@@ -144,7 +144,7 @@ def test_ddim_eta0_keeps_the_marginal_family_exactly(k, data, adapter64):
 
 
 def test_ddim_eta_positive_marginal_monte_carlo(data):
-    """Spec §2.4, Monte Carlo: eta = 0.7 DDIM from the shifted marginal at t lands on N(sqrt(abar_s) x0 + k_s r,
+    """Monte Carlo: eta = 0.7 DDIM from the shifted marginal at t lands on N(sqrt(abar_s) x0 + k_s r,
     1 - abar_s) at s (mean within 5 standard errors, variance within 5 %)."""
     x0, _, r = data
     x0, r = x0[0, 0].reshape(1, -1), r[0, 0].reshape(1, -1)  # 16 coordinates, 20k samples each
@@ -165,7 +165,7 @@ def test_ddim_eta_positive_marginal_monte_carlo(data):
 @pytest.mark.parametrize("k", ["quadratic", "prior"])
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim0", "ddim05"])
 def test_oracle_sampler_ends_on_the_point_mass(k, sampler, data, adapter64):
-    """Spec §8.5: data = a point mass x*, x0_hat = x*: every sampler ends on x* for any r and k (the shift cancels)."""
+    """Data = a point mass x*, x0_hat = x*: every sampler ends on x* for any r and k (the shift cancels)."""
     x_star, text, _ = data
     plan = make_plan(SCHED, 10)
     run = dict(shape=x_star.shape, shift=contextual_shift(adapter64, text, k=k), dtype=torch.float64,
@@ -178,8 +178,8 @@ def test_oracle_sampler_ends_on_the_point_mass(k, sampler, data, adapter64):
 
 
 def test_inversion_round_trip_with_the_shift(data, adapter64):
-    """Spec §8.4: eta = 0 contextualized DDIM inversion then sampling returns x0 (a smooth nonlinear denoiser, the
-    implicit step solved by fixed-point iteration); inverting WITHOUT the shift (the released video code, §7.9c)
+    """eta = 0 contextualized DDIM inversion then sampling returns x0 (a smooth nonlinear denoiser, the
+    implicit step solved by fixed-point iteration); inverting WITHOUT the shift (the released video code)
     and sampling with it does not."""
     x0, text, _ = data
     den = FunctionDenoiser(lambda x, t: 0.8 * x + 0.1 * torch.tanh(x), "x0")

@@ -21,7 +21,7 @@ from script_loading import load_script  # noqa: E402
 from tiny_data import write_captioned_images  # noqa: E402
 
 from common.io import OUTPUT_MANIFEST
-from common.tiny import make_tiny_sd_folder, tiny_unet2d_condition
+from common.tiny import tiny_unet2d_condition
 from contextdiff.adapter import load_adapter, tiny_adapter
 from contextdiff.checkpoint import load_contextdiff, save_contextdiff
 
@@ -37,8 +37,8 @@ def _script(name: str):
 
 
 @pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    return make_tiny_sd_folder(tmp_path_factory.mktemp("sd") / "tiny-sd")
+def sd_folder(tiny_sd_folder):
+    return tiny_sd_folder
 
 
 @pytest.fixture(scope="module")

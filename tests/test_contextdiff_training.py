@@ -1,7 +1,7 @@
-"""ContextDiff's training objective (spec §2.5, §3, §7.3): stage 1 (adapter), stage 2 (UNet with the adapter used).
+"""ContextDiff's training objective: stage 1 (adapter), stage 2 (UNet with the adapter used).
 
 The detach regression: the released T2I code built x_t with ``q_sample(...).detach()`` and regressed x0, so the
-shift layer never received a gradient (spec §7.3). Here the adapter learns THROUGH the denoiser's input x_t.
+shift layer never received a gradient. Here the adapter learns THROUGH the denoiser's input x_t.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _grads(module):
 
 
 def test_zero_adapter_loss_is_the_vanilla_diffusers_loss(unet):
-    """Spec §8.1: with r == 0 (zero-init adapter) the loss is diffusers' eps loss for the same (t, eps), bit for bit;
+    """With r == 0 (zero-init adapter) the loss is diffusers' eps loss for the same (t, eps), bit for bit;
     the x0 parameterisation likewise regresses x0 from the plain x_t."""
     from diffusers import DDPMScheduler
 
@@ -71,7 +71,7 @@ def test_zero_adapter_loss_is_the_vanilla_diffusers_loss(unet):
 
 
 def test_frozen_unet_adapter_gets_gradients_through_xt(unet):
-    """The detach-bug regression (spec §7.3): x0 parameterisation, UNet frozen, so the ONLY path from r to the loss
+    """The detach-bug regression: x0 parameterisation, UNet frozen, so the ONLY path from r to the loss
     is x_t -> UNet -> x0_hat. Every adapter parameter must get a nonzero gradient: an implementation that detaches
     x_t gives none and fails here."""
     adapter = tiny_adapter(seed=1, head_std=0.05)
@@ -113,9 +113,9 @@ def test_shifted_eps_xt_path_adds_to_the_target_path(unet):
 
 
 def test_adapter_trains_off_zero_init_and_reads_image_and_text(unet):
-    """Spec §8.7: r == 0 at init; the first step reaches only the zero-init head; after a few Adam steps every
+    """r == 0 at init; the first step reaches only the zero-init head; after a few Adam steps every
     parameter has a nonzero gradient and r changes when the image alone or the text alone changes (the released
-    video adapter ignored its visual input, spec §7.9a)."""
+    video adapter ignored its visual input)."""
     adapter = tiny_adapter(seed=2).train()
     config = ContextLossConfig(freeze_unet=True)
     trainable_modules(config, unet, adapter)
@@ -144,7 +144,7 @@ def test_adapter_trains_off_zero_init_and_reads_image_and_text(unet):
 
 
 def test_stage2_uses_the_loaded_adapter_and_trains_only_the_unet(unet, tmp_path):
-    """Stage 2 (spec §7.1: the released stage 2 ignored the adapter): the adapter saved by stage 1 is loaded, it
+    """Stage 2 (the released stage 2 ignored the adapter): the adapter saved by stage 1 is loaded, it
     defines x_t and the target (loss = the hand-written formula with its r), it gets no gradient, the UNet does."""
     trained = tiny_adapter(seed=4, head_std=0.1)
     trained.save_pretrained(tmp_path / "adapter")
@@ -183,7 +183,7 @@ def test_missing_adapter_in_stage2_is_a_one_line_user_error(unet, tmp_path):
 
 
 def test_lambda_r_adds_the_elbo_r_term(unet):
-    """Spec §2.5: lambda_r |(k_{t-1} - c2_t k_t)(r_phi(x0) - r_phi(x0_hat))|^2, x0_hat from the shifted-eps output.
+    """lambda_r |(k_{t-1} - c2_t k_t)(r_phi(x0) - r_phi(x0_hat))|^2, x0_hat from the shifted-eps output.
     The coefficient is O(beta_t) (~1e-3), so the term is tiny next to the MSE: float64 to see it exactly."""
     unet.double()
     adapter = tiny_adapter(seed=5, head_std=0.1).double()

@@ -1,4 +1,4 @@
-"""ContextDiff video editing (issue 10): inflation, sparse-causal + temporal attention, the video adapter, the
+"""ContextDiff video editing: inflation, sparse-causal + temporal attention, the video adapter, the
 contextualized inversion / sampling, one-shot tuning, video I/O, the embedded clip and the script."""
 
 from __future__ import annotations

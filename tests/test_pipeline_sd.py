@@ -6,12 +6,11 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from common.errors import UserError
 from common.pipeline import LatentTextToImage
-from common.tiny import make_tiny_sd_folder
 
 
 @pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    return make_tiny_sd_folder(tmp_path_factory.mktemp("sd") / "tiny-sd")
+def sd_folder(tiny_sd_folder):
+    return tiny_sd_folder
 
 
 PROMPTS = ["a red handwritten seven", "a blue handwritten two"]

@@ -72,7 +72,7 @@ def test_unknown_k_schedule_is_a_clear_error():
 
 @pytest.mark.parametrize("t,t_prev", [(999, 998), (500, 499), (1, 0), (640, 600), (100, -1)])
 def test_posterior_matches_contextdiff_and_shifted_closed_forms(t, t_prev):
-    """The whitening route equals ContextDiff spec §2.2 and Shifted Diffusion spec §2.5, float64."""
+    """The whitening route equals ContextDiff's and Shifted Diffusion's posteriors (their METHOD.md), float64."""
     g = torch.Generator().manual_seed(0)
     x0, xt, r = (torch.randn(4, 8, generator=g, dtype=torch.float64) for _ in range(3))
     S = torch.rand(8, generator=g, dtype=torch.float64) + 0.5
@@ -85,7 +85,7 @@ def test_posterior_matches_contextdiff_and_shifted_closed_forms(t, t_prev):
     expected = c1 * x0 + c2 * xt + (kq(abar_prev) - c2 * kq(abar)) * r
     assert torch.allclose(mean, expected, atol=1e-12)
     assert torch.allclose(variance, torch.full_like(variance, var), atol=1e-15)
-    # eps form of the same mean (spec §2.2): (x_t - beta/sqrt(1-abar) eps)/sqrt(alpha) + (k_prev - k_t/sqrt(alpha)) r
+    # eps form of the same mean: (x_t - beta/sqrt(1-abar) eps)/sqrt(alpha) + (k_prev - k_t/sqrt(alpha)) r
     alpha = abar / abar_prev
     eps = (xt - math.sqrt(abar) * x0 - kq(abar) * r) / math.sqrt(1 - abar)
     eps_form = (xt - (1 - alpha) / math.sqrt(1 - abar) * eps) / math.sqrt(alpha) + (

@@ -11,8 +11,6 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from common.tiny import make_tiny_sd_folder
-
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -20,8 +18,8 @@ import sample  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    return make_tiny_sd_folder(tmp_path_factory.mktemp("sd") / "tiny-sd")
+def sd_folder(tiny_sd_folder):
+    return tiny_sd_folder
 
 
 def test_sample_script_matches_diffusers_pipeline(sd_folder, tmp_path):

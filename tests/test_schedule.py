@@ -41,7 +41,7 @@ def test_timesteps_match_diffusers(spacing, steps_offset, steps):
 
 def test_respacing_100_is_guided_diffusions_set():
     kept = space_timesteps(1000, "100")
-    # guided-diffusion: one section, fractional stride 999/99, indices rounded (SDG spec §2.2)
+    # guided-diffusion: one section, fractional stride 999/99, indices rounded
     assert kept == sorted({round(k * 999 / 99) for k in range(100)})
     assert kept[:7] == [0, 10, 20, 30, 40, 50, 61] and kept[-3:] == [979, 989, 999]
     assert len(kept) == 100
@@ -55,7 +55,7 @@ def test_respacing_sections_and_ddim_strings():
     assert space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
     assert space_timesteps(1000, "ddim25") == list(range(0, 1000, 40))
     assert len(space_timesteps(1000, "fast27")) == 27
-    # shifted spec §2.9: "8" keeps these
+    # Shifted Diffusion's released respacing: "8" keeps these
     assert space_timesteps(1000, "8") == [0, 143, 285, 428, 571, 714, 856, 999]
 
 

@@ -1,4 +1,4 @@
-"""Hooks compose (design note §2): SDG's guidance on another pixel model and through DDIM, with no SDG-specific code
+"""Hooks compose: SDG's guidance on another pixel model and through DDIM, with no SDG-specific code
 in the samplers."""
 
 import pytest

@@ -119,7 +119,7 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
 
 
 def test_released_clip_gd_layout_converts():
-    """A synthetic CLIP_gd state dict, named as spec §3.6 says the released files are, loads into our module."""
+    """A synthetic CLIP_gd state dict, named as the released files are, loads into our module."""
     clip, _ = tiny_noise_aware_clip("resnet", film_init="default")
     stem = {"conv1": "0", "bn1": "1", "conv2": "3", "bn2": "4", "conv3": "6", "bn3": "7",
             "layer1": "10", "layer2": "11", "layer3": "12"}

@@ -61,7 +61,7 @@ def test_zero_weights_reproduce_unguided_sampling_bit_for_bit(models):
 
 
 def adm_reference_sample(unet, schedule, kept, x_T, noise_gen, guidance):
-    """guided-diffusion's p_sample_loop with cond_fn (spec §2.3), written from the respaced chain, float64."""
+    """guided-diffusion's p_sample_loop with cond_fn, written from the respaced chain, float64."""
     abar_full = schedule.alphas_cumprod
     kept = sorted(kept)
     abar = torch.stack([abar_full[s] for s in kept])
@@ -103,7 +103,8 @@ def test_guided_sampling_matches_an_independent_adm_loop(models):
 
 
 def learned_sigma(v, kept, k):
-    """Sigma of spec §2.3 step 3 at respaced index k (kept ascending), from the model's variance output v."""
+    """Sigma of the learned range (sdg/METHOD.md §1 step 3) at respaced index k (kept ascending), from the model's
+    variance output v."""
     abar = [float(SCHEDULE.alphas_cumprod[s]) for s in kept]
 
     def step(j):

@@ -1,4 +1,4 @@
-"""SD conditioned on CLIP image embeddings: projection to 4 tokens, CFG drop without aliasing (spec §5, §8.3 14)."""
+"""SD conditioned on CLIP image embeddings: projection to 4 tokens, CFG drop without aliasing."""
 
 import pytest
 import torch
@@ -30,7 +30,7 @@ def test_projection_makes_four_cross_attention_tokens():
 
 
 def test_cfg_drop_replaces_exactly_the_masked_rows_and_aliases_nothing():
-    """Spec §7.14: the reference wrote the null into the batch in place. Here inputs, null and output are
+    """The reference wrote the null into the batch in place. Here inputs, null and output are
     separate storage, and each dropped row is its own copy."""
     proj = projection()
     null = torch.randn(D)

@@ -1,4 +1,4 @@
-"""The Gaussian bank (spec §2.2, §8.3 item 10): selection, buffers, files, fitting, bad input."""
+"""The Gaussian bank: selection, buffers, files, fitting, bad input."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Multi-CLIP embeddings, text states, the offline cache, and text -> embedding end to end (spec §2.1, §8.2)."""
+"""Multi-CLIP embeddings, text states, the offline cache, and text -> embedding end to end."""
 
 import pytest
 import torch

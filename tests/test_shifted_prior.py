@@ -1,4 +1,4 @@
-"""The prior network (spec §3), its guidance (§2.10), training loss (§2.6), save/load and configs (§8.3 11-13)."""
+"""The prior network, its guidance, training loss, save/load and configs."""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -204,7 +204,7 @@ def test_objective_trains_in_the_shared_trainer(tmp_path):
 
 
 def test_tiny_prior_learns_text_conditional_embeddings():
-    """Spec §8.3 item 13: synthetic (text, image) pairs in 3 clusters and ONE global bank Gaussian (so the text
+    """Synthetic (text, image) pairs in 3 clusters and ONE global bank Gaussian (so the text
     information must come through the network): the loss falls and samples land on their caption's cluster."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(8)
@@ -288,7 +288,7 @@ def test_baseline_prior_without_bank_trains_and_samples_plain_ddpm():
 def test_paper_config_builds_on_meta_with_the_released_sizes(capsys):
     cfg = load_config(CONFIGS / "paper.yaml")
     counts = parameter_counts(cfg)
-    assert counts["prior"] == prior_parameter_count(1536, 1024, 2048, 8, 32) == 580_337_664  # ~0.58B (spec §3)
+    assert counts["prior"] == prior_parameter_count(1536, 1024, 2048, 8, 32) == 580_337_664  # ~0.58B
     assert counts["sd_unet"] == 865_910_724  # stock SD-2 UNet
     assert counts["sd_projection"] == 1536 * 4 * 1024 + 4 * 1024  # Linear(1536 -> 4 x 1024)
     assert counts["sd_vae"] == 83_653_863

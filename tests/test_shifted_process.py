@@ -1,4 +1,4 @@
-"""Shifted Diffusion's process on the core (spec §8.3 items 1-9): reduction, marginals, released formulas, oracles."""
+"""Shifted Diffusion's process on the core: reduction, marginals, released formulas, oracles."""
 
 import math
 
@@ -36,7 +36,7 @@ def test_respacing_8_is_the_demo_set_with_its_betas_and_original_timesteps():
     assert plan.timesteps == EIGHT
     abars, prevs = plan.alphas(SCHED)
     betas = [1 - a / p for a, p in zip(abars, prevs)]
-    expected = (0.932, 0.895, 0.844, 0.765, 0.645, 0.463, 0.197, 1e-4)  # spec §2.9, largest t first
+    expected = (0.932, 0.895, 0.844, 0.765, 0.645, 0.463, 0.197, 1e-4)  # largest t first
     assert betas == pytest.approx(expected, abs=1.5e-3) and betas[-1] == pytest.approx(1e-4, rel=1e-3)
     assert [float(a) for a in abars] == [float(ABAR[t]) for t in EIGHT]  # respaced abar = original abar
     seen = []
@@ -78,7 +78,7 @@ def test_standard_bank_reduces_to_plain_ddpm_and_matches_diffusers():
 
 
 def test_terminal_marginal_of_the_per_step_chain_is_the_bank_gaussian():
-    """1000 one-step transitions x_t = sqrt(alpha) x_{t-1} + (1 - sqrt(alpha)) mu + sqrt(beta) S eps (spec §2.3),
+    """1000 one-step transitions x_t = sqrt(alpha) x_{t-1} + (1 - sqrt(alpha)) mu + sqrt(beta) S eps,
     Monte Carlo in float64, vs the closed form N(sqrt(abar_T) x0 + (1 - sqrt(abar_T)) mu, (1 - abar_T) S^2)."""
     bank = make_bank(size=2, dim=4, seed=3)
     n = 6000
@@ -106,7 +106,7 @@ def test_terminal_marginal_of_the_per_step_chain_is_the_bank_gaussian():
 
 @pytest.mark.parametrize("t,t_prev", [(999, 856), (500, 499), (143, 0), (1, 0), (0, -1)])
 def test_posterior_equals_the_released_direct_formula_float64(t, t_prev):
-    """Whitened posterior == released c1 x0 + c2 x_t + (c3 - c2 (1 - sqrt(alpha))) mu, variance beta~ S^2 (§2.5)."""
+    """Whitened posterior == released c1 x0 + c2 x_t + (c3 - c2 (1 - sqrt(alpha))) mu, variance beta~ S^2."""
     bank = make_bank()
     g = torch.Generator().manual_seed(5)
     idx = torch.tensor([0, 2, 1, 2])
@@ -130,7 +130,7 @@ def test_posterior_equals_the_released_direct_formula_float64(t, t_prev):
 
 
 def released_ddpm(fn, bank, idx, z, timesteps, *, zero_std=False, mu_from_x0=None):
-    """The released sampler (spec §2.7) written out directly in float64: respaced betas, fixed-large variance,
+    """The released sampler written out directly in float64: respaced betas, fixed-large variance,
     x_T = mu + S z_0, mean c1 x0 + c2 x_t + (c3 - c2 (1 - sqrt(alpha))) mu, noise sqrt(beta) S z_i for t > 0."""
     mu, S = (v.double() for v in bank.gather(idx))
     if zero_std:
@@ -177,7 +177,7 @@ def test_eight_step_ddpm_trajectory_equals_the_released_sampler(variant):
 
 
 def test_ddim_with_eta_equals_the_direct_shifted_ddim_formula():
-    """Spec §2.8: eps = (x_t - mu - sqrt(abar)(x0 - mu)) / (sqrt(1 - abar) S); x' = mu + sqrt(abar')(x0 - mu)
+    """eps = (x_t - mu - sqrt(abar)(x0 - mu)) / (sqrt(1 - abar) S); x' = mu + sqrt(abar')(x0 - mu)
     + sqrt(1 - abar' - eta_t^2) S eps + eta_t S z, float64, shared noise."""
     bank = make_bank(size=3, seed=8)
     idx = torch.tensor([2, 0, 1])
@@ -216,7 +216,7 @@ def test_true_x0_oracle_recovers_x0_from_any_start(sampler, steps):
 @pytest.mark.parametrize("sampler,steps,n", [("ddpm", "1000", 6000), ("ddim", "ddim50", 20000)])
 def test_bayes_optimal_denoiser_on_gaussian_data_samples_the_data(sampler, steps, n):
     """x0 ~ N(m, diag v) with the bank mean mu != m: the exact E[x0 | x_t] plugged into the shifted sampler returns
-    samples with mean m and variance v (spec §8.3 item 7). 1000 ancestral steps are close to exact; 50 DDIM steps
+    samples with mean m and variance v. 1000 ancestral steps are close to exact; 50 DDIM steps
     shrink the variance by a discretisation factor that the same linear recursion predicts exactly."""
     d = 3
     m = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)

@@ -35,12 +35,12 @@ PRIOR = ["--model_width", "32", "--model_layers", "1", "--model_num_heads", "2",
 
 def write_clip(folder: Path, seed: int) -> Path:
     """A random open_clip CLIP of the shipped tiny architecture, saved as train_clip.py saves it."""
-    import train_clip
+    from common.models import create_open_clip, save_open_clip_folder
 
     torch.manual_seed(seed)
-    model, _, preprocess_cfg = train_clip.build_model(REPO / "configs" / "baseline" / "clip.json")
+    model, _, preprocess_cfg = create_open_clip(REPO / "configs" / "baseline" / "clip.json")
     model_cfg = json.loads((REPO / "configs" / "baseline" / "clip.json").read_text())
-    train_clip.save_open_clip_folder(model.eval(), model_cfg, preprocess_cfg, folder, torch.float16)
+    save_open_clip_folder(model.eval(), model_cfg, preprocess_cfg, folder, torch.float16)
     return folder
 
 

@@ -9,8 +9,6 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from common.digits import build_digits
-
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -20,8 +18,8 @@ import train_vae  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def small_digits(tmp_path_factory):
-    full = build_digits(tmp_path_factory.mktemp("full") / "digits")
+def small_digits(tmp_path_factory, digits_root):
+    full = digits_root
     small = tmp_path_factory.mktemp("small") / "train"
     shutil.copytree(full / "train", small)
     rows = (small / "metadata.jsonl").read_text().splitlines()[:24]

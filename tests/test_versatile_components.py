@@ -1,4 +1,4 @@
-"""Versatile Diffusion's context encoders, Optimus text VAE and config files (spec §2.10, §2.11, §8.3.9-10)."""
+"""Versatile Diffusion's context encoders, Optimus text VAE and config files."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_image_context_cls_is_unit_norm_and_inputs_agree(contexts):
     as_pil = contexts.image([Image.fromarray(p.numpy()) for p in pixels])
     assert as_tensor.shape == (2, 17, 32)  # CLS + 16 patches
     torch.testing.assert_close(as_tensor[:, 0].norm(dim=-1), torch.ones(2))
-    # float [0, 1] tensors and uint8 PIL images are the same pixels: no second rescale (spec §7.5)
+    # float [0, 1] tensors and uint8 PIL images are the same pixels: no second rescale
     torch.testing.assert_close(as_tensor, as_pil)
     with pytest.raises(UserError, match=r"\[0, 1\]"):
         contexts.image(torch.full((1, 3, 32, 32), -1.0))

@@ -1,4 +1,4 @@
-"""Versatile Diffusion's multi-flow diffuser: layer sharing, routing, gradients, mixing, sizes (spec §8.3)."""
+"""Versatile Diffusion's multi-flow diffuser: layer sharing, routing, gradients, mixing, sizes."""
 
 from __future__ import annotations
 

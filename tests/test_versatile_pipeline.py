@@ -95,7 +95,7 @@ def test_vd_sampler_settings():
     plan = vd_plan(50)
     assert plan.timesteps == tuple(range(981, 0, -20))  # range(0, 1000, 20) + 1, descending
     schedule = vd_schedule()
-    assert plan.final_alpha_cumprod == pytest.approx(float(schedule.alphas_cumprod[0]))  # not 1 (spec §7.6)
+    assert plan.final_alpha_cumprod == pytest.approx(float(schedule.alphas_cumprod[0]))  # not 1
     ldm = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # LDM "linear" betas
     torch.testing.assert_close(schedule.betas, ldm, rtol=1e-6, atol=1e-9)
 

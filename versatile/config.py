@@ -4,7 +4,7 @@
 flag names, a flag on the command line wins). Each key below is a field of exactly one section dataclass, so a
 YAML file is split into sections by field name; an unknown key is a :class:`UserError`, never dropped silently.
 
-Full-size defaults are the released four-flow model (spec §2: ``vd_four_flow_v1-0``).
+Full-size defaults are the released four-flow model (``vd_four_flow_v1-0`` of [R]).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ CONFIG_DIR = REPO_ROOT / "configs" / "versatile"
 
 @dataclass(frozen=True)
 class DiffuserConfig:
-    """Sizes of the multi-flow diffuser (spec §2.2-§2.6, §8.1).
+    """Sizes of the multi-flow diffuser (METHOD.md, "Routing" and "Parameter counts").
 
     The image data layers are SD-v1's UNet without its transformers; the text data layers are the same skeleton
     built from fully-connected ResBlocks on a ``[B, C, second_dim, 1]`` hidden state; one context set (16
@@ -64,7 +64,7 @@ class DiffuserConfig:
 
 @dataclass(frozen=True)
 class TextVAEConfig:
-    """The Optimus-like text VAE (spec §2.11): BERT encoder -> latent mean, GPT-2 decoder with latent injection.
+    """The Optimus-like text VAE (METHOD.md, "Optimus"): BERT encoder -> latent mean, GPT-2 decoder with latent injection.
 
     Vocabulary sizes of ``None`` are taken from the tokenizers; the paper values (BERT-base-cased 28,996 and GPT-2
     50,257 + 3 special tokens) are only needed to size a model without its tokenizers (parameter counts).
@@ -84,7 +84,7 @@ class TextVAEConfig:
     optimus_tokenizer: str = "words"  # "words" (built offline from optimus_words), "clip", or a local folder
     optimus_words: tuple[str, ...] = ()
     # Diffusion latent = scaling_factor * mu (VD: 1.0, no scale; a small VAE trained here stores 1 / std(mu), as
-    # SD's image VAE stores 0.18215, so the diffuser sees roughly unit-variance latents; spec §7.9).
+    # SD's image VAE stores 0.18215, so the diffuser sees roughly unit-variance latents).
     optimus_scaling_factor: float = 1.0
 
     def validate(self) -> TextVAEConfig:
@@ -96,7 +96,7 @@ class TextVAEConfig:
 
 @dataclass(frozen=True)
 class ContextConfig:
-    """CLIP context encoders (spec §2.10) and the unconditional contexts (§3.2, §7.1)."""
+    """CLIP context encoders (METHOD.md, "Contexts") and the unconditional contexts for CFG (paper §3.4, Fig. 6)."""
 
     clip_text_max_length: int = 77
     clip_image_size: int = 224
@@ -119,7 +119,7 @@ class ContextConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Sampler and guidance defaults (spec §3.1): DDIM 50 steps, eta 0, CFG 7.5, SD's scaled-linear schedule."""
+    """Sampler and guidance defaults (METHOD.md, "DDIM"): DDIM 50 steps, eta 0, CFG 7.5, SD's scaled-linear schedule."""
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
@@ -141,7 +141,7 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """Multi-flow training (spec §4): the flows, how each step picks them, per-group LR multipliers, cond drop."""
+    """Multi-flow training (paper §3.5): the flows, how each step picks them, per-group LR multipliers, cond drop."""
 
     flows: tuple[str, ...] = ("t2i", "iv", "i2t", "tv")
     flow_sampling: str = "all"  # "all": every flow each step (Algorithm 1); "one": one flow drawn per step

@@ -1,4 +1,4 @@
-"""CLIP context encoders of Versatile Diffusion and the unconditional contexts (spec §2.10, §3.2, §7.1, §7.4-7.5).
+"""CLIP context encoders of Versatile Diffusion and the unconditional contexts (METHOD.md, "Contexts").
 
 Both contexts are CLIP's *projected* token embeddings divided by ONE scalar per sample, the norm of the pooled
 projection (paper §3.4: normalised CLIP embeddings bring the two context spaces together):
@@ -25,14 +25,14 @@ from common.errors import UserError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 NULL_IMAGE_KINDS = ("zeros", "grey", "black")
-# Spec §8.2 defaults mirroring [R] app.py: zero embedding for image variation / dual, CLIP(black) for I2T.
+# Defaults mirroring [R] app.py: zero embedding for image variation / dual, CLIP(black) for I2T.
 DEFAULT_NULL_IMAGE = {"iv": "zeros", "dual": "zeros", "i2t": "black"}
 
 ImageInput = Union[torch.Tensor, Sequence]
 
 
 class ClipTextContext(nn.Module):
-    """Prompts -> ``[B, L, D]`` normalised CLIP text tokens (spec §2.10, text).
+    """Prompts -> ``[B, L, D]`` normalised CLIP text tokens (METHOD.md, "Contexts", text).
 
     ``model`` is a ``CLIPTextModelWithProjection``; prompts are padded to ``max_length`` (77) with truncation and
     every position is kept, padding included, as VD was trained.
@@ -69,11 +69,11 @@ class ClipTextContext(nn.Module):
 
 
 class ClipImageContext(nn.Module):
-    """Images -> ``[B, 1 + P, D]`` normalised CLIP image tokens (spec §2.10, image).
+    """Images -> ``[B, 1 + P, D]`` normalised CLIP image tokens (METHOD.md, "Contexts", image).
 
     Input: a float tensor ``[B, 3, H, W]`` in [0, 1], or a list of PIL images / uint8 arrays. Preprocessing is
     CLIP's (shorter side to ``image_size`` bicubic, centre crop, CLIP mean/std) done in torch, so float inputs are
-    never rescaled a second time (spec §7.5). ``pre_resize`` first squashes to a square (512 in [R] app.py).
+    never rescaled a second time. ``pre_resize`` first squashes to a square (512 in [R] app.py).
     """
 
     def __init__(self, model: nn.Module, image_size: Optional[int] = None, pre_resize: Optional[int] = None):
@@ -119,9 +119,9 @@ class ClipImageContext(nn.Module):
 class ContextEncoders(nn.Module):
     """Both context encoders plus the unconditional contexts used by classifier-free guidance.
 
-    ``null("text", B)`` is CLIP-text("") (spec §3.2); ``null("image", B, kind)`` is ``zeros`` (an all-zero
+    ``null("text", B)`` is CLIP-text(""); ``null("image", B, kind)`` is ``zeros`` (an all-zero
     embedding, [R] app.py for IV and dual), ``grey`` (CLIP of a 0.5 image, [R0] and [D]) or ``black`` (CLIP of a
-    black image, [R] for I2T). The choice is a flag because FID and CFG depend on it (spec §7.1); train with the
+    black image, [R] for I2T). The choice is a flag because FID and CFG depend on it; train with the
     same null you sample with.
     """
 
@@ -210,7 +210,7 @@ def _project(x: torch.Tensor, projection) -> torch.Tensor:
 
 
 class OpenClipTextContext(nn.Module):
-    """Prompts -> ``[B, L, D]`` normalised tokens from an ``open_clip.CLIP`` text tower (spec §2.10, text).
+    """Prompts -> ``[B, L, D]`` normalised tokens from an ``open_clip.CLIP`` text tower (METHOD.md, "Contexts", text).
 
     The same formula as :class:`ClipTextContext` on open_clip's modules: ``h = ln_final(transformer(tok + pos))``
     over all ``context_length`` positions (padding included), ``c = h @ text_projection / ||pooled @
@@ -258,7 +258,7 @@ class OpenClipTextContext(nn.Module):
 
 
 class OpenClipImageContext(ClipImageContext):
-    """Images -> ``[B, 1 + P, D]`` normalised tokens from an open_clip ``VisionTransformer`` (spec §2.10, image).
+    """Images -> ``[B, 1 + P, D]`` normalised tokens from an open_clip ``VisionTransformer`` (METHOD.md, "Contexts", image).
 
     ``c = ln_post(h) @ proj / ||that[:, 0]||`` over the class token and every patch (open_clip's ``forward`` keeps
     only the pooled token; this is the per-token form of the same layers). Preprocessing as

@@ -1,4 +1,4 @@
-"""Weights of the released Versatile Diffusion checkpoints <-> :class:`MultiFlowDiffuser` (spec §2.9, §7.7).
+"""Weights of the released Versatile Diffusion checkpoints <-> :class:`MultiFlowDiffuser`.
 
 Layouts (all describe the same tensors; only names, nesting and the text 1x1-conv shapes differ):
 
@@ -10,7 +10,7 @@ Layouts (all describe the same tensors; only names, nesting and the text 1x1-con
   (``UNetFlatConditionModel``); the time embedding is stored twice (equal copies) and loads into the one global
   module.
 - ``sd-unet``: a Stable Diffusion v1 ``UNet2DConditionModel`` state dict, to initialise the global and image data
-  layers and (copies of) the context sets, as VD's first training stage starts from SD v1.4 (spec §4).
+  layers and (copies of) the context sets, as VD's first training stage starts from SD v1.4.
 - ``native``: our own ``state_dict()`` keys.
 
 In every layout the image-context transformers live with the image UNet and the text-context ones with the text
@@ -284,7 +284,7 @@ def load_diffuser_weights(
     """Load a checkpoint (file, diffusers folder or state dict) of any layout into ``model``, strictly.
 
     ``sd-unet`` (an SD v1 UNet) fills the global and image-data layers and BOTH context sets with SD's
-    transformers; the text data layers keep their current weights (the spec's plausible stage-1 init, §4).
+    transformers; the text data layers keep their current weights (the plausible stage-1 init: the released code does not say).
     """
     state_dict = read_checkpoint(source) if not isinstance(source, Mapping) else source
     layout = layout or detect_layout(state_dict)

@@ -1,7 +1,7 @@
 """Building blocks of the multi-flow diffuser that diffusers does not ship (or ships only in a deprecated module).
 
 Image data layers reuse diffusers' ``ResnetBlock2D`` / ``Downsample2D`` / ``Upsample2D`` and context layers reuse
-``Transformer2DModel``; what is here is the *text* side (spec §2.4, [R] ``FCBlock_MultiDim`` / ``Linear_MultiDim``,
+``Transformer2DModel``; what is here is the *text* side ([R] ``FCBlock_MultiDim`` / ``Linear_MultiDim``,
 [D] ``ResnetBlockFlat`` / ``LinearMultiDim``) and the two heads. The text hidden state is ``[B, C, S, 1]`` with
 ``S = second_dim`` pseudo-tokens (4 in VD), so context layers see S tokens of width C, exactly as they see H*W
 tokens of an image; the fully-connected layers act on the flattened ``C * S`` features.
@@ -25,7 +25,7 @@ class LinearMultiDim(nn.Linear):
     """A linear map between multi-dimensional feature shapes: ``[B, *in_shape] -> [B, *out_shape]``.
 
     The text stem is ``(D,) -> (C, S, 1)``, the text "down/up-samplers" are ``(C, S, 1) -> (C, S, 1)`` (no change
-    of the pseudo-token count, spec §2.4) and the text head's projection is ``(C, S, 1) -> (D,)``.
+    of the pseudo-token count) and the text head's projection is ``(C, S, 1) -> (D,)``.
     """
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], bias: bool = True):
@@ -38,7 +38,7 @@ class LinearMultiDim(nn.Linear):
 
 
 class FlatResBlock(nn.Module):
-    """Fully-connected ResBlock on the text hidden state, ``[B, C_in, S, 1] -> [B, C_out, S, 1]`` (spec §2.4).
+    """Fully-connected ResBlock on the text hidden state, ``[B, C_in, S, 1] -> [B, C_out, S, 1]``.
 
     ``h = fc1(SiLU(GN(x))) + time_emb_proj(SiLU(emb)); out = skip(x) + fc2(Dropout(SiLU(GN(h))))``: the ADM/SD
     ResBlock (Ho et al. 2020 App. B; no scale-shift) with every 3x3 conv replaced by a linear map on the flattened
@@ -91,7 +91,7 @@ class ImageHead(nn.Module):
 
 
 class TextHead(nn.Module):
-    """``GN(C0) -> SiLU -> linear``: ``[B, C0, S, 1] -> [B, D]`` (spec §2.4, §7.11).
+    """``GN(C0) -> SiLU -> linear``: ``[B, C0, S, 1] -> [B, D]``.
 
     Unlike every other text GroupNorm this one normalises over the C0 channels of the un-flattened hidden state
     (the S pseudo-tokens act as the spatial axis), as [R] ``normalization(current_channel[0])`` and [D]

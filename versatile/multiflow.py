@@ -1,4 +1,4 @@
-"""The multi-flow diffuser of Versatile Diffusion (Xu et al., ICCV 2023, §3.2-3.3, Fig. 3; spec §2).
+"""The multi-flow diffuser of Versatile Diffusion (Xu et al., ICCV 2023, §3.2-3.3, Fig. 3).
 
 One network serves every *flow* (data type generated, context type conditioned on). Its layers fall in three
 groups (paper Fig. 3):
@@ -97,7 +97,7 @@ class Context:
 
 @dataclass(frozen=True)
 class Step:
-    """One entry of the layer sequence (spec §2.2).
+    """One entry of the layer sequence (METHOD.md, "Routing").
 
     ``op``: ``d`` next data module, ``c`` next context module, ``S`` push the hidden state as a skip, ``L`` pop a
     skip and concatenate it on the channel axis. ``role`` (stem, res, down, up, head, ctx), ``phase`` (in, mid,
@@ -160,7 +160,7 @@ def layer_plan(config: DiffuserConfig) -> tuple[Step, ...]:
 
 
 class GlobalLayers(nn.Module):
-    """Timestep embedding, the only layers shared by every flow (spec §2.6): ``t [B] -> emb [B, 4 * C0]``.
+    """Timestep embedding, the only layers shared by every flow: ``t [B] -> emb [B, 4 * C0]``.
 
     Sinusoid of width C0 with cos first and max period 1e4 (``Timesteps(C0, flip_sin_to_cos=True, shift=0)``,
     parameter-free), then Linear(C0, 4 C0) -> SiLU -> Linear(4 C0, 4 C0): 2,050,560 parameters at C0 = 320.
@@ -212,7 +212,7 @@ class DataLayers(nn.Module):
 
 
 class ImageDataLayers(DataLayers):
-    """Image data layers: SD-v1's UNet minus its transformers (spec §2.3), on latents ``[B, 4, h, w]``."""
+    """Image data layers: SD-v1's UNet minus its transformers, on latents ``[B, 4, h, w]``."""
 
     xtype = "image"
 
@@ -262,7 +262,7 @@ class ImageDataLayers(DataLayers):
 
 
 class TextDataLayers(DataLayers):
-    """Text data layers: the same skeleton in fully-connected form (spec §2.4), latent ``[B, D]`` -> ``[B, D]``.
+    """Text data layers: the same skeleton in fully-connected form, latent ``[B, D]`` -> ``[B, D]``.
 
     The stem maps D -> C0 * S viewed as ``[B, C0, S, 1]``; ResBlocks are :class:`FlatResBlock`; the "samplers" are
     square linear maps (the pseudo-token count never changes); the head returns ``[B, D]``.
@@ -302,7 +302,7 @@ class TextDataLayers(DataLayers):
 
 
 class ContextLayers(nn.Module):
-    """The context modules of one context type: SD-v1 ``SpatialTransformer`` blocks (spec §2.5).
+    """The context modules of one context type: SD-v1 ``SpatialTransformer`` blocks.
 
     Each is diffusers' ``Transformer2DModel`` (GN -> 1x1 proj_in -> [LN self-attn, LN cross-attn to the context, LN
     GEGLU FF] -> 1x1 proj_out, outer residual), ``num_heads`` heads of width C / num_heads. It runs on H*W tokens
@@ -391,7 +391,7 @@ class MultiFlowDiffuser(nn.Module):
     # ---------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, contexts: Sequence[Context], xtype: str) -> torch.Tensor:
-        """eps_theta(x_t, t, c; flow): one pass along the layer sequence (spec §2.2, §3.3).
+        """eps_theta(x_t, t, c; flow): one pass along the layer sequence (METHOD.md, "Routing"; paper §3.3).
 
         At every context slot k the active context modules are mixed inside the layer (paper §3.3,
         "attention-level" mixing; [R] ``context_mixing``, [D] ``DualTransformer2DModel``): with weights
@@ -542,7 +542,7 @@ def _batch_timesteps(t: Union[torch.Tensor, int, float], x: torch.Tensor) -> tor
 
 
 def count_parameters(model: MultiFlowDiffuser) -> dict[str, int]:
-    """Parameters per group (spec §2.8) plus ``total`` (each parameter counted once)."""
+    """Parameters per group (METHOD.md, "Parameter counts") plus ``total`` (each parameter counted once)."""
     counts = {name: sum(p.numel() for p in params) for name, params in model.parameter_groups().items()}
     counts["total"] = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return counts

@@ -1,4 +1,4 @@
-"""Versatile Diffusion's flows on the core samplers (paper §3, Fig. 2; spec §3).
+"""Versatile Diffusion's flows on the core samplers (paper §3, Fig. 2).
 
 Every flow is the same three steps: encode the condition(s) with CLIP (``versatile.context``), run DDIM
 (``common.samplers.sample_ddim``) on the multi-flow diffuser routed to the flow's data / context layers, with
@@ -13,7 +13,7 @@ forward), then decode the latent with the flow's VAE:
 | ``tv`` text variation | CLIP text (CLIP("")) | ``[B, D]`` | Optimus |
 | ``dual`` dual-guided | text and image, mixed in every context layer | ``[B, 4, h, w]`` | image VAE |
 
-Sampler defaults (spec §3.1): SD's scaled-linear betas 0.00085..0.012 over 1000 steps, DDIM 50 steps with
+Sampler defaults ([R]): SD's scaled-linear betas 0.00085..0.012 over 1000 steps, DDIM 50 steps with
 ``leading`` spacing, ``steps_offset=1`` and ``set_alpha_to_one=False`` (timesteps 981, 961, ..., 1; the last step
 lands on abar_0), eta 0, guidance scale 7.5.
 """
@@ -37,7 +37,7 @@ from versatile.multiflow import Flow, MultiFlowDiffuser, check_ratio, resolve_fl
 
 
 def vd_schedule(sampling: Optional[SamplingConfig] = None) -> NoiseSchedule:
-    """LDM's "linear" betas = diffusers' ``scaled_linear`` (spec §3.1, §7.6)."""
+    """LDM's "linear" betas = diffusers' ``scaled_linear``."""
     s = sampling or SamplingConfig()
     return NoiseSchedule.named("scaled_linear", s.num_train_timesteps, s.beta_start, s.beta_end)
 
@@ -157,7 +157,7 @@ class VersatilePipeline:
         callback: Optional[Callable] = None,
         progress: bool = False,
     ) -> VersatileOutput:
-        """Run a flow end to end (spec §3.2). ``prompt`` for text-conditioned flows, ``image`` for image ones.
+        """Run a flow end to end (paper Fig. 2). ``prompt`` for text-conditioned flows, ``image`` for image ones.
 
         ``num_samples`` samples per condition (conditions repeat-interleaved); ``text_ratio`` (dual only, in [0, 1])
         weighs the text context against the image context; ``uncond_image`` overrides the per-flow null image
@@ -172,7 +172,7 @@ class VersatilePipeline:
         batch = next(iter(cond.values())).shape[0]
         scale = s.scale if guidance_scale is None else float(guidance_scale)
         model = functools.partial(self.diffuser.apply_flow, flow=flow.name, text_ratio=ratio)
-        if scale == 1.0:  # no guidance: the conditional branch alone, no unconditional pass (spec §3.1)
+        if scale == 1.0:  # no guidance: the conditional branch alone, no unconditional pass
             denoiser = FunctionDenoiser(lambda x, t: model(x, t, **cond), "eps")
         else:
             uncond = {kind: self._null(kind, flow, batch, uncond_image) for kind in cond}

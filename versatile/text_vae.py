@@ -1,4 +1,4 @@
-"""The Optimus text VAE of Versatile Diffusion (Li et al. 2020, "Optimus"; VD paper §3.4; spec §2.11).
+"""The Optimus text VAE of Versatile Diffusion (Li et al. 2020, "Optimus"; VD paper §3.4; METHOD.md, "Optimus").
 
 - **Encoder**: BERT over the lower-cased sentence; pooled output ``tanh(dense([CLS]))`` -> bias-free Linear ->
   ``(mu, logvar)``. VD's text latent is ``mu`` (no sampling, no scale factor): ``encode(texts) -> [B, D]``.
@@ -192,7 +192,7 @@ class OptimusVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """The text latent of VD: the posterior mean ``[B, D]`` (no sampling, no scale factor; spec §7.9)."""
+        """The text latent of VD: the posterior mean ``[B, D]`` (no sampling, no scale factor)."""
         return self.posterior(texts)[0]
 
     # ---------------------------------------------------------------- decoder

@@ -1,4 +1,4 @@
-"""Multi-flow training pieces for the shared trainer (paper §3.5, Algorithm 1 and Table 1; spec §4).
+"""Multi-flow training pieces for the shared trainer (paper §3.5, Algorithm 1 and Table 1).
 
 - :func:`flow_loss`: the simple eps loss of one flow, ``|| eps - eps_theta(sqrt(abar) x0 + sqrt(1 - abar) eps, t,
   c; flow) ||^2`` averaged over latent dimensions then the batch ([R0] ``VD.p_losses``), with optional
@@ -7,7 +7,7 @@
   the per-flow backward passes accumulated before one optimizer step);
 - :class:`FlowSampler`: which flows a step trains (all of them, as Algorithm 1, or one drawn per step);
 - :func:`param_groups`: the per-group gradient scales of Table 1 as per-group learning-rate multipliers (Adam is
-  nearly invariant to a constant gradient scale, so the LR is the knob that works; spec §4, §7.10).
+  nearly invariant to a constant gradient scale, so the LR is the knob that works).
 
 The model is called through ``model(x, t, contexts, xtype)`` (its ``forward``), so a DDP-wrapped diffuser syncs
 gradients; DDP needs ``find_unused_parameters=True`` because a flow leaves the other flows' layers unused.
@@ -28,9 +28,9 @@ from versatile.multiflow import GROUPS, Flow, MultiFlowDiffuser, flow_contexts, 
 
 
 FLOW_SAMPLING = ("all", "one")
-# Table 1 (four-flow row), as digested in spec §4: Data(I) 0.2, Data(T) 1, Ctx(I) 1, Ctx(T) 1, Global 0.1.
+# Table 1 (four-flow row): Data(I) 0.2, Data(T) 1, Ctx(I) 1, Ctx(T) 1, Global 0.1.
 FOUR_FLOW_LR_MULTIPLIERS = {"data_image": 0.2, "data_text": 1.0, "ctx_image": 1.0, "ctx_text": 1.0, "global": 0.1}
-# Single / dual-flow row: only Data(I) = 0.1 and Global = 0.1 are reported; the context cells are the spec's guess.
+# Single / dual-flow row: only Data(I) = 0.1 and Global = 0.1 are reported; the context cells are our guess (the paper leaves them blank).
 SINGLE_FLOW_LR_MULTIPLIERS = {"data_image": 0.1, "data_text": 1.0, "ctx_image": 1.0, "ctx_text": 1.0, "global": 0.1}
 
 
@@ -73,7 +73,7 @@ def drop_context(
     """Replace each row of ``tokens [B, L, D]`` by ``null`` (``[1 or B, L, D]``) with probability ``p``.
 
     Classifier-free guidance training (Ho & Salimans 2022): returns ``(tokens, dropped [B] bool)``. Use the null
-    context you will sample with (spec §4, §7.1).
+    context you will sample with.
     """
     if not 0.0 <= p < 1.0:
         raise UserError(f"context drop probability {p} must lie in [0, 1)")
@@ -94,7 +94,7 @@ def flow_loss(
     null_contexts: Optional[Mapping[str, torch.Tensor]] = None,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
-    """The eps-prediction loss of one flow on one batch (spec §4), a scalar.
+    """The eps-prediction loss of one flow on one batch (METHOD.md, "Forward process and objective"), a scalar.
 
     ``batch``: ``x0`` (scaled image latents ``[B, 4, h, w]`` or Optimus means ``[B, D]``), the flow's context
     tokens under ``text`` / ``image`` (``[B, L, D]``), optionally ``t`` (``[B]`` long), ``noise`` (like ``x0``)

@@ -1,4 +1,4 @@
-"""Evaluation metrics shared by the five methods (each spec's §6): FID/KID, CLIP scores, masks, frames.
+"""Evaluation metrics shared by the five methods (their papers' evaluation protocols): FID/KID, CLIP scores, masks, frames.
 
 Inputs are image sources (a folder, a list of paths / PIL images, or an ``[N, 3, H, W]`` tensor); networks are
 passed in already built (CLIP triples) or read from a local weights file (FID Inception). Nothing downloads.

@@ -1,4 +1,4 @@
-"""CLIP-based metrics averaged over several CLIP models (Shifted Diffusion's protocol, spec shifted.md §6).
+"""CLIP-based metrics averaged over several CLIP models (Shifted Diffusion's evaluation protocol).
 
 A CLIP model is a triple ``(model, preprocess, tokenizer)`` as returned by open_clip
 (``create_model_and_transforms`` -> model and its eval ``preprocess``; ``get_tokenizer``): ``model`` has

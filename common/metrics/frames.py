@@ -1,4 +1,4 @@
-"""Temporal consistency of a generated / edited video clip (spec contextdiff.md §6, Tune-A-Video / FateZero).
+"""Temporal consistency of a generated / edited video clip (the ContextDiff / Tune-A-Video / FateZero protocol).
 
 - CLIP mode (the papers' metric): mean cosine between CLIP image embeddings of frame pairs, per CLIP model,
   then averaged over models. ``pairs="consecutive"`` is FateZero's ``frame_acc_tem_con.py`` (frames t, t+1);

@@ -1,4 +1,4 @@
-"""Edit a real image with a collaboration: Imagic per modality, then collaborate (spec §6, the released
+"""Edit a real image with a collaboration: Imagic per modality, then collaborate (the released
 ``editing/imagic_edit_{text,mask}.py`` + ``collaborative_edit.py`` in one command)::
 
     python scripts/codiff/edit.py --config configs/codiff/edit_tiny.yaml \\
@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 from common.errors import UserError, cli_entry, one_line  # noqa: E402
 

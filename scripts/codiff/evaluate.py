@@ -8,7 +8,7 @@ variant from the same initial noise, scored by stroke IoU with the mask and by t
 ``--guidance_scales`` value (1 = no CFG, the paper; > 1 = CFG on each member, an extension). Editing: the first
 ``--edit_images`` test images re-coloured by text with their own mask (Imagic per member, then collaboration),
 scored by the NEW colour and by stroke IoU with the input's mask. See ``codiff/evaluation.py``. ``--write_records``
-puts every number into bench/results.md (section "codiff (issue 7): ..."), with this command.
+puts every number into bench/results.md (section "codiff: ..."), with this command.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 
@@ -129,13 +127,13 @@ def main(argv=None) -> int:
 
 
 def write(results: dict, args, argv) -> None:
-    from records import write_records
+    from common.bench_records import write_records
 
     command = "OMP_NUM_THREADS=1 python scripts/codiff/evaluate.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     label = f" ({args.record_label})" if args.record_label else ""
-    section = "codiff (issue 7): condition following and editing on digits" + label
-    mse_section = "codiff (issue 7): held-out eps-MSE of each variant and where the influence goes" + label
+    section = "codiff: condition following and editing on digits" + label
+    mse_section = "codiff: held-out eps-MSE of each variant and where the influence goes" + label
     rows, mse_rows = [], []
     n = args.num_prompts
     for label, scores in results["generation"].items():

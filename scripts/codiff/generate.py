@@ -1,10 +1,10 @@
-"""Generate from a mask and a text with a collaboration (the released ``generate.py``, spec §5.1)::
+"""Generate from a mask and a text with a collaboration (the released ``generate.py``)::
 
     python scripts/codiff/generate.py --mask_path data/digits/test/masks/00000.png \\
         --input_text "a red handwritten seven" --batch_size 4 --ddim_steps 50 --seed 0 \\
         --save_z --return_influence_function --display_x_inter --save_mixed
 
-Writes ``<save_folder>/<mask name>/<prompt>/`` (the prompt made path-safe, §8.10), replaced atomically:
+Writes ``<save_folder>/<mask name>/<prompt>/`` (the prompt made path-safe), replaced atomically:
 
 - ``<mask name>.png``: the mask rendered in its palette;
 - ``{idx:06d}_x_0.png``: the sample, ``R x R`` RGB (R = the model's resolution, 32 for the digits world);
@@ -31,7 +31,6 @@ from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 from common.errors import UserError, cli_entry, one_line  # noqa: E402
 

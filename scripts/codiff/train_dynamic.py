@@ -1,4 +1,4 @@
-"""Train the dynamic diffusers of a collaboration; the uni-modal members stay frozen (spec §2.3, §2.6, §4).
+"""Train the dynamic diffusers of a collaboration; the uni-modal members stay frozen.
 
 For each modality a small UNet ``D_m(x_t, t, c_m)`` predicts a logit map; the per-pixel softmax over modalities
 weights the frozen members' eps, and only the diffusers learn, from the plain eps loss on the combination::
@@ -15,12 +15,10 @@ space and the noise schedule. Writes a collaboration checkpoint to ``--export_di
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

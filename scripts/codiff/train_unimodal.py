@@ -1,4 +1,4 @@
-"""Train one uni-modal latent model of a collaboration (Collaborative Diffusion §3.1, spec §2.2, §4).
+"""Train one uni-modal latent model of a collaboration (Collaborative Diffusion §3.1).
 
 A mask-to-image model (``--modality mask``: the UNet and the mask's Linear encoder, trained jointly) or a
 text-to-image model (``--modality text``: the UNet on a frozen CLIP text encoder), eps objective on VAE latents,
@@ -8,8 +8,8 @@ on the shared trainer (``common/train.py``: EMA, checkpoints, exact resume, mixe
 
 The members of one collaboration must share the VAE and the noise schedule: ``--noise_schedule_from
 ckpt/tiny/baseline`` trains on the baseline's schedule so that the shipped baseline can be the text member
-(the default is LDM's schedule, spec §2.1). ``--cond_dropout`` > 0 trains a null condition (all-zero one-hot
-mask / empty prompt) for classifier-free guidance, an extension: the released models have none (spec §2.5).
+(the default is LDM's schedule). ``--cond_dropout`` > 0 trains a null condition (all-zero one-hot
+mask / empty prompt) for classifier-free guidance, an extension: the released models have none.
 Writes the member folder to ``--export_dir`` (default ``<output_dir>/member``): ``unet/``, ``mask_encoder/``
 and ``codiff_member.json``; frozen towers are referenced by path.
 """
@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 
@@ -147,10 +145,10 @@ def main(argv=None) -> int:
                                                          + fmt.num_classes})
                 unet = SpatialMaskUNet(unet, encoder)
         else:
-            from codiff.members import _load_text_encoder
+            from codiff.members import load_text_encoder
 
             text_folder, tokenizer_folder = text_encoder_folder(Path(args.text_encoder_path))
-            text = _load_text_encoder(text_folder, tokenizer_folder, None)
+            text = load_text_encoder(text_folder, tokenizer_folder, None)
             if text.text_encoder.config.hidden_size != dim:
                 raise UserError(f"the UNet attends to width {dim} but the text encoder gives "
                                 f"{text.text_encoder.config.hidden_size}: set cross_attention_dim in --unet_config")

@@ -1,4 +1,4 @@
-"""ContextDiff stage 2: fine-tune the diffusion model with the trained stage-1 adapter loaded and used (spec §3.2).
+"""ContextDiff stage 2: fine-tune the diffusion model with the trained stage-1 adapter loaded and used.
 
     python scripts/contextdiff/finetune_diffusion.py --config configs/contextdiff/finetune_diffusion_tiny.yaml \\
         --adapter_path outputs/contextdiff/stage1 --train_data_dir data/digits/train \\
@@ -7,16 +7,13 @@
 The adapter (``--adapter_path``: stage 1's output_dir or its ``adapter/``) is checked against the model (latent
 channels, latent size vs patch, text width) before anything is written, frozen, and defines x_t and the target the
 UNet is fine-tuned on; its ``process.json`` supplies the default k_t schedule and parameterisation. (The released
-``finetune_diffusion.py`` never loaded the adapter, spec §7.1.) Writes the ContextDiff checkpoint folder
+``finetune_diffusion.py`` never loaded the adapter.) Writes the ContextDiff checkpoint folder
 ``<output_dir>/pipeline/`` (a diffusers Stable Diffusion folder + ``adapter/`` + ``contextdiff.json``), which
 ``scripts/sample.py --method contextdiff --pretrained_model_name_or_path`` samples. Logic: ``contextdiff/training.py``.
 """
 
-import sys
-from pathlib import Path
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from common.errors import cli_entry  # noqa: E402
 

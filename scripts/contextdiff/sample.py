@@ -16,7 +16,6 @@ from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

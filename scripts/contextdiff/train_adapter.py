@@ -1,4 +1,4 @@
-"""ContextDiff stage 1: train the relational adapter r_phi(x0, c) on image-caption data (spec §3.1, §8).
+"""ContextDiff stage 1: train the relational adapter r_phi(x0, c) on image-caption data.
 
     python scripts/contextdiff/train_adapter.py --config configs/contextdiff/train_adapter_tiny.yaml \\
         --train_data_dir data/digits/train --output_dir outputs/contextdiff/stage1
@@ -14,11 +14,8 @@ config.json, process.json) and, with ``--no-freeze_unet``, the checkpoint folder
 Logic: ``contextdiff/training.py``.
 """
 
-import sys
-from pathlib import Path
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from common.errors import cli_entry  # noqa: E402
 

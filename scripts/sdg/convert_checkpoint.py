@@ -7,10 +7,10 @@
         --output_dir models/sdg_bedroom
 
 ``--model_path``: a guided-diffusion ``UNetModel`` state dict (``lsun_*.pt``, ILVR's ``ffhq_10m.pt``) described by
-its ADM flags (guided-diffusion's names; every key and shape is checked against them, legacy per-head qkv split,
-spec §4) -> ``<output_dir>/unet/`` (diffusers ``UNet2DModel`` + ``adm_flags.json``).
+its ADM flags (guided-diffusion's names; every key and shape is checked against them, legacy per-head qkv split)
+-> ``<output_dir>/unet/`` (diffusers ``UNet2DModel`` + ``adm_flags.json``).
 ``--clip_gd_path`` (optional): SDG's noise-aware ``CLIP_gd`` state dict (``clip_ffhq.pt``, ``clip_lsun_*.pt``) ->
-``<output_dir>/clip/``; its key map is spec §3.6 and it is rebuilt on ``--clip_model`` (RN50x16) with the released
+``<output_dir>/clip/``; its key map is ``sdg.convert``'s and it is rebuilt on ``--clip_model`` (RN50x16) with the released
 choices (FiLM default init, t_dim 128, hidden 512, input ``--image_size``). The text tower, not part of CLIP_gd,
 comes from ``--clip_weights`` (OpenAI's RN50x16 weights), which the folder references by path.
 The output folder is what ``scripts/sdg/sample.py --model_path/--clip_path`` and ``scripts/sample.py --method sdg
@@ -20,11 +20,7 @@ The output folder is what ``scripts/sdg/sample.py --model_path/--clip_path`` and
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

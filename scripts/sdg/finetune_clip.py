@@ -1,4 +1,4 @@
-"""Fine-tune a noise-aware CLIP image encoder E'(x_t, t) from a pretrained CLIP, without captions (SDG §3).
+"""Fine-tune a noise-aware CLIP image encoder E'(x_t, t) from a pretrained CLIP, without captions.
 
     python scripts/sdg/finetune_clip.py --config configs/sdg/finetune_clip.yaml \\
         --data_dir data/digits/train --clip_model_path ckpt/tiny/clip --output_dir outputs/tiny/sdg/clip_run
@@ -18,13 +18,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 
 import torch
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 
@@ -80,7 +76,7 @@ def base_logit_scale(model: torch.nn.Module) -> float:
 
 class ResizedTeacher(torch.nn.Module):
     """The frozen CLIP image tower fed at its own resolution: a clean image prepared for the student (diffusion size,
-    CLIP-normalised) is resized bicubically when the sizes differ (SDG's teacher sees CLIP's 384 px, spec §7 item 11)."""
+    CLIP-normalised) is resized bicubically when the sizes differ (SDG's teacher sees CLIP's 384 px)."""
 
     def __init__(self, visual: torch.nn.Module):
         super().__init__()

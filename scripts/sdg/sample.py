@@ -7,7 +7,7 @@
         --use_scale_shift_norm True --learn_sigma True --clip_path models/sdg_clip_bedroom \\
         --data_dir ref/ref_bedroom --image_weight 100 --timestep_respacing 100 --exp_name bedroom_semantic
 
-Flags keep the names of SDG's ``scripts/sample.py`` (spec §5). Guidance (spec §2.4): ``--text_weight`` x
+Flags keep the names of SDG's ``scripts/sample.py``. Guidance: ``--text_weight`` x
 cos(E'(x_t, t), T(instruction)) with one instruction per line of ``--text_instruction_file``; ``--image_weight`` x
 the content cosine (``--image_loss semantic``) or the Gram-style energy (``--image_loss style``) against each image of
 ``--data_dir`` noised to the same t. Both weights default to 0 (the released defaults of 1.0 silently guided).
@@ -32,7 +32,6 @@ from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parent.parent.parent
-sys.path.insert(0, str(REPO))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 from common.limits import add_memory_argument  # noqa: E402
@@ -75,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def safe_name(text: str, limit: int = 80) -> str:
-    """A folder-name-safe rendering of an instruction or file name (spec §7 item 6)."""
+    """A folder-name-safe rendering of an instruction or file name."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")
     return (name or "empty")[:limit]
 
@@ -106,7 +105,7 @@ def model_flags(args):
 
 
 def folder_name(ref_index: int, text_index: int, reference, instruction) -> str:
-    """SDG's folder names (spec §5), made filesystem-safe."""
+    """SDG's folder names, made filesystem-safe."""
     if reference is not None and instruction is not None:
         return f"{ref_index:05d}_{text_index:05d}_{safe_name(reference.stem)}_{safe_name(instruction)}"
     if reference is not None:

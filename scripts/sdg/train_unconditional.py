@@ -17,13 +17,9 @@ Writes ``<output_dir>/unet/`` (diffusers folder + ``adm_flags.json``), loadable 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Embed an image folder once with one or several CLIPs (concatenated in order): the offline cache (spec §8.2).
+"""Embed an image folder once with one or several CLIPs (concatenated in order): the offline cache.
 
     python scripts/shifted/extract_embeddings.py --train_data_dir data/digits/train --out emb/train.safetensors
     python scripts/shifted/extract_embeddings.py --train_data_dir data/digits/train --clip A --clip B --no_text ...
@@ -12,11 +12,7 @@ exactly what ``train.py`` computes when it is given the folder instead of the ca
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

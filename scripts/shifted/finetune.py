@@ -1,4 +1,4 @@
-"""Fine-tune Stable Diffusion on images only, conditioned on their CLIP image embeddings (spec §5.2, language-free).
+"""Fine-tune Stable Diffusion on images only, conditioned on their CLIP image embeddings (language-free).
 
     python scripts/shifted/finetune.py --config configs/shifted/tiny_finetune.yaml \\
         --pretrained_model_name_or_path ckpt/tiny/baseline --train_data_dir data/digits/train \\
@@ -6,7 +6,7 @@
 
 No caption is read: each training image is embedded by the CLIP model(s) (``--clip``, concatenated in order) and the
 embedding reaches the UNet's cross-attention through ``ImageEmbProjection`` (Linear(D -> n_tokens x
-cross_attention_dim), spec §5.1); the whole UNet and the projection train on the usual eps (or v) loss. For
+cross_attention_dim)); the whole UNet and the projection train on the usual eps (or v) loss. For
 classifier-free guidance ``--cfg_drop`` of the embeddings are replaced by a null embedding: ``--null_embedding prior``
 (the reference: the prior's sample for the empty caption, needs ``--prior``), ``zero``, ``black`` (CLIP of a black
 image) or a .safetensors file holding one embedding. Start from an SD folder (``--pretrained_model_name_or_path``,
@@ -19,18 +19,14 @@ tower is carried along, unused, unless ``--no_text_tower``) plus ``image_project
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
-
 from common.errors import UserError, cli_entry  # noqa: E402
 
 
-DEFAULTS = {  # the reference finetune.py defaults (spec §5.2)
+DEFAULTS = {  # the reference finetune.py defaults
     "learning_rate": 1e-4, "train_batch_size": 16, "lr_warmup_steps": 500, "checkpointing_steps": 500,
     "lr_scheduler": "constant", "max_grad_norm": 1.0, "adam_weight_decay": 1e-2, "adam_epsilon": 1e-8,
     "report_to": "none", "tracker_project_name": "shifted_finetune",
@@ -118,7 +114,7 @@ def load_components(args):
 
 
 def null_embedding(args, clip) -> torch.Tensor:
-    """The CFG null ``[D]`` (spec §5.2: the prior's embedding of the empty text in the reference)."""
+    """The CFG null ``[D]`` (the prior's embedding of the empty text in the reference)."""
     from common.io import load_safetensors
 
     choice = args.null_embedding or ("prior" if args.prior else "zero")

@@ -1,4 +1,4 @@
-"""Fit the Gaussian bank of Shifted Diffusion to CLIP image embeddings (spec §2.2, §4 "statistics file").
+"""Fit the Gaussian bank of Shifted Diffusion to CLIP image embeddings (the reference's ``mean.pth`` / ``std.pth``).
 
     python scripts/shifted/fit_bank.py --cache emb/train.safetensors --size 16 --out bank.safetensors
     python scripts/shifted/fit_bank.py --train_data_dir data/digits/train --size 1 --out global.safetensors  # K=1
@@ -14,9 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

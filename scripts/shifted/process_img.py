@@ -2,8 +2,8 @@
 
     python scripts/shifted/process_img.py --src photos/ --dest photos_256/ --size 256
 
-The reference SD scripts resize CLIP inputs without cropping, so non-square images break ViT position embeddings
-(spec §7.15); this makes every image square first. ``metadata.jsonl`` is copied along (file names and formats are
+The reference SD scripts resize CLIP inputs without cropping, so non-square images break ViT position embeddings;
+this makes every image square first. ``metadata.jsonl`` is copied along (file names and formats are
 kept, images become RGB). Any unreadable image stops the run with one line
 naming it, and ``--dest`` is written all at once or not at all.
 """
@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

@@ -4,7 +4,7 @@
     python scripts/shifted/sft_test.py --prior out/prior/prior --decoder out/finetune/pipeline --prompt_file p.txt
 
 The prior (default: the shipped ``ckpt/tiny/shifted``; ``--prior_variant baseline`` for the unshifted prior) samples
-an image embedding for each caption with 8 respaced DDPM steps (flags as spec §8.2 ``sample_prior.py``), and the
+an image embedding for each caption with 8 respaced DDPM steps (the prior sampling flags of ``shifted.cli``), and the
 language-free decoder renders it with classifier-free guidance against the null embedding it was trained with (or
 against the prior's embedding of ``--negative_prompt``). Writes ``images/``, ``metadata.jsonl`` (file_name, text:
 what ``scripts/evaluate.py judge`` reads), ``grid.png`` and ``embeddings.safetensors``, all at once.
@@ -13,11 +13,7 @@ what ``scripts/evaluate.py judge`` reads), ``grid.png`` and ``embeddings.safeten
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

@@ -12,11 +12,7 @@ source), ``grid.png`` and ``embeddings.safetensors`` to ``--output_dir``, all at
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

@@ -1,10 +1,10 @@
-"""Train the Shifted Diffusion prior (text -> CLIP image embedding) on the shared trainer (spec §4).
+"""Train the Shifted Diffusion prior (text -> CLIP image embedding) on the shared trainer.
 
     python scripts/shifted/train.py --config configs/shifted/tiny_prior.yaml --cache emb/train.safetensors \\
         --bank bank.safetensors --output_dir outputs/shifted/prior
     python scripts/shifted/train.py ... --no_bank        # the baseline: plain DDPM prior, no bank token
 
-Flags and defaults are the reference ``train.py``'s (spec §4 table: batch 64, AdamW 1.2e-4 (0.9, 0.96) wd 0.06
+Flags and defaults are the reference ``train.py``'s (batch 64, AdamW 1.2e-4 (0.9, 0.96) wd 0.06
 eps 1e-6, clip 1.0, constant LR, linear betas 1e-4..0.02, x0 prediction with P2 gamma 1, text states dropped with
 0.1, the CLIP text embedding never, width 2048 / 8 layers / 32 heads), plus ``--bank`` (from fit_bank.py; replaces
 ``--mean_path/--std_path``), ``--no_bank`` and ``--cache`` (from extract_embeddings.py; without it the folder is
@@ -15,17 +15,13 @@ loadable with ``shifted.pipeline.load_prior``; checkpoints and ``--resume_from_c
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 
 
 SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
-DEFAULTS = {  # the reference train.py (spec §4)
+DEFAULTS = {  # the reference train.py
     "train_batch_size": 64, "num_train_epochs": 100, "learning_rate": 1.2e-4, "adam_beta1": 0.9,
     "adam_beta2": 0.96, "adam_weight_decay": 0.06, "adam_epsilon": 1e-6, "max_grad_norm": 1.0,
     "lr_scheduler": "constant", "lr_warmup_steps": 500, "checkpointing_steps": 5000, "output_dir": "sft",

@@ -10,7 +10,7 @@
     python scripts/versatile/convert.py --optimus_vae pretrained/optimus-vae.pth --bert_tokenizer DIR \\
         --gpt2_tokenizer DIR --dst out/optimus                                   # the text VAE alone
 
-Layouts (spec §2.9; ``versatile.convert``): ``vd-r0`` (the 2022-12 repo, ``model.diffusion_model.*``), ``vd-r1``
+Layouts (``versatile.convert``): ``vd-r0`` (the 2022-12 repo, ``model.diffusion_model.*``), ``vd-r1``
 (``vd-four-flow-v1-0.pth``, ``diffuser.*``), ``diffusers`` (the hub folder's ``image_unet/`` + ``text_unet/``, or
 a flat state dict with those prefixes), ``sd-unet`` (an SD v1 ``UNet2DConditionModel`` state dict: global + image
 data layers + both context sets, the paper's stage-1 init; the text data layers stay freshly initialised),
@@ -35,11 +35,7 @@ Output: ``--dst/diffuser_config.json`` + per-group ``diffuser-<group>.safetensor
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

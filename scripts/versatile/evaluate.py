@@ -29,12 +29,11 @@ import torch
 
 
 REPO = Path(__file__).resolve().parent.parent.parent
-sys.path.insert(0, str(REPO))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 
 
-SECTION = "versatile (issue 9): digits quality"
+SECTION = "versatile: digits quality"
 
 
 def build_parser():
@@ -210,8 +209,7 @@ def main(argv=None) -> int:
     for key, value in results.items():
         print(key, json.dumps({k: v for k, v in value.items() if k != "examples"}))
     if args.record:
-        sys.path.insert(0, str(REPO / "bench"))
-        from records import write_records
+        from common.bench_records import write_records
 
         command = "OMP_NUM_THREADS=1 python scripts/versatile/evaluate.py " + " ".join(argv or sys.argv[1:])
         for r in records:

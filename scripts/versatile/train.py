@@ -1,6 +1,6 @@
 """Train the multi-flow diffuser of Versatile Diffusion (VD §3.5, Algorithm 1, Table 1) with the shared trainer.
 
-Progressive schedule of the paper (spec §4), one run per stage, each starting from the previous one::
+Progressive schedule of the paper, one run per stage, each starting from the previous one::
 
     python scripts/versatile/train.py --config configs/versatile/stage1_single.yaml   # image variation
     python scripts/versatile/train.py --config configs/versatile/stage2_dual.yaml     # + text-to-image
@@ -10,7 +10,7 @@ Progressive schedule of the paper (spec §4), one run per stage, each starting f
 default per-group LR multipliers (Table 1's rows, ``--group_lr_scale`` overrides); ``--flow_sampling all`` runs every
 flow each step and sums their losses before one optimizer step (Algorithm 1), ``one`` draws one flow per step with
 ``--flow_weights``. Image latents come from ``--vae_model_path`` (times its ``scaling_factor``), contexts from the
-open_clip towers of ``--clip_model_path`` (normalised projected tokens, spec §2.10), text latents from
+open_clip towers of ``--clip_model_path`` (normalised projected tokens), text latents from
 ``--text_vae_path`` (scripts/versatile/train_text_vae.py). Every caption and image is encoded once before training.
 Each item serves every flow: t2i / tv are conditioned on its caption, iv / i2t on its image; image flows generate
 its latent, text flows its caption latent. ``--cond_drop`` replaces a context by the null one the flow samples with
@@ -24,14 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Train the Optimus-like text VAE of Versatile Diffusion on captions (VD §3.4; spec §2.11), with the shared trainer.
+"""Train the Optimus-like text VAE of Versatile Diffusion on captions (VD §3.4), with the shared trainer.
 
     python scripts/versatile/train_text_vae.py --config configs/versatile/text_vae_digits.yaml
 
@@ -10,7 +10,7 @@ threshold, the other guard against collapse. Architecture and tokenizer come fro
 (``--model_config``: the ``optimus_*`` keys and ``text_latent_dim``). The folder written to ``--save_to`` (default
 ``<output_dir>/text_vae``) holds config, weights and both tokenizers (``versatile.text_vae.load_text_vae``), with
 ``optimus_scaling_factor = 1 / std(mu)`` over the training captions so the diffuser sees unit-scale latents
-(VD itself uses 1.0; spec §7.9). ``eval.json`` beside the weights scores round trips on ``--eval_data_dir``:
+(VD itself uses 1.0). ``eval.json`` beside the weights scores round trips on ``--eval_data_dir``:
 exact sentence match, and the digit / colour words read back with ``common.judge.parse_prompt``.
 """
 
@@ -18,13 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from common.errors import UserError, cli_entry  # noqa: E402
 

@@ -187,8 +187,8 @@ def add_settings_arguments(group, cls, skip: Sequence[str] = ()) -> None:
             kwargs.update(action="append", default=None)
         else:
             kwargs.update(type=kind if kind in (int, float) else str, default=default)
-            if meta.get("choices") is not None:
-                kwargs["choices"] = meta["choices"]
+            if meta.get("choices") is not None:  # checked by the settings' check(): a one-line error
+                kwargs["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"
             if default not in (None, "") and help_text:
                 kwargs["help"] = f"{help_text} (default {default})"
         group.add_argument(flag, **kwargs)

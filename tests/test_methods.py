@@ -22,6 +22,7 @@ import app  # noqa: E402
 import demo  # noqa: E402
 import sample  # noqa: E402
 
+
 PROMPTS = ["a red handwritten seven", "a blue handwritten two"]
 
 

@@ -150,14 +150,14 @@ def settings_dict(settings) -> dict:
 
 
 class _OldSpelling(argparse.Action):
-    """An old flag spelling: works as the new one, with a one-line warning on stderr."""
+    """An old flag spelling: works as the new one, with a one-line note on stderr (after which an error is still one "error:" line)."""
 
     def __init__(self, option_strings, dest, new_flag: str = "", append: bool = False, **kwargs):
         self.new_flag, self.append = new_flag, append
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        print(f"warning: {option_string} is an old spelling of {self.new_flag}: use {self.new_flag}",
+        print(f"note: {option_string} is an old spelling of {self.new_flag}: use {self.new_flag}",
               file=sys.stderr)
         if self.append:
             values = [*(getattr(namespace, self.dest, None) or []), values]

@@ -78,8 +78,8 @@ def settings_of(args, spec: methods.MethodSpec):
     settings = methods.settings_from_args(spec.settings, args, prompts=read_prompts(args))
     settings.check()
     if not settings.makes_images():
-        raise UserError(f"these {spec.name} settings generate captions, not images: use the method's own script "
-                        "(e.g. scripts/versatile/sample.py)")
+        raise UserError(f"{spec.name} with these settings generates captions, not images: use the method's own "
+                        "script (e.g. scripts/versatile/sample.py)")
     return settings
 
 

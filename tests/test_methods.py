@@ -115,7 +115,7 @@ def test_one_vocabulary_of_flags_old_spellings_warn(capsys):
     assert (args.num_inference_steps, args.guidance_scale, args.checkpoint) == (7, 2.5, "somewhere")
     for old, new in (("--steps", "--num_inference_steps"), ("--scale", "--guidance_scale"),
                      ("--pretrained_model_name_or_path", "--checkpoint")):
-        assert f"warning: {old} is an old spelling of {new}" in err
+        assert f"note: {old} is an old spelling of {new}" in err
     args, _ = sample.parse_args(["--method", "contextdiff", "--prompt", "x", "--num_inference_steps", "7"])
     assert args.num_inference_steps == 7 and not capsys.readouterr().err
 

@@ -3,7 +3,7 @@
     python bench/cross_method.py [--num_prompts 60 --seed 0]       # what `make bench` runs
 
 Generates the 60 (digit, colour) evaluation prompts with the baseline and each method whose tiny checkpoint is in
-``ckpt/tiny/`` (each method's ``sample_cli.evaluate_digits``), judges them, writes records to bench/results.json /
+``ckpt/tiny/`` (each registered method's ``evaluate_digits``, ``common.methods``), judges them, writes records to bench/results.json /
 results.md (digit, colour, both accuracy, seconds), and draws ``bench/cross_method.png``: one row of samples per
 method beside bars of its scores.
 """
@@ -17,9 +17,6 @@ from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO / "bench"))
 
 METRICS = ("digit_accuracy", "color_accuracy", "both_accuracy")
 
@@ -53,25 +50,28 @@ def draw_table(rows: dict[str, dict], folders: dict[str, Path], path: Path, per_
 
 
 def main(argv=None):
-    from demo import available_methods, evaluate_baseline
-    from records import write_records
+    from records import write_records  # bench/records.py: this script's folder is on the path when it runs
 
+    from common import methods
     from common.digits import build_digits
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num_prompts", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default="outputs/cross_method")
-    p.add_argument("--methods", nargs="*", default=None, help="default: every method with a shipped checkpoint")
+    p.add_argument("--methods", nargs="*", default=None,
+                   help="default: every registered method with a digits protocol and a shipped checkpoint")
     args = p.parse_args(argv)
     build_digits(REPO / "data" / "digits")
     out = Path(args.output_dir)
     start = time.perf_counter()
-    rows = {"baseline": evaluate_baseline(out / "baseline", args.num_prompts, args.seed)}
-    folders = {"baseline": out / "baseline"}
-    names = ["contextdiff", "shifted", "codiff", "sdg", "versatile"] if args.methods is None else args.methods
-    for name, module in available_methods(names).items():
-        rows[name] = module.evaluate_digits(out / name, n=args.num_prompts, seed=args.seed)
+    names = ["baseline", *(n for n in (args.methods or methods.names()) if n != "baseline")]
+    rows, folders = {}, {}
+    for name in names:
+        spec = methods.get(name)
+        if spec.evaluate_digits is None or not spec.checkpoint_path().exists():
+            continue
+        rows[name] = spec.evaluate_digits(out / name, n=args.num_prompts, seed=args.seed)
         folders[name] = out / name
     total = time.perf_counter() - start
     command = "python bench/cross_method.py " + " ".join(argv if argv is not None else sys.argv[1:])

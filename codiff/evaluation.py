@@ -41,7 +41,7 @@ IOU_THRESHOLD = 0.35  # common.digits.MASK_THRESHOLD: how the dataset's masks we
 
 @dataclass
 class TestMask:
-    file: Path
+    file: Optional[Path]  # None for masks computed in memory
     ids: torch.Tensor  # [H, W] long
     digit: int
     index: int  # row of the test metadata
@@ -73,10 +73,12 @@ def load_test_masks(data_root: Path) -> list[TestMask]:
     return out
 
 
-def paired_masks(digits: Sequence[Optional[int]], data_root: Path, offset: int = 0) -> list[TestMask]:
+def paired_masks(digits: Sequence[Optional[int]], data_root: Optional[Path], offset: int = 0,
+                 masks: Optional[Sequence[TestMask]] = None) -> list[TestMask]:
     """One test mask per target digit: the k-th test mask of that digit for its k-th occurrence (``offset`` shifts
-    the choice: ``offset=1`` gives *another* mask of the same digit). ``None``: any test mask, in turn."""
-    masks = load_test_masks(data_root)
+    the choice: ``offset=1`` gives *another* mask of the same digit). ``None``: any test mask, in turn. ``masks``:
+    the test masks to choose from instead of ``data_root``'s."""
+    masks = list(masks) if masks is not None else load_test_masks(data_root)
     by_digit: dict[int, list[TestMask]] = {}
     for m in masks:
         by_digit.setdefault(m.digit, []).append(m)

@@ -28,7 +28,7 @@ from torch import nn
 from codiff.collaborate import CollaborativeDenoiser, CollaborativeDiffusion, InfluenceRecorder, ReleasedReweighting
 from common.errors import UserError
 from common.io import PathLike, atomic_write_file, make_image_grid, save_image_grid, to_pil
-from common.samplers import Generator, randn, sample_ddim, sample_ddpm
+from common.samplers import Generator, randn, sample
 from common.schedule import NoiseSchedule, SamplingPlan, plan_like_diffusers
 
 
@@ -174,10 +174,7 @@ class CollaborativePipeline:
         if x_T is None:
             x_T = randn(shape, generator, self.device)
         kwargs = dict(x_T=x_T, generator=generator, callback=recorder, device=self.device, progress=progress)
-        if sampler == "ddim":
-            latents = sample_ddim(denoiser, self.schedule, plan, eta=eta, **kwargs)
-        else:
-            latents = sample_ddpm(denoiser, self.schedule, plan, **kwargs)
+        latents = sample(sampler, denoiser, self.schedule, plan, eta=eta, **kwargs)
         out = CollaborativeGeneration(self.decode(latents), latents, self.model.modalities)
         if recorder is not None:
             out.timesteps = recorder.timesteps

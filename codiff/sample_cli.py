@@ -4,46 +4,83 @@
     python scripts/sample.py --method codiff --prompt "a blue digit three" --mask_path my_mask.png
 
 Every prompt is paired with one mask: ``--mask_path`` (a class-id PNG, the model's resolution) for all of them, or
-else a test-split mask of the digit the prompt names (``common.judge.parse_prompt``; the digits world is built in
-``data/digits`` if missing), so that the two conditions agree. The common flags mean: ``--guidance_scale`` the
+else a test-split mask of the digit the prompt names (``common.judge.parse_prompt``; the digits world's test masks,
+computed in memory: nothing is written), so that the two conditions agree. The common flags mean: ``--guidance_scale`` the
 classifier-free guidance of EACH member (an extension; ``1`` = none, as in the paper), ``--negative_prompt`` the
-text member's unconditional prompt, ``--steps`` / ``--sampler`` / ``--eta`` the DDIM/DDPM run (the release: DDIM 50
+text member's unconditional prompt, ``--num_inference_steps`` / ``--sampler`` / ``--eta`` the DDIM/DDPM run (the release: DDIM 50
 steps, eta 1). ``--weighting`` swaps the learned influence maps for a fixed combination (one member alone, the
 equal-weight average); ``--released_reweighting`` applies the released sampler's mask schedule.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from codiff.variants import VARIANTS
 from common.errors import UserError
+from common.methods import (
+    SHARED_FIELDS,
+    Generation,
+    MethodSpec,
+    SamplingSettings,
+    add_settings_arguments,
+    setting,
+    shared,
+)
 
 
 DEFAULT_CHECKPOINT = "ckpt/tiny/codiff"
-# scripts/sample.py's shared flags: the release samples DDIM with eta 1; CFG 3 per member is our
-# extension, the measured best on digits (both-correct 90% vs 48% without, codiff/METHOD.md).
-SAMPLE_DEFAULTS = {"sampler": "ddim", "eta": 1.0, "guidance_scale": 3.0}
 REPO = Path(__file__).resolve().parent.parent
 DIGITS_ROOT = REPO / "data" / "digits"
 
 
+@dataclass
+class CoDiffSettings(SamplingSettings):
+    # The release samples DDIM with eta 1; CFG 3 per member is our extension, the measured best on digits
+    # (both-correct 90% vs 48% without, codiff/METHOD.md).
+    guidance_scale: float = shared("guidance_scale", 3.0)
+    eta: float = shared("eta", 1.0)
+    mask_path: Optional[str] = setting(None, "class-id mask PNG for every prompt (default: a test-split mask of the "
+                                             "prompt's digit)", kind="mask", label="mask")
+    weighting: str = setting("collaborative", "collaborative (learned influence maps), average (fixed equal "
+                                              "weights), mask_only, text_only", choices=VARIANTS)
+    released_reweighting: bool = setting(False, "the released sampler's inference-only mask re-weighting (x2, "
+                                                "cosine decay)", page=False)
+
+    def check(self) -> None:
+        super().check()
+        if self.released_reweighting and self.weighting != "collaborative":
+            raise UserError("--released_reweighting re-weights the learned maps: use it with --weighting "
+                            "collaborative")
+
+
 def add_arguments(group) -> None:
-    group.add_argument("--mask_path", default=None,
-                       help="class-id mask PNG for every prompt (default: a test-split mask of the prompt's digit)")
-    group.add_argument("--weighting", choices=VARIANTS, default="collaborative",
-                       help="collaborative (learned influence maps), average (fixed equal weights), mask_only, "
-                            "text_only")
-    group.add_argument("--released_reweighting", action=argparse.BooleanOptionalAction, default=False,
-                       help="the released sampler's inference-only mask re-weighting (x2, cosine decay)")
+    """The method's own flags (those of :class:`CoDiffSettings` beyond the shared ones)."""
+    add_settings_arguments(group, CoDiffSettings, skip=SHARED_FIELDS)
+
+
+def digits_test_masks(seed: int = 0) -> list:
+    """The digits world's test masks, computed in memory (the same ids ``common.digits.build_digits`` writes to
+    ``test/masks/``, in the same order), as ``TestMask`` rows without a file."""
+    import numpy as np
+
+    from codiff.evaluation import TestMask
+    from common.digits import make_samples, real_digit_split, stroke_mask
+
+    _, _, x_test, y_test = real_digit_split(seed)
+    samples = make_samples(x_test, y_test, seed + 1)
+    return [TestMask(None, torch.from_numpy(stroke_mask(s.intensity).astype(np.int64)), s.digit, i)
+            for i, s in enumerate(samples)]
 
 
 def masks_for_prompts(prompts, collab, mask_path=None, data_root: Path | None = None) -> list[torch.Tensor]:
-    """One class-id mask ``[H, W]`` per prompt (module docstring)."""
+    """One class-id mask ``[H, W]`` per prompt (module docstring): the mask file, else a test mask of the prompt's
+    digit, from ``data_root`` (a digits build) or computed in memory (nothing is written)."""
     from codiff.conditions import load_mask, validate_mask_ids
     from codiff.evaluation import paired_masks
     from common.judge import parse_prompt
@@ -52,30 +89,49 @@ def masks_for_prompts(prompts, collab, mask_path=None, data_root: Path | None = 
     if mask_path:
         ids = load_mask(mask_path, fmt)
         return [ids] * len(prompts)
-    masks = paired_masks([parse_prompt(p)[0] for p in prompts], data_root or DIGITS_ROOT)
-    return [validate_mask_ids(m.ids, fmt, f"test mask {m.file}") for m in masks]
+    digits = [parse_prompt(p)[0] for p in prompts]
+    masks = paired_masks(digits, data_root) if data_root is not None else paired_masks(digits, None,
+                                                                                       masks=digits_test_masks())
+    return [validate_mask_ids(m.ids, fmt, f"test mask {m.file or m.index}") for m in masks]
 
 
-def generate(args, prompts) -> torch.Tensor:
-    """Images ``[N, 3, H, W]`` in [0, 1] for ``prompts`` (one mask each, module docstring)."""
-    return generate_collaboration(args, prompts).images.cpu()
+class CoDiffPipeline:
+    """A collaboration (``codiff.members.load_collaboration``); influence maps are kept when the learned weighting
+    runs (an observer: the images are the same)."""
+
+    def __init__(self, collab):
+        self.collab = collab
+
+    def __call__(self, settings: CoDiffSettings, *, generator=None, callback=None) -> Generation:
+        """Images for ``settings.prompts`` (one mask each); ``extras["influence"]``: ``[steps, N, modalities, h,
+        w]`` and ``extras["modalities"]`` with the collaborative weighting."""
+        gen = generate_collaboration(self.collab, settings, generator=generator, callback=callback,
+                                     record=settings.weighting == "collaborative")
+        extras = {}
+        if getattr(gen, "influence", None) is not None:
+            extras = {"influence": gen.influence, "modalities": list(gen.modalities)}
+        return Generation(gen.images.cpu(), extras=extras)
 
 
-def generate_collaboration(args, prompts, record: bool = False):
-    """:func:`generate`'s run as a ``CollaborativeGeneration``; ``record`` also keeps the influence maps of every
-    step (an observer: the images are the same)."""
-    from codiff.collaborate import ReleasedReweighting
+def load(checkpoint, device="cpu", dtype=torch.float32) -> CoDiffPipeline:
     from codiff.members import load_collaboration
+
+    return CoDiffPipeline(load_collaboration(checkpoint, device=device))
+
+
+def generate_collaboration(collab, settings: CoDiffSettings, *, generator=None, callback=None, record: bool = False):
+    """One run as a ``CollaborativeGeneration``; ``record`` also keeps the influence maps of every step."""
+    from codiff.collaborate import ReleasedReweighting
     from codiff.variants import variant_weights
 
-    collab = load_collaboration(args.pretrained_model_name_or_path, device=args.device)
-    if args.resolution is not None and args.resolution != collab.image_size:
-        raise UserError(f"--resolution {args.resolution}: this collaboration makes {collab.image_size}x"
+    prompts = settings.prompts
+    if settings.resolution is not None and settings.resolution != collab.image_size:
+        raise UserError(f"--resolution {settings.resolution}: this collaboration makes {collab.image_size}x"
                         f"{collab.image_size} images only (its masks have that size)")
     mask_name, text_name = collab.modality_of_kind("mask"), collab.modality_of_kind("text")
     kinds = {n: m.kind for n, m in collab.members.items()}
-    weights = variant_weights(args.weighting, collab.modalities, kinds)
-    if args.mask_path and mask_name is None:
+    weights = variant_weights(settings.weighting, collab.modalities, kinds)
+    if settings.mask_path and mask_name is None:
         raise UserError(f"--mask_path was given but the checkpoint has no mask model ({', '.join(collab.modalities)})")
     if text_name is None and (weights is None or weights.get(mask_name, 0) < 1):
         raise UserError(f"the checkpoint has no text model ({', '.join(collab.modalities)}): prompts cannot condition it")
@@ -83,23 +139,23 @@ def generate_collaboration(args, prompts, record: bool = False):
     if text_name:
         conds[text_name] = list(prompts)
     if mask_name:
-        conds[mask_name] = torch.stack(masks_for_prompts(prompts, collab, args.mask_path))
+        conds[mask_name] = torch.stack(masks_for_prompts(prompts, collab, settings.mask_path))
     uncond = scales = None
-    if args.guidance_scale != 1.0:
+    if settings.guidance_scale != 1.0:
         uncond = collab.null_conditions(1)
-        if text_name and args.negative_prompt:
-            uncond[text_name] = collab.members[text_name].encode([args.negative_prompt])
-        scales = {n: args.guidance_scale for n in collab.modalities}
+        if text_name and settings.negative_prompt:
+            uncond[text_name] = collab.members[text_name].encode([settings.negative_prompt])
+        scales = {n: settings.guidance_scale for n in collab.modalities}
     reweighting = None
-    if args.released_reweighting:
+    if settings.released_reweighting:
         if weights is not None:
             raise UserError("--released_reweighting re-weights the learned maps: use it with --weighting collaborative")
         reweighting = ReleasedReweighting.released(tuple(n for n, k in kinds.items() if k == "mask"))
-    gen = collab.pipeline()(conds, batch_size=len(prompts), num_inference_steps=args.steps, eta=args.eta,
-                            sampler=args.sampler, generator=torch.Generator().manual_seed(args.seed),
-                            reweighting=reweighting, uncond=uncond, guidance_scales=scales, weights=weights,
-                            progress=not args.no_progress, record=record)
-    return gen
+    generator = generator if generator is not None else torch.Generator().manual_seed(settings.seed)
+    return collab.pipeline()(conds, batch_size=len(prompts), num_inference_steps=settings.num_inference_steps,
+                             eta=settings.eta, sampler=settings.sampler, generator=generator,
+                             reweighting=reweighting, uncond=uncond, guidance_scales=scales, weights=weights,
+                             progress=callback or False, record=record)
 
 
 EVALUATION_GUIDANCE = 3.0  # the baseline's guidance in the cross-method table (scripts/demo.py)
@@ -137,3 +193,31 @@ def evaluate_digits(output_dir: Path, n: int = 60, seed: int = 0) -> dict:
     scores["sampling"] = settings.describe()
     scores["seconds"] = round(time.perf_counter() - start, 2)
     return scores
+
+
+def mask_format(checkpoint):
+    """The mask format of a collaboration folder's mask member (size and classes of a drawn mask), or None."""
+    import json
+
+    from codiff.conditions import MaskFormat
+
+    try:
+        folder = Path(checkpoint)
+        config = json.loads((folder / "codiff.json").read_text())
+        for member in config.get("members", {}).values():
+            member_dir = folder / member
+            meta = json.loads((member_dir / "codiff_member.json").read_text())
+            if meta.get("kind") == "mask":
+                encoder = json.loads((member_dir / meta.get("mask_encoder", "mask_encoder") / "config.json")
+                                     .read_text())
+                return MaskFormat.from_config(encoder["format"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None
+
+
+METHOD = MethodSpec(
+    name="codiff", label="Collaborative Diffusion", settings=CoDiffSettings, load=load,
+    default_checkpoint=DEFAULT_CHECKPOINT, description=__doc__.split("\n\n")[0], evaluate_digits=evaluate_digits,
+    mask_format=mask_format,
+)

@@ -19,7 +19,7 @@ import torch
 from common.denoisers import guided_unet
 from common.errors import UserError
 from common.process import canonical_prediction_type
-from common.samplers import Generator, sample_ddim, sample_ddpm
+from common.samplers import Generator, sample
 from common.schedule import NoiseSchedule, plan_like_diffusers
 
 
@@ -125,9 +125,6 @@ class LatentTextToImage:
             "clip_sample") else None
         common = dict(x_T=latents, generator=generator, device=self.device, dtype=self.dtype, callback=callback,
                       progress=progress, clip_x0=clip)
-        if sampler == "ddim":
-            out = sample_ddim(denoiser, self.schedule, plan, shape, eta=eta, **common)
-        else:
-            variance = self.scheduler_config.get("variance_type", "fixed_small")
-            out = sample_ddpm(denoiser, self.schedule, plan, shape, variance_type=variance, **common)
+        out = sample(sampler, denoiser, self.schedule, plan, shape, eta=eta,
+                     variance_type=self.scheduler_config.get("variance_type", "fixed_small"), **common)
         return TextToImageOutput(self.decode(out), out)

@@ -36,7 +36,11 @@ from common.schedule import NoiseSchedule, SamplingPlan
 Generator = Union[torch.Generator, Sequence[torch.Generator], None]
 Guidance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+# ``progress``: True = a tqdm bar, False = silent, or ``report(stage, steps_done, total)`` called after every step
+# (what a page draws its progress bar from).
+Progress = Union[bool, Callable[[str, int, int], None]]
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
+SAMPLERS = ("ddim", "ddpm")
 
 
 def randn(shape: Sequence[int], generator: Generator = None, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -153,6 +157,33 @@ def _timestep_tensors(plan: SamplingPlan, batch: int, device) -> list[torch.Tens
     return [torch.full((batch,), int(t), device=device, dtype=torch.long) for t in plan.timesteps]
 
 
+class _Run:
+    """The setup every sampler shares: the denoiser's kind, the per-step coefficients, the start point, the
+    prediction reader and the timestep tensors."""
+
+    def __init__(self, denoiser, schedule, plan, prediction_type, shift, clip_x0, dtype, eta=0.0, *, x=None,
+                 shape=None, x_T=None, generator=None, device=None):
+        self.ptype, self.learned = _denoiser_kind(denoiser, prediction_type)
+        _check_shift(shift, self.ptype)
+        self.steps = _steps(plan, schedule, dtype, eta)
+        if x is None:
+            x = _initial_noise(shape, x_T, generator, device, dtype, shift, self.steps[0].abar)
+        self.x = x
+        self.predict = _Predictor(self.ptype, self.learned, shift, clip_x0)
+        self.ts = _timestep_tensors(plan, x.shape[0], x.device)
+
+
+def _iterate(indices, total: int, desc: str, progress: Progress):
+    """``indices`` with the progress of :data:`Progress`."""
+    if callable(progress):
+        progress(desc, 0, total)
+        for done, i in enumerate(indices, start=1):
+            yield i
+            progress(desc, done, total)
+        return
+    yield from tqdm(indices, total=total, desc=desc, disable=not progress, leave=False)
+
+
 def _learned_range_min_logs(plan: SamplingPlan, schedule: NoiseSchedule) -> list[float]:
     """ADM's clipped posterior log-variance per step: the step onto clean data (variance 0) borrows its neighbour's."""
     abars, prevs = plan.alphas(schedule)
@@ -182,7 +213,7 @@ def sample_ddpm(
     prediction_type: Optional[str] = None,
     device=None,
     dtype=torch.float32,
-    progress: bool = True,
+    progress: Progress = True,
 ) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020, Alg. 2) over any plan: full 1000 steps or a respaced chain.
 
@@ -193,18 +224,14 @@ def sample_ddpm(
     """
     if variance_type not in VARIANCE_TYPES:
         raise UserError(f"unknown variance type {variance_type!r}: choose one of {', '.join(VARIANCE_TYPES)}")
-    ptype, learned = _denoiser_kind(denoiser, prediction_type)
-    if variance_type == "learned_range" and not learned:
+    if variance_type == "learned_range" and not _denoiser_kind(denoiser, prediction_type)[1]:
         raise UserError("variance_type learned_range needs a denoiser with learned_variance=True (2x out channels)")
-    _check_shift(shift, ptype)
-    steps = _steps(plan, schedule, dtype)
-    x = _initial_noise(shape, x_T, generator, device, dtype, shift, steps[0].abar)
-    device = x.device
-    predict = _Predictor(ptype, learned, shift, clip_x0)
+    run = _Run(denoiser, schedule, plan, prediction_type, shift, clip_x0, dtype, shape=shape, x_T=x_T,
+               generator=generator, device=device)
+    x, steps, predict, ts, device = run.x, run.steps, run.predict, run.ts, run.x.device
     min_logs = _learned_range_min_logs(plan, schedule) if variance_type == "learned_range" else None
-    ts = _timestep_tensors(plan, x.shape[0], device)
     scale_sq = None if shift is None or shift.scale is None else shift.scale**2
-    for i in tqdm(range(len(plan)), desc="DDPM", disable=not progress, leave=False):
+    for i in _iterate(range(len(plan)), len(plan), "DDPM", progress):
         step = steps[i]
         y, x0_y, eps_y, m, var_out = predict(denoiser(x, ts[i]), x, step)
         if callback is not None:
@@ -245,7 +272,7 @@ def sample_ddim(
     prediction_type: Optional[str] = None,
     device=None,
     dtype=torch.float32,
-    progress: bool = True,
+    progress: Progress = True,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12) with ``eta`` in [0, 1]; eta = 0 is deterministic.
 
@@ -256,14 +283,10 @@ def sample_ddim(
     """
     if not 0.0 <= eta <= 1.0:
         raise UserError(f"eta must lie in [0, 1], got {eta}")
-    ptype, learned = _denoiser_kind(denoiser, prediction_type)
-    _check_shift(shift, ptype)
-    steps = _steps(plan, schedule, dtype, eta)
-    x = _initial_noise(shape, x_T, generator, device, dtype, shift, steps[0].abar)
-    device = x.device
-    predict = _Predictor(ptype, learned, shift, clip_x0)
-    ts = _timestep_tensors(plan, x.shape[0], device)
-    for i in tqdm(range(len(plan)), desc="DDIM", disable=not progress, leave=False):
+    run = _Run(denoiser, schedule, plan, prediction_type, shift, clip_x0, dtype, eta, shape=shape, x_T=x_T,
+               generator=generator, device=device)
+    x, steps, predict, ts, device = run.x, run.steps, run.predict, run.ts, run.x.device
+    for i in _iterate(range(len(plan)), len(plan), "DDIM", progress):
         step = steps[i]
         y, x0_y, eps_y, m, _ = predict(denoiser(x, ts[i]), x, step)
         if guidance is not None:
@@ -297,7 +320,7 @@ def invert_ddim(
     prediction_type: Optional[str] = None,
     return_trajectory: bool = False,
     fixed_point_iters: int = 0,
-    progress: bool = True,
+    progress: Progress = True,
 ):
     """Deterministic DDIM inversion: clean ``x0`` -> ``x_T`` along ``plan`` walked backwards (eta = 0).
 
@@ -309,15 +332,10 @@ def invert_ddim(
     equation "DDIM sampling from x_t lands on x_prev" by fixed-point iteration, so that sampling back reproduces the
     start far more closely. Returns ``x_T`` (and, if asked, the latents at every level, clean first).
     """
-    ptype, learned = _denoiser_kind(denoiser, prediction_type)
-    _check_shift(shift, ptype)
-    steps = _steps(plan, schedule, x0.dtype)
-    predict = _Predictor(ptype, learned, shift, None)
-    x = x0
-    ts = _timestep_tensors(plan, x.shape[0], x.device)
+    run = _Run(denoiser, schedule, plan, prediction_type, shift, None, x0.dtype, x=x0)
+    x, steps, predict, ts = run.x, run.steps, run.predict, run.ts
     trajectory = [x]
-    for i in tqdm(reversed(range(len(plan))), total=len(plan), desc="DDIM inversion", disable=not progress,
-                  leave=False):
+    for i in _iterate(reversed(range(len(plan))), len(plan), "DDIM inversion", progress):
         step = steps[i]
         _, x0_y_at_t, eps_y, m, _ = predict(denoiser(x, ts[i]), x, step)
         if callback is not None:
@@ -329,3 +347,25 @@ def invert_ddim(
         x = x_next
         trajectory.append(x)
     return (x, trajectory) if return_trajectory else x
+
+
+def sample(
+    sampler: str,
+    denoiser,
+    schedule: NoiseSchedule,
+    plan: SamplingPlan,
+    shape: Optional[Sequence[int]] = None,
+    *,
+    eta: float = 0.0,
+    variance_type: str = "fixed_small",
+    **kwargs,
+) -> torch.Tensor:
+    """The one entry point by name: ``ddim`` -> :func:`sample_ddim` (with ``eta``), ``ddpm`` -> :func:`sample_ddpm`
+    (with ``variance_type``; a scheduler config's ``variance_type`` is what callers usually pass). ``kwargs`` are
+    the keywords both samplers share (``x_T``, ``generator``, ``guidance``, ``shift``, ``callback``, ``clip_x0``,
+    ``device``, ``dtype``, ``progress``, ``prediction_type``)."""
+    if sampler == "ddim":
+        return sample_ddim(denoiser, schedule, plan, shape, eta=eta, **kwargs)
+    if sampler == "ddpm":
+        return sample_ddpm(denoiser, schedule, plan, shape, variance_type=variance_type, **kwargs)
+    raise UserError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")

@@ -25,7 +25,7 @@ from torch import nn
 
 from common.denoisers import guided_unet
 from common.errors import UserError
-from common.samplers import Generator, invert_ddim, sample_ddim, sample_ddpm
+from common.samplers import Generator, invert_ddim, sample
 from common.schedule import NoiseSchedule, SamplingPlan, plan_like_diffusers
 from contextdiff.process import as_x0_denoiser, contextual_k, contextual_shift, parameterization_from_prediction_type
 
@@ -209,11 +209,8 @@ def generate(
     clip = float(s.config.get("clip_sample_range", 1.0)) if s.config.get("clip_sample") else None
     common = dict(x_T=latents, generator=generator, shift=s.shift, clip_x0=clip, callback=callback,
                   device=device, dtype=dtype, progress=progress)
-    if sampler == "ddim":
-        out = sample_ddim(s.denoiser, s.schedule, s.plan, shape, eta=eta, **common)
-    else:
-        variance = s.config.get("variance_type", "fixed_small")
-        out = sample_ddpm(s.denoiser, s.schedule, s.plan, shape, variance_type=variance, **common)
+    out = sample(sampler, s.denoiser, s.schedule, s.plan, shape, eta=eta,
+                 variance_type=s.config.get("variance_type", "fixed_small"), **common)
     images = vae.decode(out.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
     return ContextDiffOutput((images.float() / 2 + 0.5).clamp(0, 1), out)
 

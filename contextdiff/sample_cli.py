@@ -1,26 +1,30 @@
 """``scripts/sample.py --method contextdiff``: sample a ContextDiff checkpoint, and judge it on the digits world.
 
     python scripts/sample.py --method contextdiff --prompt "a red handwritten seven" --guidance_scale 3
-    python scripts/sample.py --method contextdiff --pretrained_model_name_or_path ckpt/tiny/baseline \\
+    python scripts/sample.py --method contextdiff --checkpoint ckpt/tiny/baseline \\
         --adapter_path outputs/contextdiff/stage1 --prompt "a blue handwritten one"      # SD folder + stage-1 adapter
     python scripts/sample.py --method contextdiff ... --t5_model_name_or_path PATH/TO/T5  # override the adapter's T5
     python scripts/sample.py --method contextdiff --no_shift ...                       # ablation: no shift
 
 Per step (METHOD.md, "CFG + shift"): classifier-free guidance is evaluated ONCE (one batched ``[uncond; cond]`` UNet call), the
 guided output becomes the guided x0_hat, and the shift ``k_t r_phi(x0_hat, c)`` is evaluated once on it, with the
-conditional text. ``--pretrained_model_name_or_path`` is a ContextDiff checkpoint folder (``contextdiff.checkpoint``);
+conditional text. ``--checkpoint`` is a ContextDiff checkpoint folder (``contextdiff.checkpoint``);
 a plain Stable Diffusion folder works with ``--adapter_path`` (a stage-1 output) or ``--no_shift``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from common.errors import UserError
+from common.methods import SHARED_FIELDS, Generation, MethodSpec, SamplingSettings, add_settings_arguments, setting
 from contextdiff.checkpoint import ContextDiffModel, load_contextdiff
 
 
@@ -32,49 +36,82 @@ EVAL_SAMPLING = dict(steps=25, guidance_scale=3.0, sampler="ddim", eta=0.0)
 EVAL_CHUNK = 120  # images per generate call; x_T is drawn for all images at once (chunking only changes rounding)
 
 
+@dataclass
+class ContextDiffSettings(SamplingSettings):
+    adapter_path: Optional[str] = setting(
+        None, "a stage-1 adapter (train_adapter.py output_dir or its adapter/) to use with a plain Stable Diffusion "
+        "folder, or instead of the checkpoint's own", kind="path")
+    no_shift: bool = setting(False, "ablation: sample without the contextual shift (the adapter is not run)",
+                             label="no contextual shift (ablation)")
+    k_schedule: Optional[str] = setting(None, "k_t schedule (default: the one the checkpoint was trained with)",
+                                        choices=("quadratic", "prior", "none"), label="k_t schedule")
+    k_scale: Optional[float] = setting(None, "multiplies k_t (default: the checkpoint's)", low=0.0)
+    t5_model_name_or_path: Optional[str] = setting(
+        None, "a local T5 encoder folder (with its tokenizer) for an adapter that reads T5 states (default: the "
+        "checkpoint's t5/, or the T5 recorded with the adapter)", kind="path")
+    t5_max_length: Optional[int] = setting(None, "T5 tokens per prompt (default: the checkpoint's / adapter's, "
+                                                 "else 77)", low=1)
+
+
 def add_arguments(group) -> None:
-    group.add_argument("--adapter_path", default=None,
-                       help="a stage-1 adapter (train_adapter.py output_dir or its adapter/) to use with a plain "
-                            "Stable Diffusion folder, or instead of the checkpoint's own")
-    group.add_argument("--no_shift", action="store_true",
-                       help="ablation: sample without the contextual shift (the adapter is not run)")
-    group.add_argument("--k_schedule", default=None, help="k_t schedule (default: the one the checkpoint was trained "
-                                                          "with; quadratic, prior or none)")
-    group.add_argument("--k_scale", type=float, default=None, help="multiplies k_t (default: the checkpoint's)")
-    group.add_argument("--t5_model_name_or_path", default=None,
-                       help="a local T5 encoder folder (with its tokenizer) for an adapter that reads T5 states "
-                            "(default: the checkpoint's t5/, or the T5 recorded with the adapter)")
-    group.add_argument("--t5_max_length", type=int, default=None,
-                       help="T5 tokens per prompt (default: the checkpoint's / adapter's, else 77)")
+    """The method's own flags (those of :class:`ContextDiffSettings` beyond the shared ones)."""
+    add_settings_arguments(group, ContextDiffSettings, skip=SHARED_FIELDS)
 
 
-def load(args) -> ContextDiffModel:
-    model = load_contextdiff(args.pretrained_model_name_or_path, getattr(args, "adapter_path", None),
-                             require_adapter=not getattr(args, "no_shift", False), device=args.device,
-                             t5_path=getattr(args, "t5_model_name_or_path", None),
-                             t5_max_length=getattr(args, "t5_max_length", None))
-    if getattr(args, "k_schedule", None):
-        model.k_schedule = args.k_schedule
-    if getattr(args, "k_scale", None) is not None:
-        model.k_scale = args.k_scale
-    return model
+class ContextDiffPipeline:
+    """A checkpoint folder; the model is loaded on the first call with the settings' adapter / T5 choice and kept
+    for later calls with the same choice."""
+
+    def __init__(self, checkpoint, device="cpu", dtype=torch.float32):
+        self.checkpoint, self.device, self.dtype = checkpoint, device, dtype
+        self._models: dict = {}
+
+    def model(self, settings: ContextDiffSettings) -> ContextDiffModel:
+        key = (settings.adapter_path, settings.no_shift, settings.t5_model_name_or_path, settings.t5_max_length)
+        if key not in self._models:
+            self._models.clear()
+            self._models[key] = load_contextdiff(
+                self.checkpoint, settings.adapter_path, require_adapter=not settings.no_shift, dtype=self.dtype,
+                device=self.device, t5_path=settings.t5_model_name_or_path, t5_max_length=settings.t5_max_length)
+        model = self._models[key]
+        changes = {}
+        if settings.k_schedule:
+            changes["k_schedule"] = settings.k_schedule
+        if settings.k_scale is not None:
+            changes["k_scale"] = settings.k_scale
+        return dataclasses.replace(model, **changes) if changes else model
+
+    def __call__(self, settings: ContextDiffSettings, *, generator=None, callback=None) -> Generation:
+        """Images for ``settings.prompts`` in one batch (x_T drawn from ``generator``, default ``settings.seed``)."""
+        images = sample(self.model(settings), settings.prompts, steps=settings.num_inference_steps,
+                        guidance_scale=settings.guidance_scale, sampler=settings.sampler, eta=settings.eta,
+                        seed=settings.seed, negative_prompt=settings.negative_prompt, resolution=settings.resolution,
+                        no_shift=settings.no_shift, progress=callback or False, generator=generator)
+        return Generation(images)
+
+
+def load(checkpoint, device="cpu", dtype=torch.float32) -> ContextDiffPipeline:
+    if not Path(checkpoint).is_dir():
+        raise UserError(f"checkpoint folder {checkpoint} does not exist: pass --checkpoint (a ContextDiff "
+                        "checkpoint, or a Stable Diffusion folder with --adapter_path / --no_shift)")
+    return ContextDiffPipeline(checkpoint, device, dtype)
 
 
 def sample(
     model: ContextDiffModel, prompts: Sequence[str], *, steps: int, guidance_scale: float, sampler: str = "ddim",
     eta: float = 0.0, seed: int = 0, negative_prompt: str = "", resolution: Optional[int] = None,
-    no_shift: bool = False, progress: bool = False, chunk: Optional[int] = None,
+    no_shift: bool = False, progress=False, chunk: Optional[int] = None, generator=None,
 ) -> torch.Tensor:
     """Images ``[N, 3, H, W]`` in [0, 1]. ``chunk``: generate in pieces of this many prompts with x_T drawn for all
     N at once (``randn((N, C, h, w), Generator().manual_seed(seed))``, as one batch would): with DDIM eta = 0 the
     images do not depend on the chunking (up to float rounding of other batch sizes); DDPM / eta > 0 draw their
-    step noise per chunk."""
+    step noise per chunk. ``generator``: instead of the seed."""
     from contextdiff.pipeline import generate
 
     unet = model.unet
     factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
     side = (resolution or unet.config.sample_size * factor) // factor
-    generator = torch.Generator().manual_seed(seed)
+    generator = generator if generator is not None else torch.Generator().manual_seed(seed)
     x_T = torch.randn((len(prompts), unet.config.in_channels, side, side), generator=generator)
     chunk = chunk or len(prompts)
     images = []
@@ -85,13 +122,6 @@ def sample(
                        height=resolution, width=resolution, no_shift=no_shift, progress=progress)
         images.append(out.images.cpu())
     return torch.cat(images)
-
-
-def generate(args, prompts: Sequence[str]) -> torch.Tensor:
-    """``scripts/sample.py`` entry: images ``[N, 3, H, W]`` in [0, 1] for ``prompts`` (one batch, seed ``--seed``)."""
-    return sample(load(args), prompts, steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
-                  eta=args.eta, seed=args.seed, negative_prompt=args.negative_prompt, resolution=args.resolution,
-                  no_shift=args.no_shift, progress=not args.no_progress)
 
 
 def write_judged(images: torch.Tensor, rows: Sequence[dict], output_dir: Path, extra: Optional[dict] = None) -> dict:
@@ -140,3 +170,9 @@ def evaluate_digits(output_dir: Path, n: int = 60, seed: int = 0) -> dict:
         scores[f"no_shift_{key}"] = ablation[key]
     scores["seconds"] = round(time.perf_counter() - start, 2)
     return scores
+
+
+METHOD = MethodSpec(
+    name="contextdiff", label="ContextDiff", settings=ContextDiffSettings, load=load,
+    default_checkpoint=DEFAULT_CHECKPOINT, description=__doc__.split("\n\n")[0], evaluate_digits=evaluate_digits,
+)

@@ -1,15 +1,16 @@
-"""A local web page to try every method side by side (NiceGUI): one tab per method, one shared seed/steps panel.
+"""A local web page to try every method side by side (NiceGUI): one tab per registered method, one shared panel.
 
     python scripts/app.py                                   # http://127.0.0.1:7860, the shipped tiny checkpoints
     python scripts/app.py --host 0.0.0.0 --port 8080 --checkpoint_root /models/dlab --max_upload_mb 5
     python scripts/app.py --shifted_checkpoint out/shifted  # one method's own folder
 
-Every image goes through the code of ``scripts/sample.py`` (its parser, defaults and ``generate_images``): the same
-seed and settings give the same images, and the settings JSON offered for download holds the ``scripts/sample.py``
-command that reproduces the grid. Versatile's text-output flows (i2t, tv) go through ``scripts/versatile/sample.py``
-the same way. The page is served on 127.0.0.1 unless ``--host`` says otherwise; it fetches nothing from the internet.
-Uploads must be images (PNG, JPEG, BMP, GIF, WebP, TIFF) no larger than ``--max_upload_mb``: anything else is
-refused with a message on the page (and over-long requests with HTTP 413 before they are read).
+The tabs and their controls come from the method registry (``common.methods``): each control is a field of the
+method's settings dataclass, and a click calls the method's pipeline with a settings object, the same call
+``scripts/sample.py`` makes, so the same seed and settings give the same images. The settings JSON offered for
+download holds the ``scripts/sample.py`` command that reproduces the grid. The page is served on 127.0.0.1 unless
+``--host`` says otherwise; it fetches nothing from the internet. Uploads must be images (PNG, JPEG, BMP, GIF, WebP,
+TIFF) no larger than ``--max_upload_mb``: anything else is refused with a message on the page (and over-long
+requests with HTTP 413 before they are read).
 
 The module splits in two: the generation back end (``run_job``, ``check_upload``, ``Shared``: plain Python, tested
 without a browser) and the page (``build_page``, NiceGUI imported only there).
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
+import dataclasses
 import io
 import json
 import shlex
@@ -29,33 +30,27 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from common import methods
+from common.errors import UserError, one_line
+
 
 REPO = Path(__file__).resolve().parent.parent
-for _path in (REPO, REPO / "scripts"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-import sample  # noqa: E402  (scripts/sample.py: the one generation entry)
-
-from common.errors import UserError, one_line  # noqa: E402
-
-
-METHODS = ("contextdiff", "shifted", "codiff", "sdg", "versatile")
-LABELS = {"contextdiff": "ContextDiff", "shifted": "Shifted Diffusion", "codiff": "Collaborative Diffusion",
-          "sdg": "SDG", "versatile": "Versatile Diffusion"}
 MAX_STEPS = 1000  # the training schedules have 1000 steps: a plan cannot be longer
 MAX_IMAGES = 16
 DEFAULT_MAX_UPLOAD_MB = 8.0
 MAX_UPLOAD_PIXELS = 4096 * 4096
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
-VERSATILE_FLOWS = ("t2i", "iv", "i2t", "tv", "dual")
-TEXT_FLOWS = ("i2t", "tv")
-CONTEXTDIFF_SCHEDULES = ("quadratic", "prior")
+UPLOAD_KINDS = ("image", "images", "mask")
+
+
+def page_methods() -> list[str]:
+    """The registered methods, one tab each: the methods first, the baseline they are compared with last."""
+    names = list(methods.names())
+    return [n for n in names if n != "baseline"] + [n for n in names if n == "baseline"]
 
 
 # ------------------------------------------------------------------------------------------------------ back end
@@ -63,9 +58,9 @@ CONTEXTDIFF_SCHEDULES = ("quadratic", "prior")
 
 @dataclass
 class Shared:
-    """The shared panel: the common flags of ``scripts/sample.py``. ``sampler="default"`` / ``eta=None`` /
-    ``guidance_scale=None`` leave the flag out, so the method's own default applies (``SAMPLE_DEFAULTS`` of its
-    ``sample_cli``: SDG samples DDPM without CFG, CoDiff DDIM with eta 1), exactly as on the command line."""
+    """The shared panel: the shared settings of every method. ``sampler="default"`` / ``eta=None`` /
+    ``guidance_scale=None`` keep the method's own default (SDG samples DDPM without CFG, CoDiff DDIM with eta 1),
+    exactly as on the command line."""
 
     seed: int = 0
     steps: int = 25
@@ -109,11 +104,22 @@ class Shared:
                    eta=real("eta", 0.0, 1.0), guidance_scale=real("guidance_scale", 0.0, 100.0),
                    num_images=integer("num_images", 1, MAX_IMAGES))
 
+    def values(self) -> dict:
+        """The method settings this panel sets (the empty fields left to the method's defaults)."""
+        out = {"seed": self.seed, "num_inference_steps": self.steps}
+        if self.sampler != "default":
+            out["sampler"] = self.sampler
+        if self.eta is not None:
+            out["eta"] = self.eta
+        if self.guidance_scale is not None:
+            out["guidance_scale"] = self.guidance_scale
+        return out
+
 
 @dataclass
 class Job:
-    """One click of a tab's Generate button. ``options``: the tab's controls (keys as in ``controls_to_flags``);
-    ``uploads``: control name -> path of a checked image saved by the page."""
+    """One click of a tab's Generate button. ``options``: the tab's controls (settings field -> value);
+    ``uploads``: settings field -> path of a checked image saved by the page."""
 
     method: str
     prompt: str
@@ -167,108 +173,54 @@ def check_upload(name: str, data: bytes, max_bytes: int):
 
 def default_checkpoint(method: str, checkpoint_root: Optional[str] = None) -> str:
     """``<checkpoint_root>/<the method's path under ckpt/tiny>`` or the shipped tiny checkpoint."""
-    module = sample.method_module(method)
-    default = Path(module.DEFAULT_CHECKPOINT)
-    if checkpoint_root:
-        return str(Path(checkpoint_root) / default.relative_to("ckpt/tiny"))
-    return str(REPO / default)
+    return str(methods.get(method).checkpoint_path(checkpoint_root))
 
 
 def prompt_lines(text: str) -> list:
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
 
 
-def _label_prompt(job: Job) -> Optional[str]:
-    """The label used when the prompt only names the outputs (no text condition), else None (a prompt is needed)."""
-    o = job.options
-    if job.method == "sdg" and not float(o.get("text_weight", 0) or 0):
-        return "sdg sample"
-    if job.method == "versatile" and o.get("flow") in ("iv", "i2t"):
-        return "image variation" if o.get("flow") == "iv" else "caption"
-    return None
+def job_settings(job: Job, spec: methods.MethodSpec):
+    """The method's settings object for a job: the tab's controls, the uploads, the shared panel and the prompts
+    (cycled over the images; a label when the run needs none). UserError if anything is wrong."""
+    values = dict(job.options)
+    fields = {f.name: f for f, _ in methods.settings_fields(spec.settings)}
+    for name, path in job.uploads.items():
+        if name not in fields:
+            raise UserError(f"upload {name!r} is not a setting of {spec.name}")
+        values[name] = [str(path)] if fields[name].metadata.get("kind") == "images" else str(path)
+    values.update(job.shared.values())
+    settings = methods.settings_from(spec.settings, values)
+    prompts = prompt_lines(job.prompt)
+    if not prompts:
+        if settings.needs_prompt():
+            raise UserError("the prompt is empty: write what to generate (one prompt per line)")
+        prompts = [f"{spec.name} sample"]
+    settings.prompts = [prompts[i % len(prompts)] for i in range(job.shared.num_images)]
+    settings.check()
+    return settings
 
 
-def controls_to_flags(job: Job) -> list:
-    """The tab's controls as ``scripts/sample.py`` method flags."""
-    o, up, m = job.options, job.uploads, job.method
-    flags: list = []
-    if m == "contextdiff":
-        flags += ["--k_schedule", o.get("k_schedule", "quadratic") if o.get("shift", True) else "none"]
-    elif m == "shifted":
-        flags += ["--prior_guidance", repr(float(o.get("prior_guidance", 1.0))),
-                  "--prior_variant", "shifted" if o.get("bank", True) else "baseline",
-                  "--prior_respacing", str(o.get("prior_respacing", "8"))]
-    elif m == "codiff":
-        flags += ["--weighting", o.get("weighting", "collaborative")]
-        if up.get("mask"):
-            flags += ["--mask_path", str(up["mask"])]
-    elif m == "sdg":
-        flags += ["--text_weight", repr(float(o.get("text_weight", 1000.0))),
-                  "--image_weight", repr(float(o.get("image_weight", 0.0))),
-                  "--image_loss", o.get("image_loss", "semantic")]
-        if up.get("reference"):
-            flags += ["--data_dir", str(up["reference"])]
-    elif m == "versatile":
-        flags += ["--flow", o.get("flow", "t2i")]
-        if up.get("image"):
-            flags += ["--image", str(up["image"])]
-        if o.get("flow") == "dual":
-            flags += ["--mix_ratio", repr(float(o.get("mix_ratio", 0.5)))]
-    return flags
-
-
-def sample_argv(job: Job, prompts: list) -> list:
-    """The ``scripts/sample.py`` command line of a job (without ``--output_dir``)."""
-    s = job.shared
-    argv = ["--method", job.method, "--pretrained_model_name_or_path", str(job.checkpoint)]
-    for p in dict.fromkeys(prompts):
+def sample_command(spec: methods.MethodSpec, checkpoint: str, settings, prompts: list) -> list:
+    """The ``scripts/sample.py`` command line that reproduces an image run (for the downloaded settings)."""
+    argv = ["python", "scripts/sample.py", "--method", spec.name, "--checkpoint", str(checkpoint)]
+    for p in prompts:
         argv += ["--prompt", p]
-    argv += ["--num_images", str(s.num_images), "--steps", str(s.steps), "--seed", str(s.seed)]
-    if s.sampler != "default":
-        argv += ["--sampler", s.sampler]
-    if s.eta is not None:
-        argv += ["--eta", repr(s.eta)]
-    if s.guidance_scale is not None:
-        argv += ["--guidance_scale", repr(s.guidance_scale)]
-    return argv + controls_to_flags(job)
+    return argv + ["--num_images", str(len(settings.prompts)), *methods.settings_argv(settings)]
 
 
-def versatile_text_argv(job: Job, prompts: list) -> list:
-    """The ``scripts/versatile/sample.py`` command line of an i2t / tv job."""
-    s, o = job.shared, job.options
-    argv = ["--flow", o["flow"], "--checkpoint", str(job.checkpoint), "--num_samples", str(s.num_images),
-            "--steps", str(s.steps), "--seed", str(s.seed)]
-    if s.guidance_scale is not None:
-        argv += ["--scale", repr(s.guidance_scale)]
-    if s.eta is not None:
-        argv += ["--eta", repr(s.eta)]
-    if o["flow"] == "tv":
-        for p in prompts:
-            argv += ["--prompt", p]
-    if job.uploads.get("image"):
-        argv += ["--image", str(job.uploads["image"])]
-    return argv
+_PIPELINES: dict = {}  # (method, checkpoint) -> the loaded pipeline: the last one used is kept
 
 
-def _parse(parse: Callable, argv: list):
-    """argparse on a generated command line: its exit becomes a UserError with argparse's own message."""
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return parse(argv)
-    except SystemExit:
-        lines = [line for line in err.getvalue().splitlines() if line.strip()]
-        raise UserError(lines[-1] if lines else "invalid settings") from None
+def pipeline_for(spec: methods.MethodSpec, checkpoint: str):
+    key = (spec.name, str(checkpoint))
+    if key not in _PIPELINES:
+        _PIPELINES.clear()
+        _PIPELINES[key] = spec.load(checkpoint, "cpu")
+    return _PIPELINES[key]
 
 
-def _versatile_script():
-    """The command line of ``scripts/versatile/sample.py`` (its parser, checks and flow runner)."""
-    from versatile import flows_cli
-
-    return flows_cli
-
-
-def _influence_grids(gen, upscale: int = 4) -> dict:
+def _influence_grids(influence, modalities, upscale: int = 4) -> dict:
     """modality -> grid of the influence maps of sample 0 at every step (white = weight 1), as the released
     ``--return_influence_function`` draws them."""
     import torch
@@ -276,83 +228,57 @@ def _influence_grids(gen, upscale: int = 4) -> dict:
     from common.io import make_image_grid
 
     out = {}
-    for m, name in enumerate(gen.modalities):
-        maps = gen.influence[:, 0, m:m + 1].float()  # [S, 1, h, w]
+    for m, name in enumerate(modalities):
+        maps = influence[:, 0, m:m + 1].float()  # [S, 1, h, w]
         maps = torch.nn.functional.interpolate(maps, scale_factor=upscale, mode="nearest")
         out[name] = make_image_grid(maps, nrow=10, value_range=(0.0, 1.0))
     return out
 
 
-def run_job(job: Job, output_dir, checkpoint_root: Optional[str] = None) -> Result:
-    """Generate for one job through ``scripts/sample.py``'s code; write ``grid.png`` (image output) and
-    ``settings.json`` to ``output_dir``. Bad input is a UserError with a one-line message."""
+def run_job(job: Job, output_dir, checkpoint_root: Optional[str] = None, callback=None) -> Result:
+    """Generate for one job with the method's pipeline; write ``grid.png`` (image output) and ``settings.json`` to
+    ``output_dir``. ``callback(stage, steps_done, total)``: the sampler's progress. Bad input is a UserError with a
+    one-line message."""
     from common.io import save_image_grid
 
     start = time.perf_counter()
-    if job.method not in METHODS:
-        raise UserError(f"unknown method {job.method!r}: choose one of {', '.join(METHODS)}")
+    if job.method not in methods.names():
+        raise UserError(f"unknown method {job.method!r}: choose one of {', '.join(page_methods())}")
+    spec = methods.get(job.method)
     job.checkpoint = job.checkpoint or default_checkpoint(job.method, checkpoint_root)
-    prompts = prompt_lines(job.prompt)
-    if not prompts:
-        label = _label_prompt(job)
-        if label is None:
-            raise UserError("the prompt is empty: write what to generate (one prompt per line)")
-        prompts = [label]
+    settings = job_settings(job, spec)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    images = texts = None
-    influence: dict = {}
-    flow = job.options.get("flow", "t2i")
-    if job.method == "versatile" and flow not in VERSATILE_FLOWS:
-        raise UserError(f"flow {flow!r}: choose one of {', '.join(VERSATILE_FLOWS)}")
-    if job.method == "versatile" and flow in TEXT_FLOWS:
-        script = _versatile_script()
-        argv = versatile_text_argv(job, prompts)
-        args = _parse(script.build_parser().parse_args, argv)
-        vflow, paths = script.check_args(args)
-        from versatile.checkpoint import check_flow, load_pipeline
-
-        pipe, manifest = load_pipeline(Path(args.checkpoint), args.device)
-        check_flow(manifest, vflow)
-        out, sources = script.run_flow(pipe, vflow, args.prompt or [], paths, args)
-        texts = list(out.texts)
-        command = ["python", "scripts/versatile/sample.py", *argv]
-        prompts = [s.get("prompt", "") for s in sources]
-    else:
-        argv = sample_argv(job, prompts)
-        args, module = _parse(sample.parse_args, argv)
-        sample.check_args(args)
-        prompts = sample.read_prompts(args)
-        record = job.method == "codiff" and args.weighting == "collaborative"
-        if record:  # the same run as generate_images, keeping the influence maps of every step
-            gen = module.generate_collaboration(args, prompts, record=True)
-            images = gen.images.cpu()
-            influence = _influence_grids(gen)
-        else:
-            images = sample.generate_images(args, module, prompts)
-        command = ["python", "scripts/sample.py", *argv]
-    settings = {
+    if not Path(job.checkpoint).is_dir():
+        raise UserError(f"checkpoint folder {job.checkpoint} does not exist: start the app with "
+                        f"--{job.method}_checkpoint or --checkpoint_root")
+    generation = pipeline_for(spec, job.checkpoint)(settings, callback=callback)
+    influence = {}
+    if "influence" in generation.extras:
+        influence = _influence_grids(generation.extras["influence"], generation.extras["modalities"])
+    record = {
         "method": job.method, "prompt": job.prompt, "controls": job.options,
         "uploads": {k: str(v) for k, v in job.uploads.items()}, **asdict(job.shared),
-        "checkpoint": str(job.checkpoint), "command": shlex.join(command),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "checkpoint": str(job.checkpoint), "settings": methods.settings_dict(settings),
     }
-    grid_path = None
+    images, texts, grid_path = generation.images, generation.texts, None
     if images is not None:
+        images = images.cpu()
+        record["command"] = shlex.join(sample_command(spec, job.checkpoint, settings, prompt_lines(job.prompt)
+                                                      or settings.prompts[:1]))
         grid_path = output_dir / "grid.png"
         save_image_grid(images, grid_path, nrow=min(8, len(images)), value_range=(0, 1))
-        settings["outputs"] = {"grid": "grid.png", "prompts": prompts}
+        record["outputs"] = {"grid": "grid.png", "prompts": settings.prompts}
     else:
-        settings["outputs"] = {"texts": texts, "sources": prompts}
+        record["outputs"] = {"texts": texts, "sources": settings.prompts}
     settings_path = output_dir / "settings.json"
-    settings_path.write_text(json.dumps(settings, indent=2, default=str) + "\n")
-    return Result(images=images, texts=texts, prompts=prompts, settings=settings, grid_path=grid_path,
+    settings_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return Result(images=images, texts=texts, prompts=list(settings.prompts), settings=record, grid_path=grid_path,
                   settings_path=settings_path, influence=influence, seconds=time.perf_counter() - start)
 
 
 class Progress:
-    """Sampler progress for the page: ``common.samplers`` iterates its steps through ``tqdm``; while a job runs,
-    that name is swapped for a counter that records (description, step, total) here."""
+    """The sampler's progress for the page: the pipelines' ``callback`` records (stage, step, total) here."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -366,42 +292,19 @@ class Progress:
         with self.lock:
             return self.desc, self.n, self.total, self.running
 
-    @contextlib.contextmanager
-    def tap(self):
-        import common.samplers as samplers
-
-        state = self
-
-        class Counter:
-            def __init__(self, iterable=None, desc=None, total=None, **_):
-                self.iterable, self.desc = iterable, desc
-                self.total = total if total is not None else len(iterable)
-
-            def __iter__(self):
-                for i, item in enumerate(self.iterable):
-                    state.report(self.desc, i, self.total)
-                    yield item
-                state.report(self.desc, self.total, self.total)
-
-        original = samplers.tqdm
-        samplers.tqdm = Counter
-        with self.lock:
-            self.running, self.desc, self.n, self.total = True, "loading", 0, 0
-        try:
-            yield self
-        finally:
-            samplers.tqdm = original
-            with self.lock:
-                self.running = False
-
 
 PROGRESS = Progress()
-JOB_LOCK = threading.Lock()  # one generation at a time (CPU machines; the progress tap is process-wide)
+JOB_LOCK = threading.Lock()  # one generation at a time (CPU machines)
 
 
 def run_tracked(job: Job, output_dir, checkpoint_root=None) -> Result:
-    with PROGRESS.tap():
-        return run_job(job, output_dir, checkpoint_root)
+    with PROGRESS.lock:
+        PROGRESS.running, PROGRESS.desc, PROGRESS.n, PROGRESS.total = True, "loading", 0, 0
+    try:
+        return run_job(job, output_dir, checkpoint_root, callback=PROGRESS.report)
+    finally:
+        with PROGRESS.lock:
+            PROGRESS.running = False
 
 
 # ---------------------------------------------------------------------------------------------------------- page
@@ -417,35 +320,45 @@ def data_url(image) -> str:
 
 
 def method_defaults() -> str:
-    """Each method's defaults for the shared sampling flags, as scripts/sample.py resolves them."""
+    """Each method's defaults for the shared sampling settings (its settings dataclass)."""
     parts = []
-    for m in METHODS:
-        args, _ = sample.parse_args(["--method", m, "--prompt", "x"])
-        parts.append(f"{LABELS[m]} {args.sampler}, eta {args.eta:g}, guidance {args.guidance_scale:g}")
+    for m in page_methods():
+        spec = methods.get(m)
+        d = spec.settings()
+        parts.append(f"{spec.label} {d.sampler}, eta {d.eta:g}, guidance {d.guidance_scale:g}")
     return "; ".join(parts)
 
 
-def codiff_mask_format(checkpoint: str):
-    """The mask format of a collaboration folder's mask member (size and classes for the drawing canvas), or None."""
-    from codiff.conditions import MaskFormat
+def page_fields(spec: methods.MethodSpec) -> list:
+    """``(field, type)`` of the settings shown in a method's tab: its own, not the shared panel's."""
+    return [(f, kind) for f, kind in methods.settings_fields(spec.settings)
+            if f.metadata.get("page", True) and f.name not in methods.SHARED_FIELDS]
 
-    try:
-        folder = Path(checkpoint)
-        config = json.loads((folder / "codiff.json").read_text())
-        for member in config.get("members", {}).values():
-            member_dir = folder / member
-            meta = json.loads((member_dir / "codiff_member.json").read_text())
-            if meta.get("kind") == "mask":
-                encoder = json.loads((member_dir / meta.get("mask_encoder", "mask_encoder") / "config.json")
-                                     .read_text())
-                return MaskFormat.from_config(encoder["format"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return None
+
+def read_control(f: dataclasses.Field, kind, value):
+    """A control's raw value as the field's type; UserError naming the control when it cannot be."""
+    label = f.metadata.get("label") or f.name.replace("_", " ")
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if kind is bool:
+        return bool(value)
+    if value is None or value == "":
+        if default is None:
+            return None
+        if kind in (int, float):
+            raise UserError(f"{label} is empty: enter a number (default {default:g})")
+        return default
+    if kind is int:
+        number = float(value)
+        if number != int(number):
+            raise UserError(f"{label} must be a whole number, got {value!r}")
+        return int(number)
+    if kind is float:
+        return float(value)
+    return str(value).strip()
 
 
 class MaskCanvas:
-    """A class-id mask painted with the mouse (codiff): ``ids`` ``[H, W]`` uint8, shown ``scale`` x larger."""
+    """A class-id mask painted with the mouse: ``ids`` ``[H, W]`` uint8, shown ``scale`` x larger."""
 
     def __init__(self, height: int, width: int, palette, scale: int = 8):
         import numpy as np
@@ -476,11 +389,13 @@ class MaskCanvas:
 
 
 def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, many controls)
-    """The page: shared panel, one tab per method, outputs, progress, downloads. Runs once per browser visit."""
+    """The page: shared panel, one tab per registered method, outputs, progress, downloads. Runs once per visit."""
     from nicegui import run, ui
 
     limit = int(config.max_upload_mb * 2**20)
     folder: list[Path] = []
+    names = page_methods()
+    specs = {m: methods.get(m) for m in names}
 
     def session_dir() -> Path:
         """This visit's folder for grids, settings and uploads: made on first use (a bare GET of the page, as a
@@ -491,8 +406,8 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
         return folder[0]
 
     ui.context.client.on_delete(lambda: [shutil.rmtree(f, ignore_errors=True) for f in folder])
-    checkpoints = {m: getattr(config, f"{m}_checkpoint") or default_checkpoint(m, config.checkpoint_root)
-                   for m in METHODS}
+    checkpoints = {m: getattr(config, f"{m}_checkpoint", None) or default_checkpoint(m, config.checkpoint_root)
+                   for m in names}
     ui.add_css(".pixelated img { image-rendering: pixelated; } .app-error { color: #c10015; font-weight: 600; }")
 
     ui.label("diffusion-lab: every method side by side").classes("text-h5")
@@ -511,8 +426,7 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
             num_images = ui.number("images", value=4, format="%d",
                                    validation={f"1 to {MAX_IMAGES}": lambda v: v is not None
                                                and 1 <= v <= MAX_IMAGES}).classes("app-num-images w-28")
-        ui.label("empty = each method's default (scripts/sample.py --method NAME): " + method_defaults()
-                 ).classes("text-caption")
+        ui.label("empty = each method's default: " + method_defaults()).classes("text-caption")
         with ui.row().classes("items-center w-full"):
             progress_bar = ui.linear_progress(value=0, show_value=False).classes("app-progress w-64")
             progress_label = ui.label("idle").classes("app-progress-label")
@@ -559,16 +473,117 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
         return ui.upload(label=label, auto_upload=True, max_file_size=limit, on_upload=on_upload,
                          on_rejected=on_rejected).classes(f"app-upload-{key}").props("flat bordered")
 
-    def method_tab(method: str, controls: Callable[[dict, Any], Callable[[], dict]]) -> None:
+    def mask_control(method: str, f, uploads: dict, error_label):
+        """A class-id mask: the test mask of the prompt's digit (the method's default), an upload, or a drawing."""
+        spec = specs[method]
+        fmt = spec.mask_format(checkpoints[method]) if spec.mask_format else None
+        size = fmt.image_size if fmt is not None and fmt.image_size else (32, 32)
+        classes = list(fmt.class_names) if fmt is not None else ["background", "stroke"]
+        palette = list(fmt.palette) if fmt is not None else [(0, 0, 0), (255, 255, 255)]
+        source = ui.radio({"default": "the method's default", "upload": "upload a mask", "draw": "draw a mask"},
+                          value="default").props("inline").classes("app-mask-source")
+        upload_state: dict = {}
+        with ui.column().bind_visibility_from(source, "value", value="upload"):
+            upload_box("mask (class-id PNG, palette colours or grey levels = ids)", upload_state, f.name,
+                       error_label)
+        with ui.column().bind_visibility_from(source, "value", value="draw"):
+            canvas = MaskCanvas(size[0], size[1], palette, scale=max(1, 256 // max(size)))
+            with ui.row().classes("items-center"):
+                brush = ui.select({i: name for i, name in enumerate(classes)}, value=min(1, len(classes) - 1),
+                                  label="paint class").classes("w-36")
+                radius = ui.number("brush radius", value=1, format="%d").classes("w-28")
+            drawing = {"down": False}
+
+            def on_mouse(e):
+                if e.type == "mousedown":
+                    drawing["down"] = True
+                elif e.type in ("mouseup", "mouseleave"):
+                    drawing["down"] = False
+                    return
+                if drawing["down"] or e.type == "mousedown":
+                    canvas.paint(e.image_x, e.image_y, int(brush.value or 0), max(0, int(radius.value or 0)))
+                    pad.set_source(data_url(canvas.render()))
+
+            pad = ui.interactive_image(data_url(canvas.render()), on_mouse=on_mouse, cross=True,
+                                       events=["mousedown", "mousemove", "mouseup", "mouseleave"]
+                                       ).classes("app-mask-canvas").style("width: 256px")
+
+            def clear():
+                canvas.clear()
+                pad.set_source(data_url(canvas.render()))
+            ui.button("clear", on_click=clear).props("flat")
+
+        def read():
+            uploads.pop(f.name, None)
+            if source.value == "upload":
+                if f.name not in upload_state:
+                    raise UserError("no mask uploaded: upload a class-id mask PNG, or choose another mask source")
+                uploads[f.name] = upload_state[f.name]
+            elif source.value == "draw":
+                if not canvas.ids.any():
+                    raise UserError("the drawn mask is empty: paint on the canvas, or choose another mask source")
+                uploads[f.name] = canvas.save(session_dir() / f"drawn-mask-{int(time.time() * 1000)}.png")
+        return read
+
+    def controls(method: str, uploads: dict, error_label):
+        """One control per page field of the method's settings; returns the function reading them."""
+        readers = []
+        for f, kind in page_fields(specs[method]):
+            meta = f.metadata
+            label = meta.get("label") or f.name.replace("_", " ")
+            default = f.default if f.default is not dataclasses.MISSING else None
+            css = f"app-{method}-{f.name}"
+            if meta.get("kind") == "mask":
+                readers.append((f, kind, None, mask_control(method, f, uploads, error_label)))
+                continue
+            if meta.get("kind") in ("image", "images"):
+                state: dict = {}
+                upload_box(label, state, f.name, error_label)
+
+                def read_upload(name=f.name, state=state):
+                    uploads.pop(name, None)
+                    if name in state:
+                        uploads[name] = state[name]
+                readers.append((f, kind, None, read_upload))
+                continue
+            if kind is bool:
+                widget = ui.switch(label, value=bool(default)).classes(css)
+            elif meta.get("choices") is not None:
+                options = {c: c for c in meta["choices"]}
+                if default is None:
+                    options = {"": "method default", **options}  # "" reads back as None: the method's default
+                widget = ui.select(options, value="" if default is None else default, label=label).classes(
+                    f"{css} w-48")
+            elif kind in (int, float):
+                widget = ui.number(label, value=default, placeholder="default" if default is None else None,
+                                   format="%d" if kind is int else None).classes(f"{css} w-40")
+            else:
+                widget = ui.input(label, value=default or "").classes(f"{css} w-48")
+            if meta.get("help"):
+                widget.tooltip(meta["help"])
+            readers.append((f, kind, widget, None))
+
+        def read() -> dict:
+            options = {}
+            for f, kind, widget, custom in readers:
+                if custom is not None:
+                    custom()
+                else:
+                    options[f.name] = read_control(f, kind, widget.value)
+            return options
+        return read
+
+    def method_tab(method: str) -> None:
+        spec = specs[method]
         uploads: dict = {}
         with ui.row().classes("w-full items-start no-wrap"):
             with ui.column().classes("w-96"):
                 prompt = ui.textarea("prompt (one per line; cycled over the images)",
                                      value="a red handwritten seven").classes(f"app-prompt-{method} w-full")
                 error_label = ui.label("").classes(f"app-error app-error-{method}")
-                collect = controls(uploads, error_label)
+                collect = controls(method, uploads, error_label)
                 ui.label(f"checkpoint: {checkpoints[method]}").classes("text-caption")
-                button = ui.button(f"Generate with {LABELS[method]}").classes(f"app-generate-{method}")
+                button = ui.button(f"Generate with {spec.label}").classes(f"app-generate-{method}")
             with ui.column().classes("grow"):
                 status = ui.label("").classes(f"app-status-{method}")
                 gallery = ui.row().classes(f"app-images-{method} pixelated")
@@ -593,7 +608,7 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
             error_label.set_text("")
             try:
                 job = Job(method, prompt.value or "", shared_values(), collect(), dict(uploads), checkpoints[method])
-            except UserError as err:
+            except (UserError, ValueError) as err:
                 fail(one_line(str(err)))
                 return
             if not JOB_LOCK.acquire(blocking=False):
@@ -647,131 +662,18 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
             settings_button.enable()
             count = len(result.texts) if result.texts is not None else len(result.images)
             kind = "captions" if result.texts is not None else "images"
-            sampler_used = result.settings["args"].get("sampler", "ddim")
+            sampler_used = result.settings["settings"].get("sampler", "ddim")
             status.set_text(f"{count} {kind} in {result.seconds:.1f} s (seed {job.shared.seed}, "
                             f"{job.shared.steps} {sampler_used} steps)")
 
         button.on_click(generate)
 
-    # ---- the controls of each method: build the widgets, return a function reading them into Job.options
-
-    def contextdiff_controls(uploads, error_label):
-        shift = ui.switch("contextual shift (k_t schedule on)", value=True).classes("app-cd-shift")
-        schedule = ui.select(list(CONTEXTDIFF_SCHEDULES), value="quadratic", label="k_t schedule").classes("w-40")
-        schedule.bind_enabled_from(shift, "value")
-        return lambda: {"shift": bool(shift.value), "k_schedule": schedule.value}
-
-    def shifted_controls(uploads, error_label):
-        prior_guidance = ui.number("prior guidance", value=1.0, step=0.5).classes("w-40")
-        bank = ui.switch("Gaussian bank (shifted prior; off = the unshifted baseline prior)", value=True)
-        respacing = ui.input("prior steps (respacing)", value="8").classes("w-40")
-
-        def read():
-            if prior_guidance.value is None:
-                raise UserError("prior guidance is empty: enter a number (1 = the reference's value)")
-            return {"prior_guidance": float(prior_guidance.value), "bank": bool(bank.value),
-                    "prior_respacing": (respacing.value or "").strip() or "8"}
-        return read
-
-    def codiff_controls(uploads, error_label):
-        fmt = codiff_mask_format(checkpoints["codiff"])
-        size = fmt.image_size if fmt is not None and fmt.image_size else (32, 32)
-        classes = list(fmt.class_names) if fmt is not None else ["background", "stroke"]
-        palette = list(fmt.palette) if fmt is not None else [(0, 0, 0), (255, 255, 255)]
-        weighting = ui.select(["collaborative", "average", "mask_only", "text_only"], value="collaborative",
-                              label="weighting").classes("w-48")
-        source = ui.radio({"digit": "test mask of the prompt's digit", "upload": "upload a mask",
-                           "draw": "draw a mask"}, value="digit").props("inline").classes("app-mask-source")
-        upload_state: dict = {}
-        with ui.column().bind_visibility_from(source, "value", value="upload"):
-            upload_box("mask (class-id PNG, palette colours or grey levels = ids)", upload_state, "mask",
-                       error_label)
-        with ui.column().bind_visibility_from(source, "value", value="draw"):
-            canvas = MaskCanvas(size[0], size[1], palette, scale=max(1, 256 // max(size)))
-            with ui.row().classes("items-center"):
-                brush = ui.select({i: name for i, name in enumerate(classes)}, value=min(1, len(classes) - 1),
-                                  label="paint class").classes("w-36")
-                radius = ui.number("brush radius", value=1, format="%d").classes("w-28")
-            drawing = {"down": False}
-
-            def on_mouse(e):
-                if e.type == "mousedown":
-                    drawing["down"] = True
-                elif e.type in ("mouseup", "mouseleave"):
-                    drawing["down"] = False
-                    return
-                if drawing["down"] or e.type == "mousedown":
-                    canvas.paint(e.image_x, e.image_y, int(brush.value or 0), max(0, int(radius.value or 0)))
-                    pad.set_source(data_url(canvas.render()))
-
-            pad = ui.interactive_image(data_url(canvas.render()), on_mouse=on_mouse, cross=True,
-                                       events=["mousedown", "mousemove", "mouseup", "mouseleave"]
-                                       ).classes("app-mask-canvas").style("width: 256px")
-
-            def clear():
-                canvas.clear()
-                pad.set_source(data_url(canvas.render()))
-            ui.button("clear", on_click=clear).props("flat")
-
-        def read():
-            uploads.pop("mask", None)
-            if source.value == "upload":
-                if "mask" not in upload_state:
-                    raise UserError("no mask uploaded: upload a class-id mask PNG, or choose another mask source")
-                uploads["mask"] = upload_state["mask"]
-            elif source.value == "draw":
-                if not canvas.ids.any():
-                    raise UserError("the drawn mask is empty: paint on the canvas, or choose another mask source")
-                uploads["mask"] = canvas.save(session_dir() / f"drawn-mask-{int(time.time() * 1000)}.png")
-            return {"weighting": weighting.value, "mask_source": source.value}
-        return read
-
-    def sdg_controls(uploads, error_label):
-        with ui.row():
-            text_weight = ui.number("language weight", value=1000.0, step=100).classes("w-36")
-            image_weight = ui.number("image weight", value=0.0, step=100).classes("w-36")
-        image_loss = ui.select({"semantic": "image content (semantic)", "style": "image style (Gram)"},
-                               value="semantic", label="image score").classes("w-56")
-        upload_state: dict = {}
-        upload_box("reference image (for the image score)", upload_state, "reference", error_label)
-
-        def read():
-            if text_weight.value is None or image_weight.value is None:
-                raise UserError("a guidance weight is empty: enter a number (0 = off)")
-            uploads.pop("reference", None)
-            if "reference" in upload_state:
-                uploads["reference"] = upload_state["reference"]
-            return {"text_weight": float(text_weight.value), "image_weight": float(image_weight.value),
-                    "image_loss": image_loss.value}
-        return read
-
-    def versatile_controls(uploads, error_label):
-        flow = ui.select({"t2i": "text to image", "iv": "image variation", "i2t": "image to text",
-                          "tv": "text variation", "dual": "dual (text + image)"}, value="t2i",
-                         label="flow").classes("app-vd-flow w-56")
-        mix = ui.slider(min=0.0, max=1.0, step=0.05, value=0.5).props("label-always").classes("w-56")
-        mix.bind_visibility_from(flow, "value", value="dual")
-        ui.label("mix ratio: the text weight of dual").bind_visibility_from(flow, "value", value="dual")
-        upload_state: dict = {}
-        upload_box("image (iv, i2t, dual)", upload_state, "image", error_label)
-
-        def read():
-            uploads.pop("image", None)
-            if flow.value in ("iv", "i2t", "dual"):
-                if "image" not in upload_state:
-                    raise UserError(f"flow {flow.value} needs an image: upload one")
-                uploads["image"] = upload_state["image"]
-            return {"flow": flow.value, "mix_ratio": float(mix.value)}
-        return read
-
-    builders = {"contextdiff": contextdiff_controls, "shifted": shifted_controls, "codiff": codiff_controls,
-                "sdg": sdg_controls, "versatile": versatile_controls}
     with ui.tabs().classes("w-full") as tabs:
-        tab = {m: ui.tab(m, label=LABELS[m]).classes(f"app-tab-{m}") for m in METHODS}
-    with ui.tab_panels(tabs, value=tab[METHODS[0]]).classes("w-full"):
-        for m in METHODS:
+        tab = {m: ui.tab(m, label=specs[m].label).classes(f"app-tab-{m}") for m in names}
+    with ui.tab_panels(tabs, value=tab[names[0]]).classes("w-full"):
+        for m in names:
             with ui.tab_panel(tab[m]):
-                method_tab(m, builders[m])
+                method_tab(m)
 
 
 class UploadLimit:
@@ -844,9 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint_root", default=None,
                    help="a folder laid out like ckpt/tiny (contextdiff/, shifted/, codiff/, sdg/, "
                         "versatile/pipeline/); default: the shipped tiny checkpoints")
-    for m in METHODS:
-        p.add_argument(f"--{m}_checkpoint", default=None, help=f"{LABELS[m]} checkpoint folder (wins over "
-                                                                "--checkpoint_root)")
+    for m in page_methods():
+        p.add_argument(f"--{m}_checkpoint", default=None,
+                       help=f"{methods.get(m).label} checkpoint folder (wins over --checkpoint_root)")
     p.add_argument("--max_upload_mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
                    help=f"largest accepted upload in MB (default {DEFAULT_MAX_UPLOAD_MB:g})")
     p.add_argument("--work_dir", default=None, help="where generated grids and settings are kept (default: a "
@@ -865,10 +767,11 @@ def main(argv=None) -> int:
     if not 0 < args.port < 65536:
         print(f"error: --port must lie in 1..65535, got {args.port}", file=sys.stderr)
         return 2
-    for m in METHODS:
+    for m in page_methods():
         folder = getattr(args, f"{m}_checkpoint") or default_checkpoint(m, args.checkpoint_root)
         if not Path(folder).is_dir():
-            print(f"warning: {LABELS[m]} checkpoint {folder} does not exist: its tab will report it", file=sys.stderr)
+            print(f"warning: {methods.get(m).label} checkpoint {folder} does not exist: its tab will report it",
+                  file=sys.stderr)
     if args.work_dir:
         Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     from nicegui import app, ui

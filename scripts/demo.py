@@ -12,55 +12,13 @@ handwritten seven", ``scripts/contextdiff/edit_video.py``) goes to ``<output_dir
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
-import sys
-import time
 from pathlib import Path
+
+from common import methods
+from common.errors import UserError, cli_entry
 
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from common.errors import UserError, cli_entry  # noqa: E402
-
-
-METHOD_MODULES = {
-    "contextdiff": "contextdiff.sample_cli",
-    "shifted": "shifted.sample_cli",
-    "codiff": "codiff.sample_cli",
-    "sdg": "sdg.sample_cli",
-    "versatile": "versatile.sample_cli",
-}
-
-
-def evaluate_baseline(output_dir: Path, n: int, seed: int, steps: int = 25, guidance_scale: float = 3.0) -> dict:
-    """The baseline on the digits evaluation prompts, judged."""
-    import torch
-
-    from common.digits import evaluation_prompts
-    from common.io import atomic_write_dir, save_image_grid, to_pil
-    from common.judge import judge_folder
-    from common.pipeline import LatentTextToImage
-
-    folder = REPO / "ckpt" / "tiny" / "baseline"
-    if not folder.is_dir():
-        raise UserError(f"{folder} is missing: run `make tiny-checkpoints` to train the shipped tiny models")
-    start = time.perf_counter()
-    prompts = evaluation_prompts(n)
-    pipe = LatentTextToImage.from_pretrained(str(folder))
-    images = pipe([p["text"] for p in prompts], num_inference_steps=steps, guidance_scale=guidance_scale,
-                  generator=torch.Generator().manual_seed(seed), progress=True).images
-    with atomic_write_dir(output_dir) as tmp:
-        (tmp / "images").mkdir()
-        with open(tmp / "metadata.jsonl", "w") as meta:
-            for i, (image, p) in enumerate(zip(images, prompts)):
-                to_pil(image, value_range=(0, 1)).save(tmp / f"images/{i:04d}.png")
-                meta.write(json.dumps({"file_name": f"images/{i:04d}.png", **p}) + "\n")
-        save_image_grid(images, tmp / "grid.png", nrow=10, value_range=(0, 1))
-    scores = judge_folder(output_dir)
-    scores["seconds"] = round(time.perf_counter() - start, 2)
-    return scores
 
 
 def evaluate_contextdiff_video(output_dir: Path, seed: int) -> dict:
@@ -76,16 +34,21 @@ def evaluate_contextdiff_video(output_dir: Path, seed: int) -> dict:
             "handwritten seven (8 frames)"}
 
 
+def demo_methods() -> list[str]:
+    """Every registered method except the baseline (which the demo always runs first)."""
+    return [name for name in methods.names() if name != "baseline"]
+
+
 def available_methods(names) -> dict:
-    """The method modules that import and ship a tiny checkpoint."""
+    """The registered methods among ``names`` that have a digits protocol and whose tiny checkpoint is shipped."""
     found = {}
     for name in names:
         try:
-            module = importlib.import_module(METHOD_MODULES[name])
+            spec = methods.get(name)
         except ModuleNotFoundError:
             continue
-        if hasattr(module, "evaluate_digits") and (REPO / module.DEFAULT_CHECKPOINT).exists():
-            found[name] = module
+        if spec.evaluate_digits is not None and spec.checkpoint_path().exists():
+            found[name] = spec
     return found
 
 
@@ -100,7 +63,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data_dir", default="data/digits", help="where the digits dataset is built")
     parser.add_argument("--num_prompts", type=int, default=60, help="evaluation prompts (60 = every pair once)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", nargs="*", default=list(METHOD_MODULES), choices=list(METHOD_MODULES))
+    parser.add_argument("--methods", nargs="*", default=demo_methods(), choices=demo_methods(),
+                        help="the methods to run besides the baseline (default: every registered one)")
     args = parser.parse_args(argv)
     if args.num_prompts < 1:
         raise UserError(f"--num_prompts must be >= 1, got {args.num_prompts}")
@@ -111,10 +75,10 @@ def main(argv=None) -> int:
     print(f"digits dataset: {data}")
     results = {"judge on real held-out digits": real_test_scores()}
     print(summary_line(results["judge on real held-out digits"], "judge ceiling (real test digits)   "))
-    results["baseline"] = evaluate_baseline(out / "baseline", args.num_prompts, args.seed)
+    results["baseline"] = methods.get("baseline").evaluate_digits(out / "baseline", n=args.num_prompts, seed=args.seed)
     print(summary_line(results["baseline"], "baseline                           "))
-    for name, module in available_methods(args.methods).items():
-        scores = module.evaluate_digits(out / name, n=args.num_prompts, seed=args.seed)
+    for name, spec in available_methods(args.methods).items():
+        scores = spec.evaluate_digits(out / name, n=args.num_prompts, seed=args.seed)
         results[name] = scores
         print(summary_line(scores, f"{name:<35}"))
     if "contextdiff" in args.methods and (REPO / "ckpt" / "tiny" / "contextdiff").is_dir():

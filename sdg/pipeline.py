@@ -24,7 +24,7 @@ import torch
 
 from common.denoisers import UNetDenoiser
 from common.errors import UserError
-from common.samplers import Callback, Generator, sample_ddim, sample_ddpm
+from common.samplers import Callback, Generator, sample
 from common.schedule import NoiseSchedule, SamplingPlan, make_plan
 from sdg.noisy_clip import NoiseAwareCLIP
 from sdg.scores import STYLE_SCALE, SemanticGuidance
@@ -140,7 +140,5 @@ def sample_sdg(
     common = dict(x_T=x_T, generator=generator, clip_x0=clip_x0, guidance=guidance if guidance.active else None,
                   callback=callback, device=device, dtype=dtype, progress=progress)
     with eval_mode(unet, clip):
-        if sampler == "ddim":
-            return sample_ddim(denoiser, schedule, plan, None if x_T is not None else shape, eta=eta, **common)
-        return sample_ddpm(denoiser, schedule, plan, None if x_T is not None else shape,
-                           variance_type="learned_range", **common)
+        return sample(sampler, denoiser, schedule, plan, None if x_T is not None else shape, eta=eta,
+                      variance_type="learned_range", **common)

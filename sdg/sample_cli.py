@@ -5,10 +5,10 @@
         --data_dir data/digits/test/images/00007.png --sampler ddpm
 
 Method flags keep SDG's names (``--text_weight --image_weight --image_loss --data_dir --clip_path``).
-``--pretrained_model_name_or_path``: an SDG folder (``unet/`` with ``adm_flags.json``, and usually ``clip/``, the
+``--checkpoint``: an SDG folder (``unet/`` with ``adm_flags.json``, and usually ``clip/``, the
 noise-aware CLIP; default ``ckpt/tiny/sdg``). Each prompt is one sample's instruction: the DDPM mean is shifted by
 ``Sigma * grad_x [w_text cos(E'(x_t, t), T(prompt)) + w_img F_img(x_t, x'_t, t)]`` at every step (sdg/METHOD.md).
-``--steps N`` respaces guided-diffusion style (``"N"``); ``--sampler ddpm`` is SDG's sampler (learned variance),
+``--num_inference_steps N`` respaces guided-diffusion style (``"N"``); ``--sampler ddpm`` is SDG's sampler (learned variance),
 ``ddim`` applies the same gradient as a score shift. ``--guidance_scale`` / ``--negative_prompt`` (classifier-free
 guidance) do not apply: the model is unconditional.
 """
@@ -16,17 +16,25 @@ guidance) do not apply: the model is unconditional.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from common.errors import UserError
+from common.methods import (
+    SHARED_FIELDS,
+    Generation,
+    MethodSpec,
+    SamplingSettings,
+    add_settings_arguments,
+    setting,
+    shared,
+)
 
 
 DEFAULT_CHECKPOINT = "ckpt/tiny/sdg"
-# scripts/sample.py's shared flags: SDG samples with its ADM DDPM (learned variance), and CFG does not apply.
-SAMPLE_DEFAULTS = {"sampler": "ddpm", "guidance_scale": 1.0}
 REPO = Path(__file__).resolve().parent.parent
 # Tuned on the shipped tiny checkpoint (bench/results.md, sdg section: weight sweep). The useful range depends on the
 # encoder's gradient scale: ~300-3000 here (tiny ViT, 32 px), 160 for SDG's RN50x16 at 256 px.
@@ -35,27 +43,32 @@ DEFAULT_EVAL_STEPS = 50
 CHUNK = 30
 
 
+@dataclass
+class SDGSettings(SamplingSettings):
+    # SDG samples with its ADM DDPM (learned variance), and classifier-free guidance does not apply.
+    sampler: str = shared("sampler", "ddpm")
+    guidance_scale: float = shared("guidance_scale", 1.0)
+    text_weight: float = setting(DEFAULT_TEXT_WEIGHT, "language guidance weight (0: prompts are only labels; tuned "
+                                                      "for --sampler ddpm, SDG's sampler; ddim applies it as a score "
+                                                      "shift)", low=0.0, label="language weight")
+    image_weight: float = setting(0.0, "image guidance weight (needs a reference)", low=0.0, label="image weight")
+    image_loss: str = setting("semantic", "image guidance: content cosine (semantic) or Gram-matrix style",
+                              choices=("semantic", "style"), label="image score")
+    data_dir: Optional[str] = setting(None, "reference image, or a folder of them (cycled over the samples)",
+                                      kind="image", label="reference image (for the image score)")
+    clip_path: Optional[str] = setting(None, "noise-aware CLIP folder (default: <checkpoint>/clip)", kind="path")
+    style_gram: str = setting("per_sample", "Gram matrices per sample or over the batch",
+                              choices=("per_sample", "batch"), page=False)
+    timestep_respacing: Optional[str] = setting(None, 'guided-diffusion respacing string ("100", "ddim50", '
+                                                      '"10,20"); default: --num_inference_steps', page=False)
+
+    def needs_prompt(self) -> bool:
+        return bool(self.text_weight)
+
+
 def add_arguments(group) -> None:
-    group.add_argument("--text_weight", type=float, default=DEFAULT_TEXT_WEIGHT,
-                       help=f"language guidance weight (0: prompts are only labels; default {DEFAULT_TEXT_WEIGHT:g}, "
-                            "tuned for --sampler ddpm, SDG's sampler; ddim applies it as a score shift)")
-    group.add_argument("--image_weight", type=float, default=0.0, help="image guidance weight (needs a reference)")
-    group.add_argument("--image_loss", default="semantic", choices=("semantic", "style"),
-                       help="image guidance: content cosine (semantic) or Gram-matrix style")
-    group.add_argument("--data_dir", default=None,
-                       help="reference image, or a folder of them (cycled over the samples)")
-    group.add_argument("--clip_path", default=None,
-                       help="noise-aware CLIP folder (default: <checkpoint>/clip)")
-    group.add_argument("--style_gram", default="per_sample", choices=("per_sample", "batch"))
-    group.add_argument("--timestep_respacing", default=None,
-                       help='guided-diffusion respacing string ("100", "ddim50", "10,20"); default: --steps')
-
-
-def _clip_path(args) -> Optional[Path]:
-    if args.clip_path:
-        return Path(args.clip_path)
-    candidate = Path(args.pretrained_model_name_or_path) / "clip"
-    return candidate if candidate.is_dir() else None
+    """The method's own flags (those of :class:`SDGSettings` beyond the shared ones)."""
+    add_settings_arguments(group, SDGSettings, skip=SHARED_FIELDS)
 
 
 def _references(spec: str, size: int, n: int) -> torch.Tensor:
@@ -67,6 +80,63 @@ def _references(spec: str, size: int, n: int) -> torch.Tensor:
     files = [path] if path.is_file() else list_reference_images(path)
     refs = [load_reference(f, size) for f in files]
     return torch.cat([refs[i % len(refs)] for i in range(n)])
+
+
+class SDGPipeline:
+    """The unconditional ADM model, loaded once; the noise-aware CLIP loaded on the first run that guides."""
+
+    def __init__(self, checkpoint, device="cpu", dtype=torch.float32):
+        from sdg.checkpoint import load_diffusion_model
+
+        self.checkpoint, self.device = Path(checkpoint), device
+        self.unet, self.flags = load_diffusion_model(self.checkpoint, device=device)
+        self._clips: dict = {}
+
+    def clip_path(self, settings: SDGSettings) -> Optional[Path]:
+        if settings.clip_path:
+            return Path(settings.clip_path)
+        candidate = self.checkpoint / "clip"
+        return candidate if candidate.is_dir() else None
+
+    def clip(self, path: Optional[Path]):
+        from sdg.checkpoint import load_noise_aware_clip_folder
+
+        if path is None:
+            return None
+        if path not in self._clips:
+            self._clips.clear()
+            self._clips[path] = load_noise_aware_clip_folder(path, self.device)
+        return self._clips[path]
+
+    def __call__(self, settings: SDGSettings, *, generator=None, callback=None) -> Generation:
+        """Sample i guided by ``settings.prompts[i]``, with its own generators seeded ``seed + i`` (``seed``:
+        ``settings.seed``, or ``generator``'s initial seed)."""
+        size = self.unet.config.sample_size
+        if settings.resolution is not None and settings.resolution != size:
+            raise UserError(f"--resolution {settings.resolution}: this pixel-space model only makes {size} px images")
+        prompts = settings.prompts
+        references = _references(settings.data_dir, size, len(prompts)) if settings.data_dir else None
+        needs_clip = bool(settings.text_weight) or bool(settings.image_weight)
+        clip_path = self.clip_path(settings)
+        if needs_clip and clip_path is None:
+            raise UserError(f"a guidance weight is non-zero but {self.checkpoint} has no clip/ folder: pass "
+                            "--clip_path (a noise-aware CLIP) or set the weights to 0")
+        seed = generator.initial_seed() if generator is not None else settings.seed
+        images = run_loaded(
+            self.unet, self.flags, self.clip(clip_path) if needs_clip else None, prompts,
+            text_weight=settings.text_weight, image_weight=settings.image_weight, image_loss=settings.image_loss,
+            references=references, respacing=settings.timestep_respacing or str(settings.num_inference_steps),
+            sampler=settings.sampler, eta=settings.eta, style_gram=settings.style_gram, seed=seed,
+            device=self.device, progress=callback or False)
+        return Generation(images)
+
+
+def load(checkpoint, device="cpu", dtype=torch.float32) -> SDGPipeline:
+    folder = Path(checkpoint)
+    if not folder.is_dir():
+        raise UserError(f"checkpoint folder {folder} does not exist: pass --checkpoint (an SDG folder with unet/ "
+                        "and clip/), or train the tiny one (ckpt/tiny/sdg/README.md)")
+    return SDGPipeline(folder, device, dtype)
 
 
 def run(
@@ -84,7 +154,7 @@ def run(
     style_gram: str = "per_sample",
     seed: int = 0,
     device="cpu",
-    progress: bool = False,
+    progress=False,
     guide=None,
 ) -> torch.Tensor:
     """SDG samples ``[N, 3, S, S]`` in [0, 1]: sample i guided by ``prompts[i]`` (and ``references[i]``).
@@ -93,13 +163,9 @@ def run(
     (``seed + i``), so an image does not depend on the chunking or on the other prompts. ``guide`` replaces the
     noise-aware CLIP by another encoder with the same interface (the plain-CLIP ablation of the benchmark).
     """
-    from sdg.adm import noise_schedule
     from sdg.checkpoint import load_diffusion_model, load_noise_aware_clip_folder
-    from sdg.pipeline import sample_sdg
 
     unet, flags = load_diffusion_model(model_folder, device=device)
-    schedule = noise_schedule(flags)
-    size = unet.config.sample_size
     needs_clip = bool(text_weight) or bool(image_weight)
     bundle = None
     if needs_clip:
@@ -107,6 +173,36 @@ def run(
             raise UserError(f"a guidance weight is non-zero but {model_folder} has no clip/ folder: pass "
                             "--clip_path (a noise-aware CLIP) or set the weights to 0")
         bundle = load_noise_aware_clip_folder(clip_path, device)
+    return run_loaded(unet, flags, bundle, prompts, text_weight=text_weight, image_weight=image_weight,
+                      image_loss=image_loss, references=references, respacing=respacing, sampler=sampler, eta=eta,
+                      style_gram=style_gram, seed=seed, device=device, progress=progress, guide=guide)
+
+
+def run_loaded(
+    unet,
+    flags,
+    bundle,
+    prompts: list[str],
+    *,
+    text_weight: float = DEFAULT_TEXT_WEIGHT,
+    image_weight: float = 0.0,
+    image_loss: str = "semantic",
+    references: Optional[torch.Tensor] = None,
+    respacing: str = str(DEFAULT_EVAL_STEPS),
+    sampler: str = "ddpm",
+    eta: float = 0.0,
+    style_gram: str = "per_sample",
+    seed: int = 0,
+    device="cpu",
+    progress=False,
+    guide=None,
+) -> torch.Tensor:
+    """:func:`run` on a loaded model ``(unet, flags)`` and noise-aware CLIP ``bundle`` (None: no guidance)."""
+    from sdg.adm import noise_schedule
+    from sdg.pipeline import sample_sdg
+
+    schedule = noise_schedule(flags)
+    size = unet.config.sample_size
     if image_weight and references is None:
         raise UserError("--image_weight is non-zero but no --data_dir reference image was given")
     if references is not None and references.shape[-1] != size:
@@ -129,25 +225,6 @@ def run(
         )
         out.append(((x.clamp(-1, 1) + 1) / 2).cpu())
     return torch.cat(out)
-
-
-def generate(args, prompts: list[str]) -> torch.Tensor:
-    """``scripts/sample.py`` entry: ``[N, 3, H, W]`` in [0, 1]."""
-    folder = Path(args.pretrained_model_name_or_path)
-    if not folder.is_dir():
-        raise UserError(f"checkpoint folder {folder} does not exist: pass --pretrained_model_name_or_path (an SDG "
-                        "folder with unet/ and clip/), or train the tiny one (ckpt/tiny/sdg/README.md)")
-    from sdg.checkpoint import load_diffusion_model
-
-    size = load_diffusion_model(folder)[0].config.sample_size
-    if args.resolution is not None and args.resolution != size:
-        raise UserError(f"--resolution {args.resolution}: this pixel-space model only makes {size} px images")
-    references = _references(args.data_dir, size, len(prompts)) if args.data_dir else None
-    return run(folder, prompts, text_weight=args.text_weight, image_weight=args.image_weight,
-               image_loss=args.image_loss, references=references, clip_path=_clip_path(args),
-               respacing=args.timestep_respacing or str(args.steps), sampler=args.sampler, eta=args.eta,
-               style_gram=args.style_gram, seed=args.seed, device=args.device,
-               progress=not args.no_progress)
 
 
 def write_judged(output_dir: Path, images: torch.Tensor, rows: list[dict]) -> dict:
@@ -182,3 +259,9 @@ def evaluate_digits(output_dir: Path, n: int = 60, seed: int = 0) -> dict:
 
 def _uint8(image: torch.Tensor):
     return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+METHOD = MethodSpec(
+    name="sdg", label="SDG", settings=SDGSettings, load=load, default_checkpoint=DEFAULT_CHECKPOINT,
+    description=__doc__.split("\n\n")[0], evaluate_digits=evaluate_digits,
+)

@@ -249,7 +249,7 @@ class ImageDecoder:
         progress: bool = False,
     ) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in [0, 1] for embeddings ``[B, D]``; the negative defaults to the stored null."""
-        from common.samplers import sample_ddim, sample_ddpm
+        from common.samplers import sample
         from common.schedule import plan_like_diffusers
         from shifted.adapter import image_embedding_denoiser
 
@@ -268,11 +268,8 @@ class ImageDecoder:
                                             self.prediction_type)
         plan = plan_like_diffusers(self.schedule, self.scheduler_config, num_inference_steps, sampler)
         common = dict(generator=generator, device=device, dtype=torch.float32, progress=progress)
-        if sampler == "ddim":
-            latents = sample_ddim(denoiser, self.schedule, plan, shape, eta=eta, **common)
-        else:
-            variance = self.scheduler_config.get("variance_type", "fixed_small")
-            latents = sample_ddpm(denoiser, self.schedule, plan, shape, variance_type=variance, **common)
+        latents = sample(sampler, denoiser, self.schedule, plan, shape, eta=eta,
+                         variance_type=self.scheduler_config.get("variance_type", "fixed_small"), **common)
         images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return (images / 2 + 0.5).clamp(0, 1)
 

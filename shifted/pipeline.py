@@ -24,7 +24,7 @@ import torch
 from common.denoisers import CFGDenoiser, FunctionDenoiser
 from common.errors import UserError
 from common.process import Shift, p2_weight, q_sample
-from common.samplers import Callback, Generator, randn, sample_ddim, sample_ddpm
+from common.samplers import Callback, Generator, randn, sample
 from common.schedule import NoiseSchedule, make_plan
 from shifted.bank import GaussianBank, check_clip_models
 from shifted.embeddings import PriorTextEncoder, check_texts
@@ -111,9 +111,7 @@ def sample_shifted(
         # drop the sqrt(abar_T) E[x0] term (a 0.6 % pull towards the origin).
         x_T = mean + shift.scale * x_T
     kwargs = dict(x_T=x_T, generator=generator, shift=shift, callback=callback, dtype=dtype, progress=progress)
-    if sampler == "ddpm":
-        return sample_ddpm(denoiser, schedule, plan, variance_type=variance_type, **kwargs)
-    return sample_ddim(denoiser, schedule, plan, eta=eta, **kwargs)
+    return sample(sampler, denoiser, schedule, plan, eta=eta, variance_type=variance_type, **kwargs)
 
 
 def prior_denoiser(

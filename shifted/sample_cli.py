@@ -2,9 +2,9 @@
 
     python scripts/sample.py --method shifted --prompt "a red handwritten seven" --guidance_scale 3
 
-The checkpoint folder (``--pretrained_model_name_or_path``, default ``ckpt/tiny/shifted``) holds ``shifted.json``
+The checkpoint folder (``--checkpoint``, default ``ckpt/tiny/shifted``) holds ``shifted.json``
 (the CLIP and text-state folders), ``prior/`` (+ its bank), ``prior_baseline/`` and ``decoder/`` (see its README).
-The common flags drive the decoder (``--steps``, ``--guidance_scale``, ``--sampler``, ``--eta``, ``--resolution``);
+The common flags drive the decoder (``--num_inference_steps``, ``--guidance_scale``, ``--sampler``, ``--eta``, ``--resolution``);
 ``--negative_prompt`` makes the decoder's negative the prior's embedding of that text instead of the null embedding
 the decoder was fine-tuned with. The prior's own flags are below (defaults: the reference demo's 8 respaced DDPM
 steps on the consistent process).
@@ -13,7 +13,13 @@ steps on the consistent process).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+
+from common.errors import UserError
+from common.methods import SHARED_FIELDS, Generation, MethodSpec, SamplingSettings, add_settings_arguments, setting
 
 
 DEFAULT_CHECKPOINT = "ckpt/tiny/shifted"
@@ -22,29 +28,81 @@ EVAL_PRIOR = dict(steps="8", sampler="ddpm")
 EVAL_DECODER = dict(num_inference_steps=25, guidance_scale=3.0, sampler="ddim")  # scripts/demo.py's baseline
 
 
+@dataclass
+class ShiftedSettings(SamplingSettings):
+    """The shared settings drive the decoder; the ``prior_*`` ones the prior (defaults: the reference demo)."""
+
+    prior_respacing: str = setting("8", "prior sampling steps: a respacing string ('8' = the reference demo, "
+                                        "'ddim25', ...)", label="prior steps (respacing)")
+    prior_sampler: str = setting("ddpm", "prior sampler", choices=("ddpm", "ddim"))
+    prior_eta: float = setting(0.0, "prior DDIM eta", low=0.0, high=1.0)
+    prior_guidance: float = setting(1.0, "prior classifier-free guidance on x0 (1 = the reference's effective "
+                                         "value)", low=0.0, high=100.0)
+    guide_half: bool = setting(False, "released quirk: guide only the first half of the embedding dimensions",
+                               page=False)
+    prior_noise: str = setting("data_std", "zero = the released demo (bank std never loaded: x_T = mu, no noise)",
+                               choices=("data_std", "zero"), page=False)
+    posterior_component: str = setting("text", "pred_x0 = the released demo (posterior mean shifted by the "
+                                               "component nearest x0_hat)", choices=("text", "pred_x0"), page=False)
+    clip_denoised: bool = setting(False, "clamp x0_hat to mu +- 3 sigma", page=False)
+    prior_variant: str = setting("shifted", "the shifted prior, or the unshifted (plain DDPM) baseline prior of the "
+                                            "same size", choices=("shifted", "baseline"))
+
+    def check(self) -> None:
+        from shifted.cli import check_respacing
+
+        super().check()
+        check_respacing(self.prior_respacing)
+
+    def prior_kwargs(self) -> dict:
+        return dict(steps=self.prior_respacing, sampler=self.prior_sampler, eta=self.prior_eta,
+                    guidance_scale=self.prior_guidance, guide_half=self.guide_half, prior_noise=self.prior_noise,
+                    posterior_component=self.posterior_component, clip_denoised=self.clip_denoised)
+
+    def decoder_kwargs(self) -> dict:
+        return dict(num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+                    sampler=self.sampler, eta=self.eta, resolution=self.resolution)
+
+
 def add_arguments(group) -> None:
-    from shifted.cli import add_prior_sampling_args
-
-    add_prior_sampling_args(group, prefix="prior_")
-    group.add_argument("--prior_variant", default="shifted", choices=("shifted", "baseline"),
-                       help="the shifted prior, or the unshifted (plain DDPM) baseline prior of the same size")
+    """The method's own flags (those of :class:`ShiftedSettings` beyond the shared ones)."""
+    add_settings_arguments(group, ShiftedSettings, skip=SHARED_FIELDS)
 
 
-def _decoder_kwargs(args) -> dict:
-    return dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
-                eta=args.eta, resolution=args.resolution, progress=not args.no_progress)
+class ShiftedPipeline:
+    """A checkpoint folder; the system (prior variant + decoder) is loaded on the first call that asks for it."""
+
+    def __init__(self, checkpoint, device="cpu", dtype=torch.float32):
+        self.checkpoint, self.device, self.dtype = checkpoint, device, dtype
+        self._systems: dict = {}
+
+    def system(self, prior_variant: str):
+        from shifted.system import load_system
+
+        if prior_variant not in self._systems:
+            self._systems.clear()
+            self._systems[prior_variant] = load_system(self.checkpoint, prior_variant=prior_variant,
+                                                       device=self.device)
+        return self._systems[prior_variant]
+
+    def __call__(self, settings: ShiftedSettings, *, generator=None, callback=None) -> Generation:
+        """Images for ``settings.prompts``; the prior and the decoder are both seeded with ``settings.seed`` (or
+        with ``generator``'s initial seed)."""
+        from shifted.system import text_to_image
+
+        seed = generator.initial_seed() if generator is not None else settings.seed
+        images, embeddings = text_to_image(
+            self.system(settings.prior_variant), settings.prompts, seed=seed, prior_kwargs=settings.prior_kwargs(),
+            decoder_kwargs=dict(settings.decoder_kwargs(), progress=callback or False),
+            negative_prompt=settings.negative_prompt)
+        return Generation(images, extras={"embeddings": embeddings})
 
 
-def generate(args, prompts):
-    """Images ``[N, 3, H, W]`` in [0, 1] for ``prompts`` (the prior and the decoder both seeded with --seed)."""
-    from shifted.cli import prior_sampling_kwargs
-    from shifted.system import load_system, text_to_image
-
-    prior_kwargs = prior_sampling_kwargs(args, prefix="prior_")
-    system = load_system(args.pretrained_model_name_or_path, prior_variant=args.prior_variant, device=args.device)
-    images, _ = text_to_image(system, prompts, seed=args.seed, prior_kwargs=prior_kwargs,
-                              decoder_kwargs=_decoder_kwargs(args), negative_prompt=args.negative_prompt)
-    return images
+def load(checkpoint, device="cpu", dtype=torch.float32) -> ShiftedPipeline:
+    if not Path(checkpoint).is_dir():
+        raise UserError(f"checkpoint folder {checkpoint} does not exist: pass --checkpoint (a folder laid out like "
+                        "ckpt/tiny/shifted, see its README)")
+    return ShiftedPipeline(checkpoint, device, dtype)
 
 
 def evaluate_digits(output_dir: Path, n: int = 60, seed: int = 0, checkpoint=None, prior_variant: str = "shifted",
@@ -79,3 +137,9 @@ def evaluate_digits(output_dir: Path, n: int = 60, seed: int = 0, checkpoint=Non
     scores.update(seconds=seconds, prior_seconds=t1 - t0, decoder_seconds=t2 - t1, prior_variant=prior_variant,
                   prior_settings=prior_kwargs, decoder_settings=decoder_kwargs)
     return scores
+
+
+METHOD = MethodSpec(
+    name="shifted", label="Shifted Diffusion", settings=ShiftedSettings, load=load,
+    default_checkpoint=DEFAULT_CHECKPOINT, description=__doc__.split("\n\n")[0], evaluate_digits=evaluate_digits,
+)

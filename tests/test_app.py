@@ -38,12 +38,13 @@ def test_page_and_sample_script_give_the_same_images(tmp_path):
     """ContextDiff, two prompts cycled over three images: the app's tensors, quantised as sample.py saves them, are
     pixel-equal to what `scripts/sample.py` writes when run with the command stored in the settings JSON."""
     job = app.Job("contextdiff", "a red handwritten seven\na blue handwritten two",
-                  app.Shared(seed=5, steps=3, num_images=3, guidance_scale=3.0), {"shift": True, "k_schedule": "quadratic"})
+                  app.Shared(seed=5, steps=3, num_images=3, guidance_scale=3.0), {"k_schedule": "quadratic"})
     result = app.run_job(job, tmp_path / "app")
     settings = json.loads(result.settings_path.read_text())
     assert settings["seed"] == 5 and settings["steps"] == 3 and settings["method"] == "contextdiff"
     assert settings["checkpoint"] == str(REPO / "ckpt" / "tiny" / "contextdiff")
-    assert settings["args"]["k_schedule"] == "quadratic" and result.grid_path.is_file()
+    assert settings["settings"]["k_schedule"] == "quadratic" and result.grid_path.is_file()
+    assert settings["settings"]["num_inference_steps"] == 3 and len(settings["settings"]["prompts"]) == 3
     cli = _cli_images(settings["command"], tmp_path / "cli")
     assert len(cli) == len(result.images) == 3
     for ours, theirs in zip(result.images, cli):
@@ -57,7 +58,7 @@ def test_codiff_drawn_mask_with_influence_maps_matches_sample_script(tmp_path):
     mask = tmp_path / "mask.png"
     Image.fromarray(ids).save(mask)
     job = app.Job("codiff", "a green handwritten one", app.Shared(seed=2, steps=3, num_images=2),
-                  {"weighting": "collaborative"}, {"mask": mask})
+                  {"weighting": "collaborative"}, {"mask_path": mask})
     result = app.run_job(job, tmp_path / "app")
     assert set(result.influence) == {"mask", "text"}
     assert result.influence["mask"].size[0] > result.influence["mask"].size[1]  # 3 steps side by side
@@ -75,10 +76,7 @@ def test_versatile_image_to_text_returns_captions_and_progress_is_tracked(tmp_pa
     assert len(result.texts) == 2 and all(isinstance(t, str) for t in result.texts)
     assert json.loads(result.settings_path.read_text())["outputs"]["texts"] == result.texts
     desc, n, total, running = app.PROGRESS.snapshot()
-    assert total == 2 and n == 2 and not running  # the sampler's steps went through the progress tap
-    import common.samplers
-
-    assert common.samplers.tqdm.__module__.startswith("tqdm")  # restored
+    assert total == 2 and n == 2 and not running  # the sampler's steps came through the pipeline's callback
 
 
 @pytest.mark.parametrize("values,message", [
@@ -104,7 +102,10 @@ def test_empty_prompt_is_refused_where_one_is_needed(tmp_path):
             app.run_job(app.Job(method, "  \n ", app.Shared(steps=1, num_images=1)), tmp_path / method)
     with pytest.raises(UserError, match="the prompt is empty"):
         app.run_job(app.Job("versatile", "", app.Shared(steps=1, num_images=1), {"flow": "t2i"}), tmp_path / "v")
-    assert app._label_prompt(app.Job("sdg", "", app.Shared(), {"text_weight": 0.0})) == "sdg sample"
+    from common import methods
+
+    unguided = app.Job("sdg", "", app.Shared(num_images=2), {"text_weight": 0.0})
+    assert app.job_settings(unguided, methods.get("sdg")).prompts == ["sdg sample"] * 2
 
 
 def test_uploads_over_the_limit_or_not_images_are_refused():
@@ -136,23 +137,31 @@ def test_flags_default_to_localhost_and_checkpoints_follow_the_root(tmp_path):
     assert app.main(["--max_upload_mb", "0"]) == 2
 
 
-def test_shifted_controls_become_sample_flags():
-    job = app.Job("shifted", "x", app.Shared(), {"prior_guidance": 2.0, "bank": False, "prior_respacing": "4"})
-    flags = app.controls_to_flags(job)
-    assert flags == ["--prior_guidance", "2.0", "--prior_variant", "baseline", "--prior_respacing", "4"]
-    off = app.controls_to_flags(app.Job("contextdiff", "x", app.Shared(), {"shift": False, "k_schedule": "prior"}))
-    assert off == ["--k_schedule", "none"]
-    args, _ = sample.parse_args(app.sample_argv(job, ["x"]))  # sample.py's own parser accepts them
-    assert args.prior_variant == "baseline" and args.prior_guidance == 2.0
+def test_tab_controls_are_the_method_settings_and_reproduce_on_the_command_line():
+    from common import methods
+
+    spec = methods.get("shifted")
+    assert [f.name for f, _ in app.page_fields(spec)] == ["prior_respacing", "prior_sampler", "prior_eta",
+                                                          "prior_guidance", "prior_variant"]
+    job = app.Job("shifted", "x", app.Shared(num_images=1),
+                  {"prior_guidance": 2.0, "prior_variant": "baseline", "prior_respacing": "4"})
+    settings = app.job_settings(job, spec)
+    command = app.sample_command(spec, "ckpt/tiny/shifted", settings, ["x"])
+    args, _ = sample.parse_args(command[2:])  # sample.py's own parser reads the reproducing command back
+    assert methods.settings_from_args(spec.settings, args, prompts=["x"]) == settings
+    with pytest.raises(UserError, match="bad respacing .many."):
+        app.job_settings(app.Job("shifted", "x", app.Shared(), {"prior_respacing": "many"}), spec)
+    with pytest.raises(UserError, match="unknown setting 'bank'"):
+        app.job_settings(app.Job("shifted", "x", app.Shared(), {"bank": False}), spec)
 
 
 def test_empty_shared_fields_leave_the_method_defaults_to_sample_script(tmp_path):
-    """sampler / eta / guidance left empty: the flags are not passed and the method's SAMPLE_DEFAULTS apply."""
+    """sampler / eta / guidance left empty: the method's own defaults (its settings dataclass) apply."""
     job = app.Job("sdg", "a red handwritten seven", app.Shared(seed=1, steps=2, num_images=1),
                   {"text_weight": 0.0, "image_weight": 0.0})
     result = app.run_job(job, tmp_path / "app")
     assert "--sampler" not in result.settings["command"] and "--guidance_scale" not in result.settings["command"]
-    assert result.settings["args"]["sampler"] == "ddpm" and result.settings["args"]["guidance_scale"] == 1.0
+    assert result.settings["settings"]["sampler"] == "ddpm" and result.settings["settings"]["guidance_scale"] == 1.0
     cli = _cli_images(result.settings["command"], tmp_path / "cli")
     assert np.array_equal(np.asarray(to_pil(result.images[0], value_range=(0, 1))), cli[0])
     assert "SDG ddpm" in app.method_defaults()

@@ -25,7 +25,7 @@ def sd_folder(tiny_sd_folder):
 def test_sample_script_matches_diffusers_pipeline(sd_folder, tmp_path):
     prompts = ["a red handwritten seven", "a green handwritten one"]
     out = tmp_path / "out"
-    argv = ["--pretrained_model_name_or_path", str(sd_folder), "--steps", "3", "--guidance_scale", "5",
+    argv = ["--checkpoint", str(sd_folder), "--num_inference_steps", "3", "--guidance_scale", "5",
             "--seed", "7", "--output_dir", str(out), "--no_progress"]
     for p in prompts:
         argv += ["--prompt", p]
@@ -45,8 +45,9 @@ def test_sample_script_matches_diffusers_pipeline(sd_folder, tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--prompt", "  "], "empty prompt"),
     ([], "no prompt given"),
-    (["--prompt", "x", "--steps", "0"], "--steps must be >= 1"),
-    (["--prompt", "x", "--pretrained_model_name_or_path", "/nonexistent/model"], "does not exist"),
+    (["--prompt", "x", "--num_inference_steps", "0"], "--num_inference_steps must lie in [1, 1000], got 0"),
+    (["--prompt", "x", "--checkpoint", "/nonexistent/model"], "does not exist"),
+    (["--method", "sdg", "--prompt", "x", "--sampler", "euler"], "--sampler 'euler': choose one of ddim, ddpm"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, extra, message):
     out = tmp_path / "never"

@@ -163,7 +163,7 @@ def test_sample_script_bad_input_is_one_line_exit_2_nothing_written(world, tmp_p
 
 def test_scripts_sample_method_versatile(world, tmp_path, capsys):
     image = world["data"] / "test" / "images" / "00000.png"
-    base = ["--method", "versatile", "--pretrained_model_name_or_path", world["folder"], "--steps", 2,
+    base = ["--method", "versatile", "--checkpoint", world["folder"], "--num_inference_steps", 2,
             "--no_progress", "--guidance_scale", 3]
     out = tmp_path / "t2i"
     code, _ = run_main(root_sample.main, [*base, "--prompt", "a red seven", "--prompt", "a blue two",
@@ -174,7 +174,7 @@ def test_scripts_sample_method_versatile(world, tmp_path, capsys):
                                           "--num_images", 2, "--output_dir", out], capsys)
     assert code == 0 and len(list((out / "images").iterdir())) == 2
     for extra, message in ((["--flow", "i2t", "--image", image], "generates captions"),
-                           (["--flow", "dual", "--image", image, "--mix_ratio", 2], "outside [0, 1]"),
+                           (["--flow", "dual", "--image", image, "--mix_ratio", 2], "--mix_ratio must lie in [0, 1]"),
                            (["--flow", "t2i", "--image", image], "takes no image")):
         out = tmp_path / "never"
         code, err = run_main(root_sample.main, [*base, "--prompt", "a red seven", *extra, "--output_dir", out], capsys)

@@ -7,7 +7,7 @@
 Text-to-image by default. ``--flow i2i`` (= ``iv``) conditions on ``--image`` only; the prompts ``scripts/sample.py``
 requires then only label the outputs (``metadata.jsonl`` text, what the judge compares against). ``dual`` mixes the
 prompt and the image inside every context layer with text weight ``--mix_ratio``. The text-output flows (i2t, t2t)
-produce captions, not images: use ``scripts/versatile/sample.py``. Sampling is DDIM (``--steps``, ``--eta``) with
+produce captions, not images: use ``scripts/versatile/sample.py``. Sampling is DDIM (``--num_inference_steps``, ``--eta``) with
 classifier-free guidance (``--guidance_scale``); the null text context is CLIP("") as in VD, so a non-empty
 ``--negative_prompt`` is refused rather than ignored.
 """
@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from common.errors import UserError
+from common.methods import SHARED_FIELDS, Generation, MethodSpec, SamplingSettings, add_settings_arguments, setting
+from versatile.context import NULL_IMAGE_KINDS
+from versatile.flows_cli import FLOW_CHOICES
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,56 +34,84 @@ DEFAULT_CHECKPOINT = "ckpt/tiny/versatile/pipeline"
 EVAL_SAMPLING = {"steps": 25, "guidance_scale": 3.0}
 
 
+@dataclass
+class VersatileSettings(SamplingSettings):
+    flow: str = setting("t2i", "t2i (default) | i2i (= iv) | dual: the image-output flows; i2t | tv give captions "
+                               "(on the page; scripts/versatile/sample.py on the command line)",
+                        choices=FLOW_CHOICES)
+    image: list = setting([], "image file conditioning iv / i2t / dual (repeatable; cycled over the outputs)",
+                          kind="images", label="image (iv, i2t, dual)")
+    mix_ratio: Optional[float] = setting(None, "dual: text weight in [0, 1] (default 0.5)", low=0.0, high=1.0,
+                                         label="mix ratio (dual: the text weight)")
+    uncond_image: Optional[str] = setting(None, "null image context", choices=NULL_IMAGE_KINDS, page=False)
+
+    def check_inputs(self):
+        """``(flow, image paths)``, every input checked before anything loads."""
+        from versatile.flows_cli import check_flow_inputs, check_image_paths, parse_flow
+
+        super().check()
+        flow = parse_flow(self.flow)
+        check_flow_inputs(flow, self.prompts if flow.name != "i2t" else [], self.image, self.mix_ratio,
+                          prompts_are_labels=True)
+        if self.negative_prompt:
+            raise UserError("--negative_prompt is not supported by versatile (its null text context is CLIP(\"\")): "
+                            "drop it")
+        if self.sampler != "ddim":
+            raise UserError("versatile samples with DDIM only (VD's sampler): use --sampler ddim")
+        return flow, check_image_paths(self.image)
+
+    def check(self) -> None:
+        self.check_inputs()
+
+    def needs_prompt(self) -> bool:
+        return self.flow not in ("iv", "i2i", "i2t")
+
+    def makes_images(self) -> bool:
+        return self.flow not in ("i2t", "tv", "t2t")
+
+
 def add_arguments(group) -> None:
-    group.add_argument("--flow", default="t2i", help="t2i (default) | i2i (= iv) | dual: the image-output flows")
-    group.add_argument("--image", action="append", default=None,
-                       help="image file conditioning iv / dual (repeatable; cycled over the outputs)")
-    group.add_argument("--mix_ratio", type=float, default=None, help="dual: text weight in [0, 1] (default 0.5)")
-    group.add_argument("--uncond_image", default=None, help="null image context: zeros | grey | black")
+    """The method's own flags (those of :class:`VersatileSettings` beyond the shared ones)."""
+    add_settings_arguments(group, VersatileSettings, skip=SHARED_FIELDS)
 
 
-def _check(args, prompts):
-    from versatile.context import NULL_IMAGE_KINDS
-    from versatile.flows_cli import check_flow_inputs, check_image_paths, parse_flow
+class VersatilePipeline:
+    def __init__(self, pipe, manifest):
+        self.pipe, self.manifest = pipe, manifest
 
-    flow = parse_flow(getattr(args, "flow", "t2i"))
-    if flow.xtype == "text":
-        raise UserError(f"flow {flow.name} generates captions, not images: use scripts/versatile/sample.py "
-                        f"--flow {args.flow}")
-    images = getattr(args, "image", None) or []
-    check_flow_inputs(flow, prompts, images, getattr(args, "mix_ratio", None), prompts_are_labels=True)
-    if getattr(args, "negative_prompt", ""):
-        raise UserError("--negative_prompt is not supported by versatile (its null text context is CLIP(\"\")): drop it")
-    if getattr(args, "sampler", "ddim") != "ddim":
-        raise UserError("versatile samples with DDIM only (VD's sampler): use --sampler ddim")
-    kind = getattr(args, "uncond_image", None)
-    if kind is not None and kind not in NULL_IMAGE_KINDS:
-        raise UserError(f"--uncond_image {kind!r}: choose one of {', '.join(NULL_IMAGE_KINDS)}")
-    return flow, check_image_paths(images)
+    def __call__(self, settings: VersatileSettings, *, generator=None, callback=None) -> Generation:
+        """One output per entry of ``settings.prompts`` (images, or captions for i2t / tv); the images of iv /
+        i2t / dual are cycled over them."""
+        from versatile.checkpoint import check_flow
+        from versatile.flows_cli import load_images
+
+        flow, paths = settings.check_inputs()
+        check_flow(self.manifest, flow)
+        pipe, prompts, n = self.pipe, list(settings.prompts), len(settings.prompts)
+        generator = generator if generator is not None else torch.Generator().manual_seed(settings.seed)
+        kwargs = dict(guidance_scale=settings.guidance_scale, num_inference_steps=settings.num_inference_steps,
+                      eta=settings.eta, generator=generator, uncond_image=settings.uncond_image,
+                      progress=callback or False)
+        image = None
+        if paths:
+            size = pipe.sampling.resolution or int(pipe.image_vae.config.sample_size)
+            loaded = load_images(paths, size)
+            image = loaded[torch.arange(n) % len(paths)]
+        if flow.xtype == "text":
+            out = pipe(flow, prompt=prompts if "text" in flow.ctypes else None, image=image, **kwargs)
+            return Generation(None, texts=list(out.texts))
+        kwargs.update(height=settings.resolution, width=settings.resolution)
+        if flow.name == "t2i":
+            return Generation(pipe(flow, prompt=prompts, **kwargs).images)
+        if flow.name == "iv":
+            return Generation(pipe(flow, image=image, **kwargs).images)
+        return Generation(pipe(flow, prompt=prompts, image=image, text_ratio=settings.mix_ratio, **kwargs).images)
 
 
-def generate(args, prompts) -> torch.Tensor:
-    """``[N, 3, H, W]`` in [0, 1], one image per prompt (``scripts/sample.py`` contract)."""
-    from versatile.checkpoint import check_flow, load_pipeline
-    from versatile.flows_cli import load_images
+def load(checkpoint, device="cpu", dtype=torch.float32) -> VersatilePipeline:
+    from versatile.checkpoint import load_pipeline
 
-    flow, paths = _check(args, prompts)
-    pipe, manifest = load_pipeline(args.pretrained_model_name_or_path, getattr(args, "device", "cpu"))
-    check_flow(manifest, flow)
-    n = len(prompts)
-    kwargs = dict(guidance_scale=args.guidance_scale, num_inference_steps=args.steps, eta=args.eta,
-                  generator=torch.Generator().manual_seed(args.seed), height=args.resolution, width=args.resolution,
-                  uncond_image=getattr(args, "uncond_image", None), progress=not getattr(args, "no_progress", False))
-    image = None
-    if paths:
-        size = pipe.sampling.resolution or int(pipe.image_vae.config.sample_size)
-        loaded = load_images(paths, size)
-        image = loaded[torch.arange(n) % len(paths)]
-    if flow.name == "t2i":
-        return pipe(flow, prompt=list(prompts), **kwargs).images
-    if flow.name == "iv":
-        return pipe(flow, image=image, **kwargs).images
-    return pipe(flow, prompt=list(prompts), image=image, text_ratio=getattr(args, "mix_ratio", None), **kwargs).images
+    return VersatilePipeline(*load_pipeline(checkpoint, device))
 
 
 def sample_t2i(pipe, prompts, seed: int = 0, steps: int = EVAL_SAMPLING["steps"],
@@ -120,3 +153,9 @@ def evaluate_digits(output_dir: Path, n: int = 60, seed: int = 0) -> dict:
     scores = write_judged(images, rows, Path(output_dir), settings)
     scores["seconds"] = round(time.perf_counter() - start, 2)
     return scores
+
+
+METHOD = MethodSpec(
+    name="versatile", label="Versatile Diffusion", settings=VersatileSettings, load=load,
+    default_checkpoint=DEFAULT_CHECKPOINT, description=__doc__.split("\n\n")[0], evaluate_digits=evaluate_digits,
+)

@@ -225,3 +225,76 @@ def real_test_scores(seed: int = 0) -> dict:
     samples = make_samples(x_te, y_te, seed + 1)
     return judge_images([render(s.intensity, s.color) for s in samples], [(s.digit, s.color) for s in samples])
 
+
+
+# ------------------------------------------------------------------------------------------ digits-pairs
+
+
+def parse_pair_prompt(text: str) -> tuple[Optional[int], Optional[str], Optional[int], Optional[str]]:
+    """``(left digit, left colour, right digit, right colour)`` of a digits-pairs prompt; None where absent.
+
+    The first two (colour, digit) mentions are read in order; "to the right of" says the first one is on the right.
+    """
+    words = re.findall(r"[a-z]+|\d", text.lower())
+    colors = [w for w in words if w in COLORS]
+    digits = [_WORD_TO_DIGIT[w] if w in _WORD_TO_DIGIT else int(w) for w in words
+              if w in _WORD_TO_DIGIT or w.isdigit()]
+    colors += [None] * (2 - len(colors))
+    digits += [None] * (2 - len(digits))
+    first, second = (digits[0], colors[0]), (digits[1], colors[1])
+    if re.search(r"\bright of\b", text.lower()):
+        first, second = second, first
+    return first[0], first[1], second[0], second[1]
+
+
+def _halves(image) -> tuple[np.ndarray, np.ndarray]:
+    """A pair image (PIL or uint8/float array, any size) -> its left and right halves as uint8 RGB arrays."""
+    from common.io import pil_to_rgb
+
+    if not isinstance(image, Image.Image):
+        array = np.asarray(image)
+        if array.dtype.kind == "f":
+            array = np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
+        image = Image.fromarray(array)
+    image = pil_to_rgb(image, background=(0, 0, 0))
+    w, h = image.size
+    return np.asarray(image.crop((0, 0, w // 2, h))), np.asarray(image.crop((w - w // 2, 0, w, h)))
+
+
+def judge_pair_images(images: Sequence, targets: Sequence[tuple]) -> dict:
+    """Score digits-pairs images: each half by the single-digit judge (stretched back to a square).
+
+    ``targets``: ``(left digit, left colour, right digit, right colour)`` per image (None = not scored). Returns
+    per-position digit and colour accuracies, ``binding_accuracy`` (both colours on the right sides), and
+    ``both_accuracy``: all four attributes right, i.e. the whole prompt.
+    """
+    if len(images) != len(targets):
+        raise UserError(f"{len(images)} images but {len(targets)} targets: give one target per image")
+    if not images:
+        raise UserError("no images to judge")
+    halves = [_halves(im) for im in images]
+    left = judge_images([h[0] for h in halves], [(t[0], t[1]) for t in targets])
+    right = judge_images([h[1] for h in halves], [(t[2], t[3]) for t in targets])
+
+    def mean(v):
+        return float(np.mean(v)) if v else None
+
+    rows = list(zip(targets, left["predicted_digits"], left["predicted_colors"], right["predicted_digits"],
+                    right["predicted_colors"]))
+    full = [int(ld == t[0] and lc == t[1] and rd == t[2] and rc == t[3]) for t, ld, lc, rd, rc in rows
+            if None not in t]
+    binding = [int(lc == t[1] and rc == t[3]) for t, _, lc, _, rc in rows if t[1] is not None and t[3] is not None]
+    return {"left_digit_accuracy": left["digit_accuracy"], "left_color_accuracy": left["color_accuracy"],
+            "right_digit_accuracy": right["digit_accuracy"], "right_color_accuracy": right["color_accuracy"],
+            "binding_accuracy": mean(binding), "both_accuracy": mean(full), "count": len(images),
+            "judge_heldout_digit_accuracy": left["judge_heldout_digit_accuracy"],
+            "predicted": [(int(ld), lc, int(rd), rc) for _, ld, lc, rd, rc in rows]}
+
+
+def real_pair_test_scores(seed: int = 0, count: int = 600) -> dict:
+    """The pair judge on real held-out digit pairs rendered like the digits-pairs test split: its ceiling."""
+    from common.digits_pairs import make_pairs, render_pair
+
+    _, _, x_te, y_te = real_digit_split(seed)
+    samples = make_pairs(x_te, y_te, count, seed + 1)
+    return judge_pair_images([render_pair(s) for s in samples], [s.target for s in samples])

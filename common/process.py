@@ -143,6 +143,34 @@ def k_schedule(name: str) -> Callable[[Abar], Abar]:
 
 
 MeanFn = Callable[[torch.Tensor], torch.Tensor]
+LevelMeanFn = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+class LevelMean:
+    """A shift mean that also depends on the noise level: ``m_t = f(x0_hat, abar_t)``, evaluated lazily per level.
+
+    A time-aware ContextDiff bias ``r_phi(x0, c, t)`` gives every level of the chain its own mean, so one reverse
+    step needs ``m`` at two levels: ``m_t`` to whiten ``x_t`` and ``m_{t-1}`` to un-whiten the result. The whitened
+    chain is still a plain DDPM (``y_t = x_t - k_t m_t`` has marginal ``N(sqrt(abar_t) x0, 1 - abar_t)`` for any
+    per-level means), so the samplers stay unchanged: :meth:`Shift.whiten` / :meth:`Shift.unwhiten` ask this object
+    for the mean at their own level. Levels where ``k`` vanishes (the clean end) never evaluate ``f``.
+    """
+
+    def __init__(self, fn: LevelMeanFn, x0_hat: torch.Tensor):
+        self._fn, self._x0_hat = fn, x0_hat
+        self._cache: dict[float, torch.Tensor] = {}
+
+    def at(self, abar: Abar) -> torch.Tensor:
+        if isinstance(abar, torch.Tensor):
+            return self._fn(self._x0_hat, abar)
+        key = float(abar)
+        if key not in self._cache:  # whiten and the next step's checks may ask for the same level twice
+            self._cache[key] = self._fn(self._x0_hat, key)
+        return self._cache[key]
+
+
+def _is_zero(value: Abar) -> bool:
+    return not isinstance(value, torch.Tensor) and float(value) == 0.0
 
 
 @dataclass
@@ -150,16 +178,20 @@ class Shift:
     """The shift of the generalised process: ``k_t`` (by name or function of abar), ``m`` and ``S``.
 
     ``mean`` is either a tensor (constant, e.g. Shifted Diffusion's bank mean), or a callable ``x0_hat -> m``
-    re-estimated from the denoiser's clean prediction at every reverse step (ContextDiff's ``r_phi(x0_hat, c)``).
-    ``scale`` is ``S`` (broadcastable to x, e.g. per-dimension std) or None for ``S = 1``.
+    re-estimated from the denoiser's clean prediction at every reverse step (ContextDiff's ``r_phi(x0_hat, c)``),
+    or, with ``mean_depends_on_level``, a callable ``(x0_hat, abar) -> m_t`` (a time-aware ``r_phi(x0_hat, c, t)``;
+    see :class:`LevelMean`). ``scale`` is ``S`` (broadcastable to x, e.g. per-dimension std) or None for ``S = 1``.
     """
 
     k: Union[str, Callable[[Abar], Abar]] = "none"
-    mean: Union[torch.Tensor, MeanFn, None] = None
+    mean: Union[torch.Tensor, MeanFn, LevelMeanFn, None] = None
     scale: Union[torch.Tensor, None] = None
+    mean_depends_on_level: bool = False
 
     def __post_init__(self):
         self._k = k_schedule(self.k) if isinstance(self.k, str) else self.k
+        if self.mean_depends_on_level and not self.mean_depends_on_x0:
+            raise ValueError("a level-dependent shift mean must be a callable (x0_hat, abar) -> m")
 
     @property
     def mean_depends_on_x0(self) -> bool:
@@ -168,29 +200,44 @@ class Shift:
     def k_at(self, abar: Abar) -> Abar:
         return self._k(abar)
 
-    def resolve_mean(self, x0_hat: torch.Tensor | None) -> torch.Tensor | None:
+    def resolve_mean(self, x0_hat: torch.Tensor | None) -> torch.Tensor | LevelMean | None:
         if self.mean is None:
             return None
         if self.mean_depends_on_x0:
             if x0_hat is None:
                 raise ValueError("this shift's mean depends on x0: pass the x0 estimate")
+            if self.mean_depends_on_level:
+                return LevelMean(self.mean, x0_hat)
             return self.mean(x0_hat)
         return self.mean
 
-    def whiten(self, x: torch.Tensor, abar: Abar, m: torch.Tensor | None) -> torch.Tensor:
+    def offset(self, abar: Abar, m: torch.Tensor | LevelMean | None) -> torch.Tensor | None:
+        """``k(abar) m`` at this level (None when there is nothing to add)."""
+        if m is None:
+            return None
+        k = self.k_at(abar)
+        if isinstance(m, LevelMean):
+            if _is_zero(k):
+                return None
+            m = m.at(abar)
+        return k * m
+
+    def whiten(self, x: torch.Tensor, abar: Abar, m: torch.Tensor | LevelMean | None) -> torch.Tensor:
         """``y = (x - k(abar) m) / S``: a point of the shifted chain at level abar -> the standard chain."""
-        if m is not None:
-            x = x - self.k_at(abar) * m
+        offset = self.offset(abar, m)
+        if offset is not None:
+            x = x - offset
         if self.scale is not None:
             x = x / self.scale
         return x
 
-    def unwhiten(self, y: torch.Tensor, abar: Abar, m: torch.Tensor | None) -> torch.Tensor:
+    def unwhiten(self, y: torch.Tensor, abar: Abar, m: torch.Tensor | LevelMean | None) -> torch.Tensor:
         """Inverse of :meth:`whiten`: ``x = S y + k(abar) m``."""
         if self.scale is not None:
             y = y * self.scale
-        if m is not None:
-            y = y + self.k_at(abar) * m
+        offset = self.offset(abar, m)
+        if offset is not None:
+            y = y + offset
         return y
 
 

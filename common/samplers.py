@@ -244,13 +244,16 @@ def sample_ddpm(
         else:
             frac = (var_out + 1) / 2
             var = torch.exp(frac * math.log(step.beta) + (1 - frac) * min_logs[i])
+        # The standard deviation is taken before scaling by S, so S = 1 reproduces the plain chain bit for bit
+        # (sqrt of a float32 var * S^2 rounds differently from the float64 sqrt of var).
+        std = var.sqrt() if isinstance(var, torch.Tensor) else math.sqrt(var)
         if scale_sq is not None:
-            var = var * scale_sq
+            var, std = var * scale_sq, std * shift.scale
         if guidance is not None:
             mean = mean + var * guidance(x, ts[i])
         if step.t > 0:
             noise = randn(x.shape, generator, device, x.dtype)
-            mean = mean + (var**0.5 if isinstance(var, torch.Tensor) else math.sqrt(var)) * noise
+            mean = mean + std * noise
         x = mean
     return x
 

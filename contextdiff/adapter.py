@@ -19,6 +19,7 @@ Deliberate choices (see ``contextdiff/METHOD.md``):
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ from common.errors import UserError
 
 
 TEXT_SOURCES = ("clip", "t5")
+LOGSNR_LIMIT = 20.0  # log-SNR is clamped here: the clean end (abar = 1) is +inf
 CONFIG_NAME = "config.json"
 
 TextStates = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -118,6 +120,10 @@ class RelationalNet(ModelMixin, ConfigMixin):
         text_dims: hidden width D_i of each source (1024 for SD-2's OpenCLIP-H text tower, 4096 for T5-XXL).
         r_bound: optional soft bound on every element of r, ``r = b tanh(raw / b)`` (None: unbounded, the paper).
             An experiment for the digits finding that |r| grows to the latents' own size (METHOD.md).
+        time_aware: feed the noise level to the net, ``r = r_phi(x0, c, t)`` (the paper's figure draws t as an
+            input). The level enters as its log-SNR ``log(abar / (1 - abar))`` through sinusoidal features and a
+            zero-initialised MLP added to every visual token, so a fresh time-aware net equals the t-free one.
+            The process then has a mean per level (METHOD.md, "time-aware r").
     """
 
     @register_to_config
@@ -131,6 +137,7 @@ class RelationalNet(ModelMixin, ConfigMixin):
         text_sources: Sequence[str] = ("clip",),
         text_dims: Sequence[int] = (1024,),
         r_bound: Optional[float] = None,
+        time_aware: bool = False,
     ):
         super().__init__()
         if r_bound is not None and not float(r_bound) > 0:
@@ -148,6 +155,10 @@ class RelationalNet(ModelMixin, ConfigMixin):
         self.blocks = nn.ModuleList(RelationalBlock(dim, heads) for _ in range(depth))
         self.norm_out = nn.LayerNorm(dim)
         self.proj_out = nn.Linear(dim, patch_size * patch_size * latent_channels)
+        if time_aware:
+            self.level_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+            nn.init.zeros_(self.level_embed[-1].weight)  # zero-init: starts as the t-free net
+            nn.init.zeros_(self.level_embed[-1].bias)
         # Zero-init head: r == 0 exactly, so training (and sampling) starts from the plain pretrained model.
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
@@ -192,12 +203,33 @@ class RelationalNet(ModelMixin, ConfigMixin):
 
     # --------------------------------------------------------------------------------------------- forward
 
-    def forward(self, x0: torch.Tensor, text: TextStates, text_masks: TextMasks = None) -> torch.Tensor:
+    def level_features(self, abar: Union[float, torch.Tensor], batch: int, device) -> torch.Tensor:
+        """Sinusoidal features ``[B, dim]`` of the clamped log-SNR ``log(abar / (1 - abar))`` of each row's level."""
+        abar = torch.as_tensor(abar, dtype=torch.float64, device=device).reshape(-1)
+        if abar.numel() == 1:
+            abar = abar.expand(batch)
+        if abar.numel() != batch:
+            raise ValueError(f"need one noise level per sample ({batch}), got {abar.numel()}")
+        logsnr = (abar.clamp(1e-12, 1.0).log() - (1 - abar).clamp(min=1e-12).log()).clamp(-LOGSNR_LIMIT, LOGSNR_LIMIT)
+        half = self.config.dim // 2
+        freqs = torch.exp(torch.linspace(math.log(1 / 16), math.log(16), half, dtype=torch.float64, device=device))
+        angles = logsnr[:, None] * freqs[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1).to(self.dtype)
+
+    def forward(
+        self,
+        x0: torch.Tensor,
+        text: TextStates,
+        text_masks: TextMasks = None,
+        abar: Union[float, torch.Tensor, None] = None,
+    ) -> torch.Tensor:
         """The bias r of paper eq. (forward marginal) ``x_t = sqrt(abar) x0 + k_t r + sqrt(1 - abar) eps``.
 
         ``x0 [B, C, H, W]`` (clean latent, or the denoiser's x0_hat while sampling); ``text``: one ``[B, L_i, D_i]``
         tensor per entry of ``text_sources`` (a bare tensor for a single source); ``text_masks``: optional
-        ``[B, L_i]`` bools per source (True = real token). Returns ``r [B, C, H, W]`` in x0's dtype.
+        ``[B, L_i]`` bools per source (True = real token); ``abar``: the noise level of the marginal this r shifts
+        (a float or one per sample; required by a ``time_aware`` net, ignored by a t-free one). Returns
+        ``r [B, C, H, W]`` in x0's dtype.
         """
         cfg = self.config
         p = cfg.patch_size
@@ -213,6 +245,10 @@ class RelationalNet(ModelMixin, ConfigMixin):
         x = self.patch_embed(x0.to(self.dtype))  # [B, dim, H/p, W/p]
         h, w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2) + sinusoidal_2d(h, w, cfg.dim, x.device, x.dtype)
+        if cfg.time_aware:
+            if abar is None:
+                raise UserError("this adapter is time-aware (r_phi(x0, c, t)): pass the noise level abar")
+            x = x + self.level_embed(self.level_features(abar, b, x.device))[:, None, :]
         for block in self.blocks:
             x = block(x, text_tokens, text_mask)
         x = self.proj_out(self.norm_out(x))  # [B, h w, p p C]

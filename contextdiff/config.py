@@ -24,7 +24,7 @@ from contextdiff.adapter import RelationalNet, count_parameters
 
 
 REQUIRED = ("adapter", "unet", "vae", "text_encoder", "scheduler", "stage1", "stage2", "sample")
-ADAPTER_KEYS = ("latent_channels", "patch_size", "dim", "depth", "heads", "text_sources", "text_dims", "r_bound")
+ADAPTER_KEYS = ("latent_channels", "patch_size", "dim", "depth", "heads", "text_sources", "text_dims", "r_bound", "time_aware")
 
 
 def load_config(path: Union[str, Path]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ step, which is the paper's reverse process (DDPM, DDIM, DDIM inversion). Nothing
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -30,6 +31,9 @@ from common.schedule import NoiseSchedule
 
 
 PARAMETERIZATIONS = ("shifted_eps", "x0")
+# simple: the regression of METHOD.md eq. (loss) with an optional separate r term; elbo: the variational bound of the
+# shifted process, one joint term per step (METHOD.md, "The ELBO objective").
+OBJECTIVES = ("simple", "elbo")
 STAGES = (1, 2)
 # What a diffusers scheduler config must say for each parameterisation (a saved stage-2 model carries it).
 SCHEDULER_PREDICTION_TYPE = {"shifted_eps": "epsilon", "x0": "sample"}
@@ -61,6 +65,12 @@ def contextual_k(name: str = "quadratic", scale: float = 1.0) -> Callable[[Abar]
     return lambda abar: scale * base(abar)
 
 
+def is_time_aware(adapter: Optional[nn.Module]) -> bool:
+    """True for a relational net that takes the noise level, ``r_phi(x0, c, t)``."""
+    config = getattr(_unwrap(adapter), "config", None) if adapter is not None else None
+    return bool(getattr(config, "time_aware", False))
+
+
 def contextual_shift(
     adapter: nn.Module,
     text: Any,
@@ -75,6 +85,13 @@ def contextual_shift(
     source. Under classifier-free guidance the core calls ``mean`` once per step on the *guided* x0_hat (one r_hat,
     never one per branch), because guidance happens inside the denoiser wrapper.
     """
+
+    if is_time_aware(adapter):
+        # One r per level: the core whitens x_t with r_phi(x0_hat, c, t) and un-whitens with r_phi(x0_hat, c, t-1).
+        def level_mean(x0_hat: torch.Tensor, abar) -> torch.Tensor:
+            return adapter(x0_hat, text, text_masks, abar=abar)
+
+        return Shift(k=contextual_k(k, k_scale), mean=level_mean, mean_depends_on_level=True)
 
     def mean(x0_hat: torch.Tensor) -> torch.Tensor:
         return adapter(x0_hat, text, text_masks)
@@ -133,6 +150,10 @@ class ContextLossConfig:
     snr_gamma: Min-SNR-gamma weighting of the MSE (``common.diffusion_loss``; a shifted_eps model is weighted as an
         eps model, an x0 model as a sample model); None = unweighted. Exclusive with p2_gamma.
     noise_offset: per-(sample, channel) offset noise added to eps (``common.diffusion_loss.training_noise``).
+    objective: ``simple`` (the regression above) or ``elbo``: the shifted process's variational bound, one joint
+        term ``|c1 (x0 - x0_hat) + (k_{t-1} r_{t-1} - c2 k_t r_t) - (same with r_hat)|^2 / (2 beta_tilde_t)`` per
+        step with its exact weight, plus the prior term L_T (METHOD.md, "The ELBO objective"). It already holds
+        the r term, so ``lambda_r``, ``p2_gamma`` and ``snr_gamma`` must stay unset with it.
     """
 
     stage: int = 1
@@ -146,8 +167,17 @@ class ContextLossConfig:
     lambda_r: float = 0.0
     snr_gamma: Optional[float] = None
     noise_offset: float = 0.0
+    objective: str = "simple"
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"unknown objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        if self.objective == "elbo" and (self.lambda_r > 0 or self.p2_gamma > 0 or self.snr_gamma is not None
+                                         or self.noise_offset):
+            raise UserError(
+                "--objective elbo already weights every step and holds the r term, and assumes standard Gaussian "
+                "noise: leave --lambda_r, --p2_gamma, --snr_gamma and --noise_offset unset"
+            )
         if self.stage not in STAGES:
             raise UserError(f"unknown stage {self.stage!r}: 1 trains the adapter, 2 fine-tunes the diffusion model")
         check_parameterization(self.parameterization)
@@ -193,6 +223,9 @@ def add_contextdiff_args(parser: argparse.ArgumentParser, stage: int = 1) -> Non
                         help="fraction of captions replaced by the empty prompt in the UNet (classifier-free guidance)")
     parser.add_argument("--p2_gamma", type=float, default=d.p2_gamma, help="P2 weight 1/(1+SNR)^gamma (0: plain MSE)")
     parser.add_argument("--lambda_r", type=float, default=d.lambda_r, help="weight of the ELBO's r term")
+    parser.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
+                        help="simple: (weighted) MSE on the target (+ lambda_r r term); elbo: the shifted process's "
+                             "variational bound with its exact per-step weights and joint x0/r term")
 
 
 def _require_adapter(adapter: Optional[nn.Module], stage: int) -> None:
@@ -248,15 +281,93 @@ def default_adapter_text(adapter: nn.Module, batch: dict[str, Any]):
     return batch["encoder_hidden_states"], None
 
 
+def _previous_abar(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``abar_{t-1}`` per sample with ``abar_{-1} = 1`` (the step from t = 0 lands on clean data)."""
+    return torch.where(
+        (t > 0).view(-1, *([1] * (like.ndim - 1))),
+        schedule.abar((t - 1).clamp(min=0), like=like),
+        torch.ones((), dtype=like.dtype, device=like.device),
+    )
+
+
 def _posterior_r_coefficient(schedule: NoiseSchedule, t: torch.Tensor, k, like: torch.Tensor) -> torch.Tensor:
     """``k_{t-1} - c2_t k_t`` per sample (r's coefficient in the posterior mean), with ``abar_{-1} = 1`` so the t = 0 term vanishes."""
     abar = schedule.abar(t, like=like).double()
-    abar_prev = torch.where(
-        (t > 0).view_as(abar), schedule.abar((t - 1).clamp(min=0), like=like).double(), torch.ones_like(abar)
-    )
+    abar_prev = _previous_abar(schedule, t, abar)
     alpha = abar / abar_prev
     c2 = alpha.sqrt() * (1 - abar_prev) / (1 - abar)
     return (k(abar_prev) - c2 * k(abar)).to(like.dtype)
+
+
+def elbo_step_coefficients(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor):
+    """``(abar_t, abar_{t-1}, c1, c2, var)`` per sample in float64 for the ELBO's step term.
+
+    ``var`` is the posterior variance beta_tilde_t; at t = 0 it is 0 (the step lands on data), and the bound's
+    decoder term uses the next variance instead, as ADM's clipped posterior variance does.
+    """
+    abar = schedule.abar(t, like=like).double()
+    abar_prev = _previous_abar(schedule, t, abar)
+    beta = 1 - abar / abar_prev
+    c1 = abar_prev.sqrt() * beta / (1 - abar)
+    c2 = (1 - beta).sqrt() * (1 - abar_prev) / (1 - abar)
+    var = beta * (1 - abar_prev) / (1 - abar)
+    if (t == 0).any():
+        a1 = float(schedule.alphas_cumprod[1].double())
+        a0 = float(schedule.alphas_cumprod[0].double())
+        var_1 = (1 - a1 / a0) * (1 - a0) / (1 - a1)
+        var = torch.where((t == 0).view_as(var), torch.full_like(var, var_1), var)
+    return abar, abar_prev, c1, c2, var
+
+
+def _relational(adapter: nn.Module, x: torch.Tensor, text, text_mask, abar, time_aware: bool, grad: bool = True):
+    """``r_phi(x, c)`` or, for a time-aware net, ``r_phi(x, c, abar)``; without a graph when ``grad`` is False."""
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        if time_aware:
+            return adapter(x, text, text_mask, abar=abar.reshape(-1) if isinstance(abar, torch.Tensor) else abar)
+        return adapter(x, text, text_mask)
+
+
+def elbo_terms(
+    x0: torch.Tensor,
+    x0_hat: torch.Tensor,
+    relational: Callable[[torch.Tensor, Any], torch.Tensor],
+    r_t: torch.Tensor,
+    timesteps: torch.Tensor,
+    schedule: NoiseSchedule,
+    k: Callable,
+    *,
+    time_aware: bool,
+    relational_clean: Optional[Callable[[torch.Tensor, Any], torch.Tensor]] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``(L_{t-1}, L_T)`` of the shifted process in nats per dimension (METHOD.md, the ELBO objective).
+
+    ``L_{t-1} = |c1 (x0 - x0_hat) + (k_{t-1} r_{t-1} - c2 k_t r_t) - (k_{t-1} r_hat_{t-1} - c2 k_t r_hat_t)|^2
+    / (2 var_t)``: the KL between the true posterior of the shifted chain and the model's step, which uses the same
+    posterior with x0_hat and ``r_hat = r_phi(x0_hat, c)`` in place of x0 and r. The x0 and r parts share one
+    square, cross term included. ``L_T = KL(N(sqrt(abar_T) x0 + k_T r_T, 1 - abar_T) || N(0, 1))``.
+    ``relational(x, abar)`` evaluates r on the model's estimate (with a graph), ``relational_clean`` on the clean
+    x0 (without one in stage 2; defaults to ``relational``); ``r_t`` is the r that built x_t.
+    """
+    relational_clean = relational if relational_clean is None else relational_clean
+    abar, abar_prev, c1, c2, var = elbo_step_coefficients(schedule, timesteps, x0)
+    f32 = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    x0u, x0_hat_u = x0.to(f32), x0_hat.to(f32)
+    k_t, k_prev = k(abar).to(f32), k(abar_prev).to(f32)
+    r_t_hat = relational(x0_hat, abar).to(f32)
+    if time_aware:
+        r_prev, r_prev_hat = relational_clean(x0, abar_prev).to(f32), relational(x0_hat, abar_prev).to(f32)
+    else:
+        r_prev, r_prev_hat = r_t.to(f32), r_t_hat
+    c1, c2, var = c1.to(f32), c2.to(f32), var.to(f32)
+    diff = c1 * (x0u - x0_hat_u) + k_prev * (r_prev - r_prev_hat) - c2 * k_t * (r_t.to(f32) - r_t_hat)
+    dims = tuple(range(1, x0.ndim))
+    step = (diff**2 / (2 * var)).mean(dim=dims)
+
+    abar_T = float(schedule.alphas_cumprod[-1].double())
+    r_T = relational_clean(x0, abar_T).to(f32) if time_aware else r_t.to(f32)
+    mean_T = abar_T**0.5 * x0u + float(k(torch.tensor(abar_T, dtype=torch.float64))) * r_T
+    prior = 0.5 * ((1 - abar_T) + mean_T**2 - 1 - math.log(1 - abar_T))
+    return step, prior.mean(dim=dims)
 
 
 def contextual_loss(
@@ -302,14 +413,11 @@ def contextual_loss(
             noise = noise + config.noise_offset * offset
 
     text, text_mask = default_adapter_text(adapter, batch)
-    if config.stage == 2:
-        with torch.no_grad():
-            r = adapter(x0, text, text_mask)
-    else:
-        r = adapter(x0, text, text_mask)
-
+    time_aware = is_time_aware(adapter)
     k = contextual_k(config.k_schedule, config.k_scale)
     abar = schedule.abar(timesteps, like=x0)
+    # Stage 2 keeps the adapter fixed: r on the clean x0 needs no graph (r on x0_hat still passes gradients to x0_hat).
+    r = _relational(adapter, x0, text, text_mask, abar, time_aware, grad=config.stage != 2)
     x_t = q_sample(x0, abar, noise, Shift(k=k), m=r)
     if config.detach_xt:
         x_t = x_t.detach()
@@ -328,6 +436,20 @@ def contextual_loss(
     else:
         target = x0
 
+    if config.objective == "elbo":
+        x0_hat = x0_from_eps(x_t, out, abar) if config.parameterization == "shifted_eps" else out
+        step, prior = elbo_terms(
+            x0, x0_hat,
+            lambda x, level: _relational(adapter, x, text, text_mask, level, time_aware),
+            r, timesteps, schedule, k, time_aware=time_aware,
+            relational_clean=lambda x, level: _relational(adapter, x, text, text_mask, level, time_aware,
+                                                          grad=config.stage != 2),
+        )
+        # Uniform t: T * L_{t-1} estimates the sum over steps; L_T is added once per sample.
+        loss = (schedule.num_train_timesteps * step + prior).mean()
+        logs = {"elbo": loss.detach(), "prior": prior.detach().mean(), "r_abs": r.detach().abs().mean()}
+        return ContextLossOutput(loss, logs)
+
     if config.p2_gamma > 0:
         per_sample = F.mse_loss(_upcast(out), _upcast(target), reduction="none").mean(dim=tuple(range(1, x0.ndim)))
         loss = (per_sample * p2_weight(_upcast(abar.flatten()), config.p2_gamma)).mean()
@@ -342,8 +464,11 @@ def contextual_loss(
     logs = {"mse": loss.detach(), "r_abs": r.detach().abs().mean()}  # tensors: no device sync per step
 
     if config.lambda_r > 0:
+        if time_aware:
+            raise UserError("--lambda_r's r term is written for a t-free adapter: use --objective elbo with a "
+                            "time-aware one (it holds the exact r term)")
         x0_hat = x0_from_eps(x_t, out, abar) if config.parameterization == "shifted_eps" else out
-        r_hat = adapter(x0_hat, text, text_mask)
+        r_hat = _relational(adapter, x0_hat, text, text_mask, abar, time_aware)
         coef = _posterior_r_coefficient(schedule, timesteps, k, x0)
         r_term = (_upcast(coef * (r - r_hat)) ** 2).mean()
         loss = loss + config.lambda_r * r_term

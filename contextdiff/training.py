@@ -58,7 +58,7 @@ from contextdiff.process import (
 
 
 ADAPTER_FLAGS = {"adapter_dim": "dim", "adapter_depth": "depth", "adapter_heads": "heads",
-                 "adapter_patch_size": "patch_size", "adapter_r_bound": "r_bound"}
+                 "adapter_patch_size": "patch_size", "adapter_r_bound": "r_bound", "adapter_time_aware": "time_aware"}
 TRAIN_DEFAULTS = {"learning_rate": 1e-4, "train_batch_size": 16, "lr_warmup_steps": 0, "report_to": "none",
                   "tracker_project_name": "contextdiff"}
 DESCRIPTIONS = {
@@ -94,6 +94,8 @@ def build_parser(stage: int) -> argparse.ArgumentParser:
         p.add_argument("--adapter_patch_size", type=int, default=None, help="latent patch size (default 2)")
         p.add_argument("--adapter_r_bound", type=float, default=None,
                        help="soft bound on r's elements, r = b tanh(raw / b) (default: none, as the paper)")
+        p.add_argument("--adapter_time_aware", action=argparse.BooleanOptionalAction, default=None,
+                       help="feed the noise level to the adapter, r = r_phi(x0, c, t) (default: t-free)")
         p.add_argument("--adapter_text_sources", nargs="+", choices=TEXT_SOURCES, default=None,
                        help="text encoders the adapter reads, in order (default clip); overrides the config's, and "
                             "the widths then follow the encoders (t5 needs --t5_model_name_or_path)")
@@ -446,6 +448,7 @@ def _save(args, stage, result, unet, adapter, vae, text_encoder, tokenizer, sche
     if t5 is not None:  # absolute: stage 2 and sampling find it from any working directory
         provenance["t5_model_name_or_path"] = str(Path(t5_path).resolve())
         provenance["t5_max_length"] = int(args.t5_max_length)
+    provenance["objective"] = str(args.objective)
     if stage == 1:
         provenance["freeze_unet"] = bool(args.freeze_unet)
         save_adapter(out / "adapter", adapter, process, provenance)

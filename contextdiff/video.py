@@ -267,6 +267,9 @@ class VideoRelationalNet(nn.Module):
 
     def __init__(self, image_adapter: RelationalNet, temporal: bool = True):
         super().__init__()
+        if getattr(image_adapter.config, "time_aware", False):
+            raise UserError("video editing builds its adapter from a t-free image adapter; this checkpoint's adapter "
+                            "is time-aware (r_phi(x0, c, t)): use a checkpoint trained without --adapter_time_aware")
         self.image = image_adapter
         self.state = FrameState()
         self.temporal = TemporalAttention(image_adapter.config.dim, image_adapter.config.heads) if temporal else None

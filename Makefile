@@ -6,10 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint bench clean tiny-checkpoints browser
 
-$(STAMP): requirements.txt pyproject.toml
+# The editable install puts the repository root on sys.path (compat mode): with setuptools' default import hook, a
+# script in scripts/ would import the namespace folder scripts/versatile/ instead of the package versatile/.
+$(STAMP): requirements.txt pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --no-deps -e . --config-settings editable_mode=compat
 	@touch $(STAMP)
 
 install: $(STAMP)

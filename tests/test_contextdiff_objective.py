@@ -337,6 +337,6 @@ def test_scripts_train_and_sample_a_time_aware_adapter_with_the_elbo(tmp_path):
     ckpt = tmp_path / "ckpt"
     run("finetune_diffusion.py", *common, "--adapter_path", str(tmp_path / "s1"), "--output_dir",
         str(tmp_path / "s2"), "--checkpoint_dir", str(ckpt), *fast)
-    run("sample.py", "--pretrained_model_name_or_path", str(ckpt), "--prompt", "a red handwritten seven", "--steps",
+    run("sample.py", "--checkpoint", str(ckpt), "--prompt", "a red handwritten seven", "--num_inference_steps",
         "3", "--seed", "1", "--output_dir", str(tmp_path / "samples"), "--no_progress")
     assert len(list((tmp_path / "samples" / "images").glob("*.png"))) == 1

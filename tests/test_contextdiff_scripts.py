@@ -94,8 +94,8 @@ def test_stage2_uses_the_adapter_and_the_checkpoint_samples(stage1, sd_folder, d
     assert any(not torch.equal(a, b) for a, b in zip(base.parameters(), tuned.parameters()))
 
     sample = _script("sample")
-    common = ["--pretrained_model_name_or_path", str(ckpt), "--prompt", "a red handwritten seven", "--prompt",
-              "a blue handwritten one", "--steps", "3", "--guidance_scale", "3", "--seed", "5", "--no_progress"]
+    common = ["--checkpoint", str(ckpt), "--prompt", "a red handwritten seven", "--prompt",
+              "a blue handwritten one", "--num_inference_steps", "3", "--guidance_scale", "3", "--seed", "5", "--no_progress"]
     images = {}
     for name, extra in (("a", []), ("b", []), ("plain", ["--no_shift"])):
         assert sample.main([*common, "--output_dir", str(tmp_path / name), *extra]) == 0
@@ -195,7 +195,7 @@ def test_missing_adapter_command_line(sd_folder, data_dir, tmp_path):
 def test_sampling_a_plain_folder_needs_an_adapter_or_no_shift(sd_folder, tmp_path, capsys):
     out = tmp_path / "never"
     with pytest.raises(SystemExit) as err:
-        _script("sample").main(["--pretrained_model_name_or_path", str(sd_folder), "--prompt", "a red seven",
+        _script("sample").main(["--checkpoint", str(sd_folder), "--prompt", "a red seven",
                                 "--output_dir", str(out), "--no_progress"])
     assert err.value.code == 2 and "--adapter_path" in _one_error_line(capsys) and not out.exists()
 

@@ -119,7 +119,7 @@ def test_stage2_checkpoint_holds_the_t5_and_samples(stage2, stage1, world, tmp_p
     assert load_contextdiff(world["sd"], stage1).t5 is not None
 
     sample = _script("sample")
-    common = ["--pretrained_model_name_or_path", str(ckpt), "--prompt", PROMPTS[0], "--steps", "2",
+    common = ["--checkpoint", str(ckpt), "--prompt", PROMPTS[0], "--num_inference_steps", "2",
               "--guidance_scale", "3", "--seed", "5", "--no_progress"]
     assert sample.main([*common, "--output_dir", str(tmp_path / "a")]) == 0
     assert len(list((tmp_path / "a" / "images").glob("*.png"))) == 1
@@ -250,7 +250,7 @@ def test_bad_t5_input_one_line_exit_2_nothing_written(case, world, stage1, tmp_p
         "stage2_width": ("finetune_diffusion", "48", [*common, "--adapter_path", str(stage1), *t5_flag,
                                                       str(world["t5_wide"])]),
         "stage2_orphan": ("finetune_diffusion", "--t5_model_name_or_path", [*common, "--adapter_path", str(orphan)]),
-        "sample_width": ("sample", "48", ["--pretrained_model_name_or_path", str(world["sd"]), "--adapter_path",
+        "sample_width": ("sample", "48", ["--checkpoint", str(world["sd"]), "--adapter_path",
                                           str(stage1), *t5_flag, str(world["t5_wide"]), "--prompt", PROMPTS[0],
                                           "--output_dir", str(out), "--no_progress"]),
     }[case]

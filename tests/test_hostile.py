@@ -29,7 +29,7 @@ from script_loading import load_script  # noqa: E402
 
 
 SAMPLE = REPO / "scripts" / "sample.py"
-TINY = ["--steps", "2", "--no_progress", "--prompt", "a red handwritten seven"]
+TINY = ["--num_inference_steps", "2", "--no_progress", "--prompt", "a red handwritten seven"]
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,7 @@ def test_overwrite_replaces_only_the_projects_own_files(tmp_path, capsys):
     (["--num_images", "0"], ["--num_images", "got 0"]),
     (["--seed", str(2**64)], ["--seed", "2**63-1"]),
     (["--seed", "-1"], ["--seed"]),
-    (["--steps", "100000"], ["--steps"]),
+    (["--num_inference_steps", "100000"], ["--num_inference_steps"]),
     (["--resolution", "100000"], ["estimated", "GB", "limit", "--max_memory_gb"]),
     (["--resolution", "512", "--num_images", "4", "--max_memory_gb", "0.5"], ["estimated 1.0 GB", "0.5 GB limit"]),
     (["--method", "sdg", "--text_weight", "inf"], ["--text_weight", "finite"]),

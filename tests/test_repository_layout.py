@@ -9,7 +9,10 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +80,14 @@ def test_the_checks_above_can_fail():
     tree = ast.parse("from contextdiff.pipeline import _setup")
     node = tree.body[0]
     assert isinstance(node, ast.ImportFrom) and node.names[0].name.startswith("_")
+
+
+@pytest.mark.parametrize("method", ["versatile", "codiff"])
+def test_scripts_import_the_packages_not_their_namesake_script_folders(method, tmp_path):
+    """``python scripts/sample.py`` puts scripts/ first on sys.path, where scripts/versatile/ is a folder without
+    ``__init__.py``: the installed package must still win (the Makefile installs in editable compat mode)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "sample.py"), "--method", method, "--help"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert f"{method} settings" in done.stdout

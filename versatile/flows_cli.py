@@ -17,11 +17,10 @@ import torch
 
 from common import limits
 from common.errors import UserError, cli_entry
-from versatile.multiflow import FLOW_ALIASES, FLOWS, Flow
+from versatile.multiflow import FLOW_ALIASES, FLOW_CHOICES, FLOWS, Flow
 from versatile.sample_cli import DEFAULT_CHECKPOINT, REPO
 
 
-FLOW_CHOICES = ("t2i", "i2i", "iv", "i2t", "t2t", "tv", "dual")
 DESCRIPTION = ("Run any flow of a Versatile Diffusion folder: text-to-image, image variation, image-to-text, "
                "text variation, dual.")
 

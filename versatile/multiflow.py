@@ -69,6 +69,8 @@ FLOW_ALIASES = {
     "text-to-image": "t2i", "image-variation": "iv", "i2i": "iv", "image-to-text": "i2t",
     "text-variation": "tv", "t2t": "tv", "dual-guided": "dual",
 }
+# The names the command lines accept (short forms and their aliases).
+FLOW_CHOICES = ("t2i", "i2i", "iv", "i2t", "t2t", "tv", "dual")
 
 
 def resolve_flow(flow: Union[str, Flow]) -> Flow:

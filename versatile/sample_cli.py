@@ -25,7 +25,7 @@ import torch
 from common.errors import UserError
 from common.methods import SHARED_FIELDS, Generation, MethodSpec, SamplingSettings, add_settings_arguments, setting
 from versatile.context import NULL_IMAGE_KINDS
-from versatile.flows_cli import FLOW_CHOICES
+from versatile.multiflow import FLOW_CHOICES
 
 
 REPO = Path(__file__).resolve().parent.parent

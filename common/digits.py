@@ -108,13 +108,16 @@ def write_split(samples: list[DigitSample], folder: Path) -> None:
                                    "digit": s.digit, "color": s.color}) + "\n")
 
 
-def build_digits(output_dir: str | Path, seed: int = 0, force: bool = False) -> Path:
-    """Write ``<output_dir>/{train,test}/`` (images, masks, metadata.jsonl); a no-op if already built alike."""
+def build_world(output_dir: str | Path, stamp_name: str, stamp: dict, what: str, write, force: bool = False) -> Path:
+    """Write an embedded world once: ``write(tmp)`` fills a temporary folder that appears at ``output_dir`` whole.
+
+    A folder holding the same ``stamp`` (in ``stamp_name``) is already built (no-op unless ``force``); an existing
+    non-empty folder that is not a build of this world is refused. Shared by the digits and digits-pairs builders.
+    """
     from common.io import atomic_write_dir
 
     out = Path(output_dir)
-    stamp = {"version": VERSION, "seed": seed, "resolution": RESOLUTION}
-    stamp_file = out / "digits.json"
+    stamp_file = out / stamp_name
     if not force and stamp_file.is_file():
         try:
             if json.loads(stamp_file.read_text()) == stamp:
@@ -122,13 +125,23 @@ def build_digits(output_dir: str | Path, seed: int = 0, force: bool = False) -> 
         except json.JSONDecodeError:
             pass
     if out.exists() and not stamp_file.is_file() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not a digits build: choose an empty or new --output_dir")
-    x_tr, y_tr, x_te, y_te = real_digit_split(seed)
+        raise UserError(f"{out} exists and is not a {what} build: choose an empty or new --output_dir")
     with atomic_write_dir(out) as tmp:
+        write(tmp)
+        (tmp / stamp_name).write_text(json.dumps(stamp))
+    return out
+
+
+def build_digits(output_dir: str | Path, seed: int = 0, force: bool = False) -> Path:
+    """Write ``<output_dir>/{train,test}/`` (images, masks, metadata.jsonl); a no-op if already built alike."""
+    stamp = {"version": VERSION, "seed": seed, "resolution": RESOLUTION}
+
+    def write(tmp: Path) -> None:
+        x_tr, y_tr, x_te, y_te = real_digit_split(seed)
         write_split(make_samples(x_tr, y_tr, seed), tmp / "train")
         write_split(make_samples(x_te, y_te, seed + 1), tmp / "test")
-        (tmp / "digits.json").write_text(json.dumps(stamp))
-    return out
+
+    return build_world(output_dir, "digits.json", stamp, "digits", write, force=force)
 
 
 def evaluation_prompts(n: int, template: int = 0) -> list[dict]:

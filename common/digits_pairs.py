@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common.digits import COLORS, DIGIT_WORDS, MASK_THRESHOLD, RESOLUTION, real_digit_split, render
+from common.digits import COLORS, DIGIT_WORDS, MASK_THRESHOLD, RESOLUTION, build_world, real_digit_split, render
 from common.errors import UserError
 
 
@@ -121,26 +121,15 @@ def build_digits_pairs(output_dir: str | Path, seed: int = 0, train_pairs: int =
     Like the single-digit build: the folder appears only when complete, and an existing folder that is not a
     digits-pairs build is refused.
     """
-    from common.io import atomic_write_dir
-
-    out = Path(output_dir)
     stamp = {"world": "digits-pairs", "version": VERSION, "seed": seed, "resolution": RESOLUTION,
              "train_pairs": train_pairs, "test_pairs": test_pairs}
-    stamp_file = out / "digits_pairs.json"
-    if not force and stamp_file.is_file():
-        try:
-            if json.loads(stamp_file.read_text()) == stamp:
-                return out
-        except json.JSONDecodeError:
-            pass
-    if out.exists() and not stamp_file.is_file() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not a digits-pairs build: choose an empty or new --output_dir")
-    x_tr, y_tr, x_te, y_te = real_digit_split(seed)
-    with atomic_write_dir(out) as tmp:
+
+    def write(tmp: Path) -> None:
+        x_tr, y_tr, x_te, y_te = real_digit_split(seed)
         write_pair_split(make_pairs(x_tr, y_tr, train_pairs, seed), tmp / "train")
         write_pair_split(make_pairs(x_te, y_te, test_pairs, seed + 1), tmp / "test")
-        (tmp / "digits_pairs.json").write_text(json.dumps(stamp))
-    return out
+
+    return build_world(output_dir, "digits_pairs.json", stamp, "digits-pairs", write, force=force)
 
 
 def pair_prompts(n: int, template: int = 0, seed: int = 0) -> list[dict]:

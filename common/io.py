@@ -269,6 +269,13 @@ def _atomic_write_dir(path: Path, flag: str, writer: str) -> Iterator[Path]:
         else:
             _write_manifest(staged, writer, _relative_files(staged))
             os.rename(staged, path)
+    except (OSError, RuntimeError) as err:  # a full or read-only disk: one line with the size, nothing left behind
+        from common.checkpoint import disk_fault, is_disk_fault
+
+        if not is_disk_fault(err):
+            raise
+        written = sum(f.stat().st_size for f in staged.rglob("*") if f.is_file()) if staged.is_dir() else 0
+        raise disk_fault(err, path, written, "write the output folder") from None
     finally:
         _remove(staged)
         _remove(staged.parent / f"{staged.name}-previous")

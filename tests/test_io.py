@@ -451,3 +451,14 @@ def test_write_image_folder_is_an_imagefolder_written_all_or_nothing(tmp_path):
     assert not (tmp_path / "half").exists()
     with pytest.raises(ValueError, match="3 images but 2 metadata rows"):
         write_image_folder(tmp_path / "bad", images, rows[:2])
+
+
+def test_a_full_disk_while_writing_an_output_folder_is_one_line_and_leaves_nothing(tmp_path):
+    import errno
+
+    out = tmp_path / "samples"
+    with pytest.raises(UserError, match=r"cannot write the output folder .*samples.*No space left on device"):
+        with atomic_write_dir(out) as tmp:
+            (tmp / "0000.png").write_bytes(b"x" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # no staging folder left behind

@@ -45,7 +45,7 @@ def test_the_classifier_learns_a_separable_task_through_noise():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
     x0, y = batch(128)
     with torch.no_grad():

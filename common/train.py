@@ -1575,7 +1575,7 @@ class Trainer:
                 ", ".join(changed),
             )
         if acc._custom_objects:
-            # accelerate would read them with torch.load(weights_only=False): code in the checkpoint would run
+            # accelerate unpickles them without the weights-only restriction: code in the checkpoint would run
             raise RuntimeError(
                 "objects registered with accelerator.register_for_checkpointing cannot be resumed safely; "
                 "save their state as safetensors instead"

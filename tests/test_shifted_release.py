@@ -217,7 +217,7 @@ def test_released_bank_and_empty_embedding_files(tmp_path):
         release.load_released_bank(tmp_path / "mean.pth", tmp_path / "std.pth", dim=25, size=1)
     torch.save(torch.randn(1, 24, generator=g), tmp_path / "empty.th")
     null = release.load_released_empty_embedding(tmp_path / "empty.th", 24)
-    assert null.shape == (24,) and torch.equal(null, torch.load(tmp_path / "empty.th").view(24))
+    assert null.shape == (24,) and torch.equal(null, torch.load(tmp_path / "empty.th", weights_only=True).view(24))
     with pytest.raises(UserError, match="not one 1536-d embedding"):
         release.load_released_empty_embedding(tmp_path / "empty.th", 1536)
     torch.save({"mean": mean}, tmp_path / "dict.pth")

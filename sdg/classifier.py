@@ -12,7 +12,6 @@ by the embedding (scale-shift, as ADM's ``use_scale_shift_norm``), three downsam
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -21,14 +20,7 @@ from torch import nn
 
 from common.process import q_sample_standard
 from common.schedule import NoiseSchedule
-
-
-def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """ADM's sinusoidal timestep embedding ``[B, dim]`` (cosines first), for original timesteps 0..T-1."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    angles = t.float()[:, None] * freqs[None]
-    return torch.cat([angles.cos(), angles.sin()], dim=1)
+from sdg.noisy_clip import timestep_embedding
 
 
 class _Block(nn.Module):
@@ -60,7 +52,7 @@ class NoisyClassifier(nn.Module):
         self.head = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.time(timestep_features(t, self.emb_dim).to(x.dtype))
+        emb = self.time(timestep_embedding(t, self.emb_dim).to(x.dtype))
         h = self.stem(x)
         for block in self.blocks:  # pool first: the blocks run at S/2, S/4, S/8 (cheap on a CPU)
             h = block(F.avg_pool2d(h, 2), emb)

@@ -139,43 +139,24 @@ def load(checkpoint, device="cpu", dtype=torch.float32) -> SDGPipeline:
     return SDGPipeline(folder, device, dtype)
 
 
-def run(
-    model_folder,
-    prompts: list[str],
-    *,
-    text_weight: float = DEFAULT_TEXT_WEIGHT,
-    image_weight: float = 0.0,
-    image_loss: str = "semantic",
-    references: Optional[torch.Tensor] = None,
-    clip_path=None,
-    respacing: str = str(DEFAULT_EVAL_STEPS),
-    sampler: str = "ddpm",
-    eta: float = 0.0,
-    style_gram: str = "per_sample",
-    seed: int = 0,
-    device="cpu",
-    progress=False,
-    guide=None,
-) -> torch.Tensor:
+def run(model_folder, prompts: list[str], *, clip_path=None, device="cpu", **options) -> torch.Tensor:
     """SDG samples ``[N, 3, S, S]`` in [0, 1]: sample i guided by ``prompts[i]`` (and ``references[i]``).
 
-    Samples are drawn in chunks; each sample's start noise and step noise come from its own generator
-    (``seed + i``), so an image does not depend on the chunking or on the other prompts. ``guide`` replaces the
-    noise-aware CLIP by another encoder with the same interface (the plain-CLIP ablation of the benchmark).
+    Loads the model of ``model_folder`` (and the noise-aware CLIP at ``clip_path`` when a guidance weight is
+    non-zero), then :func:`run_loaded` with ``options`` (its keyword arguments: weights, references, respacing,
+    sampler, seed, ``guide`` ...). Each sample's noise comes from its own generator (``seed + i``), so an image does not
+    depend on the chunking or on the other prompts.
     """
     from sdg.checkpoint import load_diffusion_model, load_noise_aware_clip_folder
 
     unet, flags = load_diffusion_model(model_folder, device=device)
-    needs_clip = bool(text_weight) or bool(image_weight)
     bundle = None
-    if needs_clip:
+    if options.get("text_weight", DEFAULT_TEXT_WEIGHT) or options.get("image_weight", 0.0):
         if clip_path is None:
             raise UserError(f"a guidance weight is non-zero but {model_folder} has no clip/ folder: pass "
                             "--clip_path (a noise-aware CLIP) or set the weights to 0")
         bundle = load_noise_aware_clip_folder(clip_path, device)
-    return run_loaded(unet, flags, bundle, prompts, text_weight=text_weight, image_weight=image_weight,
-                      image_loss=image_loss, references=references, respacing=respacing, sampler=sampler, eta=eta,
-                      style_gram=style_gram, seed=seed, device=device, progress=progress, guide=guide)
+    return run_loaded(unet, flags, bundle, prompts, device=device, **options)
 
 
 def run_loaded(
@@ -197,7 +178,9 @@ def run_loaded(
     progress=False,
     guide=None,
 ) -> torch.Tensor:
-    """:func:`run` on a loaded model ``(unet, flags)`` and noise-aware CLIP ``bundle`` (None: no guidance)."""
+    """SDG samples ``[N, 3, S, S]`` in [0, 1] from a loaded model ``(unet, flags)`` and noise-aware CLIP ``bundle``
+    (None: no guidance). Samples are drawn in chunks with a generator per sample (``seed + i``); ``guide`` replaces
+    the noise-aware CLIP by another encoder with the same interface (the plain-CLIP ablation of the benchmark)."""
     from sdg.adm import noise_schedule
     from sdg.pipeline import sample_sdg
 

@@ -94,14 +94,54 @@ def read_jsonl_rows(path: Path) -> list[dict]:
     return rows
 
 
+def read_csv_rows(path: Path) -> list[dict]:
+    """The rows of an imagefolder ``metadata.csv`` (a header line with ``file_name``); a bad file is one line."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (csv.Error, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not a readable CSV ({err}): save it as UTF-8 with a header line") from None
+    for n, row in enumerate(rows, 2):
+        if not row.get("file_name"):
+            raise UserError(f"{path}:{n} has no file_name: the header needs a file_name column, e.g. file_name,text")
+    return rows
+
+
+def _metadata_rows(root: Path) -> tuple[Optional[Path], list[dict]]:
+    """``(metadata file, rows)`` of an image folder: ``metadata.jsonl`` or ``metadata.csv`` (not both)."""
+    jsonl, csv_file = root / "metadata.jsonl", root / "metadata.csv"
+    if jsonl.is_file() and csv_file.is_file():
+        raise UserError(f"{root} has both metadata.jsonl and metadata.csv: keep one of them")
+    if jsonl.is_file():
+        return jsonl, read_jsonl_rows(jsonl)
+    if csv_file.is_file():
+        return csv_file, read_csv_rows(csv_file)
+    return None, []
+
+
+def _split_folder(root: Path, split: str = "train") -> Path:
+    """``root/<split>`` when ``root`` is a dataset with split folders (``train/``, ``test/``...) and no metadata of
+    its own, as Hugging Face's imagefolder reads it; else ``root``."""
+    has_own = any((root / name).is_file() for name in ("metadata.jsonl", "metadata.csv"))
+    if not has_own and (root / split).is_dir():
+        return root / split
+    return root
+
+
 def folder_records(root: Path, caption_column: str = "text", require_captions: bool = True) -> list[Record]:
-    """Records of an image folder: from ``metadata.jsonl`` if present, else every image file (no captions)."""
+    """Records of an image folder: ``metadata.jsonl`` or ``metadata.csv`` (in ``root`` or its ``train/`` split
+    folder), the CelebAMask-HQ layout (:func:`celebamask_records`), or, without captions, every image file."""
     if not root.is_dir():
         raise UserError(f"data directory {root} does not exist: pass --train_data_dir pointing at an image folder")
-    meta = root / "metadata.jsonl"
-    if meta.is_file():
+    if (root / CELEBA_IMAGES).is_dir():
+        return celebamask_records(root, require_captions=require_captions)
+    root = _split_folder(root)
+    meta, rows = _metadata_rows(root)
+    if meta is not None:
         records = []
-        for row in read_jsonl_rows(meta):
+        for row in rows:
             if require_captions and caption_column not in row:
                 raise UserError(f"{meta}: a line has no {caption_column!r} column: pass --caption_column")
             mask = inside(root, row["mask_file_name"], f"{meta}: mask_file_name") if row.get("mask_file_name") \
@@ -112,9 +152,74 @@ def folder_records(root: Path, caption_column: str = "text", require_captions: b
             records.append(Record(image, text, mask, extra, captions))
         return records
     if require_captions:
-        raise UserError(f"{root} has no metadata.jsonl: add one with file_name and text per image")
+        raise UserError(f"{root} has no metadata.jsonl or metadata.csv: add one with file_name and text per image "
+                        "(or a train/ folder holding it, or pass --dataset_name / --coco_annotations / --train_shards)")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     return [Record(p, "") for p in files]
+
+
+# CelebAMask-HQ as distributed: CelebA-HQ-img/<i>.jpg (1024 px), CelebAMask-HQ-mask-anno/<i // 2000>/<i:05d>_<part>.png
+# (512 px binary maps, one per face part), or a combined folder of palette PNGs of class ids.
+CELEBA_IMAGES = "CelebA-HQ-img"
+CELEBA_PART_MASKS = "CelebAMask-HQ-mask-anno"
+CELEBA_COMBINED_MASKS = ("CelebAMask-HQ-mask", "CelebAMask-HQ-mask-color-palette", "mask")
+CELEBA_CAPTIONS = ("celeba-caption", "text")
+# Class ids 1..18 in the dataset's own order (0 is background); a later part overwrites an earlier one where they
+# overlap, as the dataset's own combining script does.
+CELEBA_PARTS = ("skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear", "mouth", "u_lip",
+                "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth")
+CELEBA_NUM_CLASSES = len(CELEBA_PARTS) + 1
+
+
+@dataclass(frozen=True)
+class PartMasks:
+    """One image's per-part binary masks, combined into class ids on load (CelebAMask-HQ-mask-anno)."""
+
+    parts: tuple[tuple[int, Path], ...]
+
+    def is_file(self) -> bool:  # a record's mask is checked like a path: present when one part exists
+        return bool(self.parts)
+
+    @property
+    def name(self) -> str:
+        return self.parts[0][1].name if self.parts else "no part masks"
+
+
+def celebamask_records(root: Path, require_captions: bool = False) -> list[Record]:
+    """Records of a CelebAMask-HQ folder: ``CelebA-HQ-img/<i>.jpg``; masks from a combined folder of class-id PNGs
+    (``CelebAMask-HQ-mask/<i>.png``) or from the per-part maps of ``CelebAMask-HQ-mask-anno/``; captions (optional)
+    from ``celeba-caption/<i>.txt`` (one caption per line, drawn at random), as Multi-Modal-CelebA-HQ ships them."""
+    images_dir = root / CELEBA_IMAGES
+    images = sorted((p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
+                    key=lambda p: (len(p.stem), p.stem))
+    if not images:
+        raise UserError(f"{images_dir} holds no images: it should hold CelebA-HQ's 0.jpg, 1.jpg, ...")
+    combined = next((root / name for name in CELEBA_COMBINED_MASKS if (root / name).is_dir()), None)
+    anno = root / CELEBA_PART_MASKS
+    parts_by_id: dict[int, list[tuple[int, Path]]] = {}
+    if combined is None and anno.is_dir():
+        ids = {name: k for k, name in enumerate(CELEBA_PARTS, 1)}
+        for path in sorted(anno.rglob("*.png")):
+            stem, _, part = path.stem.partition("_")
+            if part in ids and stem.isdigit():
+                parts_by_id.setdefault(int(stem), []).append((ids[part], path))
+    captions_dir = next((root / name for name in CELEBA_CAPTIONS if (root / name).is_dir()), None)
+    records = []
+    for image in images:
+        mask: Any = None
+        if combined is not None:
+            mask = combined / f"{image.stem}.png"
+        elif image.stem.isdigit() and int(image.stem) in parts_by_id:
+            mask = PartMasks(tuple(sorted(parts_by_id[int(image.stem)])))
+        text, captions = "", None
+        if captions_dir is not None and (captions_dir / f"{image.stem}.txt").is_file():
+            lines = (captions_dir / f"{image.stem}.txt").read_text(encoding="utf-8").splitlines()
+            text, captions = _caption_fields([line for line in lines if line.strip()])
+        if require_captions and not text:
+            raise UserError(f"{root}: image {image.name} has no caption: add celeba-caption/{image.stem}.txt "
+                            "(Multi-Modal-CelebA-HQ's captions) or train a model that needs no text")
+        records.append(Record(image, text, mask, {"image_id": image.stem}, captions))
+    return records
 
 
 def coco_records(images_dir: Path, captions_json: Path, one_per_image: bool = False,
@@ -156,8 +261,22 @@ def coco_records(images_dir: Path, captions_json: Path, one_per_image: bool = Fa
 def load_mask_ids(path: Path, num_classes: int, ignore_index: Optional[int] = None) -> np.ndarray:
     """A palette / grayscale PNG of class ids -> ``[H, W]`` int64, every id checked to be < num_classes.
 
-    ``ignore_index`` (e.g. 255, the "void" label of VOC-style masks) is allowed through unchanged.
+    ``ignore_index`` (e.g. 255, the "void" label of VOC-style masks) is allowed through unchanged. ``path`` may be
+    :class:`PartMasks` (one binary map per class), combined in order, a later class winning where parts overlap.
     """
+    if isinstance(path, PartMasks):
+        ids = None
+        for class_id, part in path.parts:
+            if class_id >= num_classes:
+                raise UserError(f"mask {part} is class {class_id} but there are only {num_classes} classes")
+            with open_image(part) as im:
+                on = np.asarray(im.convert("L")) > 127
+            ids = np.zeros(on.shape, np.int64) if ids is None else ids
+            if on.shape != ids.shape:
+                raise UserError(f"mask {part} is {on.shape[1]}x{on.shape[0]}, the other parts {ids.shape[1]}x"
+                                f"{ids.shape[0]}: every part map of an image must have one size")
+            ids[on] = class_id
+        return ids
     with open_image(path) as im:
         if im.mode not in ("P", "L", "I", "I;16"):
             raise UserError(f"mask {path} is {im.mode}: masks must be palette or grayscale PNGs of class ids")
@@ -214,7 +333,11 @@ class ImageTextDataset(torch.utils.data.Dataset):
     @staticmethod
     def _problem(rec: Record, validate: str, num_mask_classes: Optional[int]) -> Optional[str]:
         """``"<file> missing"`` / ``"<file> unreadable"`` for the record's first bad file (image, then mask)."""
-        files = [rec.image] + ([rec.mask] if num_mask_classes and rec.mask is not None else [])
+        files = [rec.image]
+        if num_mask_classes and isinstance(rec.mask, PartMasks):
+            files += [part for _, part in rec.mask.parts]
+        elif num_mask_classes and rec.mask is not None:
+            files.append(rec.mask)
         for path in files:
             if not path.is_file():
                 return f"{path.name} missing"
@@ -235,20 +358,12 @@ class ImageTextDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _geometry(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
-        w, h = size
-        scale = self.resolution / min(w, h)
-        nw, nh = max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))
-        if self.center_crop:
-            left, top = (nw - self.resolution) // 2, (nh - self.resolution) // 2
-        else:
-            left = int(torch.randint(0, nw - self.resolution + 1, ()).item())
-            top = int(torch.randint(0, nh - self.resolution + 1, ()).item())
-        return nw, nh, left, top
+    def _describe(self, index: int) -> str:
+        return str(self.records[index].image)
 
     def __getitem__(self, index: int) -> dict:
         """The item at ``index``; if its files cannot be read, the next readable index's (counted, warned once)."""
-        n = len(self.records)
+        n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples")
         index %= n
@@ -260,7 +375,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
                 item = self._load(candidate)
             except _READ_ERRORS as err:
                 self._broken.add(candidate)
-                warnings.warn(f"skipping unreadable {self.records[candidate].image} ({type(err).__name__}); "
+                warnings.warn(f"skipping unreadable {self._describe(candidate)} ({type(err).__name__}); "
                               f"{self.skipped_at_load} file(s) skipped at load time so far", stacklevel=2)
                 continue
             item["index"] = index
@@ -280,24 +395,43 @@ class ImageTextDataset(torch.utils.data.Dataset):
         ids = None
         if rec.mask is not None and self.num_mask_classes:
             ids = load_mask_ids(rec.mask, self.num_mask_classes, self.mask_ignore_index)
-        nw, nh, left, top = self._geometry(image.size)
-        box = (left, top, left + self.resolution, top + self.resolution)
-        image = image.resize((nw, nh), Image.BICUBIC).crop(box)
-        flip = self.random_flip and bool(torch.rand(()) < 0.5)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-        if flip:
-            pixels = pixels.flip(-1)
+        item = transform_sample(image, self.resolution, center_crop=self.center_crop, random_flip=self.random_flip,
+                                mask_ids=ids)
         text = rec.text
         if rec.captions:
             text = rec.captions[int(torch.randint(len(rec.captions), ()).item())]
-        item = {"pixel_values": pixels.contiguous(), "text": text, "index": index}
+        item.update(text=text, index=index)
         if rec.extra:
             item.update({k: v for k, v in rec.extra.items() if isinstance(v, (int, float, str))})
-        if ids is not None:
-            mask = Image.fromarray(ids.astype(np.int32)).resize((nw, nh), Image.NEAREST).crop(box)
-            mask_t = torch.from_numpy(np.asarray(mask).astype(np.int64))
-            item["mask"] = mask_t.flip(-1) if flip else mask_t
         return item
+
+
+def transform_sample(image: Image.Image, resolution: int, *, center_crop: bool = True, random_flip: bool = False,
+                     mask_ids: Optional[np.ndarray] = None, generator: Optional[torch.Generator] = None) -> dict:
+    """An RGB image (and its class-id mask) -> ``{"pixel_values" [3, R, R] in [-1, 1], "mask" [R, R]}``.
+
+    The shortest side is resized to ``resolution`` (bicubic; the mask nearest, from whatever size it has), then an
+    ``R x R`` crop is taken (centre, or uniform), then an optional horizontal flip with probability 1/2 (image and
+    mask together). Random draws come from ``generator`` (default: the global torch RNG).
+    """
+    w, h = image.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if center_crop:
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    else:
+        left = int(torch.randint(0, nw - resolution + 1, (), generator=generator).item())
+        top = int(torch.randint(0, nh - resolution + 1, (), generator=generator).item())
+    box = (left, top, left + resolution, top + resolution)
+    image = image.resize((nw, nh), Image.BICUBIC).crop(box)
+    flip = random_flip and bool(torch.rand((), generator=generator) < 0.5)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    item = {"pixel_values": (pixels.flip(-1) if flip else pixels).contiguous()}
+    if mask_ids is not None:
+        mask = Image.fromarray(mask_ids.astype(np.int32)).resize((nw, nh), Image.NEAREST).crop(box)
+        mask_t = torch.from_numpy(np.asarray(mask).astype(np.int64))
+        item["mask"] = (mask_t.flip(-1) if flip else mask_t).contiguous()
+    return item
 
 
 def image_text_dataset(root: str | Path, resolution: int, *, caption_column: str = "text",
@@ -325,21 +459,83 @@ def coco_dataset(images_dir: str | Path, captions_json: str | Path, resolution: 
                             source=str(captions_json), validate=validate)
 
 
+class HubImageTextDataset(ImageTextDataset):
+    """A Hugging Face ``datasets.Dataset`` (hub name or local imagefolder) served as :class:`ImageTextDataset`
+    items: the ``image_column`` (decoded by ``datasets`` to PIL) and ``caption_column`` (a string or a list of
+    captions to draw from); other scalar columns are passed through."""
+
+    def __init__(self, table, resolution: int, *, image_column: str = "image", caption_column: Optional[str] = "text",
+                 center_crop: bool = True, random_flip: bool = False, vae_scale_factor: int = 1,
+                 source: str = "dataset"):
+        if resolution < 1 or resolution % vae_scale_factor:
+            raise UserError(f"resolution {resolution} is not divisible by the VAE's factor {vae_scale_factor}: "
+                            "pick a multiple")
+        columns = list(table.column_names)
+        if image_column not in columns:
+            raise UserError(f"{source} has no image column {image_column!r} (columns: {', '.join(columns)}): "
+                            "pass --image_column")
+        if caption_column is not None and caption_column not in columns:
+            raise UserError(f"{source} has no caption column {caption_column!r} (columns: {', '.join(columns)}): "
+                            "pass --caption_column")
+        if len(table) == 0:
+            raise UserError(f"{source} has no rows: check the dataset name, config and split")
+        self.table, self.image_column, self.caption_column = table, image_column, caption_column
+        self.records: list[Record] = []  # rows live in the arrow table, read on access
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.num_mask_classes, self.mask_ignore_index = None, None
+        self.skipped_at_index = 0
+        self.source = source
+        self.fingerprint = getattr(table, "_fingerprint", None) or source
+        self._broken: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def _describe(self, index: int) -> str:
+        return f"{self.source} row {index}"
+
+    def _load(self, index: int) -> dict:
+        from PIL import ImageOps
+
+        from common.io import pil_to_rgb
+
+        row = self.table[int(index)]
+        image = row[self.image_column]
+        if not isinstance(image, Image.Image):
+            raise UserError(f"{self.source}: column {self.image_column!r} holds {type(image).__name__}, not images: "
+                            "pass --image_column naming the image column")
+        image = pil_to_rgb(ImageOps.exif_transpose(image))
+        item = transform_sample(image, self.resolution, center_crop=self.center_crop, random_flip=self.random_flip)
+        text, captions = _caption_fields(row.get(self.caption_column) if self.caption_column else "")
+        if captions:
+            text = captions[int(torch.randint(len(captions), ()).item())]
+        item.update(text=text, index=index)
+        item.update({k: v for k, v in row.items() if k not in (self.image_column, self.caption_column, "index")
+                     and isinstance(v, (int, float, str))})
+        return item
+
+
 # ------------------------------------------------------------------------------------------ encoding caches
 
 
 def dataset_fingerprint(dataset: ImageTextDataset) -> str:
     """Changes whenever the files (path, size, mtime), their captions or the transform settings change."""
     h = hashlib.blake2b(digest_size=16)
+    if getattr(dataset, "fingerprint", None):  # a Hugging Face dataset (its own content hash) or tar shards
+        h.update(repr((dataset.fingerprint, dataset.resolution, dataset.center_crop, dataset.random_flip)).encode())
+        return h.hexdigest()
     h.update(repr((dataset.resolution, dataset.center_crop, dataset.random_flip)).encode())
     for rec in dataset.records:
         stat = rec.image.stat()
         h.update(f"{rec.image}|{stat.st_size}|{stat.st_mtime_ns}|{rec.text}\n".encode())
         if rec.captions:
             h.update(json.dumps(rec.captions).encode())
-        if rec.mask is not None and dataset.num_mask_classes and rec.mask.is_file():
-            mstat = rec.mask.stat()
-            h.update(f"{rec.mask}|{mstat.st_size}|{mstat.st_mtime_ns}\n".encode())
+        masks = [] if rec.mask is None or not dataset.num_mask_classes else \
+            [part for _, part in rec.mask.parts] if isinstance(rec.mask, PartMasks) else [rec.mask]
+        for mask in masks:
+            if mask.is_file():
+                mstat = mask.stat()
+                h.update(f"{mask}|{mstat.st_size}|{mstat.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 

@@ -67,7 +67,7 @@ def _readable(path: Path, validate: str = "decode") -> bool:
         return False
 
 
-def _caption_fields(value: Any) -> tuple[str, Optional[tuple[str, ...]]]:
+def caption_fields(value: Any) -> tuple[str, Optional[tuple[str, ...]]]:
     """A caption cell -> ``(text, alternatives)``: a list of captions (HF datasets) is kept to draw from."""
     if isinstance(value, (list, tuple)):
         captions = tuple(str(c).strip() for c in value if str(c).strip())
@@ -147,7 +147,7 @@ def folder_records(root: Path, caption_column: str = "text", require_captions: b
             mask = inside(root, row["mask_file_name"], f"{meta}: mask_file_name") if row.get("mask_file_name") \
                 else None
             extra = {k: v for k, v in row.items() if k not in ("file_name", caption_column, "mask_file_name")}
-            text, captions = _caption_fields(row.get(caption_column, ""))
+            text, captions = caption_fields(row.get(caption_column, ""))
             image = inside(root, row["file_name"], f"{meta}: file_name")
             records.append(Record(image, text, mask, extra, captions))
         return records
@@ -214,7 +214,7 @@ def celebamask_records(root: Path, require_captions: bool = False) -> list[Recor
         text, captions = "", None
         if captions_dir is not None and (captions_dir / f"{image.stem}.txt").is_file():
             lines = (captions_dir / f"{image.stem}.txt").read_text(encoding="utf-8").splitlines()
-            text, captions = _caption_fields([line for line in lines if line.strip()])
+            text, captions = caption_fields([line for line in lines if line.strip()])
         if require_captions and not text:
             raise UserError(f"{root}: image {image.name} has no caption: add celeba-caption/{image.stem}.txt "
                             "(Multi-Modal-CelebA-HQ's captions) or train a model that needs no text")
@@ -506,7 +506,7 @@ class HubImageTextDataset(ImageTextDataset):
                             "pass --image_column naming the image column")
         image = pil_to_rgb(ImageOps.exif_transpose(image))
         item = transform_sample(image, self.resolution, center_crop=self.center_crop, random_flip=self.random_flip)
-        text, captions = _caption_fields(row.get(self.caption_column) if self.caption_column else "")
+        text, captions = caption_fields(row.get(self.caption_column) if self.caption_column else "")
         if captions:
             text = captions[int(torch.randint(len(captions), ()).item())]
         item.update(text=text, index=index)

@@ -24,6 +24,7 @@ import numpy as np
 
 from common.errors import UserError, one_line
 
+
 SOURCE_FLAGS = ("train_data_dir", "dataset_name", "train_shards")
 
 
@@ -104,6 +105,17 @@ def load_hub_table(name: str, config: Optional[str] = None, split: str = "train"
     return table
 
 
+def check_data_source(args: argparse.Namespace) -> None:
+    """Exactly one data source given (checked before any model loads): else one line naming the flags."""
+    given = [flag for flag in SOURCE_FLAGS if getattr(args, flag, None)]
+    if getattr(args, "coco_annotations", None) and not getattr(args, "train_data_dir", None):
+        raise UserError("--coco_annotations needs --train_data_dir: the folder holding COCO's images (e.g. train2017/)")
+    if len(given) != 1:
+        names = ", ".join("--" + flag for flag in SOURCE_FLAGS if hasattr(args, flag))
+        got = ", ".join("--" + flag for flag in given) or "none"
+        raise UserError(f"pass exactly one data source of {names} (got {got}), or set it in --config")
+
+
 def training_dataset(args: argparse.Namespace, resolution: int, *, require_captions: bool = True,
                      num_mask_classes: Optional[int] = None, mask_ignore_index: Optional[int] = None,
                      center_crop: bool = True, random_flip: bool = False, vae_scale_factor: int = 1,
@@ -113,14 +125,8 @@ def training_dataset(args: argparse.Namespace, resolution: int, *, require_capti
     :class:`~common.shards.ShardStream`; all give the same items (``pixel_values``, ``text``, ``index``, ``mask``)."""
     from common.data import HubImageTextDataset, ImageTextDataset, coco_records, folder_records
 
-    given = [flag for flag in SOURCE_FLAGS if getattr(args, flag, None)]
+    check_data_source(args)
     coco = getattr(args, "coco_annotations", None)
-    if coco and not getattr(args, "train_data_dir", None):
-        raise UserError("--coco_annotations needs --train_data_dir: the folder holding COCO's images (e.g. train2017/)")
-    if len(given) != 1:
-        names = ", ".join("--" + flag for flag in SOURCE_FLAGS if hasattr(args, flag))
-        got = ", ".join("--" + flag for flag in given) or "none"
-        raise UserError(f"pass exactly one data source of {names} (got {got}), or set it in --config")
     seed = getattr(args, "seed", None) if seed is None else seed
     seed = 0 if seed is None else int(seed)
     limit = getattr(args, "max_train_samples", None)

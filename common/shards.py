@@ -41,6 +41,7 @@ from PIL import Image
 
 from common.errors import UserError
 
+
 SHARD_INDEX = "shards.json"
 SHARD_INDEX_FORMAT = 1
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -217,7 +218,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _decode(self, shard: int, row: int, generator: Optional[torch.Generator]) -> dict:
         from PIL import ImageOps
 
-        from common.data import _caption_fields, load_mask_ids, transform_sample
+        from common.data import caption_fields, load_mask_ids, transform_sample
         from common.io import pil_to_rgb
 
         sample = self._samples(shard)[row]
@@ -237,7 +238,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         caption = meta.get(self.caption_column)
         if caption is None and "txt" in sample.members:
             caption = self._read(shard, *sample.members["txt"]).decode("utf-8", errors="replace").strip()
-        text, captions = _caption_fields(caption)
+        text, captions = caption_fields(caption)
         if self.require_captions and not text:
             raise UserError(f"{where} has no caption (a .txt member or {self.caption_column!r} in its .json): "
                             "pass --caption_column or rewrite the shard")

@@ -18,11 +18,12 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
+from script_loading import load_script
 
 from common.errors import UserError
 from common.shards import SHARD_INDEX, ShardStream, scan_shard, write_shards
 from common.train import TrainConfig, Trainer
-from script_loading import load_script
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

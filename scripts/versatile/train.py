@@ -36,14 +36,14 @@ STAGES = {"single": ("iv",), "dual": ("t2i", "iv"), "four": ("t2i", "iv", "i2t",
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.data_sources import add_dataset_args
     from common.train import add_train_args
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help="YAML of flag defaults (command-line flags win)")
     p.add_argument("--model_config", default="digits",
                    help="versatile config: a name under configs/versatile (digits, tiny, paper) or a YAML path")
-    p.add_argument("--train_data_dir", default=None, help="image folder with metadata.jsonl (file_name, text)")
-    p.add_argument("--caption_column", default="text")
+    add_dataset_args(p)
     p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the VAE's)")
     p.add_argument("--vae_model_path", default="ckpt/tiny/vae", help="diffusers AutoencoderKL folder")
     p.add_argument("--clip_model_path", default="ckpt/tiny/clip", help="open_clip local folder (both towers)")
@@ -169,7 +169,7 @@ def load_init(model, path: Path):
 
 @cli_entry
 def main(argv=None) -> int:
-    from common.data import image_text_dataset
+    from common.data_sources import check_data_source, training_dataset
     from common.train import Trainer, config_from_args, parse_args_with_config
     from versatile.checkpoint import load_towers, save_pipeline_folder
     from versatile.config import VersatileConfig
@@ -181,8 +181,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parse_args_with_config(parser, argv)
     flows = resolve_training_flows(args)
-    if not args.train_data_dir:
-        raise UserError("--train_data_dir is required: an image folder with metadata.jsonl captions")
+    check_data_source(args)
     if not 0.0 <= args.cond_drop < 1.0:
         raise UserError(f"--cond_drop must lie in [0, 1), got {args.cond_drop}")
     multipliers = check_multipliers(parse_multipliers(args.group_lr_scale) or default_multipliers(args.stage))
@@ -221,7 +220,7 @@ def main(argv=None) -> int:
         resolution = args.resolution or vae.config.sample_size
         if resolution % factor:
             raise UserError(f"--resolution {resolution} is not divisible by the VAE's factor {factor}")
-        dataset = image_text_dataset(args.train_data_dir, resolution=resolution, caption_column=args.caption_column)
+        dataset = training_dataset(args, resolution)
         data = EncodedData(encode_dataset(dataset, vae, contexts, text_vae, needs_text))
         scaling = float(vae.config.scaling_factor)
         schedule = vd_schedule(model_config.sampling)

@@ -10,9 +10,9 @@ skipped and counted (``dataset.skipped``) with one warning naming how many. A fi
 on disk, or missed by ``"verify"``) is caught in ``__getitem__``: the item deterministically falls back to the
 next readable index, and the file is counted too (``dataset.skipped_at_load``, per process).
 
-Encodings (VAE latents, text embeddings) can be computed once and reused: :func:`build_embedding_cache` writes
-safetensors shards keyed by a fingerprint (:func:`cache_fingerprint` of the model and data fingerprints), and
-:class:`CachedEmbeddingDataset` serves them.
+Encodings (VAE latents, text embeddings) are computed once by :func:`encode_once`, the cache every trainer uses:
+in memory, or stored by :func:`build_embedding_cache` as safetensors shards keyed by a fingerprint
+(:func:`cache_fingerprint` of the model and data fingerprints) and served by :class:`CachedEmbeddingDataset`.
 """
 
 from __future__ import annotations
@@ -551,23 +551,6 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def cached_tensors(cache_dir: str | Path, key: str, compute) -> tuple[dict[str, torch.Tensor], bool]:
-    """``(tensors, reused)``: load ``<cache_dir>/<key>.safetensors`` if present, else ``compute()`` and save it.
-
-    The key carries the fingerprints of the data and of the encoding models, so a change of either makes a new
-    file instead of silently reusing stale encodings. The file is written atomically.
-    """
-    from common.io import load_safetensors, save_safetensors
-
-    path = Path(cache_dir) / f"{key}.safetensors"
-    if path.is_file():
-        return load_safetensors(path), True
-    tensors = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path)
-    return tensors, False
-
-
 # ------------------------------------------------------------------------------------------ sharded encoding cache
 
 CACHE_MANIFEST = "manifest.json"
@@ -711,6 +694,59 @@ def build_embedding_cache(dataset: Sequence[dict], encode_fn: Callable[[dict], d
                     "shards": shards}
         (tmp / CACHE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return cache_dir
+
+
+def load_embedding_cache(cache_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every row of a finished :func:`build_embedding_cache` folder, in memory: ``{name: tensor [N, ...]}``."""
+    from common.io import load_safetensors
+
+    cache_dir = Path(cache_dir)
+    manifest = read_cache_manifest(cache_dir)
+    if manifest is None:
+        raise UserError(f"{cache_dir} holds no finished embedding cache: delete it and run again")
+    shards = [load_safetensors(cache_dir / shard["file"]) for shard in manifest["shards"]]
+    return {key: torch.cat([shard[key] for shard in shards]) for key in manifest["keys"]}
+
+
+def encode_once(dataset: Sequence[dict], encode_fn: Callable[[dict], dict[str, Any]], *,
+                cache_dir: Optional[str | Path] = None, key: Optional[str] = None, batch_size: int = 64,
+                progress: bool = False) -> tuple[dict[str, Any], bool]:
+    """Encode every item of ``dataset`` once; the one encoding cache every trainer uses.
+
+    ``encode_fn(batch)`` gets :func:`collate_items` batches and returns ``{name: tensor [B, ...]}`` (in memory, a
+    list of B values is allowed too: it is kept as a list). Returns ``({name: all N rows}, reused)``. With
+    ``cache_dir`` the tensors are stored by :func:`build_embedding_cache` in ``<cache_dir>/<key>/`` (``key``: the
+    fingerprints of the data and the encoders, :func:`cache_fingerprint`) and reused by any later run with the same
+    key (``reused`` is then True); a change of data or encoder makes another key, never a stale reuse.
+    """
+    if cache_dir is not None:
+        if not key:
+            raise ValueError("encode_once with a cache_dir needs the key of the data and encoders")
+        folder = Path(cache_dir) / key
+        reused = _cache_is_current(folder, key, len(dataset))
+        build_embedding_cache(dataset, encode_fn, folder, key, batch_size=batch_size, progress=progress)
+        return load_embedding_cache(folder), reused
+    n = len(dataset)
+    if n == 0:
+        raise UserError("cannot encode an empty dataset: check the data folder")
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="encoding the dataset once")
+    columns: dict[str, list] = {}
+    for start in starts:
+        items = [dataset[i] for i in range(start, min(start + batch_size, n))]
+        with torch.no_grad():
+            out = encode_fn(collate_items(items))
+        lists = {k: list(v) for k, v in out.items() if isinstance(v, (list, tuple))}
+        if any(len(v) != len(items) for v in lists.values()):
+            raise ValueError(f"encode_fn must return {len(items)} values per list column")
+        tensors = _check_encoded({k: v for k, v in out.items() if k not in lists}, len(items)) if len(lists) < \
+            len(out) else {}
+        for k, v in {**tensors, **lists}.items():
+            columns.setdefault(k, []).append(v)
+    return {k: torch.cat(v) if isinstance(v[0], torch.Tensor) else sum(v, []) for k, v in columns.items()}, False
 
 
 class CachedEmbeddingDataset(torch.utils.data.Dataset):

@@ -411,26 +411,25 @@ def _cache_t5(cached, source, t5: tuple, max_length: int, cache_dir=None, batch_
     else:
         captions = [rec.text for rec in source.records]
 
-    def compute():
-        states, masks = [], []
-        for start in range(0, len(captions), batch_size):
-            s, m = encode_t5(t5[0], t5[1], captions[start:start + batch_size], max_length)
-            states.append(s)
-            masks.append(m.to(torch.uint8))
-        return {"states": torch.cat(states), "mask": torch.cat(masks)}
+    from common.data import encode_once
 
-    if cache_dir is None:
-        t = compute()
-    else:
+    def encode(batch):
+        s, m = encode_t5(t5[0], t5[1], list(batch["text"]), max_length)
+        return {"states": s, "mask": m.to(torch.uint8)}
+
+    key = None
+    if cache_dir is not None:
         import hashlib
 
-        from common.data import cached_tensors, module_fingerprint
+        from common.data import module_fingerprint
 
         h = hashlib.blake2b(digest_size=16)
         h.update(json.dumps([captions, type(t5[1]).__name__, len(t5[1]), int(max_length)]).encode())
         key = f"t5-{h.hexdigest()}-{module_fingerprint(t5[0])}"
-        t, reused = cached_tensors(cache_dir, key, compute)
-        print(("reusing" if reused else "wrote") + f" T5 encodings cache {cache_dir}/{key}.safetensors")
+    t, reused = encode_once([{"text": c} for c in captions], encode, cache_dir=cache_dir, key=key,
+                            batch_size=batch_size)
+    if cache_dir is not None:
+        print(("reusing" if reused else "wrote") + f" T5 encodings cache {cache_dir}/{key}")
     if len(t["states"]) != len(cached):
         raise UserError(f"the T5 cache has {len(t['states'])} captions but the latent cache {len(cached)} images: "
                         "drop --cache_latents (or clear --cache_dir)")

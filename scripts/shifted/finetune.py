@@ -164,17 +164,17 @@ class ImagesOnly(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def cache_dataset(dataset, vae, clip, batch_size: int = 64):
+    from common.data import encode_once
     from shifted.embeddings import EmbeddingDataset
 
-    means, stds, embs = [], [], []
-    for start in range(0, len(dataset), batch_size):
-        pixels = torch.stack([dataset[i]["pixel_values"] for i in range(start, min(start + batch_size, len(dataset)))])
+    def encode(batch):
+        pixels = batch["pixel_values"]
         posterior = vae.encode(pixels).latent_dist
-        means.append(posterior.mean)
-        stds.append(posterior.std)
-        embs.append(clip.encode_image((pixels + 1) / 2).cpu())
-    return EmbeddingDataset({"latent_mean": torch.cat(means), "latent_std": torch.cat(stds),
-                             "image_emb": torch.cat(embs)})
+        return {"latent_mean": posterior.mean, "latent_std": posterior.std,
+                "image_emb": clip.encode_image((pixels + 1) / 2)}
+
+    tensors, _ = encode_once(dataset, encode, batch_size=batch_size)
+    return EmbeddingDataset(tensors)
 
 
 @cli_entry

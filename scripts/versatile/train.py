@@ -120,20 +120,15 @@ class EncodedData(torch.utils.data.Dataset):
 def encode_dataset(dataset, vae, contexts, text_vae, need_text_latents: bool, batch_size: int = 64) -> dict:
     """``latent_mean``/``latent_std`` ``[N, 4, h, w]`` (unscaled), ``text_ctx`` ``[N, L, D]``, ``image_ctx``
     ``[N, 1 + P, D]`` and, for text flows, ``text_latent`` ``[N, D_t]`` (scaled by the text VAE's factor)."""
-    from tqdm.auto import tqdm
+    from common.data import encode_once
 
-    out: dict[str, list] = {"latent_mean": [], "latent_std": [], "text_ctx": [], "image_ctx": []}
-    if need_text_latents:
-        out["text_latent"] = []
-    cache: dict[str, tuple] = {}
-    for start in tqdm(range(0, len(dataset), batch_size), desc="encoding images and captions"):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        pixels = torch.stack([it["pixel_values"] for it in items])  # [-1, 1]
+    cache: dict[str, tuple] = {}  # captions repeat (digits: templates): each distinct one is encoded once
+
+    def encode(batch):
+        pixels = batch["pixel_values"]  # [-1, 1]
         posterior = vae.encode(pixels).latent_dist
-        out["latent_mean"].append(posterior.mean)
-        out["latent_std"].append(posterior.std)
-        out["image_ctx"].append(contexts.image((pixels + 1) / 2))
-        texts = [it["text"] for it in items]
+        out = {"latent_mean": posterior.mean, "latent_std": posterior.std, "image_ctx": contexts.image((pixels + 1) / 2)}
+        texts = list(batch["text"])
         todo = sorted({t for t in texts if t not in cache})
         if todo:
             text_ctx = contexts.text(todo)
@@ -141,10 +136,14 @@ def encode_dataset(dataset, vae, contexts, text_vae, need_text_latents: bool, ba
                        else [None] * len(todo))
             for i, t in enumerate(todo):
                 cache[t] = (text_ctx[i], latents[i])
-        out["text_ctx"].append(torch.stack([cache[t][0] for t in texts]))
+        out["text_ctx"] = torch.stack([cache[t][0] for t in texts])
         if need_text_latents:
-            out["text_latent"].append(torch.stack([cache[t][1] for t in texts]))
-    return {k: torch.cat(v).float() for k, v in out.items()}
+            out["text_latent"] = torch.stack([cache[t][1] for t in texts])
+        return out
+
+    encoded, _ = encode_once(dataset, encode, batch_size=batch_size, progress=True)
+    keys = ["latent_mean", "latent_std", "text_ctx", "image_ctx"] + (["text_latent"] if need_text_latents else [])
+    return {k: encoded[k].float() for k in keys}
 
 
 def stage_record(args, flows, multipliers, steps, seconds) -> dict:

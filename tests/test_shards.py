@@ -168,6 +168,16 @@ def test_kill_and_resume_continue_exactly_where_the_stream_stopped(tmp_path):
     assert first + replayed != straight
 
 
+def test_an_iterable_dataset_without_positions_is_refused(tmp_path):
+    class Plain(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield {"pixel_values": torch.zeros(3, 8, 8)}
+
+    config = TrainConfig(output_dir=str(tmp_path / "out"), max_train_steps=1, report_to="none")
+    with Trainer(config) as trainer, pytest.raises(UserError, match="cannot resume by position: stream tar shards"):
+        trainer.fit(PixelMean(), lambda batch, ctx: batch["pixel_values"].sum(), Plain())
+
+
 WORKER = textwrap.dedent("""
     import json, sys
     import torch
@@ -233,3 +243,18 @@ def test_make_shards_writes_an_image_folder_with_masks(tmp_path, capsys):
         make(args + ["--output_dir", str(tmp_path / "out2")])
     assert exit_info.value.code == 2 and "metadata.jsonl or metadata.csv" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_training_script_streams_shards(tmp_path):
+    """A trainer's command line with --train_shards (the VAE trainer: the cheapest of the image trainers), 2 steps."""
+    from tiny_data import write_captioned_images
+
+    folder = write_captioned_images(tmp_path / "folder", count=8, size=16)
+    make = load_script("scripts/make_shards.py").main
+    assert make(["--train_data_dir", str(folder), "--output_dir", str(tmp_path / "shards"),
+                 "--samples_per_shard", "3"]) == 0
+    train = load_script("scripts/train_vae.py").main
+    assert train(["--train_shards", str(tmp_path / "shards"), "--resolution", "16", "--num_validation_images", "2",
+                  "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2", "--train_batch_size", "4",
+                  "--lr_warmup_steps", "0", "--report_to", "none"]) == 0
+    assert (tmp_path / "out" / "diffusion_pytorch_model.safetensors").is_file()

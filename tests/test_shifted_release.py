@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import UserError
+from common.modules import timestep_embedding
 from shifted import release
-from shifted.prior import ShiftedPrior, prior_parameter_count, timestep_embedding
+from shifted.prior import ShiftedPrior, prior_parameter_count
 
 
 REPO = Path(__file__).resolve().parent.parent

@@ -390,7 +390,7 @@ class VideoEditConfig:
         if self.shift not in SHIFT_MODES:
             raise UserError(f"unknown shift mode {self.shift!r}: choose one of {', '.join(SHIFT_MODES)}")
         if self.steps < 1:
-            raise UserError(f"--steps must be >= 1, got {self.steps}")
+            raise UserError(f"--num_inference_steps must be >= 1, got {self.steps}")
         if self.train_steps < 0:
             raise UserError(f"--train_steps must be >= 0, got {self.train_steps}")
         if self.learning_rate <= 0:

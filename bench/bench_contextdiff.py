@@ -249,7 +249,7 @@ def paper_flops() -> dict[str, float]:
 def overhead(args) -> None:
     from records import write_records
 
-    from contextdiff.adapter import count_parameters
+    from common.modules import count_parameters
 
     command = "OMP_NUM_THREADS=1 python bench/bench_contextdiff.py overhead " + " ".join(args.argv)
     records = []

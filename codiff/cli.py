@@ -19,6 +19,7 @@ from typing import Any, Optional
 from codiff.collaborate import SCHEDULES, ReleasedReweighting
 from codiff.variants import VARIANTS
 from common.limits import add_memory_argument
+from common.methods import add_flag
 
 
 def generate_parser() -> argparse.ArgumentParser:
@@ -26,11 +27,12 @@ def generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask_path", type=str, default=None, help="class-id mask PNG (palette or greyscale)")
     parser.add_argument("--input_text", type=str, default=None, help="text condition")
     parser.add_argument("--config", type=str, default=None, help="YAML of flag defaults (command-line flags win)")
-    parser.add_argument("--model_dir", type=str, default="ckpt/tiny/codiff",
+    add_flag(parser, "--checkpoint", "--model_dir", dest="model_dir", type=str, default="ckpt/tiny/codiff",
                         help="collaboration checkpoint folder (codiff.json), from scripts/codiff/train_dynamic.py")
     parser.add_argument("--save_folder", type=str, default="outputs/codiff_generate")
     parser.add_argument("--batch_size", type=int, default=4, help="number of images to generate")
-    parser.add_argument("--ddim_steps", type=int, default=None, help="number of DDIM steps (default: checkpoint's, 50)")
+    add_flag(parser, "--num_inference_steps", "--ddim_steps", dest="ddim_steps", type=int, default=None,
+             help="number of DDIM steps (default: checkpoint's, 50; the release calls it --ddim_steps)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (default: checkpoint's; the release: 1.0)")
     parser.add_argument("--seed", type=int, default=None, help="seed (the release sets none)")
     parser.add_argument("--guidance_scale", type=float, default=None,

@@ -24,6 +24,7 @@ from codiff.dynamic import build_dynamic_diffuser
 from codiff.text_encoder import LDMTextEncoder
 from common.errors import UserError, cli_entry
 from common.io import PathLike, require_file
+from common.modules import count_parameters
 from common.schedule import NoiseSchedule
 
 
@@ -124,8 +125,6 @@ class CodiffModels:
         return counts
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def build_models(

@@ -32,8 +32,8 @@ from torch import nn
 from codiff.collaborate import CollaborativeDiffusion
 from codiff.conditions import MaskEncoder, MaskFormat, TextConditioner
 from codiff.dynamic import DynamicDiffusers
-from common.errors import UserError, one_line
-from common.io import PathLike
+from common.errors import UserError
+from common.io import PathLike, read_json_object
 from common.schedule import NoiseSchedule
 
 
@@ -59,16 +59,7 @@ def resolve_from(path: str, base: PathLike) -> Path:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path.parent} has no {path.name}: it is not a {what} (pass the folder written by the "
-                        "codiff training scripts)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({one_line(str(err))}): re-export the {what}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not a {what} index (a JSON object)")
-    return data
+    return read_json_object(path, what, "pass the folder written by the codiff training scripts")
 
 
 def read_scheduler_json(path: PathLike) -> dict:

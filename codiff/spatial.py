@@ -32,12 +32,13 @@ from torch import nn
 
 from codiff.conditions import MaskEncoder
 from common.errors import UserError
+from common.modules import WrapsUNet
 
 
 MASK_CONDITIONINGS = ("crossattn", "concat")
 
 
-class SpatialMaskUNet(nn.Module):
+class SpatialMaskUNet(WrapsUNet):
     """``forward(x [B, C, h, w], t, encoder_hidden_states=onehot [B, K, grid^2]) -> (eps [B, C, h, w],)``.
 
     ``unet``: a diffusers ``UNet2DConditionModel`` with ``in_channels = C + K`` and ``cross_attention_dim`` equal to
@@ -56,18 +57,15 @@ class SpatialMaskUNet(nn.Module):
         self.unet = unet
         self.encoder = encoder
         latent_channels = unet.config.in_channels - fmt.num_classes
-        self.config = SimpleNamespace(
+        self._config = SimpleNamespace(
             in_channels=latent_channels, out_channels=unet.config.out_channels, sample_size=unet.config.sample_size,
             cross_attention_dim=fmt.token_dim, mask_conditioning="concat",
         )
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
+    def config(self) -> SimpleNamespace:
+        # The wrapper's own view: the latent channels without the concatenated mask classes.
+        return self._config
 
     def spatial(self, onehot: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """One-hot tokens ``[B, K, grid^2]`` -> class fractions per latent cell ``[B, K, h, w]``."""

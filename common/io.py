@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import math
 import os
 import pickle
@@ -309,6 +310,20 @@ def atomic_write_file(path: PathLike) -> Iterator[Path]:
 # --------------------------------------------------------------------------------------------------------------
 # Weights
 # --------------------------------------------------------------------------------------------------------------
+
+
+def read_json_object(path: PathLike, what: str, fix: str) -> dict:
+    """The JSON object in ``path`` (a ``what``). Missing, unreadable, invalid or not an object: one line ending in ``fix``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist: {fix}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{what} {path} is not valid JSON ({one_line(str(err))}): {fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} must hold a JSON object: {fix}")
+    return data
 
 
 def require_file(path: PathLike, what: str = "file") -> Path:

@@ -169,6 +169,15 @@ def add_old_spelling(group, old: str, new: str, dest: str, **kwargs) -> None:
                        help=argparse.SUPPRESS, **kwargs)
 
 
+def add_flag(group, flag: str, *old_spellings: str, dest: str | None = None, **kwargs) -> None:
+    """``group.add_argument(flag, ...)`` plus old spellings that work as ``flag`` with a one-line note."""
+    dest = dest or flag.lstrip("-")
+    group.add_argument(flag, dest=dest, **kwargs)
+    extra = {k: kwargs[k] for k in ("type",) if k in kwargs}
+    for old in old_spellings:
+        add_old_spelling(group, old, flag, dest, **extra)
+
+
 def add_settings_arguments(group, cls, skip: Sequence[str] = ()) -> None:
     """One flag per field of ``cls`` (``--name``) with its default, help and choices; old spellings warn."""
     for f, kind in settings_fields(cls):

@@ -306,8 +306,6 @@ def load_adapter(
     return adapter.to(device).eval()
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 

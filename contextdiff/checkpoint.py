@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from common.errors import UserError
+from common.io import read_json_object
 from contextdiff.adapter import CONFIG_NAME, TEXT_SOURCES, RelationalNet, load_adapter, read_adapter_config
 from contextdiff.process import (
     SCHEDULER_PREDICTION_TYPE,
@@ -81,13 +82,7 @@ class ContextDiffModel:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{what} {path} is unreadable ({' '.join(str(err).split())}): re-save it") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{what} {path} must hold a JSON object: re-save it")
-    return data
+    return read_json_object(path, what, "re-save it")
 
 
 def read_checkpoint_meta(folder: PathLike) -> dict:

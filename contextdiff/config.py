@@ -20,7 +20,8 @@ from typing import Any, Union
 import torch
 
 from common.errors import UserError, cli_entry
-from contextdiff.adapter import RelationalNet, count_parameters
+from common.modules import count_parameters, print_parameter_counts
+from contextdiff.adapter import RelationalNet
 
 
 REQUIRED = ("adapter", "unet", "vae", "text_encoder", "scheduler", "stage1", "stage2", "sample")
@@ -96,8 +97,7 @@ def main(argv=None) -> None:
     parser.add_argument("config", help="configs/contextdiff/tiny.yaml or configs/contextdiff/paper.yaml")
     args = parser.parse_args(argv)
     counts = parameter_counts(load_config(args.config))
-    for name, count in counts.items():
-        print(f"{name:14s} {count:>15,d}  ({count / 1e6:,.2f} M)")
+    print_parameter_counts(counts)
     print(f"{'adapter/unet':14s} {counts['adapter'] / counts['unet']:>15.2%}")
 
 

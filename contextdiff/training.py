@@ -33,6 +33,7 @@ import torch
 
 from common.data_sources import add_dataset_args, check_data_source, describe_source, training_dataset
 from common.errors import UserError
+from common.io import read_json_object
 from contextdiff.adapter import TEXT_SOURCES, RelationalNet, load_adapter, read_adapter_config
 from contextdiff.checkpoint import (
     PROCESS_KEYS,
@@ -199,15 +200,9 @@ def _resolve_t5(args, stage: int, sources: list[str], adapter_folder: Optional[P
 
 
 def _read_unet_config(path, text_width: int) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--unet_config {path} does not exist: pass a UNet2DConditionModel JSON config "
-                        "(e.g. configs/baseline/unet.json)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"--unet_config {path} is not valid JSON ({' '.join(str(err).split())})") from None
-    if not isinstance(config, dict) or int(config.get("cross_attention_dim", -1)) != int(text_width):
+    config = read_json_object(path, "--unet_config",
+                              "pass a UNet2DConditionModel JSON config (e.g. configs/baseline/unet.json)")
+    if int(config.get("cross_attention_dim", -1)) != int(text_width):
         raise UserError(f"--unet_config {path}: cross_attention_dim {config.get('cross_attention_dim')} must equal "
                         f"the text encoder's width {text_width}")
     return config

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from common.errors import UserError
+from common.modules import WrapsUNet
 from common.samplers import invert_ddim, sample_ddim
 from contextdiff.adapter import Attention, RelationalNet
 from contextdiff.process import ContextLossConfig, contextual_loss
@@ -165,7 +166,7 @@ def _transformer_blocks(unet: nn.Module) -> list[tuple[str, nn.Module]]:
 # ---------------------------------------------------------------------------------------------------- video UNet
 
 
-class VideoUNet(nn.Module):
+class VideoUNet(WrapsUNet):
     """An image ``UNet2DConditionModel`` inflated over time; ``forward(x [B, C, F, h, w], t, text [B, L, D])``.
 
     Args:
@@ -204,18 +205,6 @@ class VideoUNet(nn.Module):
             return output + layer(output, frames)
 
         return hook
-
-    @property
-    def config(self):
-        return self.unet.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, return_dict: bool = True,
                 **kwargs: Any):
@@ -401,7 +390,7 @@ class VideoEditConfig:
         if self.shift not in SHIFT_MODES:
             raise UserError(f"unknown shift mode {self.shift!r}: choose one of {', '.join(SHIFT_MODES)}")
         if self.steps < 1:
-            raise UserError(f"--steps must be >= 1, got {self.steps}")
+            raise UserError(f"--num_inference_steps must be >= 1, got {self.steps}")
         if self.train_steps < 0:
             raise UserError(f"--train_steps must be >= 0, got {self.train_steps}")
         if self.learning_rate <= 0:

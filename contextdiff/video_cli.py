@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from common.errors import UserError, cli_entry
+from common.methods import add_flag
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,13 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n_frames", type=int, default=8, help="frames to edit")
     parser.add_argument("--start_frame", type=int, default=0, help="first frame taken from the video")
     parser.add_argument("--frame_stride", type=int, default=1, help="take every n-th frame")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps for inversion and sampling")
+    add_flag(parser, "--num_inference_steps", "--steps", dest="steps", type=int, default=25,
+             help="DDIM steps for inversion and sampling")
     parser.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance of the edit")
     parser.add_argument("--train_steps", type=int, default=60, help="one-shot tuning steps on the source clip")
     parser.add_argument("--learning_rate", type=float, default=1e-4,
                         help="tuning learning rate (AdamW, constant; 1e-3 made late frames drift, bench/results.md)")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--model_dir", default=DEFAULT_MODEL, help="ContextDiff checkpoint folder (image model)")
+    add_flag(parser, "--checkpoint", "--model_dir", dest="model_dir", default=DEFAULT_MODEL,
+             help="ContextDiff checkpoint folder (image model)")
     parser.add_argument("--shift", choices=("all", "train", "none"), default="all",
                         help="where the contextual shift is used: all (paper), train (released code), none")
     parser.add_argument("--no_shift", action="store_true", help="same as --shift none: the equal-budget ablation")

@@ -27,7 +27,7 @@ def evaluate_contextdiff_video(output_dir: Path, seed: int) -> dict:
     from contextdiff import video_cli as script
     args = script.build_parser().parse_args([
         "--video", "embedded:7:red", "--target_prompt", "a blue handwritten seven", "--n_frames", "8",
-        "--steps", "25", "--train_steps", "60", "--guidance_scale", "3", "--seed", str(seed),
+        "--num_inference_steps", "25", "--train_steps", "60", "--guidance_scale", "3", "--seed", str(seed),
         "--display_scale", "4", "--output_dir", str(output_dir)])
     settings = script.run(args)
     return {**settings["scores"], "seconds": settings["seconds"], "edit": "a red handwritten seven -> a blue "

@@ -235,8 +235,6 @@ def build_unet(flags: ADMFlags, device: Optional[Union[str, torch.device]] = Non
         return UNet2DModel(**config).eval()
 
 
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def noise_schedule(flags: ADMFlags) -> NoiseSchedule:

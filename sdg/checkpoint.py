@@ -83,7 +83,7 @@ def load_diffusion_model(model_path: PathLike, flags: Optional[ADMFlags] = None,
     """
     path = Path(model_path)
     if not path.exists():
-        raise UserError(f"--model_path {path} does not exist: pass an SDG model folder or a guided-diffusion .pt")
+        raise UserError(f"--checkpoint {path} does not exist: pass an SDG model folder or a guided-diffusion .pt")
     if path.is_dir():
         from common.models import load_unet
 

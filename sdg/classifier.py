@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.modules import timestep_embedding
 from common.process import q_sample_standard
 from common.schedule import NoiseSchedule
-from sdg.noisy_clip import timestep_embedding
 
 
 class _Block(nn.Module):

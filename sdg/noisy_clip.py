@@ -25,7 +25,6 @@ key map (``sdg.convert.convert_sdg_clip_gd_state_dict``) only renames the tower.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from common.errors import UserError
+from common.modules import timestep_embedding
 
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -48,19 +48,6 @@ FINETUNE_MODES = ("all", "last")
 TIME_MODULATION_KEYS = ("time_embed.0.weight", "time_embed.2.weight", "emb_layers.1.weight", "emb_layers.1.bias")
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """ADM's sinusoidal embedding of (original, integer) timesteps: ``[cos(t f_i), sin(t f_i)]``, ``[B, dim]``.
-
-    ``f_i = exp(-ln(max_period) i / (dim / 2))``, cosine half first (guided-diffusion ``nn.timestep_embedding``,
-    equal to diffusers' ``get_timestep_embedding(flip_sin_to_cos=True, downscale_freq_shift=0)``).
-    """
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
 
 
 def _tower_kind(visual: nn.Module) -> str:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from common.errors import UserError
+from common.methods import add_flag
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,7 +105,7 @@ def check_respacing(value: str) -> None:
 
 
 def add_decoder_args(p) -> None:
-    p.add_argument("--steps", type=int, default=50, help="decoder sampling steps")
+    add_flag(p, "--num_inference_steps", "--steps", dest="steps", type=int, default=50, help="decoder sampling steps")
     p.add_argument("--guidance_scale", type=float, default=2.0, help="decoder classifier-free guidance scale")
     p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
     p.add_argument("--eta", type=float, default=0.0)
@@ -113,7 +114,7 @@ def add_decoder_args(p) -> None:
 
 
 def decoder_kwargs(args) -> dict:
-    check_positive("steps", args.steps)
+    check_positive("num_inference_steps", args.steps)
     if not 0.0 <= args.eta <= 1.0:
         raise UserError(f"--eta must lie in [0, 1], got {args.eta}")
     return dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,

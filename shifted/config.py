@@ -16,6 +16,7 @@ from typing import Any, Union
 import torch
 
 from common.errors import UserError, cli_entry
+from common.modules import count_parameters, print_parameter_counts
 from shifted.adapter import ImageEmbProjection
 from shifted.prior import ShiftedPrior
 
@@ -95,8 +96,6 @@ def build_sd_vae(cfg: dict[str, Any], device: Union[str, torch.device] = "cpu"):
         return AutoencoderKL(**cfg["sd"]["vae"])
 
 
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def parameter_counts(cfg: dict[str, Any], device: Union[str, torch.device] = "meta") -> dict[str, int]:
@@ -114,9 +113,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Print the parameter counts of a Shifted Diffusion config.")
     parser.add_argument("config", help="configs/shifted/tiny.yaml or configs/shifted/paper.yaml")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config)
-    for name, count in parameter_counts(cfg).items():
-        print(f"{name:14s} {count:>15,d}  ({count / 1e6:,.2f} M)")
+    print_parameter_counts(parameter_counts(load_config(args.config)))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ order lets the text tokens be computed once per prompt; positions are implicit i
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Optional
 
@@ -28,21 +27,13 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from common.errors import UserError
+from common.modules import timestep_embedding
 from common.schedule import NoiseSchedule
 
 
 PAPER_CLIP_MODELS = ("ViT-B-16/openai", "ViT-B-32/openai", "RN101/openai")
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding ``[B] -> [B, dim]``, ``[cos | sin]`` order (guided-diffusion ``timestep_embedding``)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
 
 
 class RMSNorm(nn.Module):

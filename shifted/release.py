@@ -21,7 +21,6 @@ one is a :class:`UserError` naming it.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Optional, Union
 import torch
 
 from common.errors import UserError
+from common.io import read_json_object
 from shifted.bank import GaussianBank
 from shifted.prior import ShiftedPrior
 
@@ -285,12 +285,7 @@ _OLD_ATTENTION_KEY = re.compile(r"(.*\.attentions\.\d+)\.(query|key|value|proj_a
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path} does not exist: pass the released fine-tuned Stable Diffusion folder")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err.msg})") from None
+    return read_json_object(path, "config", "pass the released fine-tuned Stable Diffusion folder")
 
 
 def _read_weights(folder: Path, stem: str) -> dict:

@@ -583,13 +583,13 @@ def test_convert_script_writes_folders_that_generate(release, tmp_path, capsys):
     Image.fromarray(ids.numpy(), mode="L").save(mask)
     generate = load_script("scripts/codiff/generate.py").main
     save = tmp_path / "samples"
-    assert generate(["--model_dir", str(out), "--mask_path", str(mask), "--input_text", "this man has a beard.",
-                     "--batch_size", "1", "--ddim_steps", "2", "--seed", "0", "--save_folder", str(save)]) in (0, None)
+    assert generate(["--checkpoint", str(out), "--mask_path", str(mask), "--input_text", "this man has a beard.",
+                     "--batch_size", "1", "--num_inference_steps", "2", "--seed", "0", "--save_folder", str(save)]) in (0, None)
     images = list(save.rglob("*_x_0.png"))
     assert len(images) == 1 and Image.open(images[0]).size == (16, 16)
     sample = load_script("scripts/sample.py").main
-    assert sample(["--method", "codiff", "--pretrained_model_name_or_path", str(out), "--prompt", "a woman",
-                   "--mask_path", str(mask), "--steps", "2", "--eta", "1", "--guidance_scale", "1", "--no_progress",
+    assert sample(["--method", "codiff", "--checkpoint", str(out), "--prompt", "a woman",
+                   "--mask_path", str(mask), "--num_inference_steps", "2", "--eta", "1", "--guidance_scale", "1", "--no_progress",
                    "--output_dir", str(tmp_path / "sampled")]) == 0
     assert len(list((tmp_path / "sampled" / "images").glob("*.png"))) == 1
 

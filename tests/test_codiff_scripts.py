@@ -105,7 +105,7 @@ def test_text_member_trains_the_same_way(world):
 
 def test_generate_writes_the_documented_files(world, capsys):
     out = world["root"] / "gen"
-    assert generate_script.main(["--model_dir", str(world["ckpt"]), "--mask_path", str(world["mask"]),
+    assert generate_script.main(["--checkpoint", str(world["ckpt"]), "--mask_path", str(world["mask"]),
                                  "--input_text", "a green handwritten seven", "--batch_size", "2", "--seed", "0",
                                  "--save_z", "--return_influence_function", "--display_x_inter", "--save_mixed",
                                  "--save_folder", str(out)]) == 0
@@ -133,23 +133,23 @@ def test_generate_writes_the_documented_files(world, capsys):
     assert settings["ddim_steps"] == 3 and len(settings["timesteps"]) == 3 and settings["save_z"] is True
     # seeded: the same command gives the same image; other weightings run too
     first = np.asarray(Image.open(folder / "000000_x_0.png"))
-    assert generate_script.main(["--model_dir", str(world["ckpt"]), "--mask_path", str(world["mask"]),
+    assert generate_script.main(["--checkpoint", str(world["ckpt"]), "--mask_path", str(world["mask"]),
                                  "--input_text", "a green handwritten seven", "--batch_size", "2", "--seed", "0",
                                  "--save_folder", str(out)]) == 0
     assert np.array_equal(first, np.asarray(Image.open(folder / "000000_x_0.png")))
     for weighting in ("average", "text_only"):
-        argv = ["--model_dir", str(world["ckpt"]), "--input_text", "a red two", "--batch_size", "1",
-                "--weighting", weighting, "--save_folder", str(out / weighting), "--ddim_steps", "2"]
+        argv = ["--checkpoint", str(world["ckpt"]), "--input_text", "a red two", "--batch_size", "1",
+                "--weighting", weighting, "--save_folder", str(out / weighting), "--num_inference_steps", "2"]
         if weighting == "average":
             argv += ["--mask_path", str(world["mask"]), "--guidance_scale", "2"]
         assert generate_script.main(argv) == 0
-    assert generate_script.main(["--model_dir", str(world["ckpt"]), "--mask_path", str(world["mask"]),
+    assert generate_script.main(["--checkpoint", str(world["ckpt"]), "--mask_path", str(world["mask"]),
                                  "--input_text", "a red two", "--batch_size", "1", "--released_reweighting",
-                                 "--ddim_steps", "2", "--save_folder", str(out / "released")]) == 0
+                                 "--num_inference_steps", "2", "--save_folder", str(out / "released")]) == 0
 
 
 def test_generate_rejects_bad_masks_and_missing_models(world, tmp_path, capsys):
-    base = ["--model_dir", str(world["ckpt"]), "--input_text", "a red seven", "--ddim_steps", "2", "--save_folder",
+    base = ["--checkpoint", str(world["ckpt"]), "--input_text", "a red seven", "--num_inference_steps", "2", "--save_folder",
             str(tmp_path / "out")]
     binary = np.asarray(Image.open(world["mask"])).astype(np.uint8) * 255  # a 0/255 mask: ids outside the palette
     Image.fromarray(binary, mode="L").save(tmp_path / "binary.png")
@@ -167,10 +167,10 @@ def test_generate_rejects_bad_masks_and_missing_models(world, tmp_path, capsys):
     index["modalities"], index["members"] = ["text"], {"text": str(world["sd"])}
     index["vae"] = str(world["sd"] / "vae")
     (text_only / "codiff.json").write_text(json.dumps(index))
-    message = _run_failing(generate_script.main, ["--model_dir", str(text_only), "--input_text", "a red seven",
-                                                  "--mask_path", str(world["mask"]), "--ddim_steps", "2"], capsys)
+    message = _run_failing(generate_script.main, ["--checkpoint", str(text_only), "--input_text", "a red seven",
+                                                  "--mask_path", str(world["mask"]), "--num_inference_steps", "2"], capsys)
     assert "no mask model" in message
-    message = _run_failing(generate_script.main, [*base, "--mask_path", str(world["mask"]), "--model_dir",
+    message = _run_failing(generate_script.main, [*base, "--mask_path", str(world["mask"]), "--checkpoint",
                                                   str(tmp_path / "nowhere")], capsys)
     assert "does not exist" in message
     message = _run_failing(generate_script.main, [*base, "--mask_path", str(world["mask"]), "--weighting", "average",
@@ -181,8 +181,8 @@ def test_generate_rejects_bad_masks_and_missing_models(world, tmp_path, capsys):
 
 def test_generate_truncates_an_over_long_prompt_with_a_warning(world, tmp_path, capsys):
     long_text = "a red handwritten seven " + " ".join(["with a very long tail"] * 30)
-    assert generate_script.main(["--model_dir", str(world["ckpt"]), "--mask_path", str(world["mask"]),
-                                 "--input_text", long_text, "--batch_size", "1", "--ddim_steps", "2",
+    assert generate_script.main(["--checkpoint", str(world["ckpt"]), "--mask_path", str(world["mask"]),
+                                 "--input_text", long_text, "--batch_size", "1", "--num_inference_steps", "2",
                                  "--save_folder", str(tmp_path / "long")]) == 0
     err = capsys.readouterr().err
     warning = [line for line in err.splitlines() if line.startswith("warning: ")]
@@ -212,9 +212,9 @@ def test_train_dynamic_rejects_missing_and_mismatched_members(world, tmp_path, c
 
 def test_edit_imagic_per_modality_then_collaborate(world, tmp_path, capsys):
     out = tmp_path / "edit"
-    argv = ["--model_dir", str(world["ckpt"]), "--input_image_path", str(world["image"]), "--mask_path",
+    argv = ["--checkpoint", str(world["ckpt"]), "--input_image_path", str(world["image"]), "--mask_path",
             str(world["mask"]), "--text_prompt", "a blue handwritten seven", "--stage1_num_iter", "2",
-            "--stage2_num_iter", "2", "--stage2_lr", "1e-4", "--alpha_list", "0,1.5", "--ddim_steps", "2",
+            "--stage2_num_iter", "2", "--stage2_lr", "1e-4", "--alpha_list", "0,1.5", "--num_inference_steps", "2",
             "--save_unimodal", "--save_checkpoint", "--save_folder", str(out)]
     assert edit_script.main(argv) == 0
     folder = out / "00000"
@@ -244,8 +244,8 @@ def test_sample_script_method_codiff(world, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "DIGITS_ROOT", world["digits"])
     out = tmp_path / "s"
-    assert sample_script.main(["--method", "codiff", "--pretrained_model_name_or_path", str(world["ckpt"]),
-                               "--prompt", "a red handwritten seven", "--prompt", "a blue digit three", "--steps", "2",
+    assert sample_script.main(["--method", "codiff", "--checkpoint", str(world["ckpt"]),
+                               "--prompt", "a red handwritten seven", "--prompt", "a blue digit three", "--num_inference_steps", "2",
                                "--guidance_scale", "1", "--no_progress", "--output_dir", str(out)]) == 0
     assert len(list((out / "images").glob("*.png"))) == 2
     masks = cli.masks_for_prompts(["a red handwritten seven", "the digit 3 written in blue"],
@@ -254,11 +254,11 @@ def test_sample_script_method_codiff(world, tmp_path, monkeypatch, capsys):
     digits_of = {np.asarray(Image.open(world["digits"] / "test" / r["mask_file_name"])).tobytes(): r["digit"]
                  for r in rows}
     assert [digits_of[np.asarray(m, dtype=np.uint8).tobytes()] for m in masks] == [7, 3]  # same digit as the text
-    assert sample_script.main(["--method", "codiff", "--pretrained_model_name_or_path", str(world["ckpt"]),
-                               "--prompt", "a red seven", "--mask_path", str(world["mask"]), "--steps", "2",
+    assert sample_script.main(["--method", "codiff", "--checkpoint", str(world["ckpt"]),
+                               "--prompt", "a red seven", "--mask_path", str(world["mask"]), "--num_inference_steps", "2",
                                "--guidance_scale", "3", "--negative_prompt", "blurry", "--weighting", "average",
                                "--no_progress", "--output_dir", str(tmp_path / "s2")]) == 0
-    message = _run_failing(sample_script.main, ["--method", "codiff", "--pretrained_model_name_or_path",
+    message = _run_failing(sample_script.main, ["--method", "codiff", "--checkpoint",
                                                 str(world["ckpt"]), "--prompt", "a red seven", "--resolution", "64",
                                                 "--output_dir", str(tmp_path / "s3")], capsys)
     assert "32x32" in message
@@ -289,8 +289,8 @@ def test_shipped_checkpoint_is_small_and_samples(world, tmp_path, monkeypatch):
 
 def test_evaluate_script_measures_every_variant(world, tmp_path):
     out = tmp_path / "eval"
-    assert evaluate_script.main(["--model_dir", str(world["ckpt"]), "--data_root", str(world["digits"]),
-                                 "--num_prompts", "2", "--steps", "2", "--guidance_scales", "1", "--mse_images", "4",
+    assert evaluate_script.main(["--checkpoint", str(world["ckpt"]), "--data_root", str(world["digits"]),
+                                 "--num_prompts", "2", "--num_inference_steps", "2", "--guidance_scales", "1", "--mse_images", "4",
                                  "--edit_images", "1", "--edit_alphas", "0,1", "--stage1_num_iter", "1",
                                  "--stage2_num_iter", "1", "--edit_guidance_scales", "1,2", "--save_dir", str(out)]) == 0
     scores = json.loads((out / "scores.json").read_text())

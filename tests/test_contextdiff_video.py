@@ -341,7 +341,7 @@ def test_edit_video_script_smoke(tmp_path):
     write_gif(digit_clip(7, "red", 4).frames, source)
     out = tmp_path / "out"
     code = _script().main(["--video", str(source), "--source_prompt", "a red handwritten seven",
-                           "--target_prompt", "a blue handwritten seven", "--n_frames", "3", "--steps", "3",
+                           "--target_prompt", "a blue handwritten seven", "--n_frames", "3", "--num_inference_steps", "3",
                            "--train_steps", "2", "--output_dir", str(out), "--device", "cpu"])
     assert code == 0
     for name in ("edited.gif", "source.gif", "strip.png", "settings.json"):
@@ -364,7 +364,7 @@ def test_edit_video_script_bad_inputs_write_nothing(tmp_path, capsys):
         out = tmp_path / f"out_{name.replace(' ', '_')}"
         with pytest.raises(SystemExit) as exc:
             _script().main(argv + ["--source_prompt", "a red seven", "--target_prompt", "a blue seven",
-                                   "--train_steps", "1", "--steps", "2", "--output_dir", str(out)])
+                                   "--train_steps", "1", "--num_inference_steps", "2", "--output_dir", str(out)])
         assert exc.value.code == 2, name
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         assert len(err) == 1, (name, err)  # one line (model-loading progress bars may precede it)

@@ -206,7 +206,7 @@ def test_sample_refuses_unbounded_settings_with_one_line(sample, capsys, tmp_pat
 
 
 @pytest.mark.parametrize("script,argv,needle", [
-    ("scripts/versatile/sample.py", ["--prompt", "a seven", "--scale", "inf"], "--scale"),
+    ("scripts/versatile/sample.py", ["--prompt", "a seven", "--guidance_scale", "inf"], "--guidance_scale"),
     ("scripts/versatile/sample.py", ["--prompt", "a seven", "--seed", str(2**63)], "--seed"),
     ("scripts/codiff/generate.py", ["--input_text", "a seven", "--guidance_scale", "nan"], "--guidance_scale"),
     ("scripts/codiff/generate.py", ["--input_text", "a seven", "--batch_size", "64", "--max_memory_gb", "0.001"],

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import yaml
 
 from common.errors import UserError
+from common.modules import count_parameters
 from sdg.adm import (
     ADMFlags,
     adm_param_shapes,
@@ -21,7 +22,6 @@ from sdg.adm import (
     attention_downsample_rates,
     build_unet,
     channel_mult,
-    count_parameters,
     load_adm_flags,
     noise_schedule,
     sampling_plan,

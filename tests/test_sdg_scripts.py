@@ -75,7 +75,7 @@ def test_finetune_clip_two_steps_writes_a_noise_aware_clip(tiny, tmp_path):
 
 
 def run_sample(tiny, out_root, *extra):
-    argv = ["--model_path", str(tiny["model"]), "--timestep_respacing", "3", "--batch_size", "2",
+    argv = ["--checkpoint", str(tiny["model"]), "--timestep_respacing", "3", "--batch_size", "2",
             "--out_root", str(out_root), "--no_progress", *extra]
     return sdg_sample.main(argv)
 
@@ -161,7 +161,7 @@ def test_convert_checkpoint_adm_and_clip_gd(tiny, tmp_path):
 
 
 def lab_sample_argv(tiny, out, *extra):
-    return ["--method", "sdg", "--pretrained_model_name_or_path", str(tiny["model"]), "--steps", "3",
+    return ["--method", "sdg", "--checkpoint", str(tiny["model"]), "--num_inference_steps", "3",
             "--sampler", "ddpm", "--output_dir", str(out), "--no_progress", *extra]
 
 
@@ -243,7 +243,7 @@ def test_lab_sample_entry_refuses_bad_input(tiny, tmp_path, capsys, extra, messa
     (tmp_path / "noimages").mkdir()
     extra = [str(tiny["clip"]) if e == "CLIP" else str(tmp_path / "noimages") if e == "NOIMAGES" else e for e in extra]
     out = tmp_path / "out"
-    argv = ["--method", "sdg", "--pretrained_model_name_or_path", str(model), "--steps", "2", "--output_dir",
+    argv = ["--method", "sdg", "--checkpoint", str(model), "--num_inference_steps", "2", "--output_dir",
             str(out), "--no_progress", "--prompt", "a seven", *extra]
     with pytest.raises(SystemExit) as exit_info:
         lab_sample.main(argv)

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import UserError
+from common.modules import timestep_embedding
 from shifted import release
-from shifted.prior import ShiftedPrior, prior_parameter_count, timestep_embedding
+from shifted.prior import ShiftedPrior, prior_parameter_count
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -314,8 +315,8 @@ def test_convert_script_writes_a_checkpoint_sample_py_runs(tmp_path, capsys):
     assert "emb_proj_layers.weight" not in load_safetensors(out / "decoder" / "unet" /
                                                             "diffusion_pytorch_model.safetensors")
     # what a researcher runs next
-    assert sample_script.main(["--method", "shifted", "--pretrained_model_name_or_path", str(out), "--prompt",
-                               "a red handwritten seven", "--steps", "2", "--no_progress", "--output_dir",
+    assert sample_script.main(["--method", "shifted", "--checkpoint", str(out), "--prompt",
+                               "a red handwritten seven", "--num_inference_steps", "2", "--no_progress", "--output_dir",
                                str(tmp_path / "samples")]) == 0
     assert (tmp_path / "samples" / "grid.png").is_file()
     # refusals: one line, nothing written

@@ -153,19 +153,19 @@ def test_inference_scripts_and_sample_cli(assets, trained, tmp_path):
     clip = str(assets["clip"])
     image = assets["data"] / "images" / "00000.png"
     run_ok(img2img.main, ["--decoder", str(trained["decoder"]), "--clip", clip, "--image", str(image),
-                          "--image", str(image), "--steps", "2", "--negative", "black", "--output_dir",
+                          "--image", str(image), "--num_inference_steps", "2", "--negative", "black", "--output_dir",
                           str(tmp_path / "i2i")])
     assert len(list((tmp_path / "i2i" / "images").iterdir())) == 2
     run_ok(sft_test.main, ["--prior", str(trained["prior"]), "--decoder", str(trained["decoder"]), "--clip", clip,
-                           "--prompt", "a red handwritten seven", "--num_images", "3", "--steps", "2",
+                           "--prompt", "a red handwritten seven", "--num_images", "3", "--num_inference_steps", "2",
                            "--output_dir", str(tmp_path / "t2i")])
     rows = read_metadata(tmp_path / "t2i")
     assert [r["text"] for r in rows] == ["a red handwritten seven"] * 3
     # the checkpoint layout through scripts/sample.py, both priors
     for variant in ("shifted", "baseline"):
         out = tmp_path / f"sample_{variant}"
-        run_ok(sample_script.main, ["--method", "shifted", "--pretrained_model_name_or_path", str(trained["ckpt"]),
-                                    "--prompt", "a blue handwritten two", "--steps", "2", "--prior_variant", variant,
+        run_ok(sample_script.main, ["--method", "shifted", "--checkpoint", str(trained["ckpt"]),
+                                    "--prompt", "a blue handwritten two", "--num_inference_steps", "2", "--prior_variant", variant,
                                     "--no_progress", "--output_dir", str(out)])
         assert (out / "grid.png").is_file()
     scores = sample_cli.evaluate_digits(tmp_path / "eval", n=3, checkpoint=trained["ckpt"],
@@ -208,7 +208,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(assets, trained, tmp_pa
     run_bad(train_prior.main, ["--cache", str(other_cache), "--bank", str(trained["bank"]), *PRIOR, *TRAIN,
                                "--output_dir", str(out)], capsys, "CLIP models")
     run_bad(sft_test.main, ["--prior", str(trained["prior"]), "--decoder", str(trained["decoder"]), "--clip", other,
-                            "--prompt", "a red one", "--steps", "2", "--output_dir", str(out)], capsys, "CLIP models")
+                            "--prompt", "a red one", "--num_inference_steps", "2", "--output_dir", str(out)], capsys, "CLIP models")
     run_bad(img2img.main, ["--decoder", str(trained["decoder"]), "--clip", other, "--image",
                            str(assets["data"] / "images" / "00000.png"), "--output_dir", str(out)], capsys,
             "CLIP models")
@@ -235,7 +235,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(assets, trained, tmp_pa
     capsys.readouterr()
     run_bad(train_prior.main, ["--cache", str(images_only), "--no_bank", *PRIOR, *TRAIN, "--output_dir", str(out)],
             capsys, "no captions")
-    run_bad(sample_script.main, ["--method", "shifted", "--pretrained_model_name_or_path", str(tmp_path),
+    run_bad(sample_script.main, ["--method", "shifted", "--checkpoint", str(tmp_path),
                                  "--prompt", "a red one", "--output_dir", str(out)], capsys, "shifted.json")
     from common.io import save_safetensors
 

@@ -509,7 +509,7 @@ def test_convert_script_and_text_flows_from_the_released_layout(tokenizer_dir, t
     Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
     for flow, extra in (("i2t", ["--image", image]), ("t2t", ["--prompt", "the red Cat sits"])):
         out = tmp_path / f"out_{flow}"
-        code, err = run_main(sample_script.main, ["--checkpoint", folder, "--flow", flow, "--steps", 2,
+        code, err = run_main(sample_script.main, ["--checkpoint", folder, "--flow", flow, "--num_inference_steps", 2,
                                                   "--text_temperature", 0, "--output_dir", out, "--no_progress",
                                                   *extra], capsys)
         assert code == 0, err

@@ -98,7 +98,7 @@ def test_progressive_stages_and_untrained_flows_are_refused(world, tmp_path, cap
     assert manifest["stages"][1]["group_lr_scale"]["data_image"] == 0.1
     out = tmp_path / "never"
     code, err = run_main(sample_script.main, ["--checkpoint", single, "--flow", "t2i", "--prompt", "a red seven",
-                                              "--steps", 1, "--output_dir", out, "--no_progress"], capsys)
+                                              "--num_inference_steps", 1, "--output_dir", out, "--no_progress"], capsys)
     assert code == 2 and len(err) == 1 and "untrained layers ctx_text" in err[0] and not out.exists()
 
 
@@ -119,7 +119,7 @@ def test_text_flows_need_the_text_vae(world, tmp_path, capsys):
 def test_sample_script_runs_every_flow(world, tmp_path, capsys, flow, extra, count):
     image = world["data"] / "test" / "images" / "00000.png"
     out = tmp_path / "out"
-    argv = ["--checkpoint", world["folder"], "--flow", flow, "--steps", 2, "--output_dir", out, "--no_progress",
+    argv = ["--checkpoint", world["folder"], "--flow", flow, "--num_inference_steps", 2, "--output_dir", out, "--no_progress",
             *[image if a == "IMG" else a for a in extra]]
     code, _ = run_main(sample_script.main, argv, capsys)
     assert code == 0
@@ -151,7 +151,7 @@ def test_sample_script_bad_input_is_one_line_exit_2_nothing_written(world, tmp_p
         for sub in ("vae", "clip", "text_vae"):  # keep the manifest's relative tower paths valid
             (broken.parent / sub).symlink_to(world[sub])
     out = tmp_path / "never"
-    argv = ["--checkpoint", world["folder"], "--steps", 1, "--output_dir", out, "--no_progress",
+    argv = ["--checkpoint", world["folder"], "--num_inference_steps", 1, "--output_dir", out, "--no_progress",
             *[image if a == "IMG" else broken if a == "NO_CTX_IMAGE" else a for a in extra]]
     code, err = run_main(sample_script.main, argv, capsys)
     assert code == 2, err
@@ -205,7 +205,7 @@ def test_evaluate_script_scores_every_flow(world, tmp_path, capsys):
     evaluate = load_script("scripts/versatile/evaluate.py")
     out = tmp_path / "eval"
     code, _ = run_main(evaluate.main, ["--checkpoint", world["folder"], "--data_dir", world["data"] / "test",
-                                       "--n", 2, "--steps", 1, "--baseline", "", "--output_dir", out], capsys)
+                                       "--n", 2, "--num_inference_steps", 1, "--baseline", "", "--output_dir", out], capsys)
     assert code == 0
     scores = json.loads((out / "scores.json").read_text())
     assert {"t2i", "iv", "iv_sources", "i2t_greedy", "tv_sampled", "dual_0.5"} <= set(scores)

@@ -36,6 +36,7 @@ from typing import Any, Optional, Union
 import torch
 
 from common.errors import UserError
+from common.io import read_json_object
 from versatile.config import REPO_ROOT, SamplingConfig, VersatileConfig
 from versatile.multiflow import FLOWS, MultiFlowDiffuser, resolve_flow
 
@@ -102,11 +103,8 @@ def read_manifest(folder: Union[str, Path]) -> Manifest:
                         "scripts/versatile/train.py (e.g. ckpt/tiny/versatile/pipeline)")
     if not path.is_file():
         raise UserError(f"{folder} has no {MANIFEST}: pass a folder written by scripts/versatile/train.py")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err.msg})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    data = read_json_object(path, "manifest", "pass a folder written by scripts/versatile/train.py")
+    if data.get("format") != FORMAT:
         raise UserError(f"{path} is not a {FORMAT} manifest")
     flows = tuple(data.get("trained_flows") or ())
     for name in flows:

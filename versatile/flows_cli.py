@@ -17,6 +17,7 @@ import torch
 
 from common import limits
 from common.errors import UserError, cli_entry
+from common.methods import add_flag
 from versatile.multiflow import FLOW_ALIASES, FLOW_CHOICES, FLOWS, Flow
 from versatile.sample_cli import DEFAULT_CHECKPOINT, REPO
 
@@ -99,8 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=None, help="an image file (image context); repeatable")
     p.add_argument("--mix_ratio", type=float, default=None, help="dual only: text weight in [0, 1] (default 0.5)")
     p.add_argument("--num_samples", type=int, default=1, help="samples per prompt / image")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the folder's, 50)")
-    p.add_argument("--scale", type=float, default=None, help="classifier-free guidance scale (default 7.5; 1 = off)")
+    add_flag(p, "--num_inference_steps", "--steps", dest="steps", type=int, default=None,
+             help="DDIM steps (default: the folder's, 50)")
+    add_flag(p, "--guidance_scale", "--scale", type=float, default=None,
+             help="classifier-free guidance scale (default 7.5; 1 = off)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--uncond_image", default=None, help="null image context: zeros | grey | black "
                                                          "(default: the folder's, else zeros for iv/dual, black i2t)")
@@ -127,11 +130,11 @@ def check_args(args):
         raise UserError("an empty prompt was given: write the text to condition on")
     check_flow_inputs(flow, prompts, images, args.mix_ratio)
     check_positive("num_samples", args.num_samples)
-    check_positive("steps", args.steps)
+    check_positive("num_inference_steps", args.steps)
     if not 0.0 <= args.eta <= 1.0:
         raise UserError(f"--eta must lie in [0, 1], got {args.eta}")
-    if args.scale is not None and args.scale < 0:
-        raise UserError(f"--scale must be >= 0, got {args.scale}")
+    if args.guidance_scale is not None and args.guidance_scale < 0:
+        raise UserError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
     if args.uncond_image is not None and args.uncond_image not in NULL_IMAGE_KINDS:
         raise UserError(f"--uncond_image {args.uncond_image!r}: choose one of {', '.join(NULL_IMAGE_KINDS)}")
     if args.text_temperature is not None and args.text_temperature < 0:
@@ -145,7 +148,7 @@ def run_flow(pipe, flow, prompts, images, args):
     """The pipeline call; returns ``(VersatileOutput, sources)`` with one source description per output."""
     import torch
 
-    kwargs = dict(guidance_scale=args.scale, num_inference_steps=args.steps, eta=args.eta,
+    kwargs = dict(guidance_scale=args.guidance_scale, num_inference_steps=args.steps, eta=args.eta,
                   num_samples=args.num_samples, generator=torch.Generator().manual_seed(args.seed),
                   uncond_image=args.uncond_image, progress=not args.no_progress)
     if flow.xtype == "text":

@@ -26,12 +26,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 from common.errors import UserError, cli_entry, one_line  # noqa: E402
+from common.methods import add_flag  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help="YAML of flag defaults (command-line flags win)")
-    p.add_argument("--model_dir", default="ckpt/tiny/codiff", help="collaboration checkpoint folder (codiff.json)")
+    add_flag(p, "--checkpoint", "--model_dir", dest="model_dir", default="ckpt/tiny/codiff",
+             help="collaboration checkpoint folder (codiff.json)")
     p.add_argument("--input_image_path", default=None, help="the real image to edit (the model's resolution)")
     p.add_argument("--text_prompt", default=None, help="target text (for the text member)")
     p.add_argument("--mask_path", default=None, help="target mask (for the mask member; the input's own keeps layout)")
@@ -42,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage2_num_iter", type=int, default=1000)
     p.add_argument("--alpha_list", default="0,0.125,0.25,0.375,0.5,0.625,0.75,0.875,1,1.125,1.25,1.5,2,2.5",
                    help="comma-separated interpolation weights of the target tokens")
-    p.add_argument("--ddim_steps", type=int, default=None, help="default: the checkpoint's (50)")
+    add_flag(p, "--num_inference_steps", "--ddim_steps", dest="ddim_steps", type=int, default=None,
+             help="DDIM steps (default: the checkpoint's, 50)")
     p.add_argument("--eta", type=float, default=None, help="default: the checkpoint's (1.0)")
     p.add_argument("--guidance_scale", type=float, default=1.0, help="per-member CFG (extension; 1 = the paper)")
     p.add_argument("--batch_size", type=int, default=1)

@@ -22,15 +22,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 from common.errors import UserError, cli_entry  # noqa: E402
+from common.methods import add_flag  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model_dir", default=str(REPO / "ckpt" / "tiny" / "codiff"))
+    add_flag(p, "--checkpoint", "--model_dir", dest="model_dir", default=str(REPO / "ckpt" / "tiny" / "codiff"))
     p.add_argument("--data_root", default=str(REPO / "data" / "digits"), help="digits build (made if missing)")
     p.add_argument("--num_prompts", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=50)
+    add_flag(p, "--num_inference_steps", "--steps", dest="steps", type=int, default=50)
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--guidance_scales", default="1,3", help="comma-separated per-member CFG scales to evaluate")
     p.add_argument("--variants", default="mask_only,text_only,average,collaborative,collaborative+released")

@@ -77,7 +77,7 @@ def check_args(args) -> None:
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.ddim_steps is not None and args.ddim_steps < 1:
-        raise UserError(f"--ddim_steps must be >= 1, got {args.ddim_steps}")
+        raise UserError(f"--num_inference_steps must be >= 1, got {args.ddim_steps}")
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
         raise UserError(f"--eta must lie in [0, 1], got {args.eta}")
     if args.map_upscale < 1:

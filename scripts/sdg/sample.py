@@ -1,8 +1,8 @@
 """Semantic diffusion guidance (SDG): sample a frozen unconditional model steered by language and/or image guidance.
 
-    python scripts/sdg/sample.py --model_path ckpt/tiny/sdg --clip_path ckpt/tiny/sdg/clip \\
+    python scripts/sdg/sample.py --checkpoint ckpt/tiny/sdg --clip_path ckpt/tiny/sdg/clip \\
         --text_weight 1000 --text_instruction_file instructions.txt --exp_name sevens
-    python scripts/sdg/sample.py --model_path lsun_bedroom.pt --image_size 256 --num_channels 256 \\
+    python scripts/sdg/sample.py --checkpoint lsun_bedroom.pt --image_size 256 --num_channels 256 \\
         --num_res_blocks 2 --attention_resolutions 32,16,8 --num_head_channels 64 --resblock_updown True \\
         --use_scale_shift_norm True --learn_sigma True --clip_path models/sdg_clip_bedroom \\
         --data_dir ref/ref_bedroom --image_weight 100 --timestep_respacing 100 --exp_name bedroom_semantic
@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent.parent
 
 from common.errors import UserError, cli_entry  # noqa: E402
 from common.limits import add_memory_argument  # noqa: E402
+from common.methods import add_flag  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     from sdg.scores import GRAM_MODES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model_path", default=str(REPO / "ckpt" / "tiny" / "sdg"),
-                   help="SDG folder (unet/ + adm_flags.json) or a guided-diffusion .pt (then give the model flags)")
+    add_flag(p, "--checkpoint", "--model_path", dest="model_path", default=str(REPO / "ckpt" / "tiny" / "sdg"),
+             help="SDG folder (unet/ + adm_flags.json) or a guided-diffusion .pt (then give the model flags)")
     p.add_argument("--clip_path", default=None,
                    help="noise-aware CLIP folder (scripts/sdg/finetune_clip.py); required when a weight is non-zero")
     p.add_argument("--text_weight", type=float, default=0.0, help="language guidance weight (SDG README: 160)")

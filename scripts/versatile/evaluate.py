@@ -31,6 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent.parent
 
 from common.errors import UserError, cli_entry  # noqa: E402
+from common.methods import add_flag  # noqa: E402
 
 
 SECTION = "versatile: digits quality"
@@ -42,8 +43,10 @@ def build_parser():
     p.add_argument("--baseline", default="ckpt/tiny/baseline", help="SD folder for the t2i comparison ('' to skip)")
     p.add_argument("--data_dir", default="data/digits/test", help="labelled images + captions (metadata.jsonl)")
     p.add_argument("--n", type=int, default=120, help="prompts / sources per flow")
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps (scripts/demo.py's baseline uses 25)")
-    p.add_argument("--scale", type=float, default=3.0, help="CFG scale (scripts/demo.py's baseline uses 3)")
+    add_flag(p, "--num_inference_steps", "--steps", dest="steps", type=int, default=25,
+             help="DDIM steps (scripts/demo.py's baseline uses 25)")
+    add_flag(p, "--guidance_scale", "--scale", type=float, default=3.0,
+             help="CFG scale (scripts/demo.py's baseline uses 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--flows", default="t2i,iv,i2t,tv,dual", help="comma list of flows to evaluate")
     p.add_argument("--output_dir", default="outputs/versatile/eval")
@@ -103,9 +106,9 @@ def main(argv=None) -> int:
                                    else args.checkpoint)
     for flow in flows:
         check_flow(manifest, flow)
-    kw = dict(guidance_scale=args.scale, num_inference_steps=args.steps)
+    kw = dict(guidance_scale=args.guidance_scale, num_inference_steps=args.steps)
     results, records = {}, []
-    settings = f"n={args.n}, DDIM {args.steps} steps, CFG {args.scale}, seed {args.seed}"
+    settings = f"n={args.n}, DDIM {args.steps} steps, CFG {args.guidance_scale}, seed {args.seed}"
 
     def record(name, value, unit="", target=""):
         records.append({"name": name, "value": round(value, 4) if isinstance(value, float) else value, "unit": unit,
@@ -118,7 +121,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         prompts = evaluation_prompts(args.n)
         images = sample_t2i(pipe, [p["text"] for p in prompts], seed=args.seed, steps=args.steps,
-                            guidance_scale=args.scale)
+                            guidance_scale=args.guidance_scale)
         save_images(out / "t2i", images, prompts)
         results["t2i"], _ = judge(images, [(p["digit"], p["color"]) for p in prompts])
         results["t2i"]["seconds"] = round(time.perf_counter() - start, 1)
@@ -127,7 +130,7 @@ def main(argv=None) -> int:
 
             base = LatentTextToImage.from_pretrained(str(REPO / args.baseline))
             bimgs = torch.cat([base([p["text"] for p in prompts[a:b]], num_inference_steps=args.steps,
-                                    guidance_scale=args.scale, progress=False,
+                                    guidance_scale=args.guidance_scale, progress=False,
                                     generator=torch.Generator().manual_seed(args.seed * 1000 + a // 60)).images
                                for a, b in chunks(len(prompts))])
             save_images(out / "baseline_t2i", bimgs, prompts)

@@ -37,7 +37,8 @@ EMA and of each process's torch/numpy/python RNG states (accelerate would pickle
 file; see :mod:`common.checkpoint`). A resume verifies all of it first: a damaged checkpoint is refused with one
 line naming the file, and ``latest`` falls back to the newest checkpoint that verifies, with a warning. The
 data order is a pure function of ``(seed, epoch)`` (accelerate's seedable sampler, ``set_epoch`` every epoch),
-and a resumed run skips the batches of the current epoch already consumed (``skip_first_batches``). Two
+and a resumed run skips the batches of the current epoch already consumed (``skip_first_batches``); a stream of tar
+shards (:class:`common.shards.ShardStream`, split by rank and worker itself) starts at that position instead. Two
 things would otherwise make a resumed run drift from an uninterrupted one even with all states restored, and
 the loop removes both:
 

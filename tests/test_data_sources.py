@@ -25,9 +25,10 @@ from common.errors import UserError
 REPO = Path(__file__).resolve().parent.parent
 TRAINERS = ("scripts/train_text_to_image.py", "scripts/train_vae.py", "scripts/train_clip.py",
             "scripts/codiff/train_dynamic.py", "scripts/codiff/train_unimodal.py", "scripts/versatile/train.py",
-            "scripts/shifted/finetune.py", "scripts/sdg/train_unconditional.py", "scripts/sdg/finetune_clip.py")
+            "scripts/shifted/finetune.py", "scripts/shifted/train.py", "scripts/sdg/train_unconditional.py",
+            "scripts/sdg/finetune_clip.py")
 CAPTION_TRAINERS = ("scripts/train_text_to_image.py", "scripts/train_clip.py", "scripts/codiff/train_dynamic.py",
-                    "scripts/codiff/train_unimodal.py", "scripts/versatile/train.py")
+                    "scripts/codiff/train_unimodal.py", "scripts/versatile/train.py", "scripts/shifted/train.py")
 
 
 def flags(argv: list[str]) -> argparse.Namespace:

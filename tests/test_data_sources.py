@@ -201,3 +201,10 @@ def test_import_datasets_from_the_repository_root_is_hugging_face():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert str(REPO) not in proc.stdout  # resolved to site-packages, not to a folder of this repository
+
+
+@pytest.mark.parametrize("script", ["scripts/make_digits.py", "scripts/make_digits_pairs.py", "scripts/make_shards.py"])
+def test_dataset_builders_are_entry_points_in_scripts(script, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(script).main(["--help"])
+    assert exit_info.value.code == 0 and "--output_dir" in capsys.readouterr().out

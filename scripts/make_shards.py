@@ -2,6 +2,7 @@
 
     python scripts/make_shards.py --digits --output_dir data/digits_shards --samples_per_shard 500
     python scripts/make_shards.py --train_data_dir my_images --output_dir my_images_shards
+    python scripts/make_shards.py --dataset_name user/hub_dataset --output_dir hub_shards   # a Hugging Face dataset
 
 Each sample becomes ``<key>.<png|jpg|...>`` (the file's own bytes, not re-encoded), ``<key>.txt`` (its caption),
 ``<key>.json`` (caption and scalar columns) and, when the folder has masks, ``<key>.mask.png`` (class ids). Keys are
@@ -44,6 +45,46 @@ def folder_samples(root: Path, caption_column: str, require_captions: bool):
         yield item
 
 
+def hub_samples(name: str, config, image_column: str, caption_column: str, require_captions: bool):
+    """Items for :func:`common.shards.write_shards` from a Hugging Face dataset (its stored image bytes, when it
+    keeps them, else the decoded image as PNG)."""
+    import datasets as hf_datasets
+
+    from common.data_sources import load_hub_table
+
+    table = load_hub_table(name, config)
+    columns = list(table.column_names)
+    if image_column not in columns:
+        raise UserError(f"dataset {name!r} has no image column {image_column!r} (columns: {', '.join(columns)}): "
+                        "pass --image_column")
+    if require_captions and caption_column not in columns:
+        raise UserError(f"dataset {name!r} has no caption column {caption_column!r} (columns: {', '.join(columns)}): "
+                        "pass --caption_column, or --no_captions")
+    table = table.cast_column(image_column, hf_datasets.Image(decode=False))
+    for number, row in enumerate(table):
+        stored = row[image_column] or {}
+        data, path = stored.get("bytes"), stored.get("path")
+        if data is None and path:
+            data = Path(path).read_bytes()
+        if data is None:
+            raise UserError(f"dataset {name!r} row {number} has no image: fix the dataset or drop that row")
+        ext = Path(path).suffix.lower().lstrip(".") if path else ""
+        ext = {"jpeg": "jpg"}.get(ext, ext) if ext in ("jpg", "jpeg", "png", "webp") else ""
+        if not ext:  # unknown container: store it as PNG so every reader can decode it
+            from PIL import Image
+
+            buffer = io.BytesIO()
+            with Image.open(io.BytesIO(data)) as im:
+                im.save(buffer, format="PNG")
+            data, ext = buffer.getvalue(), "png"
+        meta = {k: v for k, v in row.items() if k != image_column and isinstance(v, (int, float, str, list))}
+        item = {"key": f"{number:08d}", "image": data, "image_ext": ext, "json": meta}
+        caption = row.get(caption_column)
+        if isinstance(caption, str) and caption:
+            item["text"] = caption
+        yield item
+
+
 @cli_entry
 def main(argv=None) -> int:
     from common.shards import write_shards
@@ -53,20 +94,27 @@ def main(argv=None) -> int:
     source.add_argument("--train_data_dir", help="an image folder (metadata.jsonl / metadata.csv, a train/ split "
                                                   "folder, or CelebAMask-HQ)")
     source.add_argument("--digits", action="store_true", help="the digits world's train split (built if needed)")
+    source.add_argument("--dataset_name", help="a Hugging Face dataset (or a local folder read by imagefolder)")
+    parser.add_argument("--dataset_config_name", default=None)
+    parser.add_argument("--image_column", default="image", help="--dataset_name: the column holding the images")
     parser.add_argument("--digits_dir", default="data/digits", help="--digits: where the digits world is built")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--samples_per_shard", type=int, default=1000)
     parser.add_argument("--caption_column", default="text")
     parser.add_argument("--no_captions", action="store_true", help="the folder has no captions (images only)")
     args = parser.parse_args(argv)
-    if args.digits:
-        from common.digits import build_digits
-
-        root = Path(build_digits(args.digits_dir)) / "train"
+    if args.dataset_name:
+        samples = hub_samples(args.dataset_name, args.dataset_config_name, args.image_column, args.caption_column,
+                              not args.no_captions)
     else:
-        root = Path(args.train_data_dir)
-    out = write_shards(folder_samples(root, args.caption_column, not args.no_captions), args.output_dir,
-                       samples_per_shard=args.samples_per_shard)
+        if args.digits:
+            from common.digits import build_digits
+
+            root = Path(build_digits(args.digits_dir)) / "train"
+        else:
+            root = Path(args.train_data_dir)
+        samples = folder_samples(root, args.caption_column, not args.no_captions)
+    out = write_shards(samples, args.output_dir, samples_per_shard=args.samples_per_shard)
     print(f"shards written to {out} (train with --train_shards {out})")
     return 0
 

@@ -132,6 +132,15 @@ def test_dataset_name_reads_a_local_folder_with_imagefolder(tmp_path, monkeypatc
     with pytest.raises(UserError, match="no caption column 'text'"):
         training_dataset(flags(["--dataset_name", str(tmp_path / "folder")]), 8)
 
+    # a Hugging Face dataset written into shards keeps its stored image bytes and captions
+    make = load_script("scripts/make_shards.py").main
+    assert make(["--dataset_name", str(tmp_path / "folder"), "--caption_column", "caption", "--output_dir",
+                 str(tmp_path / "shards"), "--samples_per_shard", "2"]) == 0
+    stream = training_dataset(flags(["--train_shards", str(tmp_path / "shards"), "--caption_column", "caption"]), 8)
+    assert len(stream) == 5
+    for i in range(5):
+        torch.testing.assert_close(stream[i]["pixel_values"], by_text[stream[i]["text"]], rtol=0, atol=0)
+
 
 def sys_args(args: argparse.Namespace) -> list[str]:
     return ["--dataset_name", args.dataset_name, "--caption_column", args.caption_column]

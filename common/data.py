@@ -459,6 +459,17 @@ def coco_dataset(images_dir: str | Path, captions_json: str | Path, resolution: 
                             source=str(captions_json), validate=validate)
 
 
+def check_columns(table, image_column: str, caption_column: Optional[str], source: str) -> None:
+    """A Hugging Face dataset must have the image (and caption) column: else one line listing its columns."""
+    columns = list(table.column_names)
+    if image_column not in columns:
+        raise UserError(f"{source} has no image column {image_column!r} (columns: {', '.join(columns)}): "
+                        "pass --image_column")
+    if caption_column is not None and caption_column not in columns:
+        raise UserError(f"{source} has no caption column {caption_column!r} (columns: {', '.join(columns)}): "
+                        "pass --caption_column")
+
+
 class HubImageTextDataset(ImageTextDataset):
     """A Hugging Face ``datasets.Dataset`` (hub name or local imagefolder) served as :class:`ImageTextDataset`
     items: the ``image_column`` (decoded by ``datasets`` to PIL) and ``caption_column`` (a string or a list of
@@ -470,13 +481,7 @@ class HubImageTextDataset(ImageTextDataset):
         if resolution < 1 or resolution % vae_scale_factor:
             raise UserError(f"resolution {resolution} is not divisible by the VAE's factor {vae_scale_factor}: "
                             "pick a multiple")
-        columns = list(table.column_names)
-        if image_column not in columns:
-            raise UserError(f"{source} has no image column {image_column!r} (columns: {', '.join(columns)}): "
-                            "pass --image_column")
-        if caption_column is not None and caption_column not in columns:
-            raise UserError(f"{source} has no caption column {caption_column!r} (columns: {', '.join(columns)}): "
-                            "pass --caption_column")
+        check_columns(table, image_column, caption_column, source)
         if len(table) == 0:
             raise UserError(f"{source} has no rows: check the dataset name, config and split")
         self.table, self.image_column, self.caption_column = table, image_column, caption_column

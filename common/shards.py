@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 
 from common.errors import UserError
+from common.train import derive_seed  # the trainer's (seed, epoch, i) -> seed mixing, for augmentation draws
 
 
 SHARD_INDEX = "shards.json"
@@ -128,10 +129,6 @@ def _shard_counts(paths: list[Path]) -> list[int]:
 
 def _permutation(n: int, *seed: int) -> np.ndarray:
     return np.random.default_rng([int(s) % 2**63 for s in seed]).permutation(n)
-
-
-def _item_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -277,7 +274,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
         index %= self.num_samples
         shard = bisect.bisect_right(self.starts, index) - 1
-        return self.load(shard, index - int(self.starts[shard]), _item_seed(self.seed, index))
+        return self.load(shard, index - int(self.starts[shard]), derive_seed(self.seed, index))
 
     # ---- epoch order --------------------------------------------------------------------------------------------
 
@@ -338,7 +335,7 @@ class _RankBatches(torch.utils.data.IterableDataset):
             for slot in range(batch * self.batch_size, min((batch + 1) * self.batch_size, self.per_rank)):
                 position = slot * self.world + self.rank
                 shard, row = order(position)
-                items.append(self.stream.load(shard, row, _item_seed(self.seed, self.epoch, position)))
+                items.append(self.stream.load(shard, row, derive_seed(self.seed, self.epoch, position)))
             yield items
 
 

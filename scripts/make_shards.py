@@ -50,16 +50,11 @@ def hub_samples(name: str, config, image_column: str, caption_column: str, requi
     keeps them, else the decoded image as PNG)."""
     import datasets as hf_datasets
 
+    from common.data import check_columns
     from common.data_sources import load_hub_table
 
     table = load_hub_table(name, config)
-    columns = list(table.column_names)
-    if image_column not in columns:
-        raise UserError(f"dataset {name!r} has no image column {image_column!r} (columns: {', '.join(columns)}): "
-                        "pass --image_column")
-    if require_captions and caption_column not in columns:
-        raise UserError(f"dataset {name!r} has no caption column {caption_column!r} (columns: {', '.join(columns)}): "
-                        "pass --caption_column, or --no_captions")
+    check_columns(table, image_column, caption_column if require_captions else None, f"dataset {name!r}")
     table = table.cast_column(image_column, hf_datasets.Image(decode=False))
     for number, row in enumerate(table):
         stored = row[image_column] or {}

@@ -40,7 +40,7 @@ VAE_FILES := config.json diffusion_pytorch_model.safetensors
 CLIP_FILES := open_clip_config.json open_clip_model.safetensors text_encoder tokenizer
 PIPELINE_FILES := model_index.json scheduler text_encoder tokenizer unet vae
 tiny-checkpoints: $(STAMP)
-	$(PY) datasets/digits.py --output_dir data/digits
+	$(PY) scripts/make_digits.py --output_dir data/digits
 	$(PY) scripts/train_vae.py --config configs/baseline/vae.yaml --train_data_dir data/digits/train \
 		--output_dir $(TINY_RUNS)/vae_run
 	rm -rf ckpt/tiny/vae && mkdir -p ckpt/tiny/vae && cd $(TINY_RUNS)/vae_run && cp -r $(VAE_FILES) $(CURDIR)/ckpt/tiny/vae/

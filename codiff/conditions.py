@@ -28,16 +28,14 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from common.data import CELEBA_PARTS
 from common.errors import UserError, one_line
 from common.io import PathLike, atomic_write_dir, load_safetensors, open_image, require_file, save_safetensors
 
 
 # CelebAMask-HQ's 19 classes and colours (CelebAMask-HQ ``g_mask.py``; the palette of Collaborative Diffusion's
 # ``test_data/*_masks/*.png``). Id 0 is the background.
-CELEBAMASK_HQ_CLASSES = (
-    "background", "skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear", "mouth",
-    "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth",
-)
+CELEBAMASK_HQ_CLASSES = ("background", *CELEBA_PARTS)  # the order the dataset's part maps are combined in
 CELEBAMASK_HQ_PALETTE = (
     (0, 0, 0), (204, 0, 0), (76, 153, 0), (204, 204, 0), (51, 51, 255), (204, 0, 204), (0, 255, 255),
     (255, 204, 204), (102, 51, 0), (255, 0, 0), (102, 204, 0), (255, 255, 0), (0, 0, 153), (0, 0, 204),

@@ -73,31 +73,29 @@ def cache_latents(
     batch_size: int = 64,
     progress: bool = True,
 ) -> CachedLatents:
-    """Encode ``dataset`` once: VAE posterior of every image; ``keys`` kept as they are; with a
-    ``text_conditioner``, the caption token states as ``text_states [N, L, D]`` too."""
-    from tqdm.auto import tqdm
+    """Encode ``dataset`` once (:func:`common.data.encode_once`): VAE posterior of every image; ``keys`` kept as
+    they are; with a ``text_conditioner``, the caption token states as ``text_states [N, L, D]`` too."""
+    from common.data import encode_once
 
     if len(dataset) == 0:
         raise UserError("the training set is empty")
-    means, stds, states = [], [], []
-    extras: dict[str, list] = {key: [] for key in keys}
+    first = dataset[0]
+    for key in keys:
+        if key not in first:
+            raise UserError(f"the dataset items have no {key!r} entry (keys: {', '.join(first)}): masks need "
+                            "a mask_file_name column in metadata.jsonl")
     device = next(vae.parameters()).device
-    for start in tqdm(range(0, len(dataset), batch_size), desc="caching latents", disable=not progress):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        for key in keys:
-            if key not in items[0]:
-                raise UserError(f"the dataset items have no {key!r} entry (keys: {', '.join(items[0])}): masks need "
-                                "a mask_file_name column in metadata.jsonl")
-            extras[key] += [it[key] for it in items]
-        pixels = torch.stack([it["pixel_values"] for it in items]).to(device=device, dtype=vae.dtype)
+
+    def encode(batch):
+        pixels = batch["pixel_values"].to(device=device, dtype=vae.dtype)
         posterior = vae.encode(pixels).latent_dist
-        means.append(posterior.mean.float().cpu())
-        stds.append(posterior.std.float().cpu())
+        out = {"mean": posterior.mean.float(), "std": posterior.std.float()}
+        out.update({f"extra:{key}": batch[key] for key in keys})
         if text_conditioner is not None:
-            states.append(text_conditioner([it["text"] for it in items]).float().cpu())
-    packed: dict[str, Any] = {}
-    for key, values in extras.items():
-        packed[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else list(values)
-    if text_conditioner is not None:
-        packed["text_states"] = torch.cat(states)
-    return CachedLatents(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor), packed)
+            out["text_states"] = text_conditioner(list(batch["text"])).float()
+        return out
+
+    encoded, _ = encode_once(dataset, encode, batch_size=batch_size, progress=progress)
+    packed: dict[str, Any] = {key.removeprefix("extra:"): value for key, value in encoded.items()
+                              if key.startswith("extra:") or key == "text_states"}
+    return CachedLatents(encoded["mean"], encoded["std"], float(vae.config.scaling_factor), packed)

@@ -10,9 +10,9 @@ skipped and counted (``dataset.skipped``) with one warning naming how many. A fi
 on disk, or missed by ``"verify"``) is caught in ``__getitem__``: the item deterministically falls back to the
 next readable index, and the file is counted too (``dataset.skipped_at_load``, per process).
 
-Encodings (VAE latents, text embeddings) can be computed once and reused: :func:`build_embedding_cache` writes
-safetensors shards keyed by a fingerprint (:func:`cache_fingerprint` of the model and data fingerprints), and
-:class:`CachedEmbeddingDataset` serves them.
+Encodings (VAE latents, text embeddings) are computed once by :func:`encode_once`, the cache every trainer uses:
+in memory, or stored by :func:`build_embedding_cache` as safetensors shards keyed by a fingerprint
+(:func:`cache_fingerprint` of the model and data fingerprints) and served by :class:`CachedEmbeddingDataset`.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _readable(path: Path, validate: str = "decode") -> bool:
         return False
 
 
-def _caption_fields(value: Any) -> tuple[str, Optional[tuple[str, ...]]]:
+def caption_fields(value: Any) -> tuple[str, Optional[tuple[str, ...]]]:
     """A caption cell -> ``(text, alternatives)``: a list of captions (HF datasets) is kept to draw from."""
     if isinstance(value, (list, tuple)):
         captions = tuple(str(c).strip() for c in value if str(c).strip())
@@ -94,27 +94,132 @@ def read_jsonl_rows(path: Path) -> list[dict]:
     return rows
 
 
+def read_csv_rows(path: Path) -> list[dict]:
+    """The rows of an imagefolder ``metadata.csv`` (a header line with ``file_name``); a bad file is one line."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (csv.Error, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not a readable CSV ({err}): save it as UTF-8 with a header line") from None
+    for n, row in enumerate(rows, 2):
+        if not row.get("file_name"):
+            raise UserError(f"{path}:{n} has no file_name: the header needs a file_name column, e.g. file_name,text")
+    return rows
+
+
+def _metadata_rows(root: Path) -> tuple[Optional[Path], list[dict]]:
+    """``(metadata file, rows)`` of an image folder: ``metadata.jsonl`` or ``metadata.csv`` (not both)."""
+    jsonl, csv_file = root / "metadata.jsonl", root / "metadata.csv"
+    if jsonl.is_file() and csv_file.is_file():
+        raise UserError(f"{root} has both metadata.jsonl and metadata.csv: keep one of them")
+    if jsonl.is_file():
+        return jsonl, read_jsonl_rows(jsonl)
+    if csv_file.is_file():
+        return csv_file, read_csv_rows(csv_file)
+    return None, []
+
+
+def _split_folder(root: Path, split: str = "train") -> Path:
+    """``root/<split>`` when ``root`` is a dataset with split folders (``train/``, ``test/``...) and no metadata of
+    its own, as Hugging Face's imagefolder reads it; else ``root``."""
+    has_own = any((root / name).is_file() for name in ("metadata.jsonl", "metadata.csv"))
+    if not has_own and (root / split).is_dir():
+        return root / split
+    return root
+
+
 def folder_records(root: Path, caption_column: str = "text", require_captions: bool = True) -> list[Record]:
-    """Records of an image folder: from ``metadata.jsonl`` if present, else every image file (no captions)."""
+    """Records of an image folder: ``metadata.jsonl`` or ``metadata.csv`` (in ``root`` or its ``train/`` split
+    folder), the CelebAMask-HQ layout (:func:`celebamask_records`), or, without captions, every image file."""
     if not root.is_dir():
         raise UserError(f"data directory {root} does not exist: pass --train_data_dir pointing at an image folder")
-    meta = root / "metadata.jsonl"
-    if meta.is_file():
+    if (root / CELEBA_IMAGES).is_dir():
+        return celebamask_records(root, require_captions=require_captions)
+    root = _split_folder(root)
+    meta, rows = _metadata_rows(root)
+    if meta is not None:
         records = []
-        for row in read_jsonl_rows(meta):
+        for row in rows:
             if require_captions and caption_column not in row:
                 raise UserError(f"{meta}: a line has no {caption_column!r} column: pass --caption_column")
             mask = inside(root, row["mask_file_name"], f"{meta}: mask_file_name") if row.get("mask_file_name") \
                 else None
             extra = {k: v for k, v in row.items() if k not in ("file_name", caption_column, "mask_file_name")}
-            text, captions = _caption_fields(row.get(caption_column, ""))
+            text, captions = caption_fields(row.get(caption_column, ""))
             image = inside(root, row["file_name"], f"{meta}: file_name")
             records.append(Record(image, text, mask, extra, captions))
         return records
     if require_captions:
-        raise UserError(f"{root} has no metadata.jsonl: add one with file_name and text per image")
+        raise UserError(f"{root} has no metadata.jsonl or metadata.csv: add one with file_name and text per image "
+                        "(or a train/ folder holding it, or pass --dataset_name / --coco_annotations / --train_shards)")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     return [Record(p, "") for p in files]
+
+
+# CelebAMask-HQ as distributed: CelebA-HQ-img/<i>.jpg (1024 px), CelebAMask-HQ-mask-anno/<i // 2000>/<i:05d>_<part>.png
+# (512 px binary maps, one per face part), or a combined folder of palette PNGs of class ids.
+CELEBA_IMAGES = "CelebA-HQ-img"
+CELEBA_PART_MASKS = "CelebAMask-HQ-mask-anno"
+CELEBA_COMBINED_MASKS = ("CelebAMask-HQ-mask", "CelebAMask-HQ-mask-color-palette", "mask")
+CELEBA_CAPTIONS = ("celeba-caption", "text")
+# Class ids 1..18 in the dataset's own order (0 is background); a later part overwrites an earlier one where they
+# overlap, as the dataset's own combining script does.
+CELEBA_PARTS = ("skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear", "mouth", "u_lip",
+                "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth")
+CELEBA_NUM_CLASSES = len(CELEBA_PARTS) + 1
+
+
+@dataclass(frozen=True)
+class PartMasks:
+    """One image's per-part binary masks, combined into class ids on load (CelebAMask-HQ-mask-anno)."""
+
+    parts: tuple[tuple[int, Path], ...]
+
+    def is_file(self) -> bool:  # a record's mask is checked like a path: present when one part exists
+        return bool(self.parts)
+
+    @property
+    def name(self) -> str:
+        return self.parts[0][1].name if self.parts else "no part masks"
+
+
+def celebamask_records(root: Path, require_captions: bool = False) -> list[Record]:
+    """Records of a CelebAMask-HQ folder: ``CelebA-HQ-img/<i>.jpg``; masks from a combined folder of class-id PNGs
+    (``CelebAMask-HQ-mask/<i>.png``) or from the per-part maps of ``CelebAMask-HQ-mask-anno/``; captions (optional)
+    from ``celeba-caption/<i>.txt`` (one caption per line, drawn at random), as Multi-Modal-CelebA-HQ ships them."""
+    images_dir = root / CELEBA_IMAGES
+    images = sorted((p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
+                    key=lambda p: (len(p.stem), p.stem))
+    if not images:
+        raise UserError(f"{images_dir} holds no images: it should hold CelebA-HQ's 0.jpg, 1.jpg, ...")
+    combined = next((root / name for name in CELEBA_COMBINED_MASKS if (root / name).is_dir()), None)
+    anno = root / CELEBA_PART_MASKS
+    parts_by_id: dict[int, list[tuple[int, Path]]] = {}
+    if combined is None and anno.is_dir():
+        ids = {name: k for k, name in enumerate(CELEBA_PARTS, 1)}
+        for path in sorted(anno.rglob("*.png")):
+            stem, _, part = path.stem.partition("_")
+            if part in ids and stem.isdigit():
+                parts_by_id.setdefault(int(stem), []).append((ids[part], path))
+    captions_dir = next((root / name for name in CELEBA_CAPTIONS if (root / name).is_dir()), None)
+    records = []
+    for image in images:
+        mask: Any = None
+        if combined is not None:
+            mask = combined / f"{image.stem}.png"
+        elif image.stem.isdigit() and int(image.stem) in parts_by_id:
+            mask = PartMasks(tuple(sorted(parts_by_id[int(image.stem)])))
+        text, captions = "", None
+        if captions_dir is not None and (captions_dir / f"{image.stem}.txt").is_file():
+            lines = (captions_dir / f"{image.stem}.txt").read_text(encoding="utf-8").splitlines()
+            text, captions = caption_fields([line for line in lines if line.strip()])
+        if require_captions and not text:
+            raise UserError(f"{root}: image {image.name} has no caption: add celeba-caption/{image.stem}.txt "
+                            "(Multi-Modal-CelebA-HQ's captions) or train a model that needs no text")
+        records.append(Record(image, text, mask, {"image_id": image.stem}, captions))
+    return records
 
 
 def coco_records(images_dir: Path, captions_json: Path, one_per_image: bool = False,
@@ -156,8 +261,22 @@ def coco_records(images_dir: Path, captions_json: Path, one_per_image: bool = Fa
 def load_mask_ids(path: Path, num_classes: int, ignore_index: Optional[int] = None) -> np.ndarray:
     """A palette / grayscale PNG of class ids -> ``[H, W]`` int64, every id checked to be < num_classes.
 
-    ``ignore_index`` (e.g. 255, the "void" label of VOC-style masks) is allowed through unchanged.
+    ``ignore_index`` (e.g. 255, the "void" label of VOC-style masks) is allowed through unchanged. ``path`` may be
+    :class:`PartMasks` (one binary map per class), combined in order, a later class winning where parts overlap.
     """
+    if isinstance(path, PartMasks):
+        ids = None
+        for class_id, part in path.parts:
+            if class_id >= num_classes:
+                raise UserError(f"mask {part} is class {class_id} but there are only {num_classes} classes")
+            with open_image(part) as im:
+                on = np.asarray(im.convert("L")) > 127
+            ids = np.zeros(on.shape, np.int64) if ids is None else ids
+            if on.shape != ids.shape:
+                raise UserError(f"mask {part} is {on.shape[1]}x{on.shape[0]}, the other parts {ids.shape[1]}x"
+                                f"{ids.shape[0]}: every part map of an image must have one size")
+            ids[on] = class_id
+        return ids
     with open_image(path) as im:
         if im.mode not in ("P", "L", "I", "I;16"):
             raise UserError(f"mask {path} is {im.mode}: masks must be palette or grayscale PNGs of class ids")
@@ -214,7 +333,11 @@ class ImageTextDataset(torch.utils.data.Dataset):
     @staticmethod
     def _problem(rec: Record, validate: str, num_mask_classes: Optional[int]) -> Optional[str]:
         """``"<file> missing"`` / ``"<file> unreadable"`` for the record's first bad file (image, then mask)."""
-        files = [rec.image] + ([rec.mask] if num_mask_classes and rec.mask is not None else [])
+        files = [rec.image]
+        if num_mask_classes and isinstance(rec.mask, PartMasks):
+            files += [part for _, part in rec.mask.parts]
+        elif num_mask_classes and rec.mask is not None:
+            files.append(rec.mask)
         for path in files:
             if not path.is_file():
                 return f"{path.name} missing"
@@ -235,20 +358,12 @@ class ImageTextDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _geometry(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
-        w, h = size
-        scale = self.resolution / min(w, h)
-        nw, nh = max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))
-        if self.center_crop:
-            left, top = (nw - self.resolution) // 2, (nh - self.resolution) // 2
-        else:
-            left = int(torch.randint(0, nw - self.resolution + 1, ()).item())
-            top = int(torch.randint(0, nh - self.resolution + 1, ()).item())
-        return nw, nh, left, top
+    def _describe(self, index: int) -> str:
+        return str(self.records[index].image)
 
     def __getitem__(self, index: int) -> dict:
         """The item at ``index``; if its files cannot be read, the next readable index's (counted, warned once)."""
-        n = len(self.records)
+        n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples")
         index %= n
@@ -260,7 +375,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
                 item = self._load(candidate)
             except _READ_ERRORS as err:
                 self._broken.add(candidate)
-                warnings.warn(f"skipping unreadable {self.records[candidate].image} ({type(err).__name__}); "
+                warnings.warn(f"skipping unreadable {self._describe(candidate)} ({type(err).__name__}); "
                               f"{self.skipped_at_load} file(s) skipped at load time so far", stacklevel=2)
                 continue
             item["index"] = index
@@ -280,24 +395,43 @@ class ImageTextDataset(torch.utils.data.Dataset):
         ids = None
         if rec.mask is not None and self.num_mask_classes:
             ids = load_mask_ids(rec.mask, self.num_mask_classes, self.mask_ignore_index)
-        nw, nh, left, top = self._geometry(image.size)
-        box = (left, top, left + self.resolution, top + self.resolution)
-        image = image.resize((nw, nh), Image.BICUBIC).crop(box)
-        flip = self.random_flip and bool(torch.rand(()) < 0.5)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-        if flip:
-            pixels = pixels.flip(-1)
+        item = transform_sample(image, self.resolution, center_crop=self.center_crop, random_flip=self.random_flip,
+                                mask_ids=ids)
         text = rec.text
         if rec.captions:
             text = rec.captions[int(torch.randint(len(rec.captions), ()).item())]
-        item = {"pixel_values": pixels.contiguous(), "text": text, "index": index}
+        item.update(text=text, index=index)
         if rec.extra:
             item.update({k: v for k, v in rec.extra.items() if isinstance(v, (int, float, str))})
-        if ids is not None:
-            mask = Image.fromarray(ids.astype(np.int32)).resize((nw, nh), Image.NEAREST).crop(box)
-            mask_t = torch.from_numpy(np.asarray(mask).astype(np.int64))
-            item["mask"] = mask_t.flip(-1) if flip else mask_t
         return item
+
+
+def transform_sample(image: Image.Image, resolution: int, *, center_crop: bool = True, random_flip: bool = False,
+                     mask_ids: Optional[np.ndarray] = None, generator: Optional[torch.Generator] = None) -> dict:
+    """An RGB image (and its class-id mask) -> ``{"pixel_values" [3, R, R] in [-1, 1], "mask" [R, R]}``.
+
+    The shortest side is resized to ``resolution`` (bicubic; the mask nearest, from whatever size it has), then an
+    ``R x R`` crop is taken (centre, or uniform), then an optional horizontal flip with probability 1/2 (image and
+    mask together). Random draws come from ``generator`` (default: the global torch RNG).
+    """
+    w, h = image.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if center_crop:
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    else:
+        left = int(torch.randint(0, nw - resolution + 1, (), generator=generator).item())
+        top = int(torch.randint(0, nh - resolution + 1, (), generator=generator).item())
+    box = (left, top, left + resolution, top + resolution)
+    image = image.resize((nw, nh), Image.BICUBIC).crop(box)
+    flip = random_flip and bool(torch.rand((), generator=generator) < 0.5)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    item = {"pixel_values": (pixels.flip(-1) if flip else pixels).contiguous()}
+    if mask_ids is not None:
+        mask = Image.fromarray(mask_ids.astype(np.int32)).resize((nw, nh), Image.NEAREST).crop(box)
+        mask_t = torch.from_numpy(np.asarray(mask).astype(np.int64))
+        item["mask"] = (mask_t.flip(-1) if flip else mask_t).contiguous()
+    return item
 
 
 def image_text_dataset(root: str | Path, resolution: int, *, caption_column: str = "text",
@@ -325,21 +459,88 @@ def coco_dataset(images_dir: str | Path, captions_json: str | Path, resolution: 
                             source=str(captions_json), validate=validate)
 
 
+def check_columns(table, image_column: str, caption_column: Optional[str], source: str) -> None:
+    """A Hugging Face dataset must have the image (and caption) column: else one line listing its columns."""
+    columns = list(table.column_names)
+    if image_column not in columns:
+        raise UserError(f"{source} has no image column {image_column!r} (columns: {', '.join(columns)}): "
+                        "pass --image_column")
+    if caption_column is not None and caption_column not in columns:
+        raise UserError(f"{source} has no caption column {caption_column!r} (columns: {', '.join(columns)}): "
+                        "pass --caption_column")
+
+
+class HubImageTextDataset(ImageTextDataset):
+    """A Hugging Face ``datasets.Dataset`` (hub name or local imagefolder) served as :class:`ImageTextDataset`
+    items: the ``image_column`` (decoded by ``datasets`` to PIL) and ``caption_column`` (a string or a list of
+    captions to draw from); other scalar columns are passed through."""
+
+    def __init__(self, table, resolution: int, *, image_column: str = "image", caption_column: Optional[str] = "text",
+                 center_crop: bool = True, random_flip: bool = False, vae_scale_factor: int = 1,
+                 source: str = "dataset"):
+        if resolution < 1 or resolution % vae_scale_factor:
+            raise UserError(f"resolution {resolution} is not divisible by the VAE's factor {vae_scale_factor}: "
+                            "pick a multiple")
+        check_columns(table, image_column, caption_column, source)
+        if len(table) == 0:
+            raise UserError(f"{source} has no rows: check the dataset name, config and split")
+        self.table, self.image_column, self.caption_column = table, image_column, caption_column
+        self.records: list[Record] = []  # rows live in the arrow table, read on access
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.num_mask_classes, self.mask_ignore_index = None, None
+        self.skipped_at_index = 0
+        self.source = source
+        self.fingerprint = getattr(table, "_fingerprint", None) or source
+        self._broken: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def _describe(self, index: int) -> str:
+        return f"{self.source} row {index}"
+
+    def _load(self, index: int) -> dict:
+        from PIL import ImageOps
+
+        from common.io import pil_to_rgb
+
+        row = self.table[int(index)]
+        image = row[self.image_column]
+        if not isinstance(image, Image.Image):
+            raise UserError(f"{self.source}: column {self.image_column!r} holds {type(image).__name__}, not images: "
+                            "pass --image_column naming the image column")
+        image = pil_to_rgb(ImageOps.exif_transpose(image))
+        item = transform_sample(image, self.resolution, center_crop=self.center_crop, random_flip=self.random_flip)
+        text, captions = caption_fields(row.get(self.caption_column) if self.caption_column else "")
+        if captions:
+            text = captions[int(torch.randint(len(captions), ()).item())]
+        item.update(text=text, index=index)
+        item.update({k: v for k, v in row.items() if k not in (self.image_column, self.caption_column, "index")
+                     and isinstance(v, (int, float, str))})
+        return item
+
+
 # ------------------------------------------------------------------------------------------ encoding caches
 
 
 def dataset_fingerprint(dataset: ImageTextDataset) -> str:
     """Changes whenever the files (path, size, mtime), their captions or the transform settings change."""
     h = hashlib.blake2b(digest_size=16)
+    if getattr(dataset, "fingerprint", None):  # a Hugging Face dataset (its own content hash) or tar shards
+        h.update(repr((dataset.fingerprint, dataset.resolution, dataset.center_crop, dataset.random_flip)).encode())
+        return h.hexdigest()
     h.update(repr((dataset.resolution, dataset.center_crop, dataset.random_flip)).encode())
     for rec in dataset.records:
         stat = rec.image.stat()
         h.update(f"{rec.image}|{stat.st_size}|{stat.st_mtime_ns}|{rec.text}\n".encode())
         if rec.captions:
             h.update(json.dumps(rec.captions).encode())
-        if rec.mask is not None and dataset.num_mask_classes and rec.mask.is_file():
-            mstat = rec.mask.stat()
-            h.update(f"{rec.mask}|{mstat.st_size}|{mstat.st_mtime_ns}\n".encode())
+        masks = [] if rec.mask is None or not dataset.num_mask_classes else \
+            [part for _, part in rec.mask.parts] if isinstance(rec.mask, PartMasks) else [rec.mask]
+        for mask in masks:
+            if mask.is_file():
+                mstat = mask.stat()
+                h.update(f"{mask}|{mstat.st_size}|{mstat.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -353,23 +554,6 @@ def module_fingerprint(module: torch.nn.Module) -> str:
         # reshape(-1): 0-dim buffers (BatchNorm's num_batches_tracked) cannot be viewed as bytes directly
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def cached_tensors(cache_dir: str | Path, key: str, compute) -> tuple[dict[str, torch.Tensor], bool]:
-    """``(tensors, reused)``: load ``<cache_dir>/<key>.safetensors`` if present, else ``compute()`` and save it.
-
-    The key carries the fingerprints of the data and of the encoding models, so a change of either makes a new
-    file instead of silently reusing stale encodings. The file is written atomically.
-    """
-    from common.io import load_safetensors, save_safetensors
-
-    path = Path(cache_dir) / f"{key}.safetensors"
-    if path.is_file():
-        return load_safetensors(path), True
-    tensors = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path)
-    return tensors, False
 
 
 # ------------------------------------------------------------------------------------------ sharded encoding cache
@@ -515,6 +699,59 @@ def build_embedding_cache(dataset: Sequence[dict], encode_fn: Callable[[dict], d
                     "shards": shards}
         (tmp / CACHE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return cache_dir
+
+
+def load_embedding_cache(cache_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every row of a finished :func:`build_embedding_cache` folder, in memory: ``{name: tensor [N, ...]}``."""
+    from common.io import load_safetensors
+
+    cache_dir = Path(cache_dir)
+    manifest = read_cache_manifest(cache_dir)
+    if manifest is None:
+        raise UserError(f"{cache_dir} holds no finished embedding cache: delete it and run again")
+    shards = [load_safetensors(cache_dir / shard["file"]) for shard in manifest["shards"]]
+    return {key: torch.cat([shard[key] for shard in shards]) for key in manifest["keys"]}
+
+
+def encode_once(dataset: Sequence[dict], encode_fn: Callable[[dict], dict[str, Any]], *,
+                cache_dir: Optional[str | Path] = None, key: Optional[str] = None, batch_size: int = 64,
+                progress: bool = False) -> tuple[dict[str, Any], bool]:
+    """Encode every item of ``dataset`` once; the one encoding cache every trainer uses.
+
+    ``encode_fn(batch)`` gets :func:`collate_items` batches and returns ``{name: tensor [B, ...]}`` (in memory, a
+    list of B values is allowed too: it is kept as a list). Returns ``({name: all N rows}, reused)``. With
+    ``cache_dir`` the tensors are stored by :func:`build_embedding_cache` in ``<cache_dir>/<key>/`` (``key``: the
+    fingerprints of the data and the encoders, :func:`cache_fingerprint`) and reused by any later run with the same
+    key (``reused`` is then True); a change of data or encoder makes another key, never a stale reuse.
+    """
+    if cache_dir is not None:
+        if not key:
+            raise ValueError("encode_once with a cache_dir needs the key of the data and encoders")
+        folder = Path(cache_dir) / key
+        reused = _cache_is_current(folder, key, len(dataset))
+        build_embedding_cache(dataset, encode_fn, folder, key, batch_size=batch_size, progress=progress)
+        return load_embedding_cache(folder), reused
+    n = len(dataset)
+    if n == 0:
+        raise UserError("cannot encode an empty dataset: check the data folder")
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="encoding the dataset once")
+    columns: dict[str, list] = {}
+    for start in starts:
+        items = [dataset[i] for i in range(start, min(start + batch_size, n))]
+        with torch.no_grad():
+            out = encode_fn(collate_items(items))
+        lists = {k: list(v) for k, v in out.items() if isinstance(v, (list, tuple))}
+        if any(len(v) != len(items) for v in lists.values()):
+            raise ValueError(f"encode_fn must return {len(items)} values per list column")
+        tensors = _check_encoded({k: v for k, v in out.items() if k not in lists}, len(items)) if len(lists) < \
+            len(out) else {}
+        for k, v in {**tensors, **lists}.items():
+            columns.setdefault(k, []).append(v)
+    return {k: torch.cat(v) if isinstance(v[0], torch.Tensor) else sum(v, []) for k, v in columns.items()}, False
 
 
 class CachedEmbeddingDataset(torch.utils.data.Dataset):

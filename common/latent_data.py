@@ -43,27 +43,19 @@ class LatentTextEncoder:
     @torch.no_grad()
     def cache(self, dataset, cache_dir=None, batch_size: int = 64):
         """Encode the whole dataset once (posterior mean/std and text states); optionally keep it on disk."""
-        from tqdm.auto import tqdm
+        from common.data import dataset_fingerprint, encode_once, module_fingerprint
 
-        from common.data import cached_tensors, dataset_fingerprint, module_fingerprint
+        def encode(batch):
+            posterior = self.vae.encode(batch["pixel_values"]).latent_dist
+            return {"mean": posterior.mean, "std": posterior.std, "states": self.text(batch["text"])}
 
-        def compute():
-            means, stds, states = [], [], []
-            for start in tqdm(range(0, len(dataset), batch_size), desc="caching latents and text"):
-                items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-                posterior = self.vae.encode(torch.stack([it["pixel_values"] for it in items])).latent_dist
-                means.append(posterior.mean)
-                stds.append(posterior.std)
-                states.append(self.text([it["text"] for it in items]))
-            return {"mean": torch.cat(means), "std": torch.cat(stds), "states": torch.cat(states)}
-
-        if cache_dir is None:
-            t = compute()
-        else:
+        key = None
+        if cache_dir is not None:
             key = "-".join((dataset_fingerprint(dataset), module_fingerprint(self.vae),
                             module_fingerprint(self.text_encoder)))
-            t, reused = cached_tensors(cache_dir, key, compute)
-            print(("reusing" if reused else "wrote") + f" encodings cache {cache_dir}/{key}.safetensors")
+        t, reused = encode_once(dataset, encode, cache_dir=cache_dir, key=key, batch_size=batch_size, progress=True)
+        if cache_dir is not None:
+            print(("reusing" if reused else "wrote") + f" encodings cache {cache_dir}/{key}")
         return CachedLatents(t["mean"], t["std"], t["states"])
 
 

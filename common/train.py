@@ -37,7 +37,8 @@ EMA and of each process's torch/numpy/python RNG states (accelerate would pickle
 file; see :mod:`common.checkpoint`). A resume verifies all of it first: a damaged checkpoint is refused with one
 line naming the file, and ``latest`` falls back to the newest checkpoint that verifies, with a warning. The
 data order is a pure function of ``(seed, epoch)`` (accelerate's seedable sampler, ``set_epoch`` every epoch),
-and a resumed run skips the batches of the current epoch already consumed (``skip_first_batches``). Two
+and a resumed run skips the batches of the current epoch already consumed (``skip_first_batches``); a stream of tar
+shards (:class:`common.shards.ShardStream`, split by rank and worker itself) starts at that position instead. Two
 things would otherwise make a resumed run drift from an uninterrupted one even with all states restored, and
 the loop removes both:
 
@@ -963,7 +964,8 @@ class Trainer:
         ``models``: trainable modules by name (a bare module is named ``"model"``); ``frozen``: modules the loss needs
         but does not train (moved to the device in ``weight_dtype``); ``params``: optimizer params or param groups
         (default: every ``requires_grad`` parameter of ``models``); ``train_data``: a map-style Dataset (batched
-        with ``train_batch_size``, shuffled per epoch) or a DataLoader; ``validation_fn(step, models)`` runs on the
+        with ``train_batch_size``, shuffled per epoch), a stream with ``make_loader`` (:class:`common.shards.ShardStream`:
+        split by rank and worker, resumed by position) or a DataLoader; ``validation_fn(step, models)`` runs on the
         main process on the EMA weights and may return PIL images, or a dict of scalars and/or image lists.
         """
         if self._prepared:
@@ -1222,6 +1224,24 @@ class Trainer:
             else:
                 self._loader_generator = data.generator
             loader = data
+        elif isinstance(data, torch.utils.data.IterableDataset):
+            # A stream resumes exactly only if it can start at a position; it splits itself across ranks and
+            # workers (see common.shards), so accelerate's prepare leaves the returned loader as it is.
+            if not hasattr(data, "make_loader"):
+                raise UserError(
+                    f"{type(data).__name__} is an iterable dataset the trainer cannot resume by position: stream "
+                    "tar shards with common.shards.ShardStream (--train_shards), or pass a map-style Dataset"
+                )
+            loader = data.make_loader(
+                batch_size=cfg.train_batch_size,
+                rank=self.accelerator.process_index,
+                world=self.accelerator.num_processes,
+                num_workers=cfg.dataloader_num_workers,
+                collate_fn=collate_fn,
+                seed=self.seed,
+                device=self.accelerator.device,
+                generator=self._loader_generator,
+            )
         else:
             try:
                 len(data)  # type: ignore[arg-type]
@@ -1247,7 +1267,9 @@ class Trainer:
 
         cfg, n = self.config, self.accelerator.num_processes
         if cfg.max_train_steps is None:
-            per_process_batches = math.ceil(len(dataloader) / n)
+            # A stream's loader already counts this process's batches; a DataLoader is split by prepare later.
+            per_process_batches = len(dataloader) if getattr(dataloader, "per_process", False) else \
+                math.ceil(len(dataloader) / n)
             total = cfg.num_train_epochs * math.ceil(per_process_batches / cfg.gradient_accumulation_steps)
         else:
             total = cfg.max_train_steps
@@ -1311,7 +1333,11 @@ class Trainer:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         self._loader_generator.manual_seed(derive_seed(self.seed, epoch, 1))  # worker base seeds: f(seed, epoch)
-        loader = self.accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        if hasattr(dataloader, "start_at"):  # a stream starts at a position instead of reading past batches
+            dataloader.start_at(skip)
+            loader = dataloader
+        else:
+            loader = self.accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
         iterator = iter(loader)
         fetch = skip
         finished = False

@@ -31,6 +31,7 @@ from typing import Any, Optional
 
 import torch
 
+from common.data_sources import add_dataset_args, check_data_source, describe_source, training_dataset
 from common.errors import UserError
 from common.io import read_json_object
 from contextdiff.adapter import TEXT_SOURCES, RelationalNet, load_adapter, read_adapter_config
@@ -115,8 +116,7 @@ def build_parser(stage: int) -> argparse.ArgumentParser:
     p.add_argument("--t5_max_length", type=int, default=None,
                    help="T5 tokens per caption, padded and masked (default 77" +
                         (")" if stage == 1 else ", or the stage-1 adapter's)"))
-    p.add_argument("--train_data_dir", default=None, help="image folder with metadata.jsonl (file_name, text)")
-    p.add_argument("--caption_column", default="text")
+    add_dataset_args(p)
     p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the VAE's)")
     p.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=False)
@@ -235,7 +235,6 @@ def _baseline_data_path():
 
 def run(args: argparse.Namespace, stage: int) -> int:
     """Train stage ``stage`` with parsed ``args``; returns the trainer's exit code (0 done, 143/130 interrupted)."""
-    from common.data import image_text_dataset
     from common.schedule import NoiseSchedule
     from common.tiny import seeded
     from common.train import Trainer, config_from_args
@@ -243,8 +242,7 @@ def run(args: argparse.Namespace, stage: int) -> int:
     if not args.pretrained_model_name_or_path:
         raise UserError("--pretrained_model_name_or_path is required: a local Stable Diffusion folder such as "
                         "ckpt/tiny/baseline")
-    if not args.train_data_dir:
-        raise UserError("--train_data_dir is required: an image folder with metadata.jsonl captions")
+    check_data_source(args)
     adapter_folder = None
     if stage == 2:
         if not args.adapter_path:
@@ -288,8 +286,10 @@ def run(args: argparse.Namespace, stage: int) -> int:
     else:
         check_adapter_fits(adapter_config, latent_channels, latent_size, text_dims, where=f"adapter {adapter_folder}")
         adapter = load_adapter(adapter_folder)
-    dataset = image_text_dataset(args.train_data_dir, resolution=resolution, caption_column=args.caption_column,
-                                 center_crop=args.center_crop, random_flip=args.random_flip)
+    dataset = training_dataset(args, resolution, center_crop=args.center_crop, random_flip=args.random_flip)
+    if t5_path is not None and args.cache_latents and not getattr(dataset, "records", None):
+        raise UserError("--cache_latents with a T5 adapter reads captions from an image folder's metadata: pass "
+                        "--train_data_dir, or drop --cache_latents")
     if t5_path is not None and args.cache_latents and any(rec.captions for rec in dataset.records):
         raise UserError("--cache_latents with a T5 adapter needs one caption per image (the cache freezes one draw "
                         "of the CLIP states, which the T5 states could not match): drop --cache_latents")
@@ -406,26 +406,25 @@ def _cache_t5(cached, source, t5: tuple, max_length: int, cache_dir=None, batch_
     else:
         captions = [rec.text for rec in source.records]
 
-    def compute():
-        states, masks = [], []
-        for start in range(0, len(captions), batch_size):
-            s, m = encode_t5(t5[0], t5[1], captions[start:start + batch_size], max_length)
-            states.append(s)
-            masks.append(m.to(torch.uint8))
-        return {"states": torch.cat(states), "mask": torch.cat(masks)}
+    from common.data import encode_once
 
-    if cache_dir is None:
-        t = compute()
-    else:
+    def encode(batch):
+        s, m = encode_t5(t5[0], t5[1], list(batch["text"]), max_length)
+        return {"states": s, "mask": m.to(torch.uint8)}
+
+    key = None
+    if cache_dir is not None:
         import hashlib
 
-        from common.data import cached_tensors, module_fingerprint
+        from common.data import module_fingerprint
 
         h = hashlib.blake2b(digest_size=16)
         h.update(json.dumps([captions, type(t5[1]).__name__, len(t5[1]), int(max_length)]).encode())
         key = f"t5-{h.hexdigest()}-{module_fingerprint(t5[0])}"
-        t, reused = cached_tensors(cache_dir, key, compute)
-        print(("reusing" if reused else "wrote") + f" T5 encodings cache {cache_dir}/{key}.safetensors")
+    t, reused = encode_once([{"text": c} for c in captions], encode, cache_dir=cache_dir, key=key,
+                            batch_size=batch_size)
+    if cache_dir is not None:
+        print(("reusing" if reused else "wrote") + f" T5 encodings cache {cache_dir}/{key}")
     if len(t["states"]) != len(cached):
         raise UserError(f"the T5 cache has {len(t['states'])} captions but the latent cache {len(cached)} images: "
                         "drop --cache_latents (or clear --cache_dir)")
@@ -439,7 +438,7 @@ def _save(args, stage, result, unet, adapter, vae, text_encoder, tokenizer, sche
     adapter = result.models.get("adapter", adapter).float().eval()
     provenance = {"stage": stage, "steps": result.global_step,
                   "pretrained_model_name_or_path": str(args.pretrained_model_name_or_path),
-                  "train_data_dir": str(args.train_data_dir)}
+                  "train_data_dir": describe_source(args)}
     if t5 is not None:  # absolute: stage 2 and sampling find it from any working directory
         provenance["t5_model_name_or_path"] = str(Path(t5_path).resolve())
         provenance["t5_max_length"] = int(args.t5_max_length)

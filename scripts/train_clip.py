@@ -20,16 +20,16 @@ from pathlib import Path
 
 import torch
 
-from common.errors import UserError, cli_entry  # noqa: E402
+from common.errors import cli_entry  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.data_sources import add_dataset_args
     from common.train import add_train_args
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help="YAML of flag defaults (command-line flags win)")
-    p.add_argument("--train_data_dir", default=None, help="image folder with metadata.jsonl (file_name, text)")
-    p.add_argument("--caption_column", default="text")
+    add_dataset_args(p)
     p.add_argument("--model_config", default=None, help="open_clip model config JSON (default: configs/tiny's)")
     p.add_argument("--save_dtype", default="float32", choices=("float32", "float16"))
     p.add_argument("--num_validation_pairs", type=int, default=32,
@@ -73,14 +73,13 @@ def similarity_figure(sim: torch.Tensor, cell: int = 4) -> torch.Tensor:
 def main(argv=None) -> int:
     import open_clip
 
-    from common.data import image_text_dataset
+    from common.data_sources import check_data_source, training_dataset
     from common.models import create_open_clip, save_open_clip_folder
     from common.train import Trainer, config_from_args, parse_args_with_config
 
     parser = build_parser()
     args = parse_args_with_config(parser, argv)
-    if not args.train_data_dir:
-        raise UserError("--train_data_dir is required: an image folder with metadata.jsonl captions")
+    check_data_source(args)
     repo = Path(__file__).resolve().parent.parent
     model_config = Path(args.model_config or repo / "configs" / "tiny" / "tiny-open-clip.json")
     config = config_from_args(args)
@@ -89,7 +88,7 @@ def main(argv=None) -> int:
         size = model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
         tokenizer = open_clip.get_tokenizer(name)
-        dataset = image_text_dataset(args.train_data_dir, resolution=size, caption_column=args.caption_column)
+        dataset = training_dataset(args, size)
 
         def collate(items):
             return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),

@@ -29,6 +29,7 @@ from common.errors import UserError, cli_entry  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.data_sources import add_dataset_args
     from common.diffusion_loss import add_diffusion_loss_args
     from common.train import add_train_args
 
@@ -39,8 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip_model_path", default=None,
                    help="from parts: a CLIP folder with text_encoder/ and tokenizer/ (scripts/train_clip.py)")
     p.add_argument("--unet_config", default=None, help="from parts: JSON config of the UNet2DConditionModel")
-    p.add_argument("--train_data_dir", default=None, help="image folder with metadata.jsonl (file_name, text)")
-    p.add_argument("--caption_column", default="text")
+    add_dataset_args(p)
     p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the VAE's)")
     p.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True,
                    help="crop the centre square after resizing (--no-center_crop: a random crop)")
@@ -119,7 +119,7 @@ def save_pipeline(output_dir: Path, unet, vae, text_encoder, tokenizer, schedule
 
 @cli_entry
 def main(argv=None) -> int:
-    from common.data import image_text_dataset
+    from common.data_sources import check_data_source, training_dataset
     from common.diffusion_loss import check_diffusion_loss_args, diffusion_mse, training_noise
     from common.latent_data import LatentTextEncoder
     from common.process import canonical_prediction_type, q_sample, training_target
@@ -128,8 +128,7 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     args = parse_args_with_config(parser, argv)
-    if not args.train_data_dir:
-        raise UserError("--train_data_dir is required: an image folder with metadata.jsonl captions")
+    check_data_source(args)
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise UserError(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}")
     check_diffusion_loss_args(args)
@@ -147,8 +146,7 @@ def main(argv=None) -> int:
             raise UserError(f"--resolution {resolution} is not divisible by the VAE's factor {factor}")
         schedule = NoiseSchedule.from_config(scheduler_config)
         ptype = canonical_prediction_type(scheduler_config.get("prediction_type", "epsilon"))
-        dataset = image_text_dataset(args.train_data_dir, resolution=resolution, random_flip=args.random_flip,
-                                     center_crop=args.center_crop, caption_column=args.caption_column)
+        dataset = training_dataset(args, resolution, random_flip=args.random_flip, center_crop=args.center_crop)
         encoder = LatentTextEncoder(vae, text_encoder, tokenizer)
         if args.cache_latents:
             dataset = encoder.cache(dataset, args.cache_dir)

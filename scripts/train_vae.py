@@ -22,11 +22,13 @@ from common.errors import UserError, cli_entry  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.data_sources import add_dataset_args
     from common.train import add_train_args
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help="YAML of flag defaults (command-line flags win)")
-    p.add_argument("--train_data_dir", required=False, default=None, help="image folder with metadata.jsonl")
+    p.add_argument("--train_data_dir", default=None, help="an image folder (captions are not needed)")
+    add_dataset_args(p, captions=False)
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--vae_config", default=None,
                    help="JSON config of the AutoencoderKL to train from scratch (default: common.tiny's)")
@@ -65,19 +67,18 @@ def build_vae(args):
 def main(argv=None) -> int:
     import torch.nn.functional as F
 
-    from common.data import image_text_dataset
+    from common.data_sources import check_data_source, training_dataset
     from common.io import save_pretrained_into
     from common.train import Trainer, config_from_args, parse_args_with_config
 
     parser = build_parser()
     args = parse_args_with_config(parser, argv)
-    if not args.train_data_dir:
-        raise UserError("--train_data_dir is required: an image folder (with metadata.jsonl) to train on")
+    check_data_source(args)
     config = config_from_args(args)
     if args.num_validation_images < 0:
         raise UserError(f"--num_validation_images must be >= 0, got {args.num_validation_images}")
-    dataset = image_text_dataset(args.train_data_dir, resolution=args.resolution, random_flip=args.random_flip,
-                                 center_crop=args.center_crop, require_captions=False)
+    dataset = training_dataset(args, args.resolution, random_flip=args.random_flip, center_crop=args.center_crop,
+                               require_captions=False)
     with Trainer(config) as trainer:
         vae = build_vae(args)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)

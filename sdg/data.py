@@ -86,12 +86,15 @@ class InMemoryImages(torch.utils.data.Dataset):
     fine-tuning is self-supervised.
     """
 
-    def __init__(self, root: Union[str, Path], resolution: int):
+    def __init__(self, root: Union[str, Path, torch.utils.data.Dataset], resolution: int):
         from common.data import image_text_dataset
 
-        dataset = image_text_dataset(root, resolution=resolution, require_captions=False)
+        if isinstance(root, (str, Path)):
+            dataset = image_text_dataset(root, resolution=resolution, require_captions=False)
+        else:  # any dataset of {"pixel_values", ...} items (common.data_sources.training_dataset)
+            dataset = root
         self.pixels = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
-        self.records = dataset.records
+        self.records = getattr(dataset, "records", [])
 
     def __len__(self) -> int:
         return self.pixels.shape[0]

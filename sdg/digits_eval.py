@@ -40,7 +40,7 @@ def labelled_images(folder: Union[str, Path], resolution: int, limit: Optional[i
     n = len(dataset) if limit is None else min(limit, len(dataset))
     items = [dataset[i] for i in range(n)]
     if any("digit" not in it for it in items):
-        raise UserError(f"{folder}: metadata.jsonl has no digit labels (build it with datasets/digits.py)")
+        raise UserError(f"{folder}: metadata.jsonl has no digit labels (build it with scripts/make_digits.py)")
     pixels = torch.stack([it["pixel_values"] for it in items])
     return pixels, torch.tensor([int(it["digit"]) for it in items]), [it.get("color") for it in items]
 

@@ -35,7 +35,7 @@ def image_folder(root: Union[str, Path], resolution: int, require_captions: bool
 @torch.no_grad()
 def embed_folder(
     clip,
-    root: Union[str, Path],
+    root,
     *,
     text_states=None,
     with_text: bool = True,
@@ -43,37 +43,45 @@ def embed_folder(
     batch_size: int = 64,
     progress: bool = False,
 ) -> tuple[dict[str, torch.Tensor], list[str], list[dict]]:
-    """``(tensors, captions, extras)`` of an image folder.
+    """``(tensors, captions, extras)`` of an image folder (a path) or of any training dataset
+    (:func:`common.data_sources.training_dataset`), encoded once by :func:`common.data.encode_once`.
 
     ``tensors``: ``image_emb [N, D]``, and with captions ``text_emb [N, D]`` (+ ``text_states [N, L, d]`` when a
     :class:`~shifted.embeddings.TextStates` is given). ``extras``: each item's metadata columns (digit, colour...).
     """
-    from tqdm.auto import tqdm
-
+    from common.data import encode_once
     from shifted.embeddings import check_texts
 
-    dataset = image_folder(root, resolution or clip_resolution(clip), require_captions=with_text)
-    captions = [rec.text for rec in dataset.records]
-    if with_text:
+    if isinstance(root, (str, Path)):
+        dataset = image_folder(root, resolution or clip_resolution(clip), require_captions=with_text)
+    else:
+        dataset = root
+    records = getattr(dataset, "records", None) or []
+
+    def check(captions: list[str], where) -> None:
         for i, text in enumerate(captions):
             if not text.strip():
-                raise UserError(f"{dataset.records[i].image} has an empty caption in {root}/metadata.jsonl: "
-                                "give every image a caption, or embed images only (--no_text)")
+                raise UserError(f"{where(i)} has an empty caption: give every image a caption, or embed images "
+                                "only (--no_text)")
         check_texts(captions)
-    out: dict[str, list[torch.Tensor]] = {"image_emb": []}
-    if with_text:
-        out["text_emb"] = []
-        if text_states is not None:
-            out["text_states"] = []
-    starts = range(0, len(dataset), batch_size)
-    for start in tqdm(starts, desc="CLIP embeddings", disable=not progress):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        pixels = (torch.stack([it["pixel_values"] for it in items]) + 1) / 2
-        out["image_emb"].append(clip.encode_image(pixels).cpu())
+
+    if with_text and records:  # an image folder: refuse bad captions before anything is encoded
+        check([rec.text for rec in records], lambda i: f"{records[i].image} in {root}/metadata.jsonl")
+
+    def encode(batch):
+        out = {"image_emb": clip.encode_image((batch["pixel_values"] + 1) / 2)}
         if with_text:
-            texts = captions[start:start + len(items)]
-            out["text_emb"].append(clip.encode_text(texts))
+            # an image folder's first caption of each image (items may draw among several), else the item's
+            texts = [records[i].text for i in batch["index"].tolist()] if records else list(batch["text"])
+            out["text_emb"] = clip.encode_text(texts)
+            out["captions"] = texts
             if text_states is not None:
-                out["text_states"].append(text_states(texts))
-    extras = [dict(rec.extra or {}) for rec in dataset.records]
-    return {key: torch.cat(chunks) for key, chunks in out.items()}, (captions if with_text else []), extras
+                out["text_states"] = text_states(texts)
+        return out
+
+    encoded, _ = encode_once(dataset, encode, batch_size=batch_size, progress=progress)
+    captions = encoded.pop("captions", [])
+    if with_text and not records:
+        check(captions, lambda i: f"sample {i} of the dataset")
+    extras = [dict(rec.extra or {}) for rec in records]
+    return encoded, captions, extras

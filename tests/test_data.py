@@ -130,21 +130,30 @@ def test_coco_captions_layout(tmp_path):
 
 
 def test_encoding_cache_is_reused_and_invalidated(tmp_path):
-    from common.data import cached_tensors, dataset_fingerprint, module_fingerprint
+    from common.data import dataset_fingerprint, encode_once, module_fingerprint
 
     root = write_folder(tmp_path / "d", n=3)
     ds = image_text_dataset(root, 8)
     net = torch.nn.Linear(2, 2)
     calls = []
 
-    def compute():
+    def encode(batch):
+        calls.append(len(batch["text"]))
+        return {"x": batch["pixel_values"].mean((1, 2, 3)), "texts": list(batch["text"])}
+
+    in_memory, reused = encode_once(ds, encode, batch_size=2)
+    assert not reused and calls == [2, 1] and in_memory["texts"] == [ds[i]["text"] for i in range(3)]
+    calls.clear()
+
+    def encode_tensors(batch):
         calls.append(1)
-        return {"x": torch.arange(3.0)}
+        return {"x": batch["pixel_values"].mean((1, 2, 3))}
 
     key = dataset_fingerprint(ds) + module_fingerprint(net)
-    first, reused = cached_tensors(tmp_path / "cache", key, compute)
-    again, reused_again = cached_tensors(tmp_path / "cache", key, compute)
-    assert not reused and reused_again and len(calls) == 1 and torch.equal(first["x"], again["x"])
+    first, reused = encode_once(ds, encode_tensors, cache_dir=tmp_path / "cache", key=key, batch_size=2)
+    again, reused_again = encode_once(ds, encode_tensors, cache_dir=tmp_path / "cache", key=key, batch_size=2)
+    assert not reused and reused_again and len(calls) == 2 and torch.equal(first["x"], again["x"])
+    torch.testing.assert_close(first["x"], in_memory["x"], rtol=0, atol=0)
     with torch.no_grad():
         net.weight.add_(1.0)
     assert module_fingerprint(net) not in key  # other weights, other key

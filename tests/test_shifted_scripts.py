@@ -97,8 +97,9 @@ def trained(assets):
     run_ok(fit_bank.main, ["--cache", str(cache), "--size", "2", "--out", str(bank)])
     run_ok(train_prior.main, ["--cache", str(cache), "--bank", str(bank), *PRIOR, *TRAIN,
                               "--output_dir", str(root / "prior_run")])
-    run_ok(train_prior.main, ["--cache", str(cache), "--no_bank", *PRIOR, *TRAIN,
-                              "--output_dir", str(root / "base_run")])
+    # the baseline prior embeds the image folder itself (the data flags every trainer takes) instead of the cache
+    run_ok(train_prior.main, ["--train_data_dir", str(assets["data"]), "--clip", clip, "--t5_max_length", "8",
+                              "--no_bank", *PRIOR, *TRAIN, "--output_dir", str(root / "base_run")])
     prior = root / "prior_run" / "prior"
     run_ok(finetune.main, ["--pretrained_model_name_or_path", str(assets["sd"]), "--train_data_dir",
                            str(assets["data"]), "--clip", clip, "--prior", str(prior), "--cache_latents", *TRAIN,

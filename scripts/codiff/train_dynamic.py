@@ -24,6 +24,7 @@ from common.errors import UserError, cli_entry  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.data_sources import add_dataset_args
     from common.diffusion_loss import add_diffusion_loss_args
     from common.train import add_train_args
 
@@ -31,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML of flag defaults (command-line flags win)")
     p.add_argument("--mask_model_dir", default=None, help="mask-to-image member folder")
     p.add_argument("--text_model_dir", default=None, help="text-to-image member folder (or an SD pipeline folder)")
-    p.add_argument("--train_data_dir", default=None, help="image folder with metadata.jsonl (text, mask_file_name)")
+    p.add_argument("--train_data_dir", default=None,
+                   help="image folder with metadata.jsonl/.csv (text, mask_file_name), or CelebAMask-HQ's layout "
+                        "(CelebA-HQ-img/ with CelebAMask-HQ-mask-anno/ or a combined mask folder)")
+    add_dataset_args(p)
     p.add_argument("--model_config", default=str(REPO / "configs" / "codiff" / "tiny.yaml"),
                    help="codiff YAML whose dynamic_diffuser section builds the diffusers")
     p.add_argument("--confidence_input", choices=("x_t", "unet_output"), default=None,
@@ -81,12 +85,11 @@ def main(argv=None) -> int:
     from codiff.dynamic import DynamicDiffusers, build_dynamic_diffuser
     from codiff.losses import DynamicDiffuserObjective
     from codiff.members import build_collaboration, load_member, save_checkpoint
-    from common.data import image_text_dataset
+    from common.data_sources import check_data_source, describe_source, training_dataset
     from common.train import Trainer, config_from_args, parse_args_with_config
 
     args = parse_args_with_config(build_parser(), argv)
-    if not args.train_data_dir:
-        raise UserError("--train_data_dir is required (or set it in --config)")
+    check_data_source(args)
     dirs = {name: getattr(args, f"{name}_model_dir") for name in ("mask", "text")}
     dirs = {name: d for name, d in dirs.items() if d}
     if not dirs:
@@ -117,8 +120,8 @@ def main(argv=None) -> int:
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         resolution = latent_h * factor
         mask_member = members.get("mask")
-        dataset = image_text_dataset(args.train_data_dir, resolution=resolution,
-                                     num_mask_classes=mask_member.mask_format.num_classes if mask_member else None)
+        dataset = training_dataset(args, resolution, require_captions="text" in members,
+                                   num_mask_classes=mask_member.mask_format.num_classes if mask_member else None)
         text_member = members.get("text")
         encoders, keys = {}, {}
         if mask_member:
@@ -142,7 +145,7 @@ def main(argv=None) -> int:
             export = Path(args.export_dir or Path(config.output_dir) / "codiff")
             sampling = {"ddim_steps": args.default_steps, "eta": args.default_eta,
                         "guidance_scale": args.default_guidance_scale}
-            info = {"train": {"data": str(args.train_data_dir), "max_train_steps": config.max_train_steps,
+            info = {"train": {"data": describe_source(args), "max_train_steps": config.max_train_steps,
                               "batch_size": config.train_batch_size,
                               "final_loss": result.loss_history[-1] if result.loss_history else None}}
             with torch.no_grad():

@@ -27,13 +27,17 @@ from common.errors import UserError, cli_entry  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.data_sources import add_dataset_args
     from common.diffusion_loss import add_diffusion_loss_args
     from common.train import add_train_args
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help="YAML of flag defaults (command-line flags win)")
     p.add_argument("--modality", choices=("mask", "text"), default=None, help="which uni-modal model to train")
-    p.add_argument("--train_data_dir", default=None, help="image folder with metadata.jsonl (text, mask_file_name)")
+    p.add_argument("--train_data_dir", default=None,
+                   help="image folder with metadata.jsonl/.csv (text, mask_file_name), or CelebAMask-HQ's layout "
+                        "(CelebA-HQ-img/ with CelebAMask-HQ-mask-anno/ or a combined mask folder)")
+    add_dataset_args(p)
     p.add_argument("--vae_model_path", default=None, help="frozen VAE: a VAE folder or a pipeline folder")
     p.add_argument("--noise_schedule_from", default=None,
                    help="pipeline folder or scheduler_config.json to take the noise schedule from (default: LDM's)")
@@ -90,15 +94,16 @@ def main(argv=None) -> int:
     from codiff.dynamic import apply_zero_init
     from codiff.losses import UniModalObjective
     from codiff.members import read_scheduler_json, save_member
-    from common.data import image_text_dataset
+    from common.data_sources import check_data_source, describe_source, training_dataset
     from common.models import load_vae
     from common.schedule import NoiseSchedule
     from common.train import Trainer, config_from_args, parse_args_with_config
 
     args = parse_args_with_config(build_parser(), argv)
-    for flag in ("modality", "train_data_dir", "vae_model_path", "unet_config"):
+    for flag in ("modality", "vae_model_path", "unet_config"):
         if not getattr(args, flag):
             raise UserError(f"--{flag} is required (or set it in --config)")
+    check_data_source(args)
     if not 0.0 <= args.cond_dropout < 1.0:
         raise UserError(f"--cond_dropout must lie in [0, 1), got {args.cond_dropout}")
     if args.modality == "text" and not args.text_encoder_path:
@@ -131,11 +136,11 @@ def main(argv=None) -> int:
             raise UserError(f"--unet_config makes {unet.config.in_channels}x{unet.config.sample_size}^2 latents but the VAE "
                             f"gives {vae.config.latent_channels}x{resolution // factor}^2: fix sample_size/in_channels")
         dim = int(unet.config.cross_attention_dim)
-        info = {"train": {"data": str(args.train_data_dir), "max_train_steps": config.max_train_steps,
+        info = {"train": {"data": describe_source(args), "max_train_steps": config.max_train_steps,
                           "batch_size": config.train_batch_size, "cond_dropout": args.cond_dropout}}
         if args.modality == "mask":
             fmt = mask_format(args, resolution)
-            dataset = image_text_dataset(args.train_data_dir, resolution=resolution, num_mask_classes=fmt.num_classes)
+            dataset = training_dataset(args, resolution, num_mask_classes=fmt.num_classes, require_captions=False)
             encoder = MaskEncoder(fmt, dim)
             text, text_folder, tokenizer_folder = None, None, None
             if args.mask_conditioning == "concat":
@@ -152,7 +157,7 @@ def main(argv=None) -> int:
             if text.text_encoder.config.hidden_size != dim:
                 raise UserError(f"the UNet attends to width {dim} but the text encoder gives "
                                 f"{text.text_encoder.config.hidden_size}: set cross_attention_dim in --unet_config")
-            dataset = image_text_dataset(args.train_data_dir, resolution=resolution)
+            dataset = training_dataset(args, resolution)
         data = dataset
         if args.cache_latents:
             data = cache_latents(dataset, vae, text_conditioner=text if args.cache_latents else None,

@@ -26,6 +26,7 @@ from common.errors import UserError, cli_entry  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.data_sources import add_dataset_args
     from common.train import add_train_args
     from sdg.adm import str2bool
     from sdg.finetune import T_SAMPLERS
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML of flag defaults (command-line flags win)")
     p.add_argument("--data_dir", "--train_data_dir", dest="data_dir", default=None,
                    help="folder of training images of the diffusion model's domain (no captions needed)")
+    add_dataset_args(p, captions=False)
     p.add_argument("--clip_model_path", default=None,
                    help="the pretrained CLIP: an open_clip folder (ckpt/tiny/clip), or a name / config .json with "
                         "--clip_weights")
@@ -92,6 +94,7 @@ class ResizedTeacher(torch.nn.Module):
 
 @cli_entry
 def main(argv=None) -> int:
+    from common.data_sources import check_data_source, training_dataset
     from common.train import Trainer, config_from_args, parse_args_with_config
     from sdg.adm import ADMFlags, noise_schedule
     from sdg.checkpoint import clip_settings, load_base_clip, noise_aware_from_base, save_noise_aware_clip
@@ -100,8 +103,8 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     args = parse_args_with_config(parser, argv)
-    if not args.data_dir:
-        raise UserError("--data_dir is required: a folder of training images (e.g. data/digits/train)")
+    args.train_data_dir = args.data_dir  # --data_dir is this script's (guided-diffusion's) name for it
+    check_data_source(args)
     if not args.clip_model_path:
         raise UserError("--clip_model_path is required: the pretrained CLIP to make noise-aware (e.g. ckpt/tiny/clip)")
     if args.train_batch_size < 2:
@@ -115,7 +118,8 @@ def main(argv=None) -> int:
         student = noise_aware_from_base(model, settings)
         student.set_finetune_mode(args.finetune_clip_layer)
         teacher = ResizedTeacher(copy.deepcopy(model.visual)).eval().requires_grad_(False)
-        dataset = InMemoryImages(args.data_dir, student.image_size)
+        dataset = InMemoryImages(training_dataset(args, student.image_size, require_captions=False),
+                                 student.image_size)
         logit_scale = args.logit_scale or base_logit_scale(model)
         if not logit_scale > 0:
             raise UserError(f"--logit_scale must be > 0, got {logit_scale}")

@@ -25,6 +25,7 @@ from common.errors import UserError, cli_entry  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.data_sources import add_dataset_args
     from common.train import add_train_args
     from sdg.adm import add_adm_arguments
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML of flag defaults (command-line flags win)")
     p.add_argument("--train_data_dir", default=None,
                    help="image folder (metadata.jsonl optional: captions are not used); e.g. data/digits/train")
+    add_dataset_args(p, captions=False)
     p.add_argument("--lambda_vlb", type=float, default=1e-3,
                    help="weight of the VLB term that trains the learned variance (Improved DDPM: 0.001)")
     p.add_argument("--save_dtype", default="float32", choices=("float32", "float16"),
@@ -67,6 +69,7 @@ def apply_adm_switches(args, flags) -> None:
 
 @cli_entry
 def main(argv=None) -> int:
+    from common.data_sources import check_data_source, training_dataset
     from common.train import Trainer, config_from_args, parse_args_with_config
     from sdg.adm import build_unet, noise_schedule
     from sdg.adm_train import HybridLoss
@@ -75,8 +78,7 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     args = parse_args_with_config(parser, argv)
-    if not args.train_data_dir:
-        raise UserError("--train_data_dir is required: an image folder, e.g. data/digits/train")
+    check_data_source(args)
     flags = adm_flags_from_args(args)
     if not flags.learn_sigma:
         raise UserError("SDG guides a learn_sigma model (ADM's learned variance): pass --learn_sigma True")
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
     with Trainer(config) as trainer:
         unet = build_unet(flags).train()
         schedule = noise_schedule(flags)
-        dataset = InMemoryImages(args.train_data_dir, flags.image_size)
+        dataset = InMemoryImages(training_dataset(args, flags.image_size, require_captions=False), flags.image_size)
         loss = HybridLoss(unet, schedule, lambda_vlb=args.lambda_vlb)
 
         validate = None

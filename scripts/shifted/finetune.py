@@ -34,6 +34,7 @@ DEFAULTS = {  # the reference finetune.py defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.data_sources import add_dataset_args
     from common.diffusion_loss import add_diffusion_loss_args
     from common.train import add_train_args
     from shifted.cli import add_clip_args
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dtype the frozen VAE and text tower are written in (float16 keeps checkpoints small)")
     data = p.add_argument_group("data (images only)")
     data.add_argument("--train_data_dir", default=None, help="image folder; captions, if any, are never read")
+    add_dataset_args(p, captions=False)
     data.add_argument("--resolution", type=int, default=None, help="default: the VAE's sample size")
     data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True)
     data.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=False)
@@ -162,22 +164,22 @@ class ImagesOnly(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def cache_dataset(dataset, vae, clip, batch_size: int = 64):
+    from common.data import encode_once
     from shifted.embeddings import EmbeddingDataset
 
-    means, stds, embs = [], [], []
-    for start in range(0, len(dataset), batch_size):
-        pixels = torch.stack([dataset[i]["pixel_values"] for i in range(start, min(start + batch_size, len(dataset)))])
+    def encode(batch):
+        pixels = batch["pixel_values"]
         posterior = vae.encode(pixels).latent_dist
-        means.append(posterior.mean)
-        stds.append(posterior.std)
-        embs.append(clip.encode_image((pixels + 1) / 2).cpu())
-    return EmbeddingDataset({"latent_mean": torch.cat(means), "latent_std": torch.cat(stds),
-                             "image_emb": torch.cat(embs)})
+        return {"latent_mean": posterior.mean, "latent_std": posterior.std,
+                "image_emb": clip.encode_image((pixels + 1) / 2)}
+
+    tensors, _ = encode_once(dataset, encode, batch_size=batch_size)
+    return EmbeddingDataset(tensors)
 
 
 @cli_entry
 def main(argv=None) -> int:
-    from common.data import image_text_dataset
+    from common.data_sources import check_data_source, training_dataset
     from common.diffusion_loss import check_diffusion_loss_args, diffusion_mse, training_noise
     from common.process import canonical_prediction_type, q_sample, training_target
     from common.schedule import NoiseSchedule
@@ -188,8 +190,7 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     args = parse_args_with_config(parser, argv)
-    if not args.train_data_dir:
-        raise UserError("--train_data_dir is required: an image folder (captions are not used)")
+    check_data_source(args)
     check_probability("cfg_drop", args.cfg_drop)
     check_positive("n_tokens", args.n_tokens)
     check_diffusion_loss_args(args)
@@ -205,9 +206,10 @@ def main(argv=None) -> int:
     resolution = args.resolution or vae.config.sample_size
     if resolution % factor:
         raise UserError(f"--resolution {resolution} is not divisible by the VAE's factor {factor}")
-    dataset = ImagesOnly(image_text_dataset(args.train_data_dir, resolution=resolution, require_captions=False,
-                                            caption_column="__captions_are_not_read__",
-                                            center_crop=args.center_crop, random_flip=args.random_flip))
+    dataset = training_dataset(args, resolution, require_captions=False, caption_column="__captions_are_not_read__",
+                               center_crop=args.center_crop, random_flip=args.random_flip)
+    if not isinstance(dataset, torch.utils.data.IterableDataset):  # a stream keeps its items (batched as they are)
+        dataset = ImagesOnly(dataset)
     with Trainer(config) as trainer:
         projection = ImageEmbProjection(clip.dim, args.n_tokens, unet.config.cross_attention_dim, args.learned_null)
         projection.set_null_embedding(null)
@@ -243,7 +245,7 @@ def main(argv=None) -> int:
 
         validate = None
         if args.validation_images > 0:
-            base = image_text_dataset(args.train_data_dir, resolution=resolution, require_captions=False)
+            base = training_dataset(args, resolution, require_captions=False)
             n = min(args.validation_images, len(base))
             pixels = torch.stack([base[i]["pixel_values"] for i in range(n)])
             val_emb = clip.encode_image(((pixels + 1) / 2).to(trainer.device)).cpu()

@@ -30,6 +30,7 @@ DEFAULTS = {  # the reference train.py
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.data_sources import add_dataset_args
     from common.train import add_train_args
     from shifted.cli import add_clip_args
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--cache", default=None, help="embedding cache with captions (extract_embeddings.py)")
     data.add_argument("--train_data_dir", default=None, help="or an image folder with metadata.jsonl captions")
+    add_dataset_args(p)
     add_clip_args(data)
     bank = p.add_argument_group("Gaussian bank (shifted process)")
     bank.add_argument("--bank", default=None, help="bank file from fit_bank.py (required unless --no_bank)")
@@ -67,10 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_training_data(args):
     """``(tensors, clip_names, block_dims, text_encoder_name)`` from a cache or an image folder."""
+    from common.data_sources import SOURCE_FLAGS, check_data_source
     from shifted.embeddings import load_embedding_cache
 
-    if bool(args.cache) == bool(args.train_data_dir):
-        raise UserError("pass exactly one of --cache (extract_embeddings.py) or --train_data_dir")
+    if args.cache and any(getattr(args, flag, None) for flag in SOURCE_FLAGS):
+        raise UserError("pass either --cache (extract_embeddings.py) or a data source (--train_data_dir, "
+                        "--dataset_name, --train_shards), not both")
+    if not args.cache:
+        check_data_source(args)
     if args.cache:
         tensors, meta = load_embedding_cache(args.cache)
         if "text_emb" not in tensors or "text_states" not in tensors:
@@ -85,13 +91,15 @@ def load_training_data(args):
                               f"the embedding cache {args.cache}")
         tensors = {k: tensors[k] for k in ("image_emb", "text_emb", "text_states")}
         return tensors, list(meta["clip_models"]), list(meta["block_dims"]), meta.get("text_encoder") or "unknown"
+    from common.data_sources import training_dataset
     from shifted.cli import clip_paths, text_states_path
-    from shifted.data import embed_folder
+    from shifted.data import clip_resolution, embed_folder
     from shifted.loading import load_clip_models, load_text_states
 
     clip = load_clip_models(clip_paths(args))
     states = load_text_states(text_states_path(args), args.t5_max_length)
-    tensors, _, _ = embed_folder(clip, args.train_data_dir, text_states=states, progress=True)
+    dataset = training_dataset(args, clip_resolution(clip))
+    tensors, _, _ = embed_folder(clip, dataset, text_states=states, progress=True)
     return tensors, list(clip.names), list(clip.block_dims), states.name
 
 

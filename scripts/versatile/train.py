@@ -36,14 +36,14 @@ STAGES = {"single": ("iv",), "dual": ("t2i", "iv"), "four": ("t2i", "iv", "i2t",
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.data_sources import add_dataset_args
     from common.train import add_train_args
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help="YAML of flag defaults (command-line flags win)")
     p.add_argument("--model_config", default="digits",
                    help="versatile config: a name under configs/versatile (digits, tiny, paper) or a YAML path")
-    p.add_argument("--train_data_dir", default=None, help="image folder with metadata.jsonl (file_name, text)")
-    p.add_argument("--caption_column", default="text")
+    add_dataset_args(p)
     p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the VAE's)")
     p.add_argument("--vae_model_path", default="ckpt/tiny/vae", help="diffusers AutoencoderKL folder")
     p.add_argument("--clip_model_path", default="ckpt/tiny/clip", help="open_clip local folder (both towers)")
@@ -120,20 +120,15 @@ class EncodedData(torch.utils.data.Dataset):
 def encode_dataset(dataset, vae, contexts, text_vae, need_text_latents: bool, batch_size: int = 64) -> dict:
     """``latent_mean``/``latent_std`` ``[N, 4, h, w]`` (unscaled), ``text_ctx`` ``[N, L, D]``, ``image_ctx``
     ``[N, 1 + P, D]`` and, for text flows, ``text_latent`` ``[N, D_t]`` (scaled by the text VAE's factor)."""
-    from tqdm.auto import tqdm
+    from common.data import encode_once
 
-    out: dict[str, list] = {"latent_mean": [], "latent_std": [], "text_ctx": [], "image_ctx": []}
-    if need_text_latents:
-        out["text_latent"] = []
-    cache: dict[str, tuple] = {}
-    for start in tqdm(range(0, len(dataset), batch_size), desc="encoding images and captions"):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        pixels = torch.stack([it["pixel_values"] for it in items])  # [-1, 1]
+    cache: dict[str, tuple] = {}  # captions repeat (digits: templates): each distinct one is encoded once
+
+    def encode(batch):
+        pixels = batch["pixel_values"]  # [-1, 1]
         posterior = vae.encode(pixels).latent_dist
-        out["latent_mean"].append(posterior.mean)
-        out["latent_std"].append(posterior.std)
-        out["image_ctx"].append(contexts.image((pixels + 1) / 2))
-        texts = [it["text"] for it in items]
+        out = {"latent_mean": posterior.mean, "latent_std": posterior.std, "image_ctx": contexts.image((pixels + 1) / 2)}
+        texts = list(batch["text"])
         todo = sorted({t for t in texts if t not in cache})
         if todo:
             text_ctx = contexts.text(todo)
@@ -141,10 +136,14 @@ def encode_dataset(dataset, vae, contexts, text_vae, need_text_latents: bool, ba
                        else [None] * len(todo))
             for i, t in enumerate(todo):
                 cache[t] = (text_ctx[i], latents[i])
-        out["text_ctx"].append(torch.stack([cache[t][0] for t in texts]))
+        out["text_ctx"] = torch.stack([cache[t][0] for t in texts])
         if need_text_latents:
-            out["text_latent"].append(torch.stack([cache[t][1] for t in texts]))
-    return {k: torch.cat(v).float() for k, v in out.items()}
+            out["text_latent"] = torch.stack([cache[t][1] for t in texts])
+        return out
+
+    encoded, _ = encode_once(dataset, encode, batch_size=batch_size, progress=True)
+    keys = ["latent_mean", "latent_std", "text_ctx", "image_ctx"] + (["text_latent"] if need_text_latents else [])
+    return {k: encoded[k].float() for k in keys}
 
 
 def stage_record(args, flows, multipliers, steps, seconds) -> dict:
@@ -169,7 +168,7 @@ def load_init(model, path: Path):
 
 @cli_entry
 def main(argv=None) -> int:
-    from common.data import image_text_dataset
+    from common.data_sources import check_data_source, training_dataset
     from common.train import Trainer, config_from_args, parse_args_with_config
     from versatile.checkpoint import load_towers, save_pipeline_folder
     from versatile.config import VersatileConfig
@@ -181,8 +180,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parse_args_with_config(parser, argv)
     flows = resolve_training_flows(args)
-    if not args.train_data_dir:
-        raise UserError("--train_data_dir is required: an image folder with metadata.jsonl captions")
+    check_data_source(args)
     if not 0.0 <= args.cond_drop < 1.0:
         raise UserError(f"--cond_drop must lie in [0, 1), got {args.cond_drop}")
     multipliers = check_multipliers(parse_multipliers(args.group_lr_scale) or default_multipliers(args.stage))
@@ -221,7 +219,7 @@ def main(argv=None) -> int:
         resolution = args.resolution or vae.config.sample_size
         if resolution % factor:
             raise UserError(f"--resolution {resolution} is not divisible by the VAE's factor {factor}")
-        dataset = image_text_dataset(args.train_data_dir, resolution=resolution, caption_column=args.caption_column)
+        dataset = training_dataset(args, resolution)
         data = EncodedData(encode_dataset(dataset, vae, contexts, text_vae, needs_text))
         scaling = float(vae.config.scaling_factor)
         schedule = vd_schedule(model_config.sampling)

@@ -52,7 +52,7 @@ def read_captions(folder, column: str = "text") -> list[str]:
     path = Path(folder) / "metadata.jsonl"
     if not path.is_file():
         raise UserError(f"{path} does not exist: pass a folder with metadata.jsonl (e.g. data/digits/train, "
-                        "built by `python datasets/digits.py --output_dir data/digits`)")
+                        "built by `python scripts/make_digits.py --output_dir data/digits`)")
     from common.data import read_jsonl_rows
 
     captions = [row[column] for row in read_jsonl_rows(path)

@@ -1,6 +1,6 @@
 """Build the compositional embedded world "digits-pairs": two real handwritten digits side by side, two colours.
 
-    python datasets/digits_pairs.py --output_dir data/digits_pairs
+    python scripts/make_digits_pairs.py --output_dir data/digits_pairs
 
 Writes ``train/`` (6,000 pairs of train-split digits) and ``test/`` (600 pairs of held-out digits), each with
 ``images/*.png`` (32x32 RGB: left digit | right digit, each 16 px wide), ``masks/*.png`` (palette PNGs: 0 background,

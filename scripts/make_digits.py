@@ -1,6 +1,6 @@
 """Build the embedded "digits" dataset from scikit-learn's bundled handwritten digits.
 
-    python datasets/digits.py --output_dir data/digits
+    python scripts/make_digits.py --output_dir data/digits
 
 Writes ``train/`` (1,500) and ``test/`` (297) folders, each with ``images/*.png`` (32x32 RGB), ``masks/*.png``
 (palette PNGs: 0 background, 1 stroke) and ``metadata.jsonl`` (file_name, text, mask_file_name, digit, color).

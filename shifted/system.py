@@ -69,7 +69,7 @@ def load_system(
     if need_decoder:
         decoder_folder = Path(decoder) if decoder else (ckpt.decoder_folder if ckpt else None)
         if decoder_folder is None:
-            raise UserError("no decoder given: pass --decoder FOLDER (finetune.py's <output_dir>/pipeline)")
+            raise UserError("no decoder given: pass --decoder FOLDER (finetune.py's --output_dir)")
         system.decoder = ImageDecoder.from_pretrained(decoder_folder, device)
         system.decoder.check_clip_models(multi.names, "the CLIP models given")
     return system

@@ -110,9 +110,9 @@ def trained(assets):
                            "--output_dir", str(root / "ft_parts")])
     ckpt = root / "ckpt"
     run_ok(make_checkpoint.main, ["--prior", str(prior), "--prior_baseline", str(root / "base_run" / "prior"),
-                                  "--decoder", str(root / "ft" / "pipeline"), "--clip", clip, "--out", str(ckpt)])
+                                  "--decoder", str(root / "ft"), "--clip", clip, "--out", str(ckpt)])
     return {"cache": cache, "bank": bank, "prior": prior, "base": root / "base_run" / "prior",
-            "decoder": root / "ft" / "pipeline", "ckpt": ckpt, "parts_decoder": root / "ft_parts" / "pipeline"}
+            "decoder": root / "ft", "ckpt": ckpt, "parts_decoder": root / "ft_parts"}
 
 
 def test_training_scripts_write_loadable_models(assets, trained):
@@ -133,7 +133,10 @@ def test_training_scripts_write_loadable_models(assets, trained):
     assert prior.config.text_encoder == model_name(assets["clip"] / "text_encoder")
     base, no_bank = load_prior(trained["base"])
     assert no_bank is None and not base.config.use_bank_token
-    # the decoder folder is a plain diffusers pipeline; the projection sits next to it with the prior("") null
+    # the decoder is the fine-tune's output folder itself (no pipeline/ subfolder): a plain diffusers pipeline; the
+    # projection sits next to it with the prior("") null; the release copies the model and not the run's files
+    assert not (trained["decoder"] / "pipeline").exists() and (trained["decoder"] / "train_summary.json").is_file()
+    assert not (trained["ckpt"] / "decoder" / "train_summary.json").exists()
     pipe = StableDiffusionPipeline.from_pretrained(str(trained["decoder"]))
     decoder = ImageDecoder.from_pretrained(trained["decoder"])
     assert pipe.unet.config.cross_attention_dim == decoder.projection.config.cross_attention_dim

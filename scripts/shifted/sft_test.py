@@ -1,7 +1,7 @@
 """Text -> shifted-diffusion prior -> CLIP image embedding -> image (the reference ``sft_test.py``).
 
     python scripts/shifted/sft_test.py --prompt "a red handwritten seven" --output_dir outputs/shifted/t2i
-    python scripts/shifted/sft_test.py --prior out/prior/prior --decoder out/finetune/pipeline --prompt_file p.txt
+    python scripts/shifted/sft_test.py --prior out/prior/prior --decoder out/finetune --prompt_file p.txt
 
 The prior (default: the shipped ``ckpt/tiny/shifted``; ``--prior_variant baseline`` for the unshifted prior) samples
 an image embedding for each caption with 8 respaced DDPM steps (the prior sampling flags of ``shifted.cli``), and the

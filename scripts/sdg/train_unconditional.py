@@ -8,6 +8,8 @@ Model: guided-diffusion flags (``--image_size --num_channels --num_res_blocks --
 --noise_schedule``) -> diffusers ``UNet2DModel`` (``sdg.adm``), the same path that loads the paper's LSUN/FFHQ models.
 Loss (Improved DDPM eq. 16, ``sdg.adm_train``): ``L_simple + lambda * L_vlb`` with lambda = ``--lambda_vlb`` 0.001,
 the VLB term with a stop-gradient on the mean so it trains only the learned variance. No captions are used.
+``--snr_gamma`` Min-SNR-weights the eps term (the VLB term keeps its own weighting); ``--noise_offset`` adds
+per-channel offset noise (``common/diffusion_loss.py``, as diffusers' examples).
 ADM's ``--use_checkpoint True`` is ``--gradient_checkpointing`` and ``--use_fp16 True`` is ``--mixed_precision fp16``
 (GPU only; the weights stay float32 and autocast runs the forward in fp16, as diffusers' examples do).
 Writes ``<output_dir>/unet/`` (diffusers folder + ``adm_flags.json``), loadable by ``scripts/sdg/sample.py
@@ -25,6 +27,7 @@ from common.errors import UserError, cli_entry  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.diffusion_loss import add_diffusion_loss_args
     from common.train import add_train_args
     from sdg.adm import add_adm_arguments
 
@@ -38,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the saved weights (float16 halves the shipped file; sampling casts to float32)")
     p.add_argument("--num_validation_images", type=int, default=8,
                    help="unguided samples drawn at each validation (0: none)")
+    add_diffusion_loss_args(p, prediction_type=False)  # ADM's learn_sigma output is eps + variance: no v target
     adm = p.add_argument_group("ADM model flags (guided-diffusion names and defaults)")
     add_adm_arguments(adm)
     add_train_args(p, defaults={"learning_rate": 1e-4, "train_batch_size": 32, "lr_warmup_steps": 100,
@@ -67,6 +71,7 @@ def apply_adm_switches(args, flags) -> None:
 
 @cli_entry
 def main(argv=None) -> int:
+    from common.diffusion_loss import check_diffusion_loss_args
     from common.train import Trainer, config_from_args, parse_args_with_config
     from sdg.adm import build_unet, noise_schedule
     from sdg.adm_train import HybridLoss
@@ -77,6 +82,7 @@ def main(argv=None) -> int:
     args = parse_args_with_config(parser, argv)
     if not args.train_data_dir:
         raise UserError("--train_data_dir is required: an image folder, e.g. data/digits/train")
+    check_diffusion_loss_args(args)
     flags = adm_flags_from_args(args)
     if not flags.learn_sigma:
         raise UserError("SDG guides a learn_sigma model (ADM's learned variance): pass --learn_sigma True")
@@ -88,7 +94,8 @@ def main(argv=None) -> int:
         unet = build_unet(flags).train()
         schedule = noise_schedule(flags)
         dataset = InMemoryImages(args.train_data_dir, flags.image_size)
-        loss = HybridLoss(unet, schedule, lambda_vlb=args.lambda_vlb)
+        loss = HybridLoss(unet, schedule, lambda_vlb=args.lambda_vlb, snr_gamma=args.snr_gamma,
+                          noise_offset=args.noise_offset)
 
         validate = None
         if args.num_validation_images:

@@ -36,6 +36,7 @@ STAGES = {"single": ("iv",), "dual": ("t2i", "iv"), "four": ("t2i", "iv", "i2t",
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.diffusion_loss import add_diffusion_loss_args
     from common.train import add_train_args
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_to", default=None, help="output versatile folder (default: <output_dir>/pipeline)")
     p.add_argument("--save_dtype", default="float32", choices=("float32", "float16"),
                    help="storage dtype of the diffuser weights (float16 keeps the shipped checkpoint small)")
+    add_diffusion_loss_args(p, prediction_type=False)  # every flow predicts eps (the released model's target)
     add_train_args(p, defaults={"learning_rate": 5e-4, "train_batch_size": 64, "lr_warmup_steps": 200,
                                 "report_to": "none", "tracker_project_name": "versatile",
                                 "checkpointing_steps": 100000, "validation_steps": 100000})
@@ -170,6 +172,7 @@ def load_init(model, path: Path):
 @cli_entry
 def main(argv=None) -> int:
     from common.data import image_text_dataset
+    from common.diffusion_loss import check_diffusion_loss_args
     from common.train import Trainer, config_from_args, parse_args_with_config
     from versatile.checkpoint import load_towers, save_pipeline_folder
     from versatile.config import VersatileConfig
@@ -185,6 +188,7 @@ def main(argv=None) -> int:
         raise UserError("--train_data_dir is required: an image folder with metadata.jsonl captions")
     if not 0.0 <= args.cond_drop < 1.0:
         raise UserError(f"--cond_drop must lie in [0, 1), got {args.cond_drop}")
+    check_diffusion_loss_args(args)
     multipliers = check_multipliers(parse_multipliers(args.group_lr_scale) or default_multipliers(args.stage))
     weights = None
     if args.flow_weights:
@@ -243,7 +247,8 @@ def main(argv=None) -> int:
                 for kind in flow.ctypes:
                     item[kind] = batch[f"{kind}_ctx"]
                 null = {k: v.to(mean.device) for k, v in nulls[name].items()}
-                loss = flow_loss(diffuser, item, flow, schedule=schedule, cond_drop=args.cond_drop, null_contexts=null)
+                loss = flow_loss(diffuser, item, flow, schedule=schedule, cond_drop=args.cond_drop, null_contexts=null,
+                                 snr_gamma=args.snr_gamma, noise_offset=args.noise_offset)
                 total = total + loss
                 logs[f"loss_{name}"] = loss.detach()
             return {"loss": total, **logs}

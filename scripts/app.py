@@ -227,8 +227,16 @@ def pipeline_for(spec: methods.MethodSpec, checkpoint: str, callback=None):
     return _PIPELINES[key]
 
 
+def display_path(path) -> str:
+    """A checkpoint path as the page shows it: relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def loading_message(spec: methods.MethodSpec, checkpoint: str) -> str:
-    return f"loading {spec.label} from {checkpoint} (first use; later runs reuse it)"
+    return f"loading {spec.label} from {display_path(checkpoint)} (first use; later runs reuse it)"
 
 
 INFLUENCE_PER_ROW = 10
@@ -281,6 +289,7 @@ def _influence_grids(influence, modalities, timesteps=None, upscale: int = 4) ->
     """``(modality -> labelled grid, modality -> tile labels)`` of the influence maps of sample 0 at every step
     (white = weight 1), as the released ``--return_influence_function`` draws them, plus step labels and a scale."""
     out, labels = {}, {}
+    upscale = max(upscale, 48 // max(1, int(influence.shape[-1])))  # tiles at least ~48 px wide: readable
     for m, name in enumerate(modalities):
         maps = influence[:, 0, m:m + 1]  # [S, 1, h, w]
         labels[name] = influence_step_labels(timesteps, len(maps))
@@ -522,6 +531,9 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
             progress_label.set_text(progress_text(desc, n, total))
             if active.get("status") is not None:
                 active["status"].set_text(progress_text(desc, n, total))
+        elif progress_label.text != "idle":  # a last step report may land after the run's own reset
+            progress_bar.set_value(0)
+            progress_label.set_text("idle")
 
     ui.timer(0.25, tick)
 
@@ -652,9 +664,10 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
                     options = {"": "method default", **options}  # "" reads back as None: the method's default
                 widget = ui.select(options, value="" if default is None else default, label=label).classes(
                     f"{css} w-48")
-            elif kind in (int, float):
-                widget = ui.number(label, value=default, placeholder="default" if default is None else None,
-                                   format="%d" if kind is int else None).classes(f"{css} w-40")
+            elif kind in (int, float):  # an empty field (no default of its own) says whose default applies
+                widget = ui.number(label if default is not None else f"{label} (empty: checkpoint's)",
+                                   value=default, format="%d" if kind is int else None).classes(
+                    f"{css} w-64" if default is None else f"{css} w-40")
             else:
                 widget = ui.input(label, value=default or "").classes(f"{css} w-48")
             if meta.get("help"):
@@ -696,7 +709,7 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
                 ui.label(f"{spec.label}'s defaults: {defaults['sampler']}, eta {defaults['eta']:g}, guidance "
                          f"{defaults['guidance_scale']:g}").classes(f"app-defaults-{method} text-caption")
                 collect = controls(method, uploads, error_label)
-                ui.label(f"checkpoint: {checkpoints[method]}").classes("text-caption")
+                ui.label(f"checkpoint: {display_path(checkpoints[method])}").classes("text-caption")
             with ui.column().classes("grow"):
                 gallery = ui.row().classes(f"app-images-{method} pixelated")
                 texts = ui.column().classes(f"app-texts-{method}")
@@ -792,7 +805,7 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
             count = len(result.texts) if result.texts is not None else len(result.images)
             kind = "captions" if result.texts is not None else "images"
             sampler_used = result.settings["settings"].get("sampler", "ddim")
-            loaded = f"; model loaded in {result.load_seconds:.1f} s" if result.load_seconds else ""
+            loaded = f"; model loaded in {result.load_seconds:.1f} s" if result.load_seconds >= 0.05 else ""
             status.set_text(f"{count} {kind} in {result.seconds:.1f} s (seed {job.shared.seed}, "
                             f"{job.shared.steps} {sampler_used} steps{loaded})")
 

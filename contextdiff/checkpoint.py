@@ -414,7 +414,7 @@ def save_contextdiff(
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from common.io import atomic_write_dir, save_pretrained_into
+    from common.io import save_model_folder
 
     folder = Path(folder)
     scheduler = DDIMScheduler.from_config(
@@ -459,11 +459,7 @@ def save_contextdiff(
         write_adapter(tmp / "adapter", adapter, process, adapter_provenance)
         (tmp / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
-    if beside_existing:
-        save_pretrained_into(folder, write)
-    else:
-        with atomic_write_dir(folder) as tmp:
-            write(tmp)
+    save_model_folder(folder, write, beside_existing=beside_existing)
     return folder
 
 

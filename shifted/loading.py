@@ -185,7 +185,7 @@ def save_decoder(folder: PathLike, pipeline_parts: dict, projection, clip_names:
     """
     from diffusers import StableDiffusionPipeline
 
-    from common.io import atomic_write_dir, save_pretrained_into
+    from common.io import save_model_folder
 
     pipe = StableDiffusionPipeline(**pipeline_parts, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -196,12 +196,7 @@ def save_decoder(folder: PathLike, pipeline_parts: dict, projection, clip_names:
         (tmp / DECODER_FILE).write_text(json.dumps(
             {"clip_models": list(clip_names), "embedding_dim": int(projection.config.in_dim)}, indent=2) + "\n")
 
-    if beside_existing:
-        save_pretrained_into(folder, write)
-    else:
-        with atomic_write_dir(folder) as tmp:
-            write(tmp)
-    return Path(folder)
+    return save_model_folder(folder, write, beside_existing=beside_existing)
 
 
 def decoder_entries(folder: PathLike) -> list[str]:

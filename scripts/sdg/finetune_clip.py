@@ -9,8 +9,9 @@ images x_0 of ``--data_dir`` (captions unused), t ~ U{0..T-1} (``--schedule_samp
 x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with the diffusion model's schedule, the student embedding
 E'(x_t, t) is pulled towards the FROZEN CLIP embedding of the clean x_0 against the rest of the batch (symmetric
 InfoNCE, fixed logit scale ``--logit_scale`` 100, directions summed; ``sdg.finetune``). The text tower is untouched,
-so the CLIP text embedding still scores E' (language guidance). Writes ``<output_dir>/clip/`` (``--clip_path`` of
-``scripts/sdg/sample.py``); the base CLIP is referenced by path, not copied.
+so the CLIP text embedding still scores E' (language guidance). Writes the noise-aware CLIP at ``<output_dir>`` itself,
+beside the run's checkpoints (``--clip_path <output_dir>`` of ``scripts/sdg/sample.py``); the base CLIP is referenced
+by path, not copied.
 """
 
 from __future__ import annotations
@@ -147,10 +148,11 @@ def main(argv=None) -> int:
                                       "noise_schedule": args.noise_schedule,
                                       "max_train_steps": config.max_train_steps,
                                       "train_batch_size": config.train_batch_size}}
-            out = save_noise_aware_clip(trained, Path(config.output_dir) / "clip", base_clip=args.clip_model_path,
+            out = save_noise_aware_clip(trained, Path(config.output_dir), base_clip=args.clip_model_path,
                                         base_clip_weights=args.clip_weights,
                                         settings=clip_settings(trained, args.film_init, args.pos_init),
-                                        extra=extra, dtype=dtype, base_model=model)
+                                        extra=extra, dtype=dtype, base_model=model,
+                                        beside_existing=True)  # at output_dir itself: --clip_path output_dir
             print(f"noise-aware CLIP saved to {out} (pass it as --clip_path)")
     return result.exit_code
 

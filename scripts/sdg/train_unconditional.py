@@ -12,8 +12,9 @@ the VLB term with a stop-gradient on the mean so it trains only the learned vari
 per-channel offset noise (``common/diffusion_loss.py``, as diffusers' examples).
 ADM's ``--use_checkpoint True`` is ``--gradient_checkpointing`` and ``--use_fp16 True`` is ``--mixed_precision fp16``
 (GPU only; the weights stay float32 and autocast runs the forward in fp16, as diffusers' examples do).
-Writes ``<output_dir>/unet/`` (diffusers folder + ``adm_flags.json``), loadable by ``scripts/sdg/sample.py
---model_path`` and ``scripts/sample.py --method sdg``; trainer checkpoints go to ``<output_dir>/checkpoint-*``.
+Writes the UNet at ``<output_dir>`` itself (diffusers ``UNet2DModel`` folder + ``adm_flags.json``, beside the
+trainer's ``checkpoint-*``), loadable by ``UNet2DModel.from_pretrained(output_dir)``, ``scripts/sdg/sample.py
+--model_path`` and ``scripts/sample.py --method sdg``.
 """
 
 from __future__ import annotations
@@ -110,10 +111,11 @@ def main(argv=None) -> int:
         result = trainer.fit({"unet": unet}, loss, dataset, validation_fn=validate)
         if trainer.is_main_process and result.completed:
             dtype = torch.float16 if args.save_dtype == "float16" else torch.float32
-            out = save_unet_folder(result.models["unet"].eval(), flags, Path(config.output_dir) / "unet", dtype,
+            out = save_unet_folder(result.models["unet"].eval(), flags, Path(config.output_dir), dtype,
                                    extra={"trained_with": {"lambda_vlb": args.lambda_vlb,
                                                            "max_train_steps": config.max_train_steps,
-                                                           "train_batch_size": config.train_batch_size}})
+                                                           "train_batch_size": config.train_batch_size}},
+                                   beside_existing=True)  # UNet2DModel.from_pretrained(output_dir) loads it
             print(f"unconditional UNet saved to {out} (diffusers UNet2DModel + adm_flags.json)")
     return result.exit_code
 

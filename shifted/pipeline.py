@@ -313,16 +313,28 @@ def prior_loss(prior: ShiftedPrior, bank: Optional[GaussianBank], batch: dict, *
 # ----------------------------------------------------------------------------------------------------- save/load
 
 
-def save_prior(folder: Union[str, Path], prior: ShiftedPrior, bank: Optional[GaussianBank]) -> Path:
-    """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` (prior) + ``bank.safetensors``, atomically."""
-    from common.io import atomic_write_dir
+def save_prior(folder: Union[str, Path], prior: ShiftedPrior, bank: Optional[GaussianBank],
+               beside_existing: bool = False) -> Path:
+    """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` (prior) + ``bank.safetensors``, atomically
+    (``beside_existing``: into a training run's output folder, next to its checkpoints and logs)."""
+    from common.io import save_model_folder
 
     check_prior_bank(prior, bank)
-    with atomic_write_dir(folder) as tmp:
+
+    def write(tmp: Path) -> None:
         prior.save_pretrained(tmp, safe_serialization=True)
         if bank is not None:
             bank.save(Path(tmp) / BANK_FILE)
-    return Path(folder)
+
+    return save_model_folder(folder, write, beside_existing=beside_existing)
+
+
+def prior_entries(folder: Union[str, Path]) -> list[str]:
+    """The files of a prior folder that make up the prior (a training run's output folder also holds its
+    checkpoints and logs, which a release does not copy)."""
+    folder = Path(folder)
+    return [name for name in ("config.json", "diffusion_pytorch_model.safetensors", BANK_FILE)
+            if (folder / name).is_file()]
 
 
 def _legacy_prior_overrides(folder: Path) -> dict:

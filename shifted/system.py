@@ -56,7 +56,7 @@ def load_system(
     if need_prior:
         prior_folder = Path(prior) if prior else (ckpt.prior_folder(prior_variant) if ckpt else None)
         if prior_folder is None:
-            raise UserError("no prior given: pass --prior FOLDER (train.py's <output_dir>/prior) or --checkpoint")
+            raise UserError("no prior given: pass --prior FOLDER (train.py's --output_dir) or --checkpoint")
         system.prior, system.bank = load_prior(prior_folder, device=device)
         states_path = Path(text_states) if text_states else (ckpt.text_states_path if ckpt else None)
         if states_path is None:

@@ -99,7 +99,7 @@ def trained(assets):
                               "--output_dir", str(root / "prior_run")])
     run_ok(train_prior.main, ["--cache", str(cache), "--no_bank", *PRIOR, *TRAIN,
                               "--output_dir", str(root / "base_run")])
-    prior = root / "prior_run" / "prior"
+    prior = root / "prior_run"  # the prior is the output folder itself
     run_ok(finetune.main, ["--pretrained_model_name_or_path", str(assets["sd"]), "--train_data_dir",
                            str(assets["data"]), "--clip", clip, "--prior", str(prior), "--cache_latents", *TRAIN,
                            "--output_dir", str(root / "ft")])
@@ -109,9 +109,9 @@ def trained(assets):
                            "--clip", clip, "--null_embedding", "black", "--learned_null", "--no_text_tower", *TRAIN,
                            "--output_dir", str(root / "ft_parts")])
     ckpt = root / "ckpt"
-    run_ok(make_checkpoint.main, ["--prior", str(prior), "--prior_baseline", str(root / "base_run" / "prior"),
+    run_ok(make_checkpoint.main, ["--prior", str(prior), "--prior_baseline", str(root / "base_run"),
                                   "--decoder", str(root / "ft"), "--clip", clip, "--out", str(ckpt)])
-    return {"cache": cache, "bank": bank, "prior": prior, "base": root / "base_run" / "prior",
+    return {"cache": cache, "bank": bank, "prior": prior, "base": root / "base_run",
             "decoder": root / "ft", "ckpt": ckpt, "parts_decoder": root / "ft_parts"}
 
 
@@ -137,6 +137,9 @@ def test_training_scripts_write_loadable_models(assets, trained):
     # projection sits next to it with the prior("") null; the release copies the model and not the run's files
     assert not (trained["decoder"] / "pipeline").exists() and (trained["decoder"] / "train_summary.json").is_file()
     assert not (trained["ckpt"] / "decoder" / "train_summary.json").exists()
+    assert not (trained["prior"] / "prior").exists() and (trained["prior"] / "train_summary.json").is_file()
+    assert sorted(p.name for p in (trained["ckpt"] / "prior").iterdir()) == [
+        "bank.safetensors", "config.json", "diffusion_pytorch_model.safetensors"]
     pipe = StableDiffusionPipeline.from_pretrained(str(trained["decoder"]))
     decoder = ImageDecoder.from_pretrained(trained["decoder"])
     assert pipe.unet.config.cross_attention_dim == decoder.projection.config.cross_attention_dim

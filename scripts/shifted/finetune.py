@@ -2,7 +2,7 @@
 
     python scripts/shifted/finetune.py --config configs/shifted/tiny_finetune.yaml \\
         --pretrained_model_name_or_path ckpt/tiny/baseline --train_data_dir data/digits/train \\
-        --prior outputs/shifted/prior/prior --output_dir outputs/shifted/finetune
+        --prior outputs/shifted/prior --output_dir outputs/shifted/finetune
 
 No caption is read: each training image is embedded by the CLIP model(s) (``--clip``, concatenated in order) and the
 embedding reaches the UNet's cross-attention through ``ImageEmbProjection`` (Linear(D -> n_tokens x
@@ -129,7 +129,7 @@ def null_embedding(args, clip) -> torch.Tensor:
         return clip.encode_image(torch.zeros(1, 3, size, size))[0].cpu()
     if choice == "prior":
         if not args.prior:
-            raise UserError("--null_embedding prior needs --prior FOLDER (train.py's <output_dir>/prior)")
+            raise UserError("--null_embedding prior needs --prior FOLDER (train.py's --output_dir)")
         from shifted.cli import text_states_path
         from shifted.embeddings import PriorTextEncoder
         from shifted.loading import load_text_states

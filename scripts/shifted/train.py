@@ -9,8 +9,8 @@ eps 1e-6, clip 1.0, constant LR, linear betas 1e-4..0.02, x0 prediction with P2 
 0.1, the CLIP text embedding never, width 2048 / 8 layers / 32 heads), plus ``--bank`` (from fit_bank.py; replaces
 ``--mean_path/--std_path``), ``--no_bank`` and ``--cache`` (from extract_embeddings.py; without it the folder is
 embedded once at start, the same tensors). ``--snr_gamma`` replaces the P2 weight by Min-SNR's ``min(SNR_t, gamma)``
-(the x0-target form); ``--noise_offset`` is refused (embedding vectors have no pixels to offset). Writes ``<output_dir>/prior`` (config.json, weights, bank.safetensors),
-loadable with ``shifted.pipeline.load_prior``; checkpoints and ``--resume_from_checkpoint latest`` as every script.
+(the x0-target form); ``--noise_offset`` is refused (embedding vectors have no pixels to offset). Writes the prior at ``<output_dir>`` itself (config.json, weights,
+bank.safetensors, beside the run's checkpoints), loadable with ``shifted.pipeline.load_prior(output_dir)``; checkpoints and ``--resume_from_checkpoint latest`` as every script.
 """
 
 from __future__ import annotations
@@ -212,7 +212,8 @@ def main(argv=None) -> int:
         result = trainer.fit(objective.models, objective, EmbeddingDataset(tensors),
                              validation_fn=make_validation(tensors, bank, block_dims))
         if trainer.is_main_process and result.completed:
-            out = save_prior(Path(config.output_dir) / "prior", result.models["prior"].eval(), bank)
+            out = save_prior(Path(config.output_dir), result.models["prior"].eval(), bank,
+                             beside_existing=True)  # load_prior(output_dir) loads it
             print(f"prior saved to {out} (final loss {result.loss_history[-1]:.4g})")
     return result.exit_code
 

@@ -84,10 +84,15 @@ def test_four_flow_folder_records_flows_and_shards(world):
 def test_progressive_stages_and_untrained_flows_are_refused(world, tmp_path, capsys):
     base = ["--train_data_dir", world["data"] / "train", "--vae_model_path", world["vae"], "--clip_model_path",
             world["clip"], "--max_train_steps", 1, "--train_batch_size", 4]
-    single = tmp_path / "single"
-    code, _ = run_main(train_script.main, [*base, "--stage", "single", "--output_dir", tmp_path / "r1", "--save_to",
-                                           single, "--flow_sampling", "one"], capsys)
+    single = tmp_path / "r1"  # no --save_to: the versatile folder is the output folder itself
+    code, _ = run_main(train_script.main, [*base, "--stage", "single", "--output_dir", single,
+                                           "--flow_sampling", "one"], capsys)
     assert code == 0
+    assert (single / "versatile.json").is_file() and (single / "train_summary.json").is_file()
+    assert not (single / "pipeline").exists()
+    from versatile.checkpoint import load_pipeline
+
+    assert load_pipeline(single)[1].trained_flows == ("iv",)
     dual = tmp_path / "dual"
     code, _ = run_main(train_script.main, [*base, "--stage", "dual", "--init_from", single, "--output_dir",
                                            tmp_path / "r2", "--save_to", dual, "--group_lr_scale",

@@ -16,7 +16,7 @@ Each item serves every flow: t2i / tv are conditioned on its caption, iv / i2t o
 its latent, text flows its caption latent. ``--cond_drop`` replaces a context by the null one the flow samples with
 (CLIP(""), zeros for iv, black for i2t; ``--uncond_image`` overrides).
 
-Output (``--save_to``, default ``<output_dir>/pipeline``): ``versatile.json`` + ``diffuser/`` (see
+Output (``--save_to``, default ``<output_dir>`` itself): ``versatile.json`` + ``diffuser/`` (see
 ``versatile.checkpoint``), loadable by ``scripts/versatile/sample.py`` and ``scripts/sample.py --method versatile``.
 """
 
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="null image context (default per flow: zeros for iv, black for i2t)")
     p.add_argument("--init_from", default=None,
                    help="a versatile folder (versatile.json) or a diffuser folder to start from (previous stage)")
-    p.add_argument("--save_to", default=None, help="output versatile folder (default: <output_dir>/pipeline)")
+    p.add_argument("--save_to", default=None,
+                   help="output versatile folder (default: --output_dir itself, beside the run's checkpoints)")
     p.add_argument("--save_dtype", default="float32", choices=("float32", "float16"),
                    help="storage dtype of the diffuser weights (float16 keeps the shipped checkpoint small)")
     add_diffusion_loss_args(p, prediction_type=False)  # every flow predicts eps (the released model's target)
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
                         "--text_vae_path (scripts/versatile/train_text_vae.py)")
     model_config = VersatileConfig.load(args.model_config)
     config = config_from_args(args)
-    save_to = Path(args.save_to) if args.save_to else Path(config.output_dir) / "pipeline"
+    save_to = Path(args.save_to) if args.save_to else Path(config.output_dir)
     init = Path(args.init_from) if args.init_from else None
 
     with Trainer(config) as trainer:
@@ -267,6 +268,7 @@ def main(argv=None) -> int:
                 text_vae=args.text_vae_path or (previous.text_vae if previous else None), trained_flows=trained,
                 sampling=sampling, uncond_image=args.uncond_image, stages=stages, dtype=dtype,
                 context_scale=model_config.context.context_scale,
+                beside_existing=save_to.resolve() == Path(config.output_dir).resolve(),
             )
             losses = result.loss_history[-50:]
             print(f"versatile folder saved to {save_to}: flows {sorted(trained)}, {result.global_step} steps in "

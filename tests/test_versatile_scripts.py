@@ -58,12 +58,13 @@ def world(tmp_path_factory):
 def test_text_vae_script_trains_saves_and_scores(world, tmp_path, capsys):
     from versatile.text_vae import load_text_vae
 
-    out = tmp_path / "tvae"
+    out = tmp_path / "run"  # no --save_to: the text VAE is the output folder itself
     code, _ = run_main(train_text_vae.main, ["--train_data_dir", world["data"] / "train", "--eval_data_dir",
                                              world["data"] / "test", "--max_train_steps", 2, "--train_batch_size", 4,
                                              "--beta_warmup_steps", 2, "--free_bits", 0.5, "--eval_samples", 3,
-                                             "--output_dir", tmp_path / "run", "--save_to", out], capsys)
+                                             "--output_dir", out], capsys)
     assert code == 0
+    assert not (out / "text_vae").exists() and (out / "train_summary.json").is_file()
     vae = load_text_vae(out)
     scores = json.loads((out / "eval.json").read_text())
     assert scores["count"] == 3 and 0 <= scores["greedy_digit"] <= 1

@@ -8,7 +8,7 @@ weights the frozen members' eps, and only the diffusers learn, from the plain ep
 ``--mask_model_dir`` / ``--text_model_dir``: member folders (``scripts/codiff/train_unimodal.py``; a Stable
 Diffusion pipeline folder is a text member, e.g. ``ckpt/tiny/baseline``). The members must share the VAE latent
 space and the noise schedule. Writes a collaboration checkpoint to ``--export_dir`` (default
-``<output_dir>/codiff``): ``codiff.json`` (members, VAE, schedule, sampling defaults, by path) and
+``<output_dir>`` itself, beside the run's checkpoints): ``codiff.json`` (members, VAE, schedule, sampling defaults, by path) and
 ``dynamic_diffusers/``. Generate from it with ``scripts/codiff/generate.py --model_dir``.
 """
 
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default_eta", type=float, default=1.0, help="sampling default stored in the checkpoint")
     p.add_argument("--default_guidance_scale", type=float, default=1.0,
                    help="per-member CFG scale stored as the sampling default (1 = none, the paper)")
-    p.add_argument("--export_dir", default=None, help="where the checkpoint goes (default: <output_dir>/codiff)")
+    p.add_argument("--export_dir", default=None, help="where the checkpoint goes (default: --output_dir itself)")
     add_diffusion_loss_args(p, prediction_type=False)  # CoDiff's members are eps models
     add_train_args(p, defaults={"learning_rate": 1e-4, "train_batch_size": 64, "lr_warmup_steps": 100,
                                 "report_to": "none", "tracker_project_name": "codiff-dynamic",
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
             frozen["mask_encoder"] = mask_member.encoder
         result = trainer.fit(objective.trainable_modules(), objective, data, frozen=frozen)
         if trainer.is_main_process and result.completed:
-            export = Path(args.export_dir or Path(config.output_dir) / "codiff")
+            export = Path(args.export_dir or config.output_dir)  # default: the output folder itself
             sampling = {"ddim_steps": args.default_steps, "eta": args.default_eta,
                         "guidance_scale": args.default_guidance_scale}
             info = {"train": {"data": str(args.train_data_dir), "max_train_steps": config.max_train_steps,

@@ -207,3 +207,65 @@ def test_bad_loss_flag_values_are_one_line(script, tmp_path, capsys):
         from common.diffusion_loss import check_diffusion_loss_args
 
         check_diffusion_loss_args(SimpleNamespace(snr_gamma=None, noise_offset=-0.5))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --center_crop / --random_flip wherever images are trained
+# --------------------------------------------------------------------------------------------------------------
+
+IMAGE_TRAINERS = ["scripts/train_text_to_image.py", "scripts/train_vae.py", "scripts/train_clip.py",
+                  "scripts/shifted/finetune.py", "scripts/sdg/train_unconditional.py", "scripts/sdg/finetune_clip.py",
+                  "scripts/codiff/train_unimodal.py", "scripts/codiff/train_dynamic.py"]
+
+
+@pytest.mark.parametrize("script", IMAGE_TRAINERS)
+def test_image_trainers_take_crop_and_flip_both_ways(script):
+    parser = _script(script).build_parser()
+    options = set(parser._option_string_actions)
+    assert {"--center_crop", "--no-center_crop", "--random_flip", "--no-random_flip"} <= options
+    defaults = parser.parse_args([])
+    assert defaults.center_crop is True and defaults.random_flip is False  # diffusers' example defaults
+
+
+def test_versatile_offers_the_crop_only_since_it_encodes_every_image_once():
+    parser = _script("scripts/versatile/train.py").build_parser()
+    assert "--no-center_crop" in parser._option_string_actions
+    assert "--random_flip" not in parser._option_string_actions
+
+
+@pytest.mark.parametrize("script", ["scripts/codiff/train_unimodal.py", "scripts/codiff/train_dynamic.py"])
+def test_codiff_random_flip_with_cached_latents_is_one_line(script, tmp_path, capsys):
+    module = _script(script)
+    argv = ["--train_data_dir", str(tmp_path), "--random_flip", "--output_dir", str(tmp_path / "o")]
+    if script.endswith("train_unimodal.py"):
+        argv += ["--modality", "text"]
+    with pytest.raises(SystemExit):
+        module.main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "--random_flip" in err[0] and "--no-cache_latents" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_sdg_images_flip_per_draw_and_crop_as_asked(tmp_path):
+    from PIL import Image
+
+    from sdg.data import InMemoryImages
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    pixels = torch.zeros(24, 40, 3, dtype=torch.uint8)
+    pixels[:, 8:16] = 255  # a bright band left of centre (inside the centre crop): a flip moves it to the right
+    Image.fromarray(pixels.numpy()).save(folder / "a.png")
+    plain = InMemoryImages(folder, 16)
+    assert plain.pixels.shape == (1, 3, 16, 16) and not torch.equal(plain[0], plain[0].flip(-1))
+    torch.manual_seed(0)
+    flipping = InMemoryImages(folder, 16, random_flip=True)
+    draws = [flipping[0] for _ in range(20)]
+    flipped = [bool(torch.equal(d, plain[0].flip(-1))) for d in draws]
+    assert all(f or torch.equal(d, plain[0]) for f, d in zip(flipped, draws))
+    assert 0 < sum(flipped) < 20  # fresh draws, not one frozen choice
+    crops = set()
+    for seed in range(6):  # --no-center_crop: a random crop (27 x 16 after the resize: 12 offsets)
+        torch.manual_seed(seed)
+        crops.add(InMemoryImages(folder, 16, center_crop=False).pixels.numpy().tobytes())
+    assert len(crops) > 1

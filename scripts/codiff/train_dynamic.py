@@ -24,6 +24,7 @@ from common.errors import UserError, cli_entry  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.data import add_image_augmentation_args
     from common.diffusion_loss import add_diffusion_loss_args
     from common.train import add_train_args
 
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-member CFG scale stored as the sampling default (1 = none, the paper)")
     p.add_argument("--export_dir", default=None, help="where the checkpoint goes (default: --output_dir itself)")
     add_diffusion_loss_args(p, prediction_type=False)  # CoDiff's members are eps models
+    add_image_augmentation_args(p, cached_flag="--cache_latents")
     add_train_args(p, defaults={"learning_rate": 1e-4, "train_batch_size": 64, "lr_warmup_steps": 100,
                                 "report_to": "none", "tracker_project_name": "codiff-dynamic",
                                 "output_dir": "outputs/codiff/dynamic"})
@@ -85,6 +87,9 @@ def main(argv=None) -> int:
     from common.train import Trainer, config_from_args, parse_args_with_config
 
     args = parse_args_with_config(build_parser(), argv)
+    from common.data import check_image_augmentation_args
+
+    check_image_augmentation_args(args, args.cache_latents, "--cache_latents")  # flags first, before any file
     if not args.train_data_dir:
         raise UserError("--train_data_dir is required (or set it in --config)")
     dirs = {name: getattr(args, f"{name}_model_dir") for name in ("mask", "text")}
@@ -118,7 +123,8 @@ def main(argv=None) -> int:
         resolution = latent_h * factor
         mask_member = members.get("mask")
         dataset = image_text_dataset(args.train_data_dir, resolution=resolution,
-                                     num_mask_classes=mask_member.mask_format.num_classes if mask_member else None)
+                                     num_mask_classes=mask_member.mask_format.num_classes if mask_member else None,
+                                     center_crop=args.center_crop, random_flip=args.random_flip)
         text_member = members.get("text")
         encoders, keys = {}, {}
         if mask_member:

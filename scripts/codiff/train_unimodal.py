@@ -27,6 +27,7 @@ from common.errors import UserError, cli_entry  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.data import add_image_augmentation_args
     from common.diffusion_loss import add_diffusion_loss_args
     from common.train import add_train_args
 
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encode images (and captions) once and train on the cache")
     p.add_argument("--export_dir", default=None, help="where the member folder goes (default: --output_dir itself)")
     add_diffusion_loss_args(p, prediction_type=False)  # CoDiff's members are eps models
+    add_image_augmentation_args(p, cached_flag="--cache_latents")
     add_train_args(p, defaults={"learning_rate": 5e-4, "train_batch_size": 64, "lr_warmup_steps": 200,
                                 "report_to": "none", "tracker_project_name": "codiff-unimodal",
                                 "output_dir": "outputs/codiff/unimodal"})
@@ -96,6 +98,9 @@ def main(argv=None) -> int:
     from common.train import Trainer, config_from_args, parse_args_with_config
 
     args = parse_args_with_config(build_parser(), argv)
+    from common.data import check_image_augmentation_args
+
+    check_image_augmentation_args(args, args.cache_latents, "--cache_latents")  # flags first, before any file
     for flag in ("modality", "train_data_dir", "vae_model_path", "unet_config"):
         if not getattr(args, flag):
             raise UserError(f"--{flag} is required (or set it in --config)")
@@ -135,7 +140,8 @@ def main(argv=None) -> int:
                           "batch_size": config.train_batch_size, "cond_dropout": args.cond_dropout}}
         if args.modality == "mask":
             fmt = mask_format(args, resolution)
-            dataset = image_text_dataset(args.train_data_dir, resolution=resolution, num_mask_classes=fmt.num_classes)
+            dataset = image_text_dataset(args.train_data_dir, resolution=resolution, num_mask_classes=fmt.num_classes,
+                                         center_crop=args.center_crop, random_flip=args.random_flip)
             encoder = MaskEncoder(fmt, dim)
             text, text_folder, tokenizer_folder = None, None, None
             if args.mask_conditioning == "concat":
@@ -152,7 +158,8 @@ def main(argv=None) -> int:
             if text.text_encoder.config.hidden_size != dim:
                 raise UserError(f"the UNet attends to width {dim} but the text encoder gives "
                                 f"{text.text_encoder.config.hidden_size}: set cross_attention_dim in --unet_config")
-            dataset = image_text_dataset(args.train_data_dir, resolution=resolution)
+            dataset = image_text_dataset(args.train_data_dir, resolution=resolution, center_crop=args.center_crop,
+                                         random_flip=args.random_flip)
         data = dataset
         if args.cache_latents:
             data = cache_latents(dataset, vae, text_conditioner=text if args.cache_latents else None,

@@ -27,6 +27,7 @@ from common.errors import UserError, cli_entry  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.data import add_image_augmentation_args
     from common.train import add_train_args
     from sdg.adm import str2bool
     from sdg.finetune import T_SAMPLERS
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optional folder with digit labels (data/digits/test): each validation appends the zero-shot "
                         "digit accuracy of E'(x_t, t) and of the plain CLIP at several t to <output_dir>/zero_shot.jsonl")
     p.add_argument("--save_dtype", default="float32", choices=("float32", "float16"))
+    add_image_augmentation_args(p)
     add_train_args(p, defaults={"learning_rate": 1e-4, "train_batch_size": 32, "lr_warmup_steps": 0,
                                 "adam_weight_decay": 0.0, "report_to": "none",
                                 "tracker_project_name": "sdg_noisy_clip"})
@@ -116,7 +118,8 @@ def main(argv=None) -> int:
         student = noise_aware_from_base(model, settings)
         student.set_finetune_mode(args.finetune_clip_layer)
         teacher = ResizedTeacher(copy.deepcopy(model.visual)).eval().requires_grad_(False)
-        dataset = InMemoryImages(args.data_dir, student.image_size)
+        dataset = InMemoryImages(args.data_dir, student.image_size, center_crop=args.center_crop,
+                                 random_flip=args.random_flip)
         logit_scale = args.logit_scale or base_logit_scale(model)
         if not logit_scale > 0:
             raise UserError(f"--logit_scale must be > 0, got {logit_scale}")

@@ -28,6 +28,7 @@ from common.errors import UserError, cli_entry  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.data import add_image_augmentation_args
     from common.diffusion_loss import add_diffusion_loss_args
     from common.train import add_train_args
     from sdg.adm import add_adm_arguments
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_diffusion_loss_args(p, prediction_type=False)  # ADM's learn_sigma output is eps + variance: no v target
     adm = p.add_argument_group("ADM model flags (guided-diffusion names and defaults)")
     add_adm_arguments(adm)
+    add_image_augmentation_args(p)
     add_train_args(p, defaults={"learning_rate": 1e-4, "train_batch_size": 32, "lr_warmup_steps": 100,
                                 "report_to": "none", "tracker_project_name": "sdg_unconditional",
                                 "adam_weight_decay": 0.0})
@@ -94,7 +96,8 @@ def main(argv=None) -> int:
     with Trainer(config) as trainer:
         unet = build_unet(flags).train()
         schedule = noise_schedule(flags)
-        dataset = InMemoryImages(args.train_data_dir, flags.image_size)
+        dataset = InMemoryImages(args.train_data_dir, flags.image_size, center_crop=args.center_crop,
+                                 random_flip=args.random_flip)
         loss = HybridLoss(unet, schedule, lambda_vlb=args.lambda_vlb, snr_gamma=args.snr_gamma,
                           noise_offset=args.noise_offset)
 

@@ -36,6 +36,7 @@ STAGES = {"single": ("iv",), "dual": ("t2i", "iv"), "four": ("t2i", "iv", "i2t",
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.data import add_image_augmentation_args
     from common.diffusion_loss import add_diffusion_loss_args
     from common.train import add_train_args
 
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_dtype", default="float32", choices=("float32", "float16"),
                    help="storage dtype of the diffuser weights (float16 keeps the shipped checkpoint small)")
     add_diffusion_loss_args(p, prediction_type=False)  # every flow predicts eps (the released model's target)
+    add_image_augmentation_args(p, random_flip=False)  # every image is encoded once: no per-step flip
     add_train_args(p, defaults={"learning_rate": 5e-4, "train_batch_size": 64, "lr_warmup_steps": 200,
                                 "report_to": "none", "tracker_project_name": "versatile",
                                 "checkpointing_steps": 100000, "validation_steps": 100000})
@@ -226,7 +228,8 @@ def main(argv=None) -> int:
         resolution = args.resolution or vae.config.sample_size
         if resolution % factor:
             raise UserError(f"--resolution {resolution} is not divisible by the VAE's factor {factor}")
-        dataset = image_text_dataset(args.train_data_dir, resolution=resolution, caption_column=args.caption_column)
+        dataset = image_text_dataset(args.train_data_dir, resolution=resolution, caption_column=args.caption_column,
+                                     center_crop=args.center_crop)
         data = EncodedData(encode_dataset(dataset, vae, contexts, text_vae, needs_text))
         scaling = float(vae.config.scaling_factor)
         schedule = vd_schedule(model_config.sampling)

@@ -53,7 +53,8 @@ def world(tmp_path_factory):
                                 *COMMON]) == 0
     assert train_dynamic.main(["--mask_model_dir", str(root / "mask_run"), "--text_model_dir", str(sd),
                                "--train_data_dir", str(small), "--output_dir", str(root / "dyn_run"),
-                               "--default_steps", "3", *COMMON]) == 0
+                               "--default_steps", "3", "--validation_prompts", "a red handwritten seven",
+                               "a blue handwritten two", *COMMON]) == 0
     return {"root": root, "digits": digits, "small": small, "sd": sd, "mask_member": root / "mask_run",
             "ckpt": root / "dyn_run", "mask": digits / "test" / "masks" / "00000.png",
             "image": digits / "test" / "images" / "00000.png"}
@@ -78,6 +79,9 @@ def test_training_writes_a_member_and_a_loadable_checkpoint(world):
     assert unet_config["in_channels"] == 4 + 2  # latent channels + one map per class
     assert (world["mask_member"] / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (world["mask_member"] / "mask_encoder" / "model.safetensors").is_file()
+    # the final validation: the collaboration's samples, one PNG per prompt (and a grid), after the last step
+    shots = sorted(p.name for p in (world["ckpt"] / "validation").glob("step-*/*.png"))
+    assert len(shots) >= 2, shots
     index = json.loads((world["ckpt"] / "codiff.json").read_text())
     assert index["modalities"] == ["mask", "text"] and index["sampling"]["ddim_steps"] == 3
     collab = load_collaboration(world["ckpt"])

@@ -50,7 +50,8 @@ def world(tmp_path_factory):
     folder = root / "four"
     argv = ["--train_data_dir", data / "train", "--vae_model_path", towers["vae"], "--clip_model_path",
             towers["clip"], "--text_vae_path", towers["text_vae"], "--stage", "four", "--max_train_steps", 2,
-            "--train_batch_size", 4, "--output_dir", root / "run_four", "--save_to", folder, "--save_dtype", "float16"]
+            "--train_batch_size", 4, "--output_dir", root / "run_four", "--save_to", folder, "--save_dtype", "float16",
+            "--validation_prompts", "a red handwritten seven"]
     assert train_script.main([str(a) for a in argv]) == 0
     return {"root": root, "data": data, "folder": folder, **towers}
 
@@ -76,6 +77,8 @@ def test_four_flow_folder_records_flows_and_shards(world):
 
     manifest = read_manifest(world["folder"])
     assert manifest.trained_flows == ("t2i", "iv", "i2t", "tv")
+    # --validation_prompts: the t2i flow's samples of the final validation, written by the trainer
+    assert list((world["root"] / "run_four" / "validation").glob("step-*/*.png"))
     assert set(manifest.usable_flows()) == {"t2i", "iv", "i2t", "tv", "dual"}
     shards = sorted(p.name for p in (world["folder"] / "diffuser").glob("*.safetensors"))
     assert len(shards) == 5 and manifest.image_vae == world["vae"] and manifest.stages[-1]["steps"] == 2

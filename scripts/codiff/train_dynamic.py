@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default_guidance_scale", type=float, default=1.0,
                    help="per-member CFG scale stored as the sampling default (1 = none, the paper)")
     p.add_argument("--export_dir", default=None, help="where the checkpoint goes (default: --output_dir itself)")
+    p.add_argument("--validation_prompts", nargs="*", default=None,
+                   help="prompts the collaboration samples at each validation (every --validation_steps and at the "
+                        "end), each with --validation_mask or else a test mask of the prompt's digit")
+    p.add_argument("--validation_mask", default=None, help="class-id mask PNG used for every validation prompt")
     add_diffusion_loss_args(p, prediction_type=False)  # CoDiff's members are eps models
     add_image_augmentation_args(p, cached_flag="--cache_latents")
     add_train_args(p, defaults={"learning_rate": 1e-4, "train_batch_size": 64, "lr_warmup_steps": 100,
@@ -143,7 +147,18 @@ def main(argv=None) -> int:
         frozen = objective.frozen_modules()
         if mask_member:
             frozen["mask_encoder"] = mask_member.encoder
-        result = trainer.fit(objective.trainable_modules(), objective, data, frozen=frozen)
+        validate = None
+        if args.validation_prompts:
+            def validate(step, models):
+                from codiff.sample_cli import CoDiffSettings, generate_collaboration
+
+                settings = CoDiffSettings(prompts=list(args.validation_prompts), num_inference_steps=25,
+                                          eta=args.default_eta, guidance_scale=args.default_guidance_scale,
+                                          mask_path=args.validation_mask)
+                # collab.model holds the modules being trained (EMA weights swapped in by the trainer)
+                return generate_collaboration(collab, settings, generator=torch.Generator().manual_seed(0)).images
+
+        result = trainer.fit(objective.trainable_modules(), objective, data, frozen=frozen, validation_fn=validate)
         if trainer.is_main_process and result.completed:
             export = Path(args.export_dir or config.output_dir)  # default: the output folder itself
             sampling = {"ddim_steps": args.default_steps, "eta": args.default_eta,

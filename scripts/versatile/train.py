@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output versatile folder (default: --output_dir itself, beside the run's checkpoints)")
     p.add_argument("--save_dtype", default="float32", choices=("float32", "float16"),
                    help="storage dtype of the diffuser weights (float16 keeps the shipped checkpoint small)")
+    p.add_argument("--validation_prompts", nargs="*", default=None,
+                   help="prompts sampled with the text-to-image flow at each validation (every --validation_steps "
+                        "and at the end; needs t2i among the trained flows)")
     add_diffusion_loss_args(p, prediction_type=False)  # every flow predicts eps (the released model's target)
     add_image_augmentation_args(p, random_flip=False)  # every image is encoded once: no per-step flip
     add_train_args(p, defaults={"learning_rate": 5e-4, "train_batch_size": 64, "lr_warmup_steps": 200,
@@ -192,6 +195,9 @@ def main(argv=None) -> int:
     if not 0.0 <= args.cond_drop < 1.0:
         raise UserError(f"--cond_drop must lie in [0, 1), got {args.cond_drop}")
     check_diffusion_loss_args(args)
+    if args.validation_prompts and "t2i" not in flows:
+        raise UserError(f"--validation_prompts samples the t2i flow, which this run does not train ({', '.join(flows)})"
+                        ": add it with --flows or --stage, or drop --validation_prompts")
     multipliers = check_multipliers(parse_multipliers(args.group_lr_scale) or default_multipliers(args.stage))
     weights = None
     if args.flow_weights:
@@ -257,8 +263,19 @@ def main(argv=None) -> int:
                 logs[f"loss_{name}"] = loss.detach()
             return {"loss": total, **logs}
 
+        validate = None
+        if args.validation_prompts:
+            from versatile.pipeline import VersatilePipeline
+
+            def validate(step, models):
+                pipe = VersatilePipeline(models["diffuser"], vae, text_vae, contexts, model_config.sampling,
+                                         uncond_image=args.uncond_image)
+                out = pipe("t2i", list(args.validation_prompts), num_inference_steps=25,
+                           generator=torch.Generator().manual_seed(0))
+                return out.images  # [B, 3, H, W] in [0, 1]: the trainer writes and logs each image
+
         start = time.perf_counter()
-        result = trainer.fit({"diffuser": model}, loss_fn, data, params=groups)
+        result = trainer.fit({"diffuser": model}, loss_fn, data, params=groups, validation_fn=validate)
         if trainer.is_main_process and result.completed:
             seconds = time.perf_counter() - start
             trained = set(flows) | set(previous.trained_flows if previous else ())

@@ -269,3 +269,13 @@ def test_sdg_images_flip_per_draw_and_crop_as_asked(tmp_path):
         torch.manual_seed(seed)
         crops.add(InMemoryImages(folder, 16, center_crop=False).pixels.numpy().tobytes())
     assert len(crops) > 1
+
+
+def test_versatile_validation_needs_the_t2i_flow(tmp_path, capsys):
+    module = _script("scripts/versatile/train.py")
+    with pytest.raises(SystemExit):
+        module.main(["--train_data_dir", str(tmp_path), "--stage", "single", "--validation_prompts", "a red seven",
+                     "--output_dir", str(tmp_path / "o")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "--validation_prompts" in err[0] and "t2i" in err[0], err
+    assert not (tmp_path / "o").exists()

@@ -242,14 +242,16 @@ def save_member(
     mask_conditioning: str = "crossattn",
     text_encoder: Optional[nn.Module] = None,
     tokenizer: Any = None,
+    beside_existing: bool = False,
 ) -> Path:
-    """Write a member folder atomically (``unet/`` safetensors, ``mask_encoder/`` for masks, the index).
+    """Write a member folder atomically (``unet/`` safetensors, ``mask_encoder/`` for masks, the index);
+    ``beside_existing``: into a training run's output folder, next to its checkpoints and logs.
 
     Frozen towers are referenced by a path relative to ``folder`` (never copied). A text member whose encoder is
     its own (the released model's :class:`~codiff.text_encoder.LDMTextEncoder`, trained with its UNet) passes the
     module as ``text_encoder`` and its BERT ``tokenizer``: both are written into the folder."""
     from codiff.spatial import SpatialMaskUNet
-    from common.io import atomic_write_dir
+    from common.io import save_model_folder
 
     if isinstance(unet, SpatialMaskUNet):
         unet, mask_encoder, mask_conditioning = unet.unet, unet.encoder, "concat"
@@ -264,7 +266,7 @@ def save_member(
     meta: dict[str, Any] = {"format": MEMBER_FORMAT, "kind": kind, "unet": "unet",
                             "scheduler": dict(scheduler_config),
                             "vae": relative_to(vae_path, folder) if vae_path else None}
-    with atomic_write_dir(folder) as tmp:
+    def write(tmp: Path) -> None:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         if kind == "mask":
             mask_encoder.save_pretrained(tmp / "mask_encoder")
@@ -282,6 +284,8 @@ def save_member(
                 meta["tokenizer"] = relative_to(tokenizer_path, folder)
         meta.update(dict(info or {}))
         (tmp / MEMBER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    save_model_folder(folder, write, beside_existing=beside_existing)
     return folder
 
 

@@ -63,7 +63,8 @@ def safe_dirname(text: str, max_length: int = 80) -> str:
 class CollaborativeGeneration:
     """Samples and, when recorded, their trajectories. ``images [B, 3, H, W]`` in [0, 1]; ``latents [B, C, h, w]``;
     ``influence [S, B, M, h, w]``; ``pred_x0`` / ``x_inter`` ``[S, B, C, h, w]`` latents (x_inter = the latent after
-    each step, as the released sampler logs it); ``timesteps``: the S model timesteps."""
+    each step, as the released sampler logs it); ``timesteps``: the S model timesteps; ``masks [B, H, W]``: the
+    class-id masks a mask member was conditioned on (set by ``codiff.sample_cli.generate_collaboration``)."""
 
     images: torch.Tensor
     latents: torch.Tensor
@@ -72,6 +73,7 @@ class CollaborativeGeneration:
     influence: Optional[torch.Tensor] = None
     pred_x0: Optional[torch.Tensor] = None
     x_inter: Optional[torch.Tensor] = None
+    masks: Optional[torch.Tensor] = None
 
 
 ConditionEncoder = Callable[[Any], torch.Tensor]

@@ -109,7 +109,10 @@ class CoDiffPipeline:
                                      record=settings.weighting == "collaborative")
         extras = {}
         if getattr(gen, "influence", None) is not None:
-            extras = {"influence": gen.influence, "modalities": list(gen.modalities)}
+            extras = {"influence": gen.influence, "modalities": list(gen.modalities), "timesteps": gen.timesteps}
+        if gen.masks is not None:  # the class-id masks it was conditioned on (a file's, or the default test masks)
+            fmt = self.collab.mask_format
+            extras.update(masks=gen.masks.cpu(), mask_palette=list(fmt.palette), mask_classes=list(fmt.class_names))
         return Generation(gen.images.cpu(), extras=extras)
 
 
@@ -152,10 +155,12 @@ def generate_collaboration(collab, settings: CoDiffSettings, *, generator=None, 
             raise UserError("--released_reweighting re-weights the learned maps: use it with --weighting collaborative")
         reweighting = ReleasedReweighting.released(tuple(n for n, k in kinds.items() if k == "mask"))
     generator = generator if generator is not None else torch.Generator().manual_seed(settings.seed)
-    return collab.pipeline()(conds, batch_size=len(prompts), num_inference_steps=settings.num_inference_steps,
-                             eta=settings.eta, sampler=settings.sampler, generator=generator,
-                             reweighting=reweighting, uncond=uncond, guidance_scales=scales, weights=weights,
-                             progress=callback or False, record=record)
+    gen = collab.pipeline()(conds, batch_size=len(prompts), num_inference_steps=settings.num_inference_steps,
+                            eta=settings.eta, sampler=settings.sampler, generator=generator,
+                            reweighting=reweighting, uncond=uncond, guidance_scales=scales, weights=weights,
+                            progress=callback or False, record=record)
+    gen.masks = conds.get(mask_name) if mask_name else None
+    return gen
 
 
 EVALUATION_GUIDANCE = 3.0  # the baseline's guidance in the cross-method table (scripts/demo.py)

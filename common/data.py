@@ -432,6 +432,28 @@ def transform_sample(image: Image.Image, resolution: int, *, center_crop: bool =
         mask_t = torch.from_numpy(np.asarray(mask).astype(np.int64))
         item["mask"] = (mask_t.flip(-1) if flip else mask_t).contiguous()
     return item
+def add_image_augmentation_args(parser, *, cached_flag: Optional[str] = None, random_flip: bool = True) -> None:
+    """``--center_crop`` / ``--random_flip`` (diffusers' example names and defaults: centre crop on, no flip) unless
+    the parser has them. ``cached_flag``: the option that makes the trainer encode each image once; a random flip
+    then needs ``--no-<cached_flag>`` (see :func:`check_image_augmentation_args`). ``random_flip=False``: a trainer
+    that always encodes each image once offers the crop only."""
+    import argparse
+
+    have = set(parser._option_string_actions)
+    if "--center_crop" not in have:
+        parser.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True,
+                            help="crop the centre square after resizing (--no-center_crop: a random crop)")
+    if random_flip and "--random_flip" not in have:
+        parser.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=False,
+                            help="flip each training image horizontally with probability 1/2"
+                                 + (f" (needs --no-{cached_flag.lstrip('-')})" if cached_flag else ""))
+
+
+def check_image_augmentation_args(args, cached: bool, cached_flag: str) -> None:
+    """One line when a random flip is asked of images that are encoded once (the cache would freeze one draw)."""
+    if getattr(args, "random_flip", False) and cached:
+        raise UserError(f"--random_flip needs on-the-fly encoding (the cache holds one view of each image): add "
+                        f"--no-{cached_flag.lstrip('-')}")
 
 
 def image_text_dataset(root: str | Path, resolution: int, *, caption_column: str = "text",

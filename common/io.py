@@ -775,3 +775,15 @@ def save_pretrained_into(folder: PathLike, write: Callable[[Path], Any]) -> Path
     finally:
         _remove(tmp)
     return folder
+
+
+def save_model_folder(folder: PathLike, write: Callable[[Path], Any], *, beside_existing: bool = False,
+                      flag: str = "--output_dir") -> Path:
+    """Write a model folder with ``write(tmp)``: on its own, all-or-nothing (:func:`atomic_write_dir`), or, with
+    ``beside_existing``, into a training run's output folder next to its checkpoints and logs
+    (:func:`save_pretrained_into`), so that ``from_pretrained(output_dir)`` loads the run's result."""
+    if beside_existing:
+        return save_pretrained_into(folder, write)
+    with atomic_write_dir(folder, flag, _caller_label()) as tmp:
+        write(tmp)
+    return Path(folder)

@@ -388,8 +388,14 @@ def save_contextdiff(
     provenance: Optional[dict] = None,
     t5: Optional[tuple] = None,
     t5_max_length: int = T5_MAX_LENGTH,
+    adapter_provenance: Optional[dict] = None,
+    beside_existing: bool = False,
 ) -> Path:
     """Write a checkpoint folder atomically (layout in the module docstring).
+
+    ``beside_existing``: ``folder`` is a training run's output folder (checkpoints, logs): the checkpoint's entries
+    go into it next to those (``common.io.save_pretrained_into``), replacing an earlier export's entries only.
+    ``adapter_provenance`` goes into ``adapter/process.json``, so the folder also serves as a stage-1 output.
 
     Without ``reference_towers`` it is a complete diffusers ``StableDiffusionPipeline`` folder (plain
     ``from_pretrained`` loads it; the adapter and ``contextdiff.json`` ride along). With it (``{"vae": path,
@@ -403,7 +409,7 @@ def save_contextdiff(
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from common.io import atomic_write_dir
+    from common.io import save_model_folder
 
     folder = Path(folder)
     scheduler = DDIMScheduler.from_config(
@@ -422,7 +428,8 @@ def save_contextdiff(
         if reference_towers is not None and not reference_towers.get("t5"):
             raise UserError("reference_towers must name the T5 folder too (key 't5') when the adapter reads T5")
         meta["t5_max_length"] = check_t5_max_length(t5_max_length)
-    with atomic_write_dir(folder) as tmp:
+
+    def write(tmp: Path) -> None:
         if reference_towers is None:
             dtype = next(text_encoder.parameters()).dtype
             pipe = StableDiffusionPipeline(
@@ -444,8 +451,10 @@ def save_contextdiff(
             else:
                 meta["t5"] = os.path.relpath(Path(reference_towers["t5"]).resolve(), folder.resolve())
         (tmp / "adapter").mkdir()
-        write_adapter(tmp / "adapter", adapter, process)
+        write_adapter(tmp / "adapter", adapter, process, adapter_provenance)
         (tmp / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    save_model_folder(folder, write, beside_existing=beside_existing)
     return folder
 
 

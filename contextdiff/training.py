@@ -9,9 +9,11 @@ Stage 2 (``finetune_diffusion.py``): the diffusion model is fine-tuned on the pr
 defines; the adapter is LOADED, checked against the model, frozen and used for x_t and the target (the released
 stage 2 never loaded it, GitHub issue #8 of YangLing0818/ContextDiff). Missing or ill-fitting adapter: one-line error, nothing written.
 
-Outputs (all atomic): stage 1 ``<output_dir>/adapter/`` (safetensors + config.json + process.json) and, when the
-UNet was trained, ``<output_dir>/pipeline/``; stage 2 ``<output_dir>/pipeline/``, a ContextDiff checkpoint folder
-(``contextdiff.checkpoint``: a diffusers Stable Diffusion folder plus ``adapter/`` and ``contextdiff.json``).
+Outputs (all atomic): stage 1 with a frozen UNet ``<output_dir>/adapter/`` (safetensors + config.json +
+process.json); stage 1 with ``--no-freeze_unet`` and stage 2 a ContextDiff checkpoint folder AT ``<output_dir>``
+(``contextdiff.checkpoint``: a diffusers Stable Diffusion folder plus ``adapter/`` and ``contextdiff.json``, beside
+the run's ``checkpoint-N/`` and logs), so ``StableDiffusionPipeline.from_pretrained(output_dir)`` and
+``load_contextdiff(output_dir)`` both load it.
 Every input is checked before the trainer creates ``--output_dir``, so bad input leaves nothing behind.
 
 T5 text source: an adapter with ``text_sources [clip, t5]`` also reads a frozen T5 encoder
@@ -128,7 +130,7 @@ def build_parser(stage: int) -> argparse.ArgumentParser:
     p.add_argument("--text_encoder_save_dtype", default="float32", choices=("float32", "float16"),
                    help="dtype the (frozen) text encoder is written in; float16 keeps tiny checkpoints small")
     p.add_argument("--checkpoint_dir", default=None,
-                   help="where the ContextDiff checkpoint folder is written (default: <output_dir>/pipeline)")
+                   help="where the ContextDiff checkpoint folder is written (default: --output_dir itself)")
     p.add_argument("--reference_towers", action=argparse.BooleanOptionalAction, default=False,
                    help="write the UNet, scheduler and adapter only and reference the source VAE / text encoder / "
                         "tokenizer by relative path instead of copying them (small shipped checkpoints)")
@@ -443,16 +445,18 @@ def _save(args, stage, result, unet, adapter, vae, text_encoder, tokenizer, sche
         provenance["t5_model_name_or_path"] = str(Path(t5_path).resolve())
         provenance["t5_max_length"] = int(args.t5_max_length)
     provenance["objective"] = str(args.objective)
+    adapter_provenance = None
     if stage == 1:
         provenance["freeze_unet"] = bool(args.freeze_unet)
-        save_adapter(out / "adapter", adapter, process, provenance)
-        print(f"adapter saved to {out / 'adapter'} (safetensors + config.json + process.json)")
         if args.freeze_unet:
+            save_adapter(out / "adapter", adapter, process, provenance)
+            print(f"adapter saved to {out / 'adapter'} (safetensors + config.json + process.json)")
             return
+        adapter_provenance = provenance  # the checkpoint's adapter/ is also what stage 2 reads
     else:
         provenance["adapter_path"] = str(adapter_folder)
     text_dtype = torch.float16 if args.text_encoder_save_dtype == "float16" else torch.float32
-    folder = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "pipeline"
+    folder = Path(args.checkpoint_dir) if args.checkpoint_dir else out
     if args.reference_towers and t5 is not None:
         towers = {**towers, "t5": Path(t5_path).resolve()}
     t5_model = None if t5 is None else (t5[0].float().eval(), t5[1])
@@ -461,7 +465,8 @@ def _save(args, stage, result, unet, adapter, vae, text_encoder, tokenizer, sche
                               scheduler_config=scheduler_config, process=process,
                               reference_towers=towers if args.reference_towers else None,
                               text_encoder_dtype=text_dtype, provenance=provenance, t5=t5_model,
-                              t5_max_length=args.t5_max_length)
+                              t5_max_length=args.t5_max_length, adapter_provenance=adapter_provenance,
+                              beside_existing=folder.resolve() == out.resolve())
     kind = "UNet, scheduler and adapter; towers referenced" if args.reference_towers else \
         "diffusers StableDiffusionPipeline layout + adapter/"
     print(f"ContextDiff checkpoint saved to {folder} ({kind})")

@@ -139,6 +139,9 @@ class Result:
     settings_path: Path
     influence: dict = field(default_factory=dict)  # modality -> PIL grid of the maps of every step (sample 0)
     seconds: float = 0.0
+    masks: list = field(default_factory=list)  # the class-id masks the images were conditioned on, in colour
+    influence_labels: dict = field(default_factory=dict)  # modality -> the label of each tile ("step 1, t=981")
+    load_seconds: float = 0.0  # time spent loading the checkpoint (0 when it was already loaded)
 
 
 def check_upload(name: str, data: bytes, max_bytes: int):
@@ -212,26 +215,98 @@ def sample_command(spec: methods.MethodSpec, checkpoint: str, settings, prompts:
 _PIPELINES: dict = {}  # (method, checkpoint) -> the loaded pipeline: the last one used is kept
 
 
-def pipeline_for(spec: methods.MethodSpec, checkpoint: str):
+def pipeline_for(spec: methods.MethodSpec, checkpoint: str, callback=None):
+    """The method's loaded pipeline; a checkpoint not loaded yet is announced through ``callback(message, 0, 0)``
+    first (a cold load takes tens of seconds on a CPU)."""
     key = (spec.name, str(checkpoint))
     if key not in _PIPELINES:
+        if callback is not None:
+            callback(loading_message(spec, checkpoint), 0, 0)
         _PIPELINES.clear()
         _PIPELINES[key] = spec.load(checkpoint, "cpu")
     return _PIPELINES[key]
 
 
-def _influence_grids(influence, modalities, upscale: int = 4) -> dict:
-    """modality -> grid of the influence maps of sample 0 at every step (white = weight 1), as the released
-    ``--return_influence_function`` draws them."""
+def display_path(path) -> str:
+    """A checkpoint path as the page shows it: relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def loading_message(spec: methods.MethodSpec, checkpoint: str) -> str:
+    return f"loading {spec.label} from {display_path(checkpoint)} (first use; later runs reuse it)"
+
+
+INFLUENCE_PER_ROW = 10
+SCALE_BAR_HEIGHT = 10
+
+
+def influence_step_labels(timesteps, count: int) -> list:
+    """``step i, t=T`` for each recorded step (``step i`` alone when the timesteps are unknown)."""
+    times = list(timesteps or [])
+    return [f"step {i + 1}" + (f", t={int(times[i])}" if i < len(times) else "") for i in range(count)]
+
+
+def labelled_influence_grid(maps, labels: list, upscale: int = 4, per_row: int = INFLUENCE_PER_ROW):
+    """``maps [S, 1, h, w]`` in [0, 1] as one grey grid, each tile captioned with its label above it (the step
+    number on the first line, the model timestep on the second), and a black-to-white scale bar (0 to 1) below."""
     import torch
+    from PIL import Image, ImageDraw, ImageFont
 
-    from common.io import make_image_grid
+    from common.io import to_pil
 
-    out = {}
+    font = ImageFont.load_default()
+    maps = torch.nn.functional.interpolate(maps.float(), scale_factor=upscale, mode="nearest").clamp(0, 1)
+    tile_h, tile_w = maps.shape[-2:]
+    cell_w, caption_h, pad = max(tile_w, 56), 24, 4
+    rows = -(-len(maps) // per_row)
+    cols = min(len(maps), per_row)
+    width = cols * (cell_w + pad) + pad
+    bar_top = rows * (tile_h + caption_h + pad) + pad
+    height = bar_top + SCALE_BAR_HEIGHT + 16
+    grid = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for index, (image, label) in enumerate(zip(maps, labels)):
+        row, col = divmod(index, per_row)
+        x, y = pad + col * (cell_w + pad), pad + row * (tile_h + caption_h + pad)
+        draw.multiline_text((x, y), label.replace(", ", "\n"), fill=(0, 0, 0), font=font, spacing=1)
+        grid.paste(to_pil(image, value_range=(0.0, 1.0)).convert("RGB"), (x, y + caption_h))
+    bar_w = max(width - 2 * pad - 40, 20)
+    for i in range(bar_w):  # the scale: weight 0 (black) to weight 1 (white), as the tiles draw them
+        level = round(255 * i / (bar_w - 1))
+        draw.line([(pad + 20 + i, bar_top), (pad + 20 + i, bar_top + SCALE_BAR_HEIGHT - 1)], fill=(level,) * 3)
+    draw.rectangle([pad + 19, bar_top - 1, pad + 20 + bar_w, bar_top + SCALE_BAR_HEIGHT], outline=(0, 0, 0))
+    draw.text((pad, bar_top), "0", fill=(0, 0, 0), font=font)
+    draw.text((pad + 24 + bar_w, bar_top), "1", fill=(0, 0, 0), font=font)
+    draw.text((pad + 20, bar_top + SCALE_BAR_HEIGHT + 2), "influence weight", fill=(0, 0, 0), font=font)
+    grid.info["scale_bar"] = (pad + 20, bar_top, bar_w)  # where the bar is (tests read it back)
+    return grid
+
+
+def _influence_grids(influence, modalities, timesteps=None, upscale: int = 4) -> tuple:
+    """``(modality -> labelled grid, modality -> tile labels)`` of the influence maps of sample 0 at every step
+    (white = weight 1), as the released ``--return_influence_function`` draws them, plus step labels and a scale."""
+    out, labels = {}, {}
+    upscale = max(upscale, 48 // max(1, int(influence.shape[-1])))  # tiles at least ~48 px wide: readable
     for m, name in enumerate(modalities):
-        maps = influence[:, 0, m:m + 1].float()  # [S, 1, h, w]
-        maps = torch.nn.functional.interpolate(maps, scale_factor=upscale, mode="nearest")
-        out[name] = make_image_grid(maps, nrow=10, value_range=(0.0, 1.0))
+        maps = influence[:, 0, m:m + 1]  # [S, 1, h, w]
+        labels[name] = influence_step_labels(timesteps, len(maps))
+        out[name] = labelled_influence_grid(maps, labels[name], upscale)
+    return out, labels
+
+
+def coloured_masks(masks, palette, scale: int = 4) -> list:
+    """Class-id masks ``[N, H, W]`` as RGB images in the checkpoint's palette, ``scale`` x larger."""
+    import numpy as np
+    from PIL import Image
+
+    colours = np.asarray(palette, dtype=np.uint8)
+    out = []
+    for ids in masks:
+        rgb = Image.fromarray(colours[np.asarray(ids, dtype=np.int64).clip(0, len(colours) - 1)])
+        out.append(rgb.resize((rgb.width * scale, rgb.height * scale), Image.NEAREST))
     return out
 
 
@@ -252,10 +327,16 @@ def run_job(job: Job, output_dir, checkpoint_root: Optional[str] = None, callbac
     if not Path(job.checkpoint).is_dir():
         raise UserError(f"checkpoint folder {job.checkpoint} does not exist: start the app with "
                         f"--{job.method}_checkpoint or --checkpoint_root")
-    generation = pipeline_for(spec, job.checkpoint)(settings, callback=callback)
-    influence = {}
+    cached, loading = (spec.name, str(job.checkpoint)) in _PIPELINES, time.perf_counter()
+    pipeline = pipeline_for(spec, job.checkpoint, callback)
+    load_seconds = 0.0 if cached else time.perf_counter() - loading
+    generation = pipeline(settings, callback=callback)
+    influence, influence_labels, masks = {}, {}, []
     if "influence" in generation.extras:
-        influence = _influence_grids(generation.extras["influence"], generation.extras["modalities"])
+        influence, influence_labels = _influence_grids(generation.extras["influence"], generation.extras["modalities"],
+                                                       generation.extras.get("timesteps"))
+    if generation.extras.get("masks") is not None:
+        masks = coloured_masks(generation.extras["masks"], generation.extras["mask_palette"])
     record = {
         "method": job.method, "prompt": job.prompt, "controls": job.options,
         "uploads": {k: str(v) for k, v in job.uploads.items()}, **asdict(job.shared),
@@ -274,7 +355,8 @@ def run_job(job: Job, output_dir, checkpoint_root: Optional[str] = None, callbac
     settings_path = output_dir / "settings.json"
     settings_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return Result(images=images, texts=texts, prompts=list(settings.prompts), settings=record, grid_path=grid_path,
-                  settings_path=settings_path, influence=influence, seconds=time.perf_counter() - start)
+                  settings_path=settings_path, influence=influence, seconds=time.perf_counter() - start,
+                  masks=masks, influence_labels=influence_labels, load_seconds=load_seconds)
 
 
 class Progress:
@@ -319,13 +401,18 @@ def data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def sampling_defaults(method: str) -> dict:
+    """The method's own sampler, eta and guidance scale (its settings dataclass): what its tab shows filled in."""
+    d = methods.get(method).settings()
+    return {"sampler": d.sampler, "eta": float(d.eta), "guidance_scale": float(d.guidance_scale)}
+
+
 def method_defaults() -> str:
-    """Each method's defaults for the shared sampling settings (its settings dataclass)."""
+    """Each method's defaults for the sampling settings, one line (the server's start-up message)."""
     parts = []
     for m in page_methods():
-        spec = methods.get(m)
-        d = spec.settings()
-        parts.append(f"{spec.label} {d.sampler}, eta {d.eta:g}, guidance {d.guidance_scale:g}")
+        d = sampling_defaults(m)
+        parts.append(f"{methods.get(m).label} {d['sampler']}, eta {d['eta']:g}, guidance {d['guidance_scale']:g}")
     return "; ".join(parts)
 
 
@@ -408,44 +495,57 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
     ui.context.client.on_delete(lambda: [shutil.rmtree(f, ignore_errors=True) for f in folder])
     checkpoints = {m: getattr(config, f"{m}_checkpoint", None) or default_checkpoint(m, config.checkpoint_root)
                    for m in names}
-    ui.add_css(".pixelated img { image-rendering: pixelated; } .app-error { color: #c10015; font-weight: 600; }")
+    ui.add_css(".pixelated img { image-rendering: pixelated; } .app-error { color: #c10015; font-weight: 600; }"
+               " .app-upload .q-uploader__subtitle { display: none; }")
 
     ui.label("diffusion-lab: every method side by side").classes("text-h5")
     with ui.card().classes("w-full"):
-        ui.label("Shared settings").classes("text-subtitle1")
+        ui.label("Settings of every tab (sampler, eta and guidance are in each tab: their defaults differ)"
+                 ).classes("text-subtitle1")
         with ui.row().classes("items-end"):
             seed = ui.number("seed", value=0, format="%d").classes("app-seed w-28")
             steps = ui.number("steps", value=25, format="%d",
                               validation={f"1 to {MAX_STEPS}": lambda v: v is not None and 1 <= v <= MAX_STEPS}
                               ).classes("app-steps w-28")
-            sampler_select = ui.select({"default": "method default", "ddim": "ddim", "ddpm": "ddpm"},
-                                       value="default", label="sampler").classes("app-sampler w-36")
-            eta = ui.number("eta (DDIM)", value=None, step=0.1, placeholder="method default").classes("app-eta w-32")
-            guidance = ui.number("guidance scale", value=None, step=0.5, placeholder="method default"
-                                 ).classes("app-guidance w-32")
             num_images = ui.number("images", value=4, format="%d",
                                    validation={f"1 to {MAX_IMAGES}": lambda v: v is not None
                                                and 1 <= v <= MAX_IMAGES}).classes("app-num-images w-28")
-        ui.label("empty = each method's default: " + method_defaults()).classes("text-caption")
         with ui.row().classes("items-center w-full"):
             progress_bar = ui.linear_progress(value=0, show_value=False).classes("app-progress w-64")
             progress_label = ui.label("idle").classes("app-progress-label")
 
-    def shared_values() -> Shared:
-        return Shared.from_values(dict(seed=seed.value, steps=steps.value, sampler=sampler_select.value,
-                                       eta=eta.value, guidance_scale=guidance.value, num_images=num_images.value))
+    def shared_values(sampling: dict) -> Shared:
+        """The shared panel plus the tab's sampler / eta / guidance (``sampling``: their widgets)."""
+        return Shared.from_values(dict(seed=seed.value, steps=steps.value, num_images=num_images.value,
+                                       **{name: widget.value for name, widget in sampling.items()}))
+
+    active: dict = {}  # the status label of the tab that is generating: it shows the progress too
+
+    def progress_text(desc: str, n: int, total: int) -> str:
+        return f"{desc}: step {n}/{total}" if total else f"{desc}..."
 
     def tick() -> None:
         desc, n, total, running = PROGRESS.snapshot()
         if running:
             progress_bar.set_value(n / total if total else 0.0)
-            progress_label.set_text(f"{desc}: step {n}/{total}" if total else f"{desc}...")
+            progress_label.set_text(progress_text(desc, n, total))
+            if active.get("status") is not None:
+                active["status"].set_text(progress_text(desc, n, total))
+        elif progress_label.text != "idle":  # a last step report may land after the run's own reset
+            progress_bar.set_value(0)
+            progress_label.set_text("idle")
 
     ui.timer(0.25, tick)
 
     def upload_box(label: str, state: dict, key: str, error_label):
-        """An image upload checked on the server (type, size) and also refused by the browser above the limit."""
-        info = ui.label("").classes(f"app-upload-info-{key}")
+        """An image upload checked on the server (type, size) and also refused by the browser above the limit. Its
+        state is a line of its own (none yet / the image taken, with a thumbnail / refused), not Quasar's byte
+        counter, which reads "0.0B / 0.00%" before anything is chosen."""
+        with ui.row().classes("items-center gap-2"):
+            thumb = ui.image("").props("no-spinner no-transition").classes(
+                f"app-upload-thumb-{key} w-12 h-12 pixelated")
+            thumb.set_visibility(False)
+            info = ui.label("no image uploaded yet").classes(f"app-upload-info-{key} text-caption")
 
         async def on_upload(e):
             data = await e.file.read()
@@ -453,7 +553,8 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
                 image = check_upload(e.file.name, data, limit)
             except UserError as err:
                 state.pop(key, None)
-                info.set_text("")
+                info.set_text(f"refused: {e.file.name} (see the message above); no image uploaded")
+                thumb.set_visibility(False)
                 error_label.set_text(f"error: {one_line(str(err))}")
                 ui.notify(one_line(str(err)), type="negative")
                 e.sender.reset()
@@ -462,16 +563,23 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
             image.save(path, format="PNG")
             state[key] = path
             error_label.set_text("")
-            info.set_text(f"{e.file.name}: {image.width}x{image.height} {image.mode}")
+            info.set_text(f"uploaded: {e.file.name} ({image.width}x{image.height} {image.mode}, "
+                          f"{len(data) / 1024:.1f} KB); used by the next Generate")
+            thumb.set_source(data_url(image.convert("RGB")))
+            thumb.set_visibility(True)
+            e.sender.reset()  # the file list empties: the line above is the upload's state
 
         def on_rejected():
             message = (f"upload refused: the file is larger than the {config.max_upload_mb:g} MB limit "
                        "(start the app with --max_upload_mb to raise it)")
             error_label.set_text(f"error: {message}")
+            info.set_text("refused: over the size limit; " + ("the previous image is kept" if key in state
+                                                              else "no image uploaded"))
             ui.notify(message, type="negative")
 
-        return ui.upload(label=label, auto_upload=True, max_file_size=limit, on_upload=on_upload,
-                         on_rejected=on_rejected).classes(f"app-upload-{key}").props("flat bordered")
+        return ui.upload(label=label + f" (up to {config.max_upload_mb:g} MB)", auto_upload=True,
+                         max_file_size=limit, on_upload=on_upload, on_rejected=on_rejected
+                         ).classes(f"app-upload-{key} app-upload").props("flat bordered")
 
     def mask_control(method: str, f, uploads: dict, error_label):
         """A class-id mask: the test mask of the prompt's digit (the method's default), an upload, or a drawing."""
@@ -480,8 +588,10 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
         size = fmt.image_size if fmt is not None and fmt.image_size else (32, 32)
         classes = list(fmt.class_names) if fmt is not None else ["background", "stroke"]
         palette = list(fmt.palette) if fmt is not None else [(0, 0, 0), (255, 255, 255)]
-        source = ui.radio({"default": "the method's default", "upload": "upload a mask", "draw": "draw a mask"},
-                          value="default").props("inline").classes("app-mask-source")
+        ui.label(f"{f.metadata.get('label') or 'mask'}: the layout the mask model follows "
+                 f"({', '.join(classes)})").classes("text-subtitle2")
+        source = ui.radio({"default": "a test mask of the prompt's digit (default)", "upload": "upload a mask",
+                           "draw": "draw a mask"}, value="default").props("inline").classes("app-mask-source")
         upload_state: dict = {}
         with ui.column().bind_visibility_from(source, "value", value="upload"):
             upload_box("mask (class-id PNG, palette colours or grey levels = ids)", upload_state, f.name,
@@ -554,9 +664,10 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
                     options = {"": "method default", **options}  # "" reads back as None: the method's default
                 widget = ui.select(options, value="" if default is None else default, label=label).classes(
                     f"{css} w-48")
-            elif kind in (int, float):
-                widget = ui.number(label, value=default, placeholder="default" if default is None else None,
-                                   format="%d" if kind is int else None).classes(f"{css} w-40")
+            elif kind in (int, float):  # an empty field (no default of its own) says whose default applies
+                widget = ui.number(label if default is not None else f"{label} (empty: checkpoint's)",
+                                   value=default, format="%d" if kind is int else None).classes(
+                    f"{css} w-64" if default is None else f"{css} w-40")
             else:
                 widget = ui.input(label, value=default or "").classes(f"{css} w-48")
             if meta.get("help"):
@@ -576,18 +687,33 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
     def method_tab(method: str) -> None:
         spec = specs[method]
         uploads: dict = {}
+        defaults = sampling_defaults(method)
         with ui.row().classes("w-full items-start no-wrap"):
             with ui.column().classes("w-96"):
                 prompt = ui.textarea("prompt (one per line; cycled over the images)",
-                                     value="a red handwritten seven").classes(f"app-prompt-{method} w-full")
+                                     value="a red handwritten seven").props("autogrow").classes(
+                    f"app-prompt-{method} w-full")
+                with ui.row().classes("items-center w-full no-wrap"):
+                    button = ui.button(f"Generate with {spec.label}").classes(f"app-generate-{method}")
+                    status = ui.label("").classes(f"app-status-{method} text-caption")
                 error_label = ui.label("").classes(f"app-error app-error-{method}")
+                with ui.row().classes("items-end"):
+                    sampling = {
+                        "sampler": ui.select({"ddim": "ddim", "ddpm": "ddpm"}, value=defaults["sampler"],
+                                             label="sampler").classes(f"app-sampler-{method} w-24"),
+                        "eta": ui.number("eta (DDIM)", value=defaults["eta"], step=0.1, min=0, max=1).classes(
+                            f"app-eta-{method} w-24"),
+                        "guidance_scale": ui.number("guidance scale", value=defaults["guidance_scale"], step=0.5,
+                                                    min=0).classes(f"app-guidance-{method} w-28"),
+                    }
+                ui.label(f"{spec.label}'s defaults: {defaults['sampler']}, eta {defaults['eta']:g}, guidance "
+                         f"{defaults['guidance_scale']:g}").classes(f"app-defaults-{method} text-caption")
                 collect = controls(method, uploads, error_label)
-                ui.label(f"checkpoint: {checkpoints[method]}").classes("text-caption")
-                button = ui.button(f"Generate with {spec.label}").classes(f"app-generate-{method}")
+                ui.label(f"checkpoint: {display_path(checkpoints[method])}").classes("text-caption")
             with ui.column().classes("grow"):
-                status = ui.label("").classes(f"app-status-{method}")
                 gallery = ui.row().classes(f"app-images-{method} pixelated")
                 texts = ui.column().classes(f"app-texts-{method}")
+                used_masks = ui.column().classes(f"app-masks-{method} pixelated")
                 maps = ui.column().classes(f"app-influence-{method} pixelated")
                 with ui.row():
                     grid_button = ui.button("Download grid (PNG)").classes(f"app-download-grid-{method}")
@@ -607,7 +733,8 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
         async def generate() -> None:
             error_label.set_text("")
             try:
-                job = Job(method, prompt.value or "", shared_values(), collect(), dict(uploads), checkpoints[method])
+                job = Job(method, prompt.value or "", shared_values(sampling), collect(), dict(uploads),
+                          checkpoints[method])
             except (UserError, ValueError) as err:
                 fail(one_line(str(err)))
                 return
@@ -615,7 +742,10 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
                 fail("another generation is running: wait for it to finish")
                 return
             button.disable()
-            status.set_text("generating...")
+            key = (spec.name, str(checkpoints[method]))
+            status.set_text(loading_message(spec, checkpoints[method]) + "..." if key not in _PIPELINES
+                            else "starting...")
+            active["status"] = status
             try:
                 out_dir = session_dir() / f"{method}-{int(time.time() * 1000)}"
                 result = await run.io_bound(run_tracked, job, out_dir, config.checkpoint_root)
@@ -627,6 +757,7 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
                 fail(f"internal error ({type(err).__name__}: {one_line(str(err))}); see the server log")
                 return
             finally:
+                active.pop("status", None)
                 JOB_LOCK.release()
                 button.enable()
                 progress_bar.set_value(0)
@@ -635,6 +766,7 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
                 return
             gallery.clear()
             texts.clear()
+            used_masks.clear()
             maps.clear()
             with gallery:
                 for image, text in zip(result.images if result.images is not None else [], result.prompts):
@@ -645,13 +777,23 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
             with texts:
                 for text, source in zip(result.texts or [], result.prompts):
                     ui.label(f"{source + ' -> ' if source else ''}{text}").classes(f"app-text app-text-{method}")
+            with used_masks:
+                if result.masks:
+                    ui.label("the mask each image was conditioned on").classes("text-subtitle2")
+                    with ui.row():
+                        for index, mask in enumerate(result.masks):
+                            with ui.column().classes("items-center gap-0"):
+                                ui.image(data_url(mask)).props("no-spinner no-transition").classes(
+                                    f"app-mask-used app-mask-used-{method} w-24 h-24")
+                                ui.label(f"mask of image {index + 1}").classes("text-caption")
             with maps:
                 if result.influence:
-                    ui.label("influence maps of sample 1 over the steps (left to right, white = weight 1)")
+                    ui.label("influence maps of image 1 over the sampling steps (each tile: its step and model "
+                             "timestep; scale: black = weight 0, white = weight 1)").classes("text-subtitle2")
                 for name, grid in result.influence.items():
-                    ui.label(name).classes("text-caption")
+                    ui.label(f"{name} model").classes("text-caption")
                     ui.image(data_url(grid)).props("no-spinner no-transition").classes(
-                        f"app-influence-map app-influence-{name}").style(f"width: {grid.width * 2}px")
+                        f"app-influence-map app-influence-{name}").style(f"width: {grid.width}px")
             last.clear()
             if result.grid_path is not None:
                 last["grid"] = result.grid_path
@@ -663,8 +805,9 @@ def build_page(config: argparse.Namespace) -> None:  # noqa: C901  (one page, ma
             count = len(result.texts) if result.texts is not None else len(result.images)
             kind = "captions" if result.texts is not None else "images"
             sampler_used = result.settings["settings"].get("sampler", "ddim")
+            loaded = f"; model loaded in {result.load_seconds:.1f} s" if result.load_seconds >= 0.05 else ""
             status.set_text(f"{count} {kind} in {result.seconds:.1f} s (seed {job.shared.seed}, "
-                            f"{job.shared.steps} {sampler_used} steps)")
+                            f"{job.shared.steps} {sampler_used} steps{loaded})")
 
         button.on_click(generate)
 

@@ -25,6 +25,7 @@ from common.errors import cli_entry  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     from common.data_sources import add_dataset_args
+    from common.data import add_image_augmentation_args
     from common.train import add_train_args
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_dtype", default="float32", choices=("float32", "float16"))
     p.add_argument("--num_validation_pairs", type=int, default=32,
                    help="training pairs of the zero-shot retrieval validation (0: no validation)")
+    add_image_augmentation_args(p)
     add_train_args(p, defaults={"learning_rate": 1e-3, "train_batch_size": 128, "lr_warmup_steps": 100,
                                 "checkpointing_steps": 1000, "validation_steps": 100000, "report_to": "none",
                                 "tracker_project_name": "train_clip", "adam_weight_decay": 0.1})
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
         size = model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
         tokenizer = open_clip.get_tokenizer(name)
-        dataset = training_dataset(args, size)
+        dataset = training_dataset(args, size, center_crop=args.center_crop, random_flip=args.random_flip)
 
         def collate(items):
             return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),

@@ -29,6 +29,7 @@ from typing import Optional, Union
 
 import torch
 
+from common.diffusion_loss import min_snr_weights, training_noise
 from common.errors import UserError
 from common.process import q_sample_standard
 from common.schedule import NoiseSchedule
@@ -137,13 +138,14 @@ class HybridLoss:
     """
 
     def __init__(self, unet: torch.nn.Module, schedule: NoiseSchedule, *, lambda_vlb: float = LAMBDA_VLB,
-                 key: str = "unet"):
+                 key: str = "unet", snr_gamma: Optional[float] = None, noise_offset: float = 0.0):
         if lambda_vlb < 0:
             raise UserError(f"--lambda_vlb must be >= 0, got {lambda_vlb}")
         config = getattr(unet, "config", None)
         if config is None or config.out_channels != 2 * config.in_channels:
             raise UserError("the hybrid loss trains a learn_sigma model: build the UNet with --learn_sigma True")
         self.unet, self.schedule, self.lambda_vlb, self.key = unet, schedule, float(lambda_vlb), key
+        self.snr_gamma, self.noise_offset = snr_gamma, float(noise_offset or 0.0)
         self.tables = _Tables(schedule)
 
     def __call__(self, batch: Union[torch.Tensor, Mapping[str, torch.Tensor]], ctx=None):
@@ -156,9 +158,13 @@ class HybridLoss:
         n = x0.shape[0]
         T = self.schedule.num_train_timesteps
         t = torch.randint(0, T, (n,), device=device)
-        noise = torch.randn_like(x0)
-        x_t = q_sample_standard(x0, self.schedule.abar(t, like=x0), noise)
+        noise = training_noise(x0, self.noise_offset)
+        abar = self.schedule.abar(t, like=x0)
+        x_t = q_sample_standard(x0, abar, noise)
         output = unet(x_t, t).sample
         terms = hybrid_terms(output, x0, x_t, t, noise, self.schedule, self.tables)
-        loss = (terms["mse"] + self.lambda_vlb * T * terms["vb"]).mean()
+        mse = terms["mse"]
+        if self.snr_gamma is not None:  # Min-SNR weights the eps term only; the VLB term keeps its own weighting
+            mse = mse * min_snr_weights(abar, self.snr_gamma, "epsilon").to(mse.device)
+        loss = (mse + self.lambda_vlb * T * terms["vb"]).mean()
         return LossOutput(loss, {"mse": terms["mse"].mean().detach(), "vb_bpd": terms["vb"].mean().detach()})

@@ -41,18 +41,22 @@ CLIP_FORMAT = "diffusion-lab/sdg-noise-aware-clip/v1"
 
 
 def save_unet_folder(unet: torch.nn.Module, flags: ADMFlags, folder: PathLike, dtype: torch.dtype = torch.float32,
-                     extra: Optional[dict[str, Any]] = None) -> Path:
-    """Write ``unet`` (``save_pretrained``, safetensors, weights cast to ``dtype``) and ``adm_flags.json``, atomically."""
-    from common.io import atomic_write_dir
+                     extra: Optional[dict[str, Any]] = None, beside_existing: bool = False) -> Path:
+    """Write ``unet`` (``save_pretrained``, safetensors, weights cast to ``dtype``) and ``adm_flags.json``, atomically
+    (``beside_existing``: into a training run's output folder, next to its checkpoints)."""
+    from common.io import save_model_folder
 
     folder = Path(folder)
     model = copy.deepcopy(unet)
     for tensor in list(model.parameters()) + list(model.buffers()):
         if tensor.is_floating_point():
             tensor.data = tensor.data.to(dtype)  # not ModelMixin.to(): it warns about fp32-kept modules
-    with atomic_write_dir(folder) as tmp:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / ADM_FLAGS_FILE).write_text(json.dumps({**flags.to_dict(), **(extra or {})}, indent=2))
+
+    save_model_folder(folder, write, beside_existing=beside_existing)
     return folder
 
 
@@ -146,11 +150,11 @@ def clip_settings(clip: NoiseAwareCLIP, film_init: str, pos_init: str) -> dict[s
 def save_noise_aware_clip(clip: NoiseAwareCLIP, folder: PathLike, *, base_clip: PathLike,
                           base_clip_weights: Optional[PathLike] = None, settings: dict[str, Any],
                           extra: Optional[dict[str, Any]] = None, dtype: torch.dtype = torch.float32,
-                          base_model: Optional[torch.nn.Module] = None) -> Path:
+                          base_model: Optional[torch.nn.Module] = None, beside_existing: bool = False) -> Path:
     """Write ``noise_aware_clip.{json,safetensors}`` into ``folder`` atomically; the base CLIP is referenced by path
     (repo-relative when inside the repository, so the folder can be copied to ``ckpt/tiny/sdg/clip``) and, given
     ``base_model``, by the fingerprint of its weights (checked at load)."""
-    from common.io import atomic_write_dir, save_safetensors
+    from common.io import save_model_folder, save_safetensors
 
     folder = Path(folder)
     base = str(base_clip)
@@ -161,9 +165,11 @@ def save_noise_aware_clip(clip: NoiseAwareCLIP, folder: PathLike, *, base_clip: 
     if base_model is not None:
         config["base_fingerprint"] = base_fingerprint(base_model)
     state = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in clip.state_dict().items()}
-    with atomic_write_dir(folder) as tmp:
+    def write(tmp: Path) -> None:
         save_safetensors(state, tmp / CLIP_WEIGHTS_FILE)
         (tmp / CLIP_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+    save_model_folder(folder, write, beside_existing=beside_existing)
     return folder
 
 

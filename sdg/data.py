@@ -86,18 +86,24 @@ class InMemoryImages(torch.utils.data.Dataset):
     fine-tuning is self-supervised.
     """
 
-    def __init__(self, root: Union[str, Path, torch.utils.data.Dataset], resolution: int):
+    def __init__(self, root: Union[str, Path, torch.utils.data.Dataset], resolution: int, *,
+                 center_crop: bool = True, random_flip: bool = False):
         from common.data import image_text_dataset
 
+        # decoded once without a flip; the flip is drawn per item below, so every epoch sees fresh draws
         if isinstance(root, (str, Path)):
-            dataset = image_text_dataset(root, resolution=resolution, require_captions=False)
-        else:  # any dataset of {"pixel_values", ...} items (common.data_sources.training_dataset)
+            dataset = image_text_dataset(root, resolution=resolution, require_captions=False,
+                                         center_crop=center_crop)
+        else:  # any dataset of {"pixel_values", ...} items (common.data_sources.training_dataset), built unflipped
             dataset = root
         self.pixels = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
         self.records = getattr(dataset, "records", [])
+        self.random_flip = random_flip
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        if self.random_flip and bool(torch.rand(()) < 0.5):  # the global RNG: the trainer checkpoints it
+            return self.pixels[index].flip(-1)
         return self.pixels[index]

@@ -173,25 +173,41 @@ def default_text_states(clip_paths: Sequence[PathLike]) -> Path:
 # ------------------------------------------------------------------------------------------- the decoder
 
 
-def save_decoder(folder: PathLike, pipeline_parts: dict, projection, clip_names: Sequence[str]) -> Path:
+def save_decoder(folder: PathLike, pipeline_parts: dict, projection, clip_names: Sequence[str],
+                 beside_existing: bool = False) -> Path:
     """An SD pipeline folder (plain ``StableDiffusionPipeline.from_pretrained`` loads it) + ``image_projection/``.
 
     ``pipeline_parts``: ``vae``, ``unet``, ``text_encoder``, ``tokenizer``, ``scheduler``. The text tower is unused
     by the image-conditioned UNet; kept, the folder is a complete diffusers pipeline; ``None``, diffusers loads it
-    with ``from_pretrained(folder, text_encoder=None, tokenizer=None)``.
+    with ``from_pretrained(folder, text_encoder=None, tokenizer=None)``. ``beside_existing``: ``folder`` is a
+    training run's output folder (checkpoints, logs) and the decoder's entries go in next to them
+    (``common.io.save_pretrained_into``); otherwise the folder is written all-or-nothing on its own.
     """
     from diffusers import StableDiffusionPipeline
 
-    from common.io import atomic_write_dir
+    from common.io import save_model_folder
 
     pipe = StableDiffusionPipeline(**pipeline_parts, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    with atomic_write_dir(folder) as tmp:
+
+    def write(tmp: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
         projection.save_pretrained(tmp / PROJECTION_FOLDER, safe_serialization=True)
         (tmp / DECODER_FILE).write_text(json.dumps(
             {"clip_models": list(clip_names), "embedding_dim": int(projection.config.in_dim)}, indent=2) + "\n")
-    return Path(folder)
+
+    return save_model_folder(folder, write, beside_existing=beside_existing)
+
+
+def decoder_entries(folder: PathLike) -> list[str]:
+    """The entries of a decoder folder that make up the decoder: ``model_index.json``, the components it lists,
+    ``image_projection/`` and ``shifted_decoder.json`` (a fine-tune's output folder also holds its checkpoints and
+    logs, which a release does not copy)."""
+    folder = Path(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    parts = [name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)
+             and value[0] is not None and (folder / name).exists()]
+    return ["model_index.json", *parts, PROJECTION_FOLDER, DECODER_FILE]
 
 
 class ImageDecoder:

@@ -230,7 +230,8 @@ class PriorObjective:
     ``t ~ U{0..T-1}``, ``x_t`` from the shifted marginal, the text states zeroed with
     ``empty_text_prob`` (reference ``--empty_t5_prob`` 0.1) and the CLIP text embedding with ``empty_clip_prob``
     (0.0), and ``loss = mean_b w_t mean_d (x0 - x0_hat)^2`` with the P2 weight ``w_t = 1 / (k + SNR_t)^gamma``
-    (``= 1 - abar_t`` at the defaults). ``bank=None`` trains the baseline (plain DDPM, no bank token).
+    (``= 1 - abar_t`` at the defaults), or, with ``snr_gamma``, the Min-SNR weight ``min(SNR_t, snr_gamma)`` of an
+    x0 target instead. ``bank=None`` trains the baseline (plain DDPM, no bank token).
     ``select_mode`` / ``select_samples``: the bank's component choice (``mean``: reference ``use_mean=True``;
     ``sample``: ``use_mean=False`` with ``sample_num`` draws per component).
 
@@ -250,6 +251,7 @@ class PriorObjective:
         p2_k: float = 1.0,
         select_mode: str = "mean",
         select_samples: int = 1,
+        snr_gamma: Optional[float] = None,
     ):
         check_prior_bank(prior, bank)
         for name, p in (("empty_text_prob", empty_text_prob), ("empty_clip_prob", empty_clip_prob)):
@@ -260,6 +262,7 @@ class PriorObjective:
         self.empty_text_prob, self.empty_clip_prob = empty_text_prob, empty_clip_prob
         self.p2_gamma, self.p2_k = p2_gamma, p2_k
         self.select_mode, self.select_samples = select_mode, int(select_samples)
+        self.snr_gamma = snr_gamma
 
     @property
     def models(self) -> dict[str, torch.nn.Module]:
@@ -292,7 +295,12 @@ class PriorObjective:
         keep_text = self._keep(b, self.empty_text_prob, generator, device).to(text_states.dtype)
         keep_clip = self._keep(b, self.empty_clip_prob, generator, device).to(text_emb.dtype)
         x0_hat = prior(x_t, t, text_emb * keep_clip[:, None], text_states * keep_text[:, None, None], bank_index)
-        weight = p2_weight(abar, self.p2_gamma, self.p2_k)
+        if self.snr_gamma is None:
+            weight = p2_weight(abar, self.p2_gamma, self.p2_k)
+        else:  # Min-SNR for an x0 target: min(SNR_t, gamma), in place of the P2 weight
+            from common.diffusion_loss import min_snr_weights
+
+            weight = min_snr_weights(abar, self.snr_gamma, "sample").to(device)[:, None]
         return (weight * (x0_hat.float() - x0).pow(2).mean(dim=1, keepdim=True)).mean()
 
 
@@ -305,16 +313,28 @@ def prior_loss(prior: ShiftedPrior, bank: Optional[GaussianBank], batch: dict, *
 # ----------------------------------------------------------------------------------------------------- save/load
 
 
-def save_prior(folder: Union[str, Path], prior: ShiftedPrior, bank: Optional[GaussianBank]) -> Path:
-    """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` (prior) + ``bank.safetensors``, atomically."""
-    from common.io import atomic_write_dir
+def save_prior(folder: Union[str, Path], prior: ShiftedPrior, bank: Optional[GaussianBank],
+               beside_existing: bool = False) -> Path:
+    """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` (prior) + ``bank.safetensors``, atomically
+    (``beside_existing``: into a training run's output folder, next to its checkpoints and logs)."""
+    from common.io import save_model_folder
 
     check_prior_bank(prior, bank)
-    with atomic_write_dir(folder) as tmp:
+
+    def write(tmp: Path) -> None:
         prior.save_pretrained(tmp, safe_serialization=True)
         if bank is not None:
             bank.save(Path(tmp) / BANK_FILE)
-    return Path(folder)
+
+    return save_model_folder(folder, write, beside_existing=beside_existing)
+
+
+def prior_entries(folder: Union[str, Path]) -> list[str]:
+    """The files of a prior folder that make up the prior (a training run's output folder also holds its
+    checkpoints and logs, which a release does not copy)."""
+    folder = Path(folder)
+    return [name for name in ("config.json", "diffusion_pytorch_model.safetensors", BANK_FILE)
+            if (folder / name).is_file()]
 
 
 def _legacy_prior_overrides(folder: Path) -> dict:

@@ -56,7 +56,7 @@ def load_system(
     if need_prior:
         prior_folder = Path(prior) if prior else (ckpt.prior_folder(prior_variant) if ckpt else None)
         if prior_folder is None:
-            raise UserError("no prior given: pass --prior FOLDER (train.py's <output_dir>/prior) or --checkpoint")
+            raise UserError("no prior given: pass --prior FOLDER (train.py's --output_dir) or --checkpoint")
         system.prior, system.bank = load_prior(prior_folder, device=device)
         states_path = Path(text_states) if text_states else (ckpt.text_states_path if ckpt else None)
         if states_path is None:
@@ -69,7 +69,7 @@ def load_system(
     if need_decoder:
         decoder_folder = Path(decoder) if decoder else (ckpt.decoder_folder if ckpt else None)
         if decoder_folder is None:
-            raise UserError("no decoder given: pass --decoder FOLDER (finetune.py's <output_dir>/pipeline)")
+            raise UserError("no decoder given: pass --decoder FOLDER (finetune.py's --output_dir)")
         system.decoder = ImageDecoder.from_pretrained(decoder_folder, device)
         system.decoder.check_clip_models(multi.names, "the CLIP models given")
     return system

@@ -62,6 +62,13 @@ def test_codiff_drawn_mask_with_influence_maps_matches_sample_script(tmp_path):
     result = app.run_job(job, tmp_path / "app")
     assert set(result.influence) == {"mask", "text"}
     assert result.influence["mask"].size[0] > result.influence["mask"].size[1]  # 3 steps side by side
+    # each tile is labelled with its step and the model timestep the sampler used (LDM's uniform DDIM steps)
+    assert result.influence_labels["mask"] == ["step 1, t=667", "step 2, t=334", "step 3, t=1"]
+    # the mask the images were conditioned on is shown back, in the checkpoint's palette
+    assert len(result.masks) == 2
+    shown = np.asarray(result.masks[0])[::4, ::4]
+    palette = np.asarray(app.methods.get("codiff").load(app.default_checkpoint("codiff")).collab.mask_format.palette)
+    assert np.array_equal(shown, palette[ids])
     cli = _cli_images(result.settings["command"], tmp_path / "cli")
     for ours, theirs in zip(result.images, cli):
         assert np.array_equal(np.asarray(to_pil(ours, value_range=(0, 1))), theirs)
@@ -165,3 +172,42 @@ def test_empty_shared_fields_leave_the_method_defaults_to_sample_script(tmp_path
     cli = _cli_images(result.settings["command"], tmp_path / "cli")
     assert np.array_equal(np.asarray(to_pil(result.images[0], value_range=(0, 1))), cli[0])
     assert "SDG ddpm" in app.method_defaults()
+
+
+def test_influence_grid_has_step_captions_and_a_zero_to_one_scale():
+    import torch
+
+    maps = torch.stack([torch.full((1, 4, 4), v) for v in (0.0, 0.5, 1.0)])
+    grid = app.labelled_influence_grid(maps, app.influence_step_labels([981, 500, 1], 3), upscale=4)
+    x, y, width = grid.info["scale_bar"]
+    bar = np.asarray(grid.convert("L"))[y + 2, x:x + width].astype(int)
+    assert bar[0] == 0 and bar[-1] == 255 and (np.diff(bar) >= 0).all()  # black (0) to white (1), monotone
+    assert app.influence_step_labels([981, 500], 3) == ["step 1, t=981", "step 2, t=500", "step 3"]
+    pixels = np.asarray(grid.convert("L"))
+    caption_rows = pixels[4:4 + 24, 4:4 + 56]  # above the first tile: its caption is drawn in black
+    assert (caption_rows < 128).any()
+
+
+def test_a_cold_checkpoint_load_is_announced_before_sampling(tmp_path):
+    app._PIPELINES.clear()
+    seen = []
+    job = app.Job("baseline", "a red handwritten seven", app.Shared(seed=0, steps=2, num_images=1))
+    result = app.run_job(job, tmp_path / "a", callback=lambda desc, n, total: seen.append((desc, n, total)))
+    assert seen[0][0].startswith("loading Baseline") and "ckpt/tiny/baseline" in seen[0][0] and seen[0][2] == 0
+    assert result.load_seconds > 0 and seen[-1][1:] == (2, 2)  # then the sampler's steps
+    seen.clear()
+    again = app.run_job(job, tmp_path / "b", callback=lambda desc, n, total: seen.append(desc))
+    assert again.load_seconds == 0 and not any(d.startswith("loading") for d in seen)  # reused: no load message
+
+
+def test_each_tab_shows_its_method_defaults_which_reproduce_the_empty_fields(tmp_path):
+    """The tab's sampler / eta / guidance are filled with the method's defaults; filled in, they give the same images
+    as left to the method."""
+    assert app.sampling_defaults("sdg") == {"sampler": "ddpm", "eta": 0.0, "guidance_scale": 1.0}
+    assert app.sampling_defaults("codiff")["eta"] == 1.0
+    job = app.Job("baseline", "a red handwritten seven", app.Shared(seed=3, steps=2, num_images=1))
+    empty = app.run_job(job, tmp_path / "empty")
+    filled = app.run_job(app.Job("baseline", job.prompt, app.Shared(seed=3, steps=2, num_images=1,
+                                                                   **app.sampling_defaults("baseline"))),
+                         tmp_path / "filled")
+    assert np.array_equal(empty.images.numpy(), filled.images.numpy())

@@ -247,3 +247,71 @@ def test_server_refuses_oversized_upload_request_before_reading_it(server):
     assert b"limit" in response.read()
     conn.close()
     _alive(server)
+
+
+def _rect(driver, css):
+    element = next(e for e in _find(driver, css) if e.is_displayed())
+    return element.rect
+
+
+def _shown_text(driver, css):
+    return " ".join(e.text for e in _find(driver, css) if e.is_displayed())
+
+
+def _value(driver, css):
+    return next(f for f in _find(driver, f"{css} input") if f.is_displayed()).get_attribute("value")
+
+
+def test_page_as_a_user_meets_it(server, driver, tmp_path):
+    """The bullets of the page's design: Generate right under the prompt; the sampling fields filled with each
+    method's own defaults; an upload's state in words (never Quasar's "0.0B / 0.00%"); CoDiff shows the masks it
+    used and step-labelled influence maps with a scale; the first use of a checkpoint says it loaded it."""
+    from PIL import Image
+
+    driver.get(server["url"])
+    _wait(driver, lambda d: any(b.is_displayed() for b in _find(d, ".app-generate-contextdiff")), what="the page")
+    _set(driver, ".app-steps", "4")
+    _set(driver, ".app-num-images", "2")
+
+    # Generate sits right under the prompt, above the method's own controls
+    prompt, button = _rect(driver, ".app-prompt-contextdiff"), _rect(driver, ".app-generate-contextdiff")
+    gap = button["y"] - (prompt["y"] + prompt["height"])
+    assert 0 <= gap < 40, f"Generate is {gap:.0f} px below the prompt"
+    assert button["y"] < _rect(driver, ".app-eta-contextdiff")["y"]
+
+    # defaults shown in the fields, per method
+    assert float(_value(driver, ".app-guidance-contextdiff")) == 7.5
+    assert float(_value(driver, ".app-eta-contextdiff")) == 0.0
+    _click(driver, ".app-tab-sdg")
+    _wait(driver, lambda d: "ddpm" in _shown_text(d, ".app-sampler-sdg"), what="SDG's sampler default")
+    assert float(_value(driver, ".app-guidance-sdg")) == 1.0
+
+    # upload state: in words, with a thumbnail once taken
+    _click(driver, ".app-tab-versatile")
+    _wait(driver, lambda d: any(e.is_displayed() for e in _find(d, ".app-upload-info-image")), what="the upload")
+    assert _shown_text(driver, ".app-upload-info-image") == "no image uploaded yet"
+    assert "0.0B" not in driver.find_element("tag name", "body").text
+    digit = tmp_path / "digit.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(digit)
+    _find(driver, ".app-upload-image input[type=file]")[0].send_keys(str(digit))
+    _wait(driver, lambda d: "uploaded: digit.png (32x32 RGB" in _shown_text(d, ".app-upload-info-image"),
+          what="the upload's state")
+    assert any(e.is_displayed() for e in _find(driver, ".app-upload-thumb-image"))
+    assert "0.0B" not in driver.find_element("tag name", "body").text
+
+    # CoDiff: the masks it used, influence maps labelled, and the cold load reported
+    _click(driver, ".app-tab-codiff")
+    _set(driver, ".app-prompt-codiff", "a green handwritten one")
+    _click(driver, ".app-generate-codiff")
+    _wait(driver, lambda d: len(_images(d, "codiff")) == 2 or _error(d, "codiff"), what="CoDiff images")
+    assert not _error(driver, "codiff")
+    masks = [m for m in _find(driver, ".app-mask-used-codiff img") if m.is_displayed()]
+    assert len(masks) == 2 and all((m.get_attribute("src") or "").startswith("data:image/png") for m in masks)
+    assert len([m for m in _find(driver, ".app-influence-codiff .app-influence-map img") if m.is_displayed()]) == 2
+    panel = _shown_text(driver, ".app-influence-codiff")
+    assert "step and model timestep" in panel and "white = weight 1" in panel
+    status = _find(driver, ".app-status-codiff")[0].text
+    assert "2 images" in status and "model loaded in" in status
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / "app_codiff.png"))
+    _alive(server)

@@ -51,11 +51,12 @@ def world(tmp_path_factory):
                                 str(REPO / "configs" / "baseline" / "unet.json"), "--cond_dropout", "0.2",
                                 "--mask_conditioning", "concat", "--use_ema", "--output_dir", str(root / "mask_run"),
                                 *COMMON]) == 0
-    assert train_dynamic.main(["--mask_model_dir", str(root / "mask_run" / "member"), "--text_model_dir", str(sd),
+    assert train_dynamic.main(["--mask_model_dir", str(root / "mask_run"), "--text_model_dir", str(sd),
                                "--train_data_dir", str(small), "--output_dir", str(root / "dyn_run"),
-                               "--default_steps", "3", *COMMON]) == 0
-    return {"root": root, "digits": digits, "small": small, "sd": sd, "mask_member": root / "mask_run" / "member",
-            "ckpt": root / "dyn_run" / "codiff", "mask": digits / "test" / "masks" / "00000.png",
+                               "--default_steps", "3", "--validation_prompts", "a red handwritten seven",
+                               "a blue handwritten two", *COMMON]) == 0
+    return {"root": root, "digits": digits, "small": small, "sd": sd, "mask_member": root / "mask_run",
+            "ckpt": root / "dyn_run", "mask": digits / "test" / "masks" / "00000.png",
             "image": digits / "test" / "images" / "00000.png"}
 
 
@@ -72,12 +73,15 @@ def test_training_writes_a_member_and_a_loadable_checkpoint(world):
     from codiff.members import load_collaboration
 
     meta = json.loads((world["mask_member"] / "codiff_member.json").read_text())
-    assert meta["kind"] == "mask" and meta["vae"] == "../../sd/vae"  # frozen towers by (relative) path
+    assert meta["kind"] == "mask" and meta["vae"] == "../sd/vae"  # frozen towers by path, relative to the member
     assert meta["mask_conditioning"] == "concat"
     unet_config = json.loads((world["mask_member"] / "unet" / "config.json").read_text())
     assert unet_config["in_channels"] == 4 + 2  # latent channels + one map per class
     assert (world["mask_member"] / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (world["mask_member"] / "mask_encoder" / "model.safetensors").is_file()
+    # the final validation: the collaboration's samples, one PNG per prompt (and a grid), after the last step
+    shots = sorted(p.name for p in (world["ckpt"] / "validation").glob("step-*/*.png"))
+    assert len(shots) >= 2, shots
     index = json.loads((world["ckpt"] / "codiff.json").read_text())
     assert index["modalities"] == ["mask", "text"] and index["sampling"]["ddim_steps"] == 3
     collab = load_collaboration(world["ckpt"])
@@ -98,7 +102,7 @@ def test_text_member_trains_the_same_way(world):
                                 str(world["sd"]), "--text_encoder_path", str(world["sd"]), "--unet_config",
                                 str(REPO / "configs" / "baseline" / "unet.json"), "--cond_dropout", "0.1",
                                 "--output_dir", str(out), *COMMON]) == 0
-    member = load_member(out / "member")
+    member = load_member(out)  # the member folder is the output folder itself
     assert member.kind == "text" and member.encode(["a red seven"]).shape == (1, 77, 32)
     assert member.null_tokens(2).shape == (2, 77, 32)
 

@@ -105,6 +105,25 @@ def test_stage2_uses_the_adapter_and_the_checkpoint_samples(stage1, sd_folder, d
     assert json.loads((tmp_path / "a" / "settings.json").read_text())["method"] == "contextdiff"
 
 
+def test_stage2_full_checkpoint_is_the_output_dir_and_loads_as_is(stage1, sd_folder, data_dir, tmp_path):
+    """Stage 2 without --checkpoint_dir: ``from_pretrained(output_dir)`` in plain diffusers and
+    ``load_contextdiff(output_dir)`` both load what it wrote; a second run into the same folder replaces it."""
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "stage2"
+    argv = ["--pretrained_model_name_or_path", str(sd_folder), "--adapter_path", str(stage1), "--train_data_dir",
+            str(data_dir), "--output_dir", str(out), *FAST]
+    assert _script("finetune_diffusion").main(argv) == 0
+    assert not (out / "pipeline").exists() and (out / "contextdiff.json").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(str(out))
+    assert pipe.text_encoder.dtype == torch.float32
+    model = load_contextdiff(out)
+    assert model.adapter is not None and model.parameterization == "shifted_eps"
+    for (name, a), (_, b) in zip(load_adapter(stage1 / "adapter").state_dict().items(),
+                                 model.adapter.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_joint_stage1_from_scratch_and_full_checkpoint_loads_in_plain_diffusers(sd_folder, data_dir, tmp_path):
     """--no-freeze_unet --unet_config trains adapter and a fresh UNet jointly and exports a full checkpoint: plain
     diffusers loads it."""
@@ -115,8 +134,11 @@ def test_joint_stage1_from_scratch_and_full_checkpoint_loads_in_plain_diffusers(
             "--no-freeze_unet", "--adapter_learning_rate", "1e-3", "--unet_config",
             str(REPO / "configs" / "baseline" / "unet.json"), *FAST]
     assert _script("train_adapter").main(argv) == 0
-    ckpt = tmp_path / "joint" / "pipeline"
+    ckpt = tmp_path / "joint"  # the checkpoint is the output folder itself, beside the trainer's checkpoint-N/
+    assert not (ckpt / "pipeline").exists() and (ckpt / "train_summary.json").is_file()
     assert (ckpt / "model_index.json").is_file() and (ckpt / "adapter" / "process.json").is_file()
+    # The adapter inside the checkpoint is a complete stage-1 output: stage 2 can start from it.
+    assert json.loads((ckpt / "adapter" / "process.json").read_text())["provenance"]["freeze_unet"] is False
     pipe = StableDiffusionPipeline.from_pretrained(str(ckpt))
     pipe.set_progress_bar_config(disable=True)
     assert pipe("a red handwritten seven", num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)

@@ -56,8 +56,14 @@ def test_train_unconditional_two_steps_writes_a_loadable_learn_sigma_model(tiny,
     out = tmp_path / "run"
     assert train_unconditional.main(["--train_data_dir", str(tiny["images"]), "--output_dir", str(out),
                                      "--num_validation_images", "0", *TINY_FLAGS, *TRAIN]) == 0
-    unet, flags = load_diffusion_model(out / "unet")
+    # the model is the output folder itself: plain diffusers and the project's loader both load it as is
+    from diffusers import UNet2DModel
+
+    assert not (out / "unet").exists()
+    unet, flags = load_diffusion_model(out)
     assert unet.config.out_channels == 6 and flags.learn_sigma and flags.channel_mult == "1,2"
+    plain = UNet2DModel.from_pretrained(str(out))
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), unet.state_dict().values()))
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["global_step"] == 2 and np.isfinite(summary["final_loss"])
 
@@ -66,8 +72,9 @@ def test_finetune_clip_two_steps_writes_a_noise_aware_clip(tiny, tmp_path):
     out = tmp_path / "run"
     assert finetune_clip.main(["--data_dir", str(tiny["images"]), "--clip_model_path", str(tiny["base_clip"]),
                                "--output_dir", str(out), "--t_dim", "16", "--hidden", "16", *TRAIN]) == 0
-    bundle = load_noise_aware_clip_folder(out / "clip")
-    config = json.loads((out / "clip" / "noise_aware_clip.json").read_text())
+    assert not (out / "clip").exists()  # the noise-aware CLIP is the output folder itself: --clip_path <out>
+    bundle = load_noise_aware_clip_folder(out)
+    config = json.loads((out / "noise_aware_clip.json").read_text())
     assert config["trained_with"]["max_train_steps"] == 2 and config["t_dim"] == 16
     x = torch.zeros(2, 3, 32, 32)
     assert bundle.clip(x, torch.tensor([0, 999])).embedding.shape == (2, 64)

@@ -100,7 +100,7 @@ def trained(assets):
     # the baseline prior embeds the image folder itself (the data flags every trainer takes) instead of the cache
     run_ok(train_prior.main, ["--train_data_dir", str(assets["data"]), "--clip", clip, "--t5_max_length", "8",
                               "--no_bank", *PRIOR, *TRAIN, "--output_dir", str(root / "base_run")])
-    prior = root / "prior_run" / "prior"
+    prior = root / "prior_run"  # the prior is the output folder itself
     run_ok(finetune.main, ["--pretrained_model_name_or_path", str(assets["sd"]), "--train_data_dir",
                            str(assets["data"]), "--clip", clip, "--prior", str(prior), "--cache_latents", *TRAIN,
                            "--output_dir", str(root / "ft")])
@@ -110,10 +110,10 @@ def trained(assets):
                            "--clip", clip, "--null_embedding", "black", "--learned_null", "--no_text_tower", *TRAIN,
                            "--output_dir", str(root / "ft_parts")])
     ckpt = root / "ckpt"
-    run_ok(make_checkpoint.main, ["--prior", str(prior), "--prior_baseline", str(root / "base_run" / "prior"),
-                                  "--decoder", str(root / "ft" / "pipeline"), "--clip", clip, "--out", str(ckpt)])
-    return {"cache": cache, "bank": bank, "prior": prior, "base": root / "base_run" / "prior",
-            "decoder": root / "ft" / "pipeline", "ckpt": ckpt, "parts_decoder": root / "ft_parts" / "pipeline"}
+    run_ok(make_checkpoint.main, ["--prior", str(prior), "--prior_baseline", str(root / "base_run"),
+                                  "--decoder", str(root / "ft"), "--clip", clip, "--out", str(ckpt)])
+    return {"cache": cache, "bank": bank, "prior": prior, "base": root / "base_run",
+            "decoder": root / "ft", "ckpt": ckpt, "parts_decoder": root / "ft_parts"}
 
 
 def test_training_scripts_write_loadable_models(assets, trained):
@@ -134,7 +134,13 @@ def test_training_scripts_write_loadable_models(assets, trained):
     assert prior.config.text_encoder == model_name(assets["clip"] / "text_encoder")
     base, no_bank = load_prior(trained["base"])
     assert no_bank is None and not base.config.use_bank_token
-    # the decoder folder is a plain diffusers pipeline; the projection sits next to it with the prior("") null
+    # the decoder is the fine-tune's output folder itself (no pipeline/ subfolder): a plain diffusers pipeline; the
+    # projection sits next to it with the prior("") null; the release copies the model and not the run's files
+    assert not (trained["decoder"] / "pipeline").exists() and (trained["decoder"] / "train_summary.json").is_file()
+    assert not (trained["ckpt"] / "decoder" / "train_summary.json").exists()
+    assert not (trained["prior"] / "prior").exists() and (trained["prior"] / "train_summary.json").is_file()
+    assert sorted(p.name for p in (trained["ckpt"] / "prior").iterdir()) == [
+        "bank.safetensors", "config.json", "diffusion_pytorch_model.safetensors"]
     pipe = StableDiffusionPipeline.from_pretrained(str(trained["decoder"]))
     decoder = ImageDecoder.from_pretrained(trained["decoder"])
     assert pipe.unet.config.cross_attention_dim == decoder.projection.config.cross_attention_dim

@@ -306,7 +306,7 @@ def test_every_boolean_flag_can_be_switched_off_and_on(name):
 
 
 DENOISING_TRAINERS = ["train_text_to_image", "shifted_finetune", "contextdiff1", "contextdiff2", "codiff_train_unimodal",
-                      "codiff_train_dynamic"]
+                      "codiff_train_dynamic", "versatile_train", "sdg_train_unconditional", "shifted_train"]
 
 
 @pytest.mark.parametrize("name", DENOISING_TRAINERS)

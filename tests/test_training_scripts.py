@@ -36,6 +36,9 @@ def test_vae_clip_and_text_to_image_chain(small_digits, tmp_path, capsys):
     vae_dir = tmp_path / "vae_run"
     cfg = json.loads((vae_dir / "config.json").read_text())
     assert cfg["_class_name"] == "AutoencoderKL" and cfg["scaling_factor"] > 0
+    from diffusers import AutoencoderKL
+
+    assert AutoencoderKL.from_pretrained(str(vae_dir)).config.scaling_factor == cfg["scaling_factor"]  # as it is
     assert train_clip.main(["--train_data_dir", str(small_digits), "--output_dir", str(tmp_path / "clip_run"),
                             "--model_config", str(REPO / "configs" / "baseline" / "clip.json"), "--save_dtype",
                             "float16", *COMMON]) == 0

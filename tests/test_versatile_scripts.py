@@ -50,7 +50,8 @@ def world(tmp_path_factory):
     folder = root / "four"
     argv = ["--train_data_dir", data / "train", "--vae_model_path", towers["vae"], "--clip_model_path",
             towers["clip"], "--text_vae_path", towers["text_vae"], "--stage", "four", "--max_train_steps", 2,
-            "--train_batch_size", 4, "--output_dir", root / "run_four", "--save_to", folder, "--save_dtype", "float16"]
+            "--train_batch_size", 4, "--output_dir", root / "run_four", "--save_to", folder, "--save_dtype", "float16",
+            "--validation_prompts", "a red handwritten seven"]
     assert train_script.main([str(a) for a in argv]) == 0
     return {"root": root, "data": data, "folder": folder, **towers}
 
@@ -58,12 +59,13 @@ def world(tmp_path_factory):
 def test_text_vae_script_trains_saves_and_scores(world, tmp_path, capsys):
     from versatile.text_vae import load_text_vae
 
-    out = tmp_path / "tvae"
+    out = tmp_path / "run"  # no --save_to: the text VAE is the output folder itself
     code, _ = run_main(train_text_vae.main, ["--train_data_dir", world["data"] / "train", "--eval_data_dir",
                                              world["data"] / "test", "--max_train_steps", 2, "--train_batch_size", 4,
                                              "--beta_warmup_steps", 2, "--free_bits", 0.5, "--eval_samples", 3,
-                                             "--output_dir", tmp_path / "run", "--save_to", out], capsys)
+                                             "--output_dir", out], capsys)
     assert code == 0
+    assert not (out / "text_vae").exists() and (out / "train_summary.json").is_file()
     vae = load_text_vae(out)
     scores = json.loads((out / "eval.json").read_text())
     assert scores["count"] == 3 and 0 <= scores["greedy_digit"] <= 1
@@ -75,6 +77,8 @@ def test_four_flow_folder_records_flows_and_shards(world):
 
     manifest = read_manifest(world["folder"])
     assert manifest.trained_flows == ("t2i", "iv", "i2t", "tv")
+    # --validation_prompts: the t2i flow's samples of the final validation, written by the trainer
+    assert list((world["root"] / "run_four" / "validation").glob("step-*/*.png"))
     assert set(manifest.usable_flows()) == {"t2i", "iv", "i2t", "tv", "dual"}
     shards = sorted(p.name for p in (world["folder"] / "diffuser").glob("*.safetensors"))
     assert len(shards) == 5 and manifest.image_vae == world["vae"] and manifest.stages[-1]["steps"] == 2
@@ -84,10 +88,15 @@ def test_four_flow_folder_records_flows_and_shards(world):
 def test_progressive_stages_and_untrained_flows_are_refused(world, tmp_path, capsys):
     base = ["--train_data_dir", world["data"] / "train", "--vae_model_path", world["vae"], "--clip_model_path",
             world["clip"], "--max_train_steps", 1, "--train_batch_size", 4]
-    single = tmp_path / "single"
-    code, _ = run_main(train_script.main, [*base, "--stage", "single", "--output_dir", tmp_path / "r1", "--save_to",
-                                           single, "--flow_sampling", "one"], capsys)
+    single = tmp_path / "r1"  # no --save_to: the versatile folder is the output folder itself
+    code, _ = run_main(train_script.main, [*base, "--stage", "single", "--output_dir", single,
+                                           "--flow_sampling", "one"], capsys)
     assert code == 0
+    assert (single / "versatile.json").is_file() and (single / "train_summary.json").is_file()
+    assert not (single / "pipeline").exists()
+    from versatile.checkpoint import load_pipeline
+
+    assert load_pipeline(single)[1].trained_flows == ("iv",)
     dual = tmp_path / "dual"
     code, _ = run_main(train_script.main, [*base, "--stage", "dual", "--init_from", single, "--output_dir",
                                            tmp_path / "r2", "--save_to", dual, "--group_lr_scale",

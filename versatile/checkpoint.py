@@ -140,13 +140,15 @@ def save_pipeline_folder(
     dtype: Optional[torch.dtype] = None,
     context_scale: float = 1.0,
     text_vae_model=None,
+    beside_existing: bool = False,
 ) -> Path:
-    """Write ``versatile.json`` + ``diffuser/`` (per-group shards, ``dtype`` storage) atomically.
+    """Write ``versatile.json`` + ``diffuser/`` (per-group shards, ``dtype`` storage) atomically
+    (``beside_existing``: into a training run's output folder, next to its checkpoints and logs).
 
     ``text_vae_model``: an :class:`~versatile.text_vae.OptimusVAE` saved inside the folder (``text_vae/``, e.g.
     converted from a release) instead of referencing a ``text_vae`` folder elsewhere.
     """
-    from common.io import atomic_write_dir
+    from common.io import save_model_folder
     from versatile.convert import save_diffuser
     from versatile.text_vae import save_text_vae
 
@@ -157,19 +159,22 @@ def save_pipeline_folder(
     folder = Path(folder)
     flows = tuple(sorted({resolve_flow(f).name for f in trained_flows}, key=TRAINABLE_FLOWS.index))
     sampling_fields = dataclasses.asdict(sampling or SamplingConfig())
-    with atomic_write_dir(folder) as tmp:
+
+    def write(tmp: Path) -> None:
         save_diffuser(diffuser, tmp / DIFFUSER_DIR, dtype=dtype, shard_by_group=True)
         if text_vae_model is not None:
             save_text_vae(text_vae_model, tmp / TEXT_VAE_DIR)
         manifest = {
             "format": FORMAT,
-            # relative to the final folder (tmp is its sibling, so the same relative paths hold)
+            # relative to the final folder (the paths are computed from it, not from tmp)
             "image_vae": _relative(image_vae, folder), "clip": _relative(clip, folder),
             "text_vae": TEXT_VAE_DIR if text_vae_model is not None else _relative(text_vae, folder),
             "trained_flows": list(flows), "uncond_image": uncond_image,
             "context_scale": float(context_scale), "sampling": sampling_fields, "stages": list(stages or []),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+    save_model_folder(folder, write, beside_existing=beside_existing)
     return folder
 
 

@@ -368,12 +368,13 @@ TEXT_VAE_CONFIG = "text_vae_config.json"
 TEXT_VAE_WEIGHTS = "text_vae.safetensors"
 
 
-def save_text_vae(vae: OptimusVAE, folder) -> Path:
-    """Write config, weights and both tokenizers (``encoder_tokenizer/``, ``decoder_tokenizer/``), atomically."""
+def save_text_vae(vae: OptimusVAE, folder, beside_existing: bool = False) -> Path:
+    """Write config, weights and both tokenizers (``encoder_tokenizer/``, ``decoder_tokenizer/``), atomically
+    (``beside_existing``: into a training run's output folder, next to its checkpoints and logs)."""
     import dataclasses
     import json
 
-    from common.io import atomic_write_dir, save_safetensors
+    from common.io import save_model_folder, save_safetensors
 
     if vae.encoder_tokenizer is None or vae.decoder_tokenizer is None:
         raise UserError("a text VAE without tokenizers cannot be saved usefully: build it with its tokenizers")
@@ -381,7 +382,8 @@ def save_text_vae(vae: OptimusVAE, folder) -> Path:
         vae.config, optimus_tokenizer=".", optimus_encoder_vocab_size=len(vae.encoder_tokenizer),
         optimus_decoder_vocab_size=len(vae.decoder_tokenizer),
     )
-    with atomic_write_dir(folder) as tmp:
+
+    def write(tmp: Path) -> None:
         fields = {**dataclasses.asdict(config), "latent_dim": vae.latent_dim}
         (tmp / TEXT_VAE_CONFIG).write_text(json.dumps(fields, indent=2))
         state = vae.state_dict()
@@ -390,6 +392,8 @@ def save_text_vae(vae: OptimusVAE, folder) -> Path:
         save_safetensors(state, tmp / TEXT_VAE_WEIGHTS)
         vae.encoder_tokenizer.save_pretrained(tmp / "encoder_tokenizer")
         vae.decoder_tokenizer.save_pretrained(tmp / "decoder_tokenizer")
+
+    save_model_folder(folder, write, beside_existing=beside_existing)
     return Path(folder)
 
 

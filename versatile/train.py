@@ -21,6 +21,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from common.diffusion_loss import diffusion_mse
 from common.errors import UserError
 from common.process import q_sample_standard
 from common.schedule import NoiseSchedule
@@ -93,8 +94,14 @@ def flow_loss(
     cond_drop: float = 0.0,
     null_contexts: Optional[Mapping[str, torch.Tensor]] = None,
     generator: Optional[torch.Generator] = None,
+    snr_gamma: Optional[float] = None,
+    noise_offset: float = 0.0,
 ) -> torch.Tensor:
     """The eps-prediction loss of one flow on one batch (METHOD.md, "Forward process and objective"), a scalar.
+
+    ``snr_gamma``: Min-SNR weighting of the per-sample loss (``common.diffusion_loss``); ``noise_offset``: offset
+    noise, per (sample, channel) and constant over the pixels, for image latents only (a text latent is one vector:
+    there are no pixels to be constant over).
 
     ``batch``: ``x0`` (scaled image latents ``[B, 4, h, w]`` or Optimus means ``[B, D]``), the flow's context
     tokens under ``text`` / ``image`` (``[B, L, D]``), optionally ``t`` (``[B]`` long), ``noise`` (like ``x0``)
@@ -115,6 +122,10 @@ def flow_loss(
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=generator.device if generator else None,
                             dtype=x0.dtype).to(device)
+        if noise_offset and x0.ndim == 4:  # as common.diffusion_loss.training_noise, with this generator
+            noise = noise + noise_offset * torch.randn(
+                (x0.shape[0], x0.shape[1], 1, 1), generator=generator,
+                device=generator.device if generator else None, dtype=x0.dtype).to(device)
     contexts = {}
     for kind in ("text", "image"):
         if kind in flow.ctypes:
@@ -126,10 +137,11 @@ def flow_loss(
                     raise UserError(f"cond_drop > 0 needs null_contexts['{kind}'] (the unconditional {kind} context)")
                 tokens, _ = drop_context(tokens, null_contexts[kind], cond_drop, generator)
             contexts[kind] = tokens
-    x_t = q_sample_standard(x0, schedule.abar(t, like=x0), noise)
+    abar = schedule.abar(t, like=x0)
+    x_t = q_sample_standard(x0, abar, noise)
     ratio = batch.get("text_ratio") if flow.name == "dual" else None
     eps = model(x_t, t, flow_contexts(flow, text_ratio=ratio, **contexts), flow.xtype)
-    return (eps.float() - noise.float()).pow(2).flatten(1).mean(1).mean()
+    return diffusion_mse(eps, noise, abar=abar, snr_gamma=snr_gamma, prediction_type="epsilon")
 
 
 def multiflow_loss(

@@ -8,7 +8,7 @@ weights the frozen members' eps, and only the diffusers learn, from the plain ep
 ``--mask_model_dir`` / ``--text_model_dir``: member folders (``scripts/codiff/train_unimodal.py``; a Stable
 Diffusion pipeline folder is a text member, e.g. ``ckpt/tiny/baseline``). The members must share the VAE latent
 space and the noise schedule. Writes a collaboration checkpoint to ``--export_dir`` (default
-``<output_dir>/codiff``): ``codiff.json`` (members, VAE, schedule, sampling defaults, by path) and
+``<output_dir>`` itself, beside the run's checkpoints): ``codiff.json`` (members, VAE, schedule, sampling defaults, by path) and
 ``dynamic_diffusers/``. Generate from it with ``scripts/codiff/generate.py --model_dir``.
 """
 
@@ -25,6 +25,7 @@ from common.errors import UserError, cli_entry  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     from common.data_sources import add_dataset_args
+    from common.data import add_image_augmentation_args
     from common.diffusion_loss import add_diffusion_loss_args
     from common.train import add_train_args
 
@@ -45,8 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default_eta", type=float, default=1.0, help="sampling default stored in the checkpoint")
     p.add_argument("--default_guidance_scale", type=float, default=1.0,
                    help="per-member CFG scale stored as the sampling default (1 = none, the paper)")
-    p.add_argument("--export_dir", default=None, help="where the checkpoint goes (default: <output_dir>/codiff)")
+    p.add_argument("--export_dir", default=None, help="where the checkpoint goes (default: --output_dir itself)")
+    p.add_argument("--validation_prompts", nargs="*", default=None,
+                   help="prompts the collaboration samples at each validation (every --validation_steps and at the "
+                        "end), each with --validation_mask or else a test mask of the prompt's digit")
+    p.add_argument("--validation_mask", default=None, help="class-id mask PNG used for every validation prompt")
     add_diffusion_loss_args(p, prediction_type=False)  # CoDiff's members are eps models
+    add_image_augmentation_args(p, cached_flag="--cache_latents")
     add_train_args(p, defaults={"learning_rate": 1e-4, "train_batch_size": 64, "lr_warmup_steps": 100,
                                 "report_to": "none", "tracker_project_name": "codiff-dynamic",
                                 "output_dir": "outputs/codiff/dynamic"})
@@ -89,6 +95,9 @@ def main(argv=None) -> int:
     from common.train import Trainer, config_from_args, parse_args_with_config
 
     args = parse_args_with_config(build_parser(), argv)
+    from common.data import check_image_augmentation_args
+
+    check_image_augmentation_args(args, args.cache_latents, "--cache_latents")  # flags first, before any file
     check_data_source(args)
     dirs = {name: getattr(args, f"{name}_model_dir") for name in ("mask", "text")}
     dirs = {name: d for name, d in dirs.items() if d}
@@ -121,7 +130,8 @@ def main(argv=None) -> int:
         resolution = latent_h * factor
         mask_member = members.get("mask")
         dataset = training_dataset(args, resolution, require_captions="text" in members,
-                                   num_mask_classes=mask_member.mask_format.num_classes if mask_member else None)
+                                   num_mask_classes=mask_member.mask_format.num_classes if mask_member else None,
+                                   center_crop=args.center_crop, random_flip=args.random_flip)
         text_member = members.get("text")
         encoders, keys = {}, {}
         if mask_member:
@@ -140,9 +150,20 @@ def main(argv=None) -> int:
         frozen = objective.frozen_modules()
         if mask_member:
             frozen["mask_encoder"] = mask_member.encoder
-        result = trainer.fit(objective.trainable_modules(), objective, data, frozen=frozen)
+        validate = None
+        if args.validation_prompts:
+            def validate(step, models):
+                from codiff.sample_cli import CoDiffSettings, generate_collaboration
+
+                settings = CoDiffSettings(prompts=list(args.validation_prompts), num_inference_steps=25,
+                                          eta=args.default_eta, guidance_scale=args.default_guidance_scale,
+                                          mask_path=args.validation_mask)
+                # collab.model holds the modules being trained (EMA weights swapped in by the trainer)
+                return generate_collaboration(collab, settings, generator=torch.Generator().manual_seed(0)).images
+
+        result = trainer.fit(objective.trainable_modules(), objective, data, frozen=frozen, validation_fn=validate)
         if trainer.is_main_process and result.completed:
-            export = Path(args.export_dir or Path(config.output_dir) / "codiff")
+            export = Path(args.export_dir or config.output_dir)  # default: the output folder itself
             sampling = {"ddim_steps": args.default_steps, "eta": args.default_eta,
                         "guidance_scale": args.default_guidance_scale}
             info = {"train": {"data": describe_source(args), "max_train_steps": config.max_train_steps,

@@ -10,7 +10,7 @@ The members of one collaboration must share the VAE and the noise schedule: ``--
 ckpt/tiny/baseline`` trains on the baseline's schedule so that the shipped baseline can be the text member
 (the default is LDM's schedule). ``--cond_dropout`` > 0 trains a null condition (all-zero one-hot
 mask / empty prompt) for classifier-free guidance, an extension: the released models have none.
-Writes the member folder to ``--export_dir`` (default ``<output_dir>/member``): ``unet/``, ``mask_encoder/``
+Writes the member folder to ``--export_dir`` (default ``<output_dir>`` itself, beside the run's checkpoints): ``unet/``, ``mask_encoder/``
 and ``codiff_member.json``; frozen towers are referenced by path.
 """
 
@@ -28,6 +28,7 @@ from common.errors import UserError, cli_entry  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     from common.data_sources import add_dataset_args
+    from common.data import add_image_augmentation_args
     from common.diffusion_loss import add_diffusion_loss_args
     from common.train import add_train_args
 
@@ -57,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probability of the null condition per sample (CFG extension; 0 = the paper)")
     p.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=True,
                    help="encode images (and captions) once and train on the cache")
-    p.add_argument("--export_dir", default=None, help="where the member folder goes (default: <output_dir>/member)")
+    p.add_argument("--export_dir", default=None, help="where the member folder goes (default: --output_dir itself)")
     add_diffusion_loss_args(p, prediction_type=False)  # CoDiff's members are eps models
+    add_image_augmentation_args(p, cached_flag="--cache_latents")
     add_train_args(p, defaults={"learning_rate": 5e-4, "train_batch_size": 64, "lr_warmup_steps": 200,
                                 "report_to": "none", "tracker_project_name": "codiff-unimodal",
                                 "output_dir": "outputs/codiff/unimodal"})
@@ -100,6 +102,9 @@ def main(argv=None) -> int:
     from common.train import Trainer, config_from_args, parse_args_with_config
 
     args = parse_args_with_config(build_parser(), argv)
+    from common.data import check_image_augmentation_args
+
+    check_image_augmentation_args(args, args.cache_latents, "--cache_latents")  # flags first, before any file
     for flag in ("modality", "vae_model_path", "unet_config"):
         if not getattr(args, flag):
             raise UserError(f"--{flag} is required (or set it in --config)")
@@ -140,7 +145,8 @@ def main(argv=None) -> int:
                           "batch_size": config.train_batch_size, "cond_dropout": args.cond_dropout}}
         if args.modality == "mask":
             fmt = mask_format(args, resolution)
-            dataset = training_dataset(args, resolution, num_mask_classes=fmt.num_classes, require_captions=False)
+            dataset = training_dataset(args, resolution, num_mask_classes=fmt.num_classes, require_captions=False,
+                                       center_crop=args.center_crop, random_flip=args.random_flip)
             encoder = MaskEncoder(fmt, dim)
             text, text_folder, tokenizer_folder = None, None, None
             if args.mask_conditioning == "concat":
@@ -157,7 +163,7 @@ def main(argv=None) -> int:
             if text.text_encoder.config.hidden_size != dim:
                 raise UserError(f"the UNet attends to width {dim} but the text encoder gives "
                                 f"{text.text_encoder.config.hidden_size}: set cross_attention_dim in --unet_config")
-            dataset = training_dataset(args, resolution)
+            dataset = training_dataset(args, resolution, center_crop=args.center_crop, random_flip=args.random_flip)
         data = dataset
         if args.cache_latents:
             data = cache_latents(dataset, vae, text_conditioner=text if args.cache_latents else None,
@@ -181,11 +187,12 @@ def main(argv=None) -> int:
                                           cond_dropout=args.cond_dropout, null_input=text.null_ids, **loss_flags)
         result = trainer.fit(objective.trainable_modules(), objective, data, frozen=objective.frozen_modules())
         if trainer.is_main_process and result.completed:
-            export = Path(args.export_dir or Path(config.output_dir) / "member")
+            export = Path(args.export_dir or config.output_dir)  # default: the output folder itself
             info["train"]["final_loss"] = result.loss_history[-1] if result.loss_history else None
             save_member(export, args.modality, result.models["unet"].eval(), scheduler_config=scheduler_config,
                         vae_path=vae_folder, mask_encoder=result.models.get("cond_encoder") if args.modality == "mask"
-                        else None, text_encoder_path=text_folder, tokenizer_path=tokenizer_folder, info=info)
+                        else None, text_encoder_path=text_folder, tokenizer_path=tokenizer_folder, info=info,
+                        beside_existing=export.resolve() == Path(config.output_dir).resolve())
             print(f"{args.modality} member saved to {export}")
     return result.exit_code
 

@@ -7,9 +7,10 @@
 The adapter (``--adapter_path``: stage 1's output_dir or its ``adapter/``) is checked against the model (latent
 channels, latent size vs patch, text width) before anything is written, frozen, and defines x_t and the target the
 UNet is fine-tuned on; its ``process.json`` supplies the default k_t schedule and parameterisation. (The released
-``finetune_diffusion.py`` never loaded the adapter.) Writes the ContextDiff checkpoint folder
-``<output_dir>/pipeline/`` (a diffusers Stable Diffusion folder + ``adapter/`` + ``contextdiff.json``), which
-``scripts/sample.py --method contextdiff --pretrained_model_name_or_path`` samples. Logic: ``contextdiff/training.py``.
+``finetune_diffusion.py`` never loaded the adapter.) Writes the ContextDiff checkpoint folder at ``<output_dir>``
+itself (a diffusers Stable Diffusion folder + ``adapter/`` + ``contextdiff.json``, beside the run's checkpoints), so
+``StableDiffusionPipeline.from_pretrained(output_dir)`` loads it and ``scripts/sample.py --method contextdiff
+--checkpoint <output_dir>`` samples it. Logic: ``contextdiff/training.py``.
 """
 
 

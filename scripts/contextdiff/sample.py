@@ -1,7 +1,7 @@
 """Sample ContextDiff: ``scripts/sample.py --method contextdiff`` plus ``--config`` (a flat YAML of its flags).
 
     python scripts/contextdiff/sample.py --config configs/contextdiff/sample_tiny.yaml --prompt "a red handwritten seven"
-    python scripts/contextdiff/sample.py --pretrained_model_name_or_path outputs/contextdiff/stage2/pipeline \\
+    python scripts/contextdiff/sample.py --pretrained_model_name_or_path outputs/contextdiff/stage2 \\
         --prompt "a blue handwritten one" --num_images 8 --guidance_scale 3 --no_shift
 
 Every flag of ``scripts/sample.py`` and the method's own (``--adapter_path --no_shift --k_schedule --k_scale

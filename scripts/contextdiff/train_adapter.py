@@ -10,7 +10,7 @@
 
 The UNet stays frozen by default (``--no-freeze_unet``: joint training); gradients reach the adapter THROUGH x_t
 (``--detach_xt`` reproduces the released code's bug, parity only). Writes ``<output_dir>/adapter/`` (safetensors,
-config.json, process.json) and, with ``--no-freeze_unet``, the checkpoint folder ``<output_dir>/pipeline/``.
+config.json, process.json) and, with ``--no-freeze_unet``, the ContextDiff checkpoint folder at ``<output_dir>`` itself.
 Logic: ``contextdiff/training.py``.
 """
 

@@ -9,8 +9,9 @@ images x_0 of ``--data_dir`` (captions unused), t ~ U{0..T-1} (``--schedule_samp
 x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with the diffusion model's schedule, the student embedding
 E'(x_t, t) is pulled towards the FROZEN CLIP embedding of the clean x_0 against the rest of the batch (symmetric
 InfoNCE, fixed logit scale ``--logit_scale`` 100, directions summed; ``sdg.finetune``). The text tower is untouched,
-so the CLIP text embedding still scores E' (language guidance). Writes ``<output_dir>/clip/`` (``--clip_path`` of
-``scripts/sdg/sample.py``); the base CLIP is referenced by path, not copied.
+so the CLIP text embedding still scores E' (language guidance). Writes the noise-aware CLIP at ``<output_dir>`` itself,
+beside the run's checkpoints (``--clip_path <output_dir>`` of ``scripts/sdg/sample.py``); the base CLIP is referenced
+by path, not copied.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from common.errors import UserError, cli_entry  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     from common.data_sources import add_dataset_args
+    from common.data import add_image_augmentation_args
     from common.train import add_train_args
     from sdg.adm import str2bool
     from sdg.finetune import T_SAMPLERS
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optional folder with digit labels (data/digits/test): each validation appends the zero-shot "
                         "digit accuracy of E'(x_t, t) and of the plain CLIP at several t to <output_dir>/zero_shot.jsonl")
     p.add_argument("--save_dtype", default="float32", choices=("float32", "float16"))
+    add_image_augmentation_args(p)
     add_train_args(p, defaults={"learning_rate": 1e-4, "train_batch_size": 32, "lr_warmup_steps": 0,
                                 "adam_weight_decay": 0.0, "report_to": "none",
                                 "tracker_project_name": "sdg_noisy_clip"})
@@ -118,8 +121,9 @@ def main(argv=None) -> int:
         student = noise_aware_from_base(model, settings)
         student.set_finetune_mode(args.finetune_clip_layer)
         teacher = ResizedTeacher(copy.deepcopy(model.visual)).eval().requires_grad_(False)
-        dataset = InMemoryImages(training_dataset(args, student.image_size, require_captions=False),
-                                 student.image_size)
+        dataset = InMemoryImages(training_dataset(args, student.image_size, require_captions=False,
+                                                  center_crop=args.center_crop),
+                                 student.image_size, random_flip=args.random_flip)
         logit_scale = args.logit_scale or base_logit_scale(model)
         if not logit_scale > 0:
             raise UserError(f"--logit_scale must be > 0, got {logit_scale}")
@@ -151,10 +155,11 @@ def main(argv=None) -> int:
                                       "noise_schedule": args.noise_schedule,
                                       "max_train_steps": config.max_train_steps,
                                       "train_batch_size": config.train_batch_size}}
-            out = save_noise_aware_clip(trained, Path(config.output_dir) / "clip", base_clip=args.clip_model_path,
+            out = save_noise_aware_clip(trained, Path(config.output_dir), base_clip=args.clip_model_path,
                                         base_clip_weights=args.clip_weights,
                                         settings=clip_settings(trained, args.film_init, args.pos_init),
-                                        extra=extra, dtype=dtype, base_model=model)
+                                        extra=extra, dtype=dtype, base_model=model,
+                                        beside_existing=True)  # at output_dir itself: --clip_path output_dir
             print(f"noise-aware CLIP saved to {out} (pass it as --clip_path)")
     return result.exit_code
 

@@ -2,7 +2,7 @@
 
     python scripts/shifted/finetune.py --config configs/shifted/tiny_finetune.yaml \\
         --pretrained_model_name_or_path ckpt/tiny/baseline --train_data_dir data/digits/train \\
-        --prior outputs/shifted/prior/prior --output_dir outputs/shifted/finetune
+        --prior outputs/shifted/prior --output_dir outputs/shifted/finetune
 
 No caption is read: each training image is embedded by the CLIP model(s) (``--clip``, concatenated in order) and the
 embedding reaches the UNet's cross-attention through ``ImageEmbProjection`` (Linear(D -> n_tokens x
@@ -11,9 +11,9 @@ classifier-free guidance ``--cfg_drop`` of the embeddings are replaced by a null
 (the reference: the prior's sample for the empty caption, needs ``--prior``), ``zero``, ``black`` (CLIP of a black
 image) or a .safetensors file holding one embedding. Start from an SD folder (``--pretrained_model_name_or_path``,
 the reference fine-tunes SD-2-base; here the tiny text-to-image baseline) or from parts (``--vae_model_path`` +
-``--unet_config``). Output: ``<output_dir>/pipeline``, a complete diffusers StableDiffusionPipeline folder (its text
-tower is carried along, unused, unless ``--no_text_tower``) plus ``image_projection/`` and ``shifted_decoder.json``
-(the CLIP models).
+``--unet_config``). Output: ``<output_dir>`` itself (beside the run's checkpoints) is a complete diffusers
+StableDiffusionPipeline folder (its text tower is carried along, unused, unless ``--no_text_tower``) plus
+``image_projection/`` and ``shifted_decoder.json`` (the CLIP models).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def null_embedding(args, clip) -> torch.Tensor:
         return clip.encode_image(torch.zeros(1, 3, size, size))[0].cpu()
     if choice == "prior":
         if not args.prior:
-            raise UserError("--null_embedding prior needs --prior FOLDER (train.py's <output_dir>/prior)")
+            raise UserError("--null_embedding prior needs --prior FOLDER (train.py's --output_dir)")
         from shifted.cli import text_states_path
         from shifted.embeddings import PriorTextEncoder
         from shifted.loading import load_text_states
@@ -268,8 +268,8 @@ def main(argv=None) -> int:
             parts = dict(vae=vae.to(dtype), unet=result.models["unet"].eval(),
                          text_encoder=text_encoder.to(dtype) if keep else None, tokenizer=tokenizer if keep else None,
                          scheduler=DDIMScheduler.from_config(scheduler_config))
-            out = save_decoder(Path(config.output_dir) / "pipeline", parts, result.models["projection"].eval(),
-                               clip.names)
+            out = save_decoder(Path(config.output_dir), parts, result.models["projection"].eval(), clip.names,
+                               beside_existing=True)  # at output_dir itself: from_pretrained(output_dir) loads it
             print(f"decoder saved to {out} (StableDiffusionPipeline folder + image_projection/)")
     return result.exit_code
 

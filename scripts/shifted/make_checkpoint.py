@@ -1,7 +1,7 @@
 """Assemble a Shifted Diffusion checkpoint folder (what ``scripts/sample.py --method shifted`` loads).
 
-    python scripts/shifted/make_checkpoint.py --prior outputs/shifted/prior_shifted/prior \\
-        --prior_baseline outputs/shifted/prior_baseline/prior --decoder outputs/shifted/decoder/pipeline \\
+    python scripts/shifted/make_checkpoint.py --prior outputs/shifted/prior_shifted \\
+        --prior_baseline outputs/shifted/prior_baseline --decoder outputs/shifted/decoder \\
         --out ckpt/tiny/shifted
 
 Copies the prior (with its bank), the optional unshifted baseline prior and the decoder into ``--out`` and writes
@@ -23,13 +23,14 @@ from common.errors import UserError, cli_entry  # noqa: E402
 def main(argv=None) -> int:
     from common.io import atomic_write_dir
     from shifted.cli import add_clip_args, clip_paths, text_states_path
-    from shifted.loading import ShiftedCheckpoint
+    from shifted.loading import ShiftedCheckpoint, decoder_entries
+    from shifted.pipeline import prior_entries
     from shifted.system import load_system
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--prior", required=True, help="shifted prior folder (train.py's <output_dir>/prior)")
+    p.add_argument("--prior", required=True, help="shifted prior folder (train.py's --output_dir)")
     p.add_argument("--prior_baseline", default=None, help="unshifted prior folder (train.py --no_bank)")
-    p.add_argument("--decoder", required=True, help="decoder folder (finetune.py's <output_dir>/pipeline)")
+    p.add_argument("--decoder", required=True, help="decoder folder (finetune.py's --output_dir)")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     add_clip_args(p)
     args = p.parse_args(argv)
@@ -45,10 +46,15 @@ def main(argv=None) -> int:
     out = Path(args.out)
     readme = (out / "README.md").read_text() if (out / "README.md").is_file() else None
     with atomic_write_dir(out, "--out") as tmp:
-        shutil.copytree(args.prior, tmp / "prior")
-        if args.prior_baseline:
-            shutil.copytree(args.prior_baseline, tmp / "prior_baseline")
-        shutil.copytree(args.decoder, tmp / "decoder")
+        for source, name in ((args.prior, "prior"), (args.prior_baseline, "prior_baseline")):
+            if source:  # the model files only, not the training run's checkpoints and logs
+                (tmp / name).mkdir()
+                for entry in prior_entries(source):
+                    shutil.copy2(Path(source) / entry, tmp / name / entry)
+        (tmp / "decoder").mkdir()
+        for name in decoder_entries(args.decoder):  # the model only, not the fine-tune's checkpoints and logs
+            source = Path(args.decoder) / name
+            (shutil.copytree if source.is_dir() else shutil.copy2)(source, tmp / "decoder" / name)
         if readme is not None:
             (tmp / "README.md").write_text(readme)
         ShiftedCheckpoint.write_meta(tmp, clips, states, relative_to=out)

@@ -1,7 +1,7 @@
 """Text -> shifted-diffusion prior -> CLIP image embedding -> image (the reference ``sft_test.py``).
 
     python scripts/shifted/sft_test.py --prompt "a red handwritten seven" --output_dir outputs/shifted/t2i
-    python scripts/shifted/sft_test.py --prior out/prior/prior --decoder out/finetune/pipeline --prompt_file p.txt
+    python scripts/shifted/sft_test.py --prior out/prior --decoder out/finetune --prompt_file p.txt
 
 The prior (default: the shipped ``ckpt/tiny/shifted``; ``--prior_variant baseline`` for the unshifted prior) samples
 an image embedding for each caption with 8 respaced DDPM steps (the prior sampling flags of ``shifted.cli``), and the
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--negative_prompt", default="", help="decoder negative = prior(this) instead of the null")
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
                    help="Shifted Diffusion checkpoint folder; --prior/--decoder/--clip/--t5_model override parts")
-    p.add_argument("--prior", default=None, help="prior folder written by train.py (<output_dir>/prior)")
+    p.add_argument("--prior", default=None, help="prior folder written by train.py (its --output_dir)")
     p.add_argument("--prior_variant", default="shifted", choices=("shifted", "baseline"),
                    help="which prior of --checkpoint: shifted, or the unshifted baseline of the same size")
     p.add_argument("--decoder", default=None, help="decoder pipeline folder written by finetune.py")

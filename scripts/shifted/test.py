@@ -1,7 +1,7 @@
 """Image -> CLIP image embedding -> image with a fine-tuned image-embedding decoder (the reference ``test.py``).
 
     python scripts/shifted/test.py --image data/digits/test/images/00000.png --output_dir outputs/shifted/img2img
-    python scripts/shifted/test.py --image_dir photos/ --decoder out/finetune/pipeline --clip A --clip B ...
+    python scripts/shifted/test.py --image_dir photos/ --decoder out/finetune --clip A --clip B ...
 
 Each input is centre-cropped square, embedded by the CLIP model(s) the decoder was fine-tuned with, and decoded
 with classifier-free guidance against ``--negative null`` (the null embedding fine-tuning dropped to) or ``black``

@@ -8,8 +8,9 @@ Flags and defaults are the reference ``train.py``'s (batch 64, AdamW 1.2e-4 (0.9
 eps 1e-6, clip 1.0, constant LR, linear betas 1e-4..0.02, x0 prediction with P2 gamma 1, text states dropped with
 0.1, the CLIP text embedding never, width 2048 / 8 layers / 32 heads), plus ``--bank`` (from fit_bank.py; replaces
 ``--mean_path/--std_path``), ``--no_bank`` and ``--cache`` (from extract_embeddings.py; without it the folder is
-embedded once at start, the same tensors). Writes ``<output_dir>/prior`` (config.json, weights, bank.safetensors),
-loadable with ``shifted.pipeline.load_prior``; checkpoints and ``--resume_from_checkpoint latest`` as every script.
+embedded once at start, the same tensors). ``--snr_gamma`` replaces the P2 weight by Min-SNR's ``min(SNR_t, gamma)``
+(the x0-target form); ``--noise_offset`` is refused (embedding vectors have no pixels to offset). Writes the prior at ``<output_dir>`` itself (config.json, weights,
+bank.safetensors, beside the run's checkpoints), loadable with ``shifted.pipeline.load_prior(output_dir)``; checkpoints and ``--resume_from_checkpoint latest`` as every script.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ DEFAULTS = {  # the reference train.py
 
 def build_parser() -> argparse.ArgumentParser:
     from common.data_sources import add_dataset_args
+    from common.diffusion_loss import add_diffusion_loss_args
     from common.train import add_train_args
     from shifted.cli import add_clip_args
 
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--p2_gamma", type=float, default=1.0, help="P2 weight 1/(1+SNR)^gamma (k = 1)")
     model.add_argument("--empty_t5_prob", type=float, default=0.1, help="CFG dropout of the text states (zeroed)")
     model.add_argument("--empty_clip_prob", type=float, default=0.0, help="CFG dropout of the CLIP text embedding")
+    add_diffusion_loss_args(p, prediction_type=False)  # the prior predicts x0 (the reference's choice)
     add_train_args(p, defaults=DEFAULTS)
     return p
 
@@ -145,6 +148,7 @@ def load_bank(args, clip_names, dim, block_dims=None):
 
 
 def check_args(args) -> None:
+    from common.diffusion_loss import check_diffusion_loss_args
     from shifted.cli import check_positive, check_probability
 
     for name in ("model_width", "model_layers", "model_num_heads", "model_dim_head", "sample_num", "t5_max_length"):
@@ -153,6 +157,10 @@ def check_args(args) -> None:
     check_probability("empty_clip_prob", args.empty_clip_prob)
     if not 0 < args.beta_min < args.beta_max < 1:
         raise UserError(f"need 0 < --beta_min < --beta_max < 1, got {args.beta_min} and {args.beta_max}")
+    check_diffusion_loss_args(args)
+    if args.noise_offset:
+        raise UserError("--noise_offset does not apply to the prior: it diffuses CLIP embedding vectors, which have no "
+                        "pixels for a per-channel offset to be constant over (it would only inflate the noise): drop it")
 
 
 def make_validation(tensors, bank, block_dims, n: int = 64):
@@ -203,6 +211,7 @@ def main(argv=None) -> int:
         objective = PriorObjective(
             prior, bank, empty_text_prob=args.empty_t5_prob, empty_clip_prob=args.empty_clip_prob,
             p2_gamma=args.p2_gamma, select_mode="mean" if args.use_mean else "sample", select_samples=args.sample_num,
+            snr_gamma=args.snr_gamma,
         )
         n_params = sum(p.numel() for p in prior.parameters())
         kind = f"shifted (K={bank.size})" if bank is not None else "baseline (no bank)"
@@ -211,7 +220,8 @@ def main(argv=None) -> int:
         result = trainer.fit(objective.models, objective, EmbeddingDataset(tensors),
                              validation_fn=make_validation(tensors, bank, block_dims))
         if trainer.is_main_process and result.completed:
-            out = save_prior(Path(config.output_dir) / "prior", result.models["prior"].eval(), bank)
+            out = save_prior(Path(config.output_dir), result.models["prior"].eval(), bank,
+                             beside_existing=True)  # load_prior(output_dir) loads it
             print(f"prior saved to {out} (final loss {result.loss_history[-1]:.4g})")
     return result.exit_code
 

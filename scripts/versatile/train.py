@@ -16,7 +16,7 @@ Each item serves every flow: t2i / tv are conditioned on its caption, iv / i2t o
 its latent, text flows its caption latent. ``--cond_drop`` replaces a context by the null one the flow samples with
 (CLIP(""), zeros for iv, black for i2t; ``--uncond_image`` overrides).
 
-Output (``--save_to``, default ``<output_dir>/pipeline``): ``versatile.json`` + ``diffuser/`` (see
+Output (``--save_to``, default ``<output_dir>`` itself): ``versatile.json`` + ``diffuser/`` (see
 ``versatile.checkpoint``), loadable by ``scripts/versatile/sample.py`` and ``scripts/sample.py --method versatile``.
 """
 
@@ -37,6 +37,8 @@ STAGES = {"single": ("iv",), "dual": ("t2i", "iv"), "four": ("t2i", "iv", "i2t",
 
 def build_parser() -> argparse.ArgumentParser:
     from common.data_sources import add_dataset_args
+    from common.data import add_image_augmentation_args
+    from common.diffusion_loss import add_diffusion_loss_args
     from common.train import add_train_args
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -61,9 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="null image context (default per flow: zeros for iv, black for i2t)")
     p.add_argument("--init_from", default=None,
                    help="a versatile folder (versatile.json) or a diffuser folder to start from (previous stage)")
-    p.add_argument("--save_to", default=None, help="output versatile folder (default: <output_dir>/pipeline)")
+    p.add_argument("--save_to", default=None,
+                   help="output versatile folder (default: --output_dir itself, beside the run's checkpoints)")
     p.add_argument("--save_dtype", default="float32", choices=("float32", "float16"),
                    help="storage dtype of the diffuser weights (float16 keeps the shipped checkpoint small)")
+    p.add_argument("--validation_prompts", nargs="*", default=None,
+                   help="prompts sampled with the text-to-image flow at each validation (every --validation_steps "
+                        "and at the end; needs t2i among the trained flows)")
+    add_diffusion_loss_args(p, prediction_type=False)  # every flow predicts eps (the released model's target)
+    add_image_augmentation_args(p, random_flip=False)  # every image is encoded once: no per-step flip
     add_train_args(p, defaults={"learning_rate": 5e-4, "train_batch_size": 64, "lr_warmup_steps": 200,
                                 "report_to": "none", "tracker_project_name": "versatile",
                                 "checkpointing_steps": 100000, "validation_steps": 100000})
@@ -169,6 +177,7 @@ def load_init(model, path: Path):
 @cli_entry
 def main(argv=None) -> int:
     from common.data_sources import check_data_source, training_dataset
+    from common.diffusion_loss import check_diffusion_loss_args
     from common.train import Trainer, config_from_args, parse_args_with_config
     from versatile.checkpoint import load_towers, save_pipeline_folder
     from versatile.config import VersatileConfig
@@ -183,6 +192,10 @@ def main(argv=None) -> int:
     check_data_source(args)
     if not 0.0 <= args.cond_drop < 1.0:
         raise UserError(f"--cond_drop must lie in [0, 1), got {args.cond_drop}")
+    check_diffusion_loss_args(args)
+    if args.validation_prompts and "t2i" not in flows:
+        raise UserError(f"--validation_prompts samples the t2i flow, which this run does not train ({', '.join(flows)})"
+                        ": add it with --flows or --stage, or drop --validation_prompts")
     multipliers = check_multipliers(parse_multipliers(args.group_lr_scale) or default_multipliers(args.stage))
     weights = None
     if args.flow_weights:
@@ -197,7 +210,7 @@ def main(argv=None) -> int:
                         "--text_vae_path (scripts/versatile/train_text_vae.py)")
     model_config = VersatileConfig.load(args.model_config)
     config = config_from_args(args)
-    save_to = Path(args.save_to) if args.save_to else Path(config.output_dir) / "pipeline"
+    save_to = Path(args.save_to) if args.save_to else Path(config.output_dir)
     init = Path(args.init_from) if args.init_from else None
 
     with Trainer(config) as trainer:
@@ -219,7 +232,7 @@ def main(argv=None) -> int:
         resolution = args.resolution or vae.config.sample_size
         if resolution % factor:
             raise UserError(f"--resolution {resolution} is not divisible by the VAE's factor {factor}")
-        dataset = training_dataset(args, resolution)
+        dataset = training_dataset(args, resolution, center_crop=args.center_crop)
         data = EncodedData(encode_dataset(dataset, vae, contexts, text_vae, needs_text))
         scaling = float(vae.config.scaling_factor)
         schedule = vd_schedule(model_config.sampling)
@@ -241,13 +254,25 @@ def main(argv=None) -> int:
                 for kind in flow.ctypes:
                     item[kind] = batch[f"{kind}_ctx"]
                 null = {k: v.to(mean.device) for k, v in nulls[name].items()}
-                loss = flow_loss(diffuser, item, flow, schedule=schedule, cond_drop=args.cond_drop, null_contexts=null)
+                loss = flow_loss(diffuser, item, flow, schedule=schedule, cond_drop=args.cond_drop, null_contexts=null,
+                                 snr_gamma=args.snr_gamma, noise_offset=args.noise_offset)
                 total = total + loss
                 logs[f"loss_{name}"] = loss.detach()
             return {"loss": total, **logs}
 
+        validate = None
+        if args.validation_prompts:
+            from versatile.pipeline import VersatilePipeline
+
+            def validate(step, models):
+                pipe = VersatilePipeline(models["diffuser"], vae, text_vae, contexts, model_config.sampling,
+                                         uncond_image=args.uncond_image)
+                out = pipe("t2i", list(args.validation_prompts), num_inference_steps=25,
+                           generator=torch.Generator().manual_seed(0))
+                return out.images  # [B, 3, H, W] in [0, 1]: the trainer writes and logs each image
+
         start = time.perf_counter()
-        result = trainer.fit({"diffuser": model}, loss_fn, data, params=groups)
+        result = trainer.fit({"diffuser": model}, loss_fn, data, params=groups, validation_fn=validate)
         if trainer.is_main_process and result.completed:
             seconds = time.perf_counter() - start
             trained = set(flows) | set(previous.trained_flows if previous else ())
@@ -260,6 +285,7 @@ def main(argv=None) -> int:
                 text_vae=args.text_vae_path or (previous.text_vae if previous else None), trained_flows=trained,
                 sampling=sampling, uncond_image=args.uncond_image, stages=stages, dtype=dtype,
                 context_scale=model_config.context.context_scale,
+                beside_existing=save_to.resolve() == Path(config.output_dir).resolve(),
             )
             losses = result.loss_history[-50:]
             print(f"versatile folder saved to {save_to}: flows {sorted(trained)}, {result.global_step} steps in "

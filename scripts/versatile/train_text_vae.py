@@ -8,7 +8,7 @@ ramp up linearly from 0 (a plain autoencoder first, so the decoder learns to rea
 and the KL could teach it to ignore it: posterior collapse); ``--free_bits`` is Optimus' per-dimension KL
 threshold, the other guard against collapse. Architecture and tokenizer come from a versatile config
 (``--model_config``: the ``optimus_*`` keys and ``text_latent_dim``). The folder written to ``--save_to`` (default
-``<output_dir>/text_vae``) holds config, weights and both tokenizers (``versatile.text_vae.load_text_vae``), with
+``<output_dir>`` itself) holds config, weights and both tokenizers (``versatile.text_vae.load_text_vae``), with
 ``optimus_scaling_factor = 1 / std(mu)`` over the training captions so the diffuser sees unit-scale latents
 (VD itself uses 1.0). ``eval.json`` beside the weights scores round trips on ``--eval_data_dir``:
 exact sentence match, and the digit / colour words read back with ``common.judge.parse_prompt``.
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta_warmup_steps", type=int, default=0,
                    help="linear warm-up of the KL weight and of the latent noise from 0 over these steps")
     p.add_argument("--free_bits", type=float, default=0.0, help="per-dimension KL threshold (Optimus dim_target_kl)")
-    p.add_argument("--save_to", default=None, help="folder for the trained text VAE (default: <output_dir>/text_vae)")
+    p.add_argument("--save_to", default=None, help="folder for the trained text VAE (default: --output_dir itself)")
     p.add_argument("--eval_samples", type=int, default=200, help="captions scored in eval.json (0: skip)")
     add_train_args(p, defaults={"learning_rate": 1e-3, "train_batch_size": 64, "lr_warmup_steps": 100,
                                 "report_to": "none", "tracker_project_name": "versatile_text_vae",
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     captions = read_captions(args.train_data_dir, args.caption_column)
     eval_captions = read_captions(args.eval_data_dir, args.caption_column) if args.eval_data_dir else captions
     config = config_from_args(args)
-    save_to = Path(args.save_to) if args.save_to else Path(config.output_dir) / "text_vae"
+    save_to = Path(args.save_to) if args.save_to else Path(config.output_dir)
     with Trainer(config) as trainer:
         vae = build_text_vae(model_config.text_vae, model_config.diffuser.text_latent_dim, seed=config.seed or 0)
         vae.train()
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
                 scores = round_trip_scores(vae, eval_captions[: args.eval_samples], seed=config.seed or 0)
             scores.update({"latent_std": std, "optimus_scaling_factor": vae.config.optimus_scaling_factor,
                            "steps": result.global_step})
-            save_text_vae(vae, save_to)
+            save_text_vae(vae, save_to, beside_existing=save_to.resolve() == Path(config.output_dir).resolve())
             (save_to / "eval.json").write_text(json.dumps(scores, indent=2))
             summary = {k: v for k, v in scores.items() if not k.endswith("examples")}
             print(f"text VAE saved to {save_to}: {json.dumps(summary)}")

@@ -45,8 +45,8 @@ WORKER = textwrap.dedent(
     from common.train import Trainer, TrainConfig
 
     torch.set_num_threads(1)
-    out_dir, steps, stop_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    resume = sys.argv[4] if len(sys.argv) > 4 else None
+    out_dir, steps, stop_at, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    resume = sys.argv[5] if len(sys.argv) > 5 else None
 
 
     class ResBlock(nn.Module):  # a class name of common.engines.FSDP_BLOCK_CLASSES: FSDP wraps it as one unit
@@ -71,9 +71,9 @@ WORKER = textwrap.dedent(
         # a method other than forward, on the main process only: needs full (gathered) weights
         total = sum(float(p.detach().double().sum()) for m in models.values() for p in m.parameters())
         kinds = sorted({type(p).__name__ for m in models.values() for p in m.parameters()})
-        seen.append({"step": step, "weight_sum": total, "param_types": kinds, "rank": int(os.environ["RANK"])})
+        seen.append({"step": step, "weight_sum": total, "param_types": kinds, "rank": int(os.environ.get("RANK", "0"))})
 
-    config = TrainConfig(output_dir=out_dir, seed=5, train_batch_size=4, max_train_steps=steps, learning_rate=2e-2,
+    config = TrainConfig(output_dir=out_dir, seed=5, train_batch_size=batch, max_train_steps=steps, learning_rate=2e-2,
                          lr_warmup_steps=0, checkpointing_steps=2, validation_steps=2, report_to="none",
                          resume_from_checkpoint=resume)
     with Trainer(config) as trainer:
@@ -85,8 +85,7 @@ WORKER = textwrap.dedent(
             if ctx.step + 1 == stop_at:
                 trainer.request_stop()
             x, y = batch
-            noise = 0.01 * torch.randn_like(x)
-            pred = ctx.models["head"](ctx.models["projection"](x + noise))
+            pred = ctx.models["head"](ctx.models["projection"](x))
             return nn.functional.mse_loss(pred, y)
 
         result = trainer.fit({"head": head, "projection": projection}, loss_fn, data(), validation_fn=validate)
@@ -102,70 +101,89 @@ WORKER = textwrap.dedent(
                                for n, m in models.items()},
                     "state_keys": {n: sorted(m.state_dict()) for n, m in models.items()},
                 }, fh)
-    assert not torch.distributed.is_initialized()
+    assert not torch.distributed.is_initialized()  # the trainer destroyed the process group
     sys.exit(result.exit_code)
     """
 )
 
 
-def launch(tmp_path: Path, name: str, steps: int, stop_at: int = 0, resume: str | None = None, fsdp: bool = True):
+def write_worker(tmp_path: Path) -> Path:
     worker = tmp_path / "engine_worker.py"
     worker.write_text(WORKER)
+    return worker
+
+
+def launch(tmp_path: Path, name: str, steps: int, stop_at: int = 0, resume: str | None = None):
+    """The worker as 2 processes under torchrun with FSDP requested as a user would (ACCELERATE_USE_FSDP)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
     env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    if fsdp:
-        env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
+    env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ACCELERATE_USE_FSDP="true",
+               FSDP_VERSION="2")  # fmt: skip
     out = tmp_path / name
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
-           str(out), str(steps), str(stop_at)] + ([resume] if resume else [])  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(write_worker(tmp_path)), str(out), str(steps), str(stop_at), "4"] + ([resume] if resume else [])  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((out / f"result-{steps}-{stop_at}.json").read_text()), proc.stderr
+
+
+def run_in_process(tmp_path: Path, monkeypatch, steps: int) -> dict:
+    """The same worker in this process: one process, no distributed wrapper, twice the batch (the reference)."""
+    import runpy
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    for key in [k for k in os.environ if k.startswith(("ACCELERATE_", "FSDP_"))] + ["WORLD_SIZE", "RANK"]:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(sys, "argv", ["worker", str(tmp_path / "plain"), str(steps), "0", "8"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            runpy.run_path(str(write_worker(tmp_path)), run_name="__main__")
+        assert stopped.value.code == 0
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return json.loads((tmp_path / "plain" / f"result-{steps}-0.json").read_text())
 
 
 def flat(params: dict[str, list[list[float]]]) -> np.ndarray:
     return np.concatenate([np.asarray(p) for name in sorted(params) for p in params[name]])
 
 
-def test_fsdp_on_cpu_trains_exports_validates_and_resumes_exactly(tmp_path):
+def test_fsdp_on_cpu_trains_checkpoints_resumes_validates_and_exports(tmp_path, monkeypatch):
     steps = 4
-    ddp, _ = launch(tmp_path, "ddp", steps, fsdp=False)
-    fsdp, log = launch(tmp_path, "fsdp", steps)
-
-    # the engine that runs is FSDP (not DDP), and the header says so, with the project's block auto-wrapped
-    assert (ddp["engine"], fsdp["engine"]) == ("DDP", "FSDP")
+    # FSDP across 2 processes, stopped after step 3 (checkpoint), then resumed in a new process group to step 4
+    stopped, log = launch(tmp_path, "fsdp", steps, stop_at=3)
+    assert stopped["engine"] == "FSDP"  # not the DDP accelerate alone would set up on CPU
     assert "engine FSDP2 full shard, 2 processes (gloo, cpu), auto-wrap ResBlock" in log
-    assert "checkpoints FULL_STATE_DICT" in fsdp["describe"]
+    assert "checkpoints FULL_STATE_DICT" in stopped["describe"]
+    assert (stopped["step"], stopped["completed"]) == (3, False)
+    checkpoint = tmp_path / "fsdp" / "checkpoint-3"
+    files = {p.name for p in checkpoint.iterdir()}
+    assert {"pytorch_model_fsdp.bin", "optimizer.bin", "manifest.json", "rng_state_1.safetensors"} <= files
+    assert not any(name.endswith(".pkl") for name in files)
+    resumed, log = launch(tmp_path, "fsdp", steps, resume="latest")
+    assert "resumed from" in log and "checkpoint-3" in log
+    assert resumed["step"] == steps and resumed["completed"]
 
-    # export: plain modules with full weights on rank 0 (gathered), same keys as the modules built by the script
-    assert fsdp["types"] == {"head": "Sequential", "projection": "Linear"}
-    assert fsdp["state_keys"] == ddp["state_keys"]
-    assert fsdp["step"] == ddp["step"] == steps
-    # sharded training is the same optimisation as DDP: same losses and weights up to float reassociation
-    np.testing.assert_allclose(fsdp["history"], ddp["history"], rtol=0, atol=1e-6)
-    np.testing.assert_allclose(flat(fsdp["params"]), flat(ddp["params"]), rtol=0, atol=1e-6)
-    assert fsdp["history"][-1] < fsdp["history"][0]
+    # the reference: one plain process with the global batch; sharded training is the same optimisation
+    plain = run_in_process(tmp_path, monkeypatch, steps)
+    assert plain["engine"] == "plain"
+    np.testing.assert_allclose(stopped["history"] + resumed["history"], plain["history"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(flat(resumed["params"]), flat(plain["params"]), rtol=0, atol=1e-6)
+    assert plain["history"][-1] < plain["history"][0]
 
-    # validation on rank 0 on plain (gathered) tensors, at steps 2 and 4; the sum matches the exported weights
-    assert [(v["step"], v["rank"], v["param_types"]) for v in fsdp["validations"]] == [
+    # export: plain modules with full weights on rank 0 (gathered), the same keys as the modules the script built
+    assert resumed["types"] == {"head": "Sequential", "projection": "Linear"}
+    assert resumed["state_keys"] == plain["state_keys"]
+    # validation ran on rank 0 on plain (gathered) tensors, at step 2 and at step 4 (after the resume)
+    assert [(v["step"], v["rank"], v["param_types"]) for v in stopped["validations"] + resumed["validations"]] == [
         (2, 0, ["Parameter"]),
         (4, 0, ["Parameter"]),
     ]
-    assert fsdp["validations"][-1]["weight_sum"] == pytest.approx(float(flat(fsdp["params"]).sum()), abs=1e-9)
-
-    # stop after step 2 (checkpoint), resume in a new process group: bitwise the uninterrupted FSDP run
-    stopped, _ = launch(tmp_path, "fsdp_resume", steps, stop_at=2)
-    assert (stopped["step"], stopped["completed"]) == (2, False)
-    checkpoint = tmp_path / "fsdp_resume" / "checkpoint-2"
-    files = {p.name for p in checkpoint.iterdir()}
-    assert {"pytorch_model_fsdp.bin", "optimizer.bin", "manifest.json", "trainer_state.json"} <= files
-    assert not any(name.endswith(".pkl") for name in files)
-    resumed, log = launch(tmp_path, "fsdp_resume", steps, resume="latest")
-    assert "resumed from" in log and "checkpoint-2" in log
-    assert resumed["step"] == steps
-    assert resumed["history"] == fsdp["history"][2:]
-    assert flat(resumed["params"]).tolist() == flat(fsdp["params"]).tolist()
+    assert resumed["validations"][-1]["weight_sum"] == pytest.approx(float(flat(resumed["params"]).sum()), abs=1e-9)
 
 
 # --------------------------------------------------------------------------------------------------------------

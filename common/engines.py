@@ -207,12 +207,33 @@ class ModuleBundle(nn.Module):
         super().__init__()
         self.parts = nn.ModuleDict(dict(modules))
 
-    def forward(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        return self.parts[name](*args, **kwargs)
+    def forward(self, name: str, *args: Any, bundle_method: str | None = None, **kwargs: Any) -> Any:
+        module = self.parts[name]
+        return getattr(module, bundle_method)(*args, **kwargs) if bundle_method else module(*args, **kwargs)
+
+
+def _library_methods() -> frozenset[str]:
+    """Names of nn.Module's (and diffusers ModelMixin's) own methods: called directly, never routed."""
+    names = set(dir(nn.Module))
+    try:
+        from diffusers import ModelMixin
+
+        names |= set(dir(ModelMixin))
+    except ImportError:  # pragma: no cover - diffusers is a requirement
+        pass
+    return frozenset(names)
 
 
 class Routed:
-    """``ctx.models[name]`` under FSDP / DeepSpeed: calls go through the prepared bundle, attributes to the module."""
+    """``ctx.models[name]`` under FSDP / DeepSpeed: calls go through the prepared bundle's forward.
+
+    ``routed(x)`` runs the module's forward and ``routed.some_loss(x)`` (a method the model class defines itself,
+    e.g. a VAE's reconstruction loss) runs that method, both inside the prepared bundle's forward where FSDP gathers
+    the shards and DeepSpeed runs its hooks; nn.Module's own methods (``train``, ``parameters``...) and plain
+    attributes go straight to the module.
+    """
+
+    _direct = None
 
     def __init__(self, prepared: nn.Module, name: str, module: nn.Module):
         self.__dict__.update(_prepared=prepared, _name=name, _module=module)
@@ -221,7 +242,16 @@ class Routed:
         return self._prepared(self._name, *args, **kwargs)
 
     def __getattr__(self, attr: str) -> Any:
-        return getattr(self.__dict__["_module"], attr)
+        value = getattr(self.__dict__["_module"], attr)
+        if Routed._direct is None:
+            Routed._direct = _library_methods()
+        if attr.startswith("_") or attr in Routed._direct or not callable(value) or isinstance(value, nn.Module):
+            return value
+
+        def through_bundle(*args: Any, **kwargs: Any) -> Any:
+            return self._prepared(self._name, *args, bundle_method=attr, **kwargs)
+
+        return through_bundle
 
     def __repr__(self) -> str:
         return f"Routed({self._name!r} through {type(self._prepared).__name__})"

@@ -73,6 +73,13 @@ naming the path and the space a checkpoint needs; the temporary folder is remove
 Multi-process: ``torchrun --nproc_per_node N script.py`` or ``accelerate launch [--cpu] --num_processes N``. On a
 machine without GPU accelerate needs ``cpu=True`` to see the torchrun environment (else every process trains
 alone, silently); the trainer passes it and refuses to run if WORLD_SIZE > 1 but accelerate found one process.
+
+Engines (:mod:`common.engines`). Whatever accelerate selected (plain, DDP, FSDP1/2, DeepSpeed ZeRO) is named in the
+run header. Under FSDP and DeepSpeed the trainable modules are prepared as one ``ModuleBundle`` and ``ctx.models``
+holds handles that call them through the bundle's forward; validation and the returned models use full weights
+gathered with ``accelerator.get_state_dict`` (every process enters, the main process rebuilds plain modules);
+``--use_ema`` is refused where parameters are sharded (FSDP, ZeRO-3); FSDP checkpoints are full state dicts.
+FSDP requested on a machine without GPU (where accelerate would train DDP) runs as FSDP2 over gloo.
 """
 
 from __future__ import annotations
@@ -396,7 +403,9 @@ class TrainResult:
     """The outcome of :meth:`Trainer.fit`.
 
     ``models`` are unwrapped (plain ``nn.Module`` / ``ModelMixin``) and hold the EMA weights when ``use_ema``, ready
-    for ``save_pretrained``. ``loss_history`` is the global mean loss of every optimizer step of this run.
+    for ``save_pretrained``; under FSDP / DeepSpeed the main process gets plain modules rebuilt from the gathered
+    weights and the other processes their own (sharded) ones. ``loss_history`` is the global mean loss of every
+    optimizer step of this run.
     """
 
     models: dict[str, nn.Module]

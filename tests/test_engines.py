@@ -209,6 +209,10 @@ def test_bundle_routes_calls_and_splits_its_state_dict():
     x = torch.randn(4, 3)
     assert torch.equal(routed(x), unet(x))
     assert calls == ["unet"] and routed.out_features == 2 and routed.weight is unet.weight
+    # a method of the model's own class runs inside the bundle's forward too; nn.Module's methods do not
+    unet.halve = lambda x: unet(x) / 2  # an instance attribute here; a class method in real models
+    assert torch.equal(routed.halve(x), unet(x) / 2) and calls == ["unet", "unet"]
+    assert routed.train() is unet and calls == ["unet", "unet"]
     parts = split_bundle_state(bundle.state_dict(), ["unet", "adapter"])
     assert set(parts["unet"]) == {"weight", "bias"} and set(parts["adapter"]) == {"weight"}
     assert torch.equal(parts["adapter"]["weight"], adapter.weight)
@@ -240,8 +244,8 @@ def test_weightless_copy_is_rebuilt_from_a_gathered_state_dict():
 
 def test_fsdp_auto_wrap_keeps_present_blocks_and_full_state_dict(monkeypatch):
     from accelerate.utils import FullyShardedDataParallelPlugin
-    from torch.distributed.fsdp.fully_sharded_data_parallel import StateDictType
     from diffusers.models.resnet import ResnetBlock2D
+    from torch.distributed.fsdp.fully_sharded_data_parallel import StateDictType
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     for key in [k for k in os.environ if k.startswith("FSDP_")]:

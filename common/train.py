@@ -1045,7 +1045,11 @@ class Trainer:
             bundle = ModuleBundle(models)
             if self.engine.kind == "FSDP":
                 prepare_fsdp_plugin(acc, bundle)
-            root, optimizer, dataloader, lr_scheduler = acc.prepare(bundle, optimizer, dataloader, lr_scheduler)
+            if self.engine.kind == "FSDP" and self.engine.fsdp_version == 1:
+                root, optimizer, lr_scheduler = self._prepare_fsdp1(bundle, optimizer, dataloader)
+                dataloader, lr_scheduler = acc.prepare(dataloader, lr_scheduler)
+            else:
+                root, optimizer, dataloader, lr_scheduler = acc.prepare(bundle, optimizer, dataloader, lr_scheduler)
             plain_bundle = self.unwrap(root)
             self._roots = [root]
             self._plain = {name: plain_bundle.parts[name] for name in models}
@@ -1392,6 +1396,20 @@ class Trainer:
                     loader.end()
 
     # ---- validation ------------------------------------------------------------------------------------------
+
+    def _prepare_fsdp1(self, bundle: nn.Module, optimizer: Any, dataloader: DataLoader) -> tuple[Any, Any, Any]:
+        """FSDP1 replaces the parameters it wraps, and accelerate does not re-point an optimizer built before (FSDP2
+        and DeepSpeed do): wrap first, with ``use_orig_params`` so every parameter (and its param group) survives by
+        name, then build the optimizer and its LR schedule on the wrapped parameters."""
+        acc = self.accelerator
+        acc.state.fsdp_plugin.use_orig_params = True
+        names = {id(p): n for n, p in bundle.named_parameters()}
+        root = acc.prepare(bundle)
+        wrapped = {_canonical_name(n): p for n, p in root.named_parameters()}
+        groups = [{**g, "params": [wrapped[names[id(p)]] for p in g["params"]]} for g in optimizer.param_groups]
+        rebuilt = type(optimizer)(groups)  # every hyperparameter rides in its group
+        lr_scheduler = self._make_lr_scheduler(rebuilt, dataloader)
+        return root, acc.prepare(rebuilt), lr_scheduler
 
     def _full_modules(self) -> dict[str, nn.Module] | None:
         """FSDP / DeepSpeed: gather the trained modules (every process calls); full plain copies on the main process,
@@ -1771,6 +1789,13 @@ class Trainer:
             numbers = {f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
             self.accelerator.log(numbers, step=run.global_step)
         return summary
+
+
+def _canonical_name(name: str) -> str:
+    """A parameter's name without the wrapper prefixes FSDP1 and activation checkpointing insert."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
 
 
 def _describe(signature: Any) -> str:

@@ -282,3 +282,43 @@ def test_accelerate_configs_are_valid_and_name_the_project_blocks():
     assert zero3["zero_stage"] == 3 and zero3["zero3_save_16bit_model"] is True  # get_state_dict needs it
     node = yaml.safe_load((folder / "multi_node.yaml").read_text())
     assert node["num_machines"] > 1 and node["num_processes"] % node["num_machines"] == 0
+
+
+def test_fsdp1_rebuilds_the_optimizer_on_the_wrapped_parameters_keeping_param_groups():
+    """FSDP1 (GPU only) replaces what it wraps; the trainer re-points each param group by parameter name."""
+    from common.train import TrainConfig, Trainer
+
+    class Wrapped(nn.Module):  # names its child as FSDP1 does
+        def __init__(self, module):
+            super().__init__()
+            self._fsdp_wrapped_module = module
+
+    def fresh(p):  # a wrapper that swaps parameters for new tensors, as FSDP1's flattening does
+        return nn.Parameter(p.detach().clone())
+
+    bundle = ModuleBundle({"unet": nn.Linear(3, 2), "adapter": nn.Linear(2, 2)})
+    groups = [{"params": list(bundle.parts["unet"].parameters()), "lr": 1e-4},
+              {"params": list(bundle.parts["adapter"].parameters()), "lr": 1e-2}]  # fmt: skip
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0)
+
+    def prepare(obj):
+        if isinstance(obj, nn.Module):
+            for module in obj.modules():
+                for name, p in list(module.named_parameters(recurse=False)):
+                    setattr(module, name, fresh(p))
+            return Wrapped(obj)
+        return obj
+
+    plugin = SimpleNamespace(use_orig_params=False)
+    fake = SimpleNamespace(
+        accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), prepare=prepare, num_processes=1),
+        config=TrainConfig(max_train_steps=10, lr_warmup_steps=0),
+    )
+    fake._make_lr_scheduler = lambda opt, loader: Trainer._make_lr_scheduler(fake, opt, loader)
+    root, rebuilt, scheduler = Trainer._prepare_fsdp1(fake, bundle, optimizer, dataloader=None)
+    assert plugin.use_orig_params is True
+    wrapped = dict(root.named_parameters())
+    assert [g["lr"] for g in rebuilt.param_groups] == [1e-4, 1e-2] and scheduler.optimizer is rebuilt
+    assert rebuilt.param_groups[0]["params"] == [wrapped["_fsdp_wrapped_module.parts.unet.weight"],
+                                                 wrapped["_fsdp_wrapped_module.parts.unet.bias"]]  # fmt: skip
+    assert all(p is not q for p, q in zip(rebuilt.param_groups[1]["params"], groups[1]["params"]))

@@ -119,8 +119,6 @@ def check_requested_engine(accelerator: Any) -> None:
     """
     kind = accelerator.distributed_type
     if _env_true("ACCELERATE_USE_DEEPSPEED") and kind != DistributedType.DEEPSPEED:
-        if accelerator.num_processes == 1 and kind == DistributedType.NO and accelerator.device.type != "cpu":
-            return  # accelerate's own single-process DeepSpeed refusal path never gets here; nothing to shard
         raise UserError(
             f"DeepSpeed was requested (ACCELERATE_USE_DEEPSPEED=true) but accelerate set up {kind.value}: DeepSpeed "
             "needs CUDA GPUs and the deepspeed package; on CPU use FSDP (configs/accelerate/fsdp.yaml) or DDP"

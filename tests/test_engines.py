@@ -322,3 +322,27 @@ def test_fsdp1_rebuilds_the_optimizer_on_the_wrapped_parameters_keeping_param_gr
     assert rebuilt.param_groups[0]["params"] == [wrapped["_fsdp_wrapped_module.parts.unet.weight"],
                                                  wrapped["_fsdp_wrapped_module.parts.unet.bias"]]  # fmt: skip
     assert all(p is not q for p, q in zip(rebuilt.param_groups[1]["params"], groups[1]["params"]))
+
+
+def test_requested_engine_that_cannot_run_is_refused_in_one_line(monkeypatch):
+    from accelerate.utils import DistributedType
+
+    from common.engines import check_requested_engine
+
+    def accelerator(kind, n=2):
+        return SimpleNamespace(distributed_type=kind, num_processes=n, device=torch.device("cpu"))
+
+    for key in [k for k in os.environ if k.startswith(("ACCELERATE_", "FSDP_"))]:
+        monkeypatch.delenv(key)
+    check_requested_engine(accelerator(DistributedType.MULTI_CPU))  # nothing requested: DDP as set up
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(UserError, match="DeepSpeed was requested .* set up MULTI_CPU: DeepSpeed needs CUDA GPUs"):
+        check_requested_engine(accelerator(DistributedType.MULTI_CPU))
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(UserError, match="FSDP1 cannot run on CPU .* fsdp_version: 2"):
+        check_requested_engine(accelerator(DistributedType.MULTI_CPU))
+    with pytest.raises(UserError, match="FSDP was requested .* but accelerate set up MULTI_GPU"):
+        check_requested_engine(accelerator(DistributedType.MULTI_GPU))
+    check_requested_engine(accelerator(DistributedType.NO, n=1))  # one process: nothing to shard (a warning)

@@ -74,6 +74,13 @@ naming the path and the space a checkpoint needs; the temporary folder is remove
 Multi-process: ``torchrun --nproc_per_node N script.py`` or ``accelerate launch [--cpu] --num_processes N``. On a
 machine without GPU accelerate needs ``cpu=True`` to see the torchrun environment (else every process trains
 alone, silently); the trainer passes it and refuses to run if WORLD_SIZE > 1 but accelerate found one process.
+
+Engines (:mod:`common.engines`). Whatever accelerate selected (plain, DDP, FSDP1/2, DeepSpeed ZeRO) is named in the
+run header. Under FSDP and DeepSpeed the trainable modules are prepared as one ``ModuleBundle`` and ``ctx.models``
+holds handles that call them through the bundle's forward; validation and the returned models use full weights
+gathered with ``accelerator.get_state_dict`` (every process enters, the main process rebuilds plain modules);
+``--use_ema`` is refused where parameters are sharded (FSDP, ZeRO-3); FSDP checkpoints are full state dicts.
+FSDP requested on a machine without GPU (where accelerate would train DDP) runs as FSDP2 over gloo.
 """
 
 from __future__ import annotations
@@ -130,6 +137,18 @@ from common.checkpoint import (
     verify_checkpoint,
     write_manifest,
     writer_token,
+)
+from common.engines import (
+    ModuleBundle,
+    Routed,
+    check_requested_engine,
+    describe_engine,
+    engine_of,
+    full_modules,
+    module_bytes,
+    prepare_fsdp_plugin,
+    refuse_sharded_ema,
+    weightless_copy,
 )
 from common.errors import UserError, one_line
 
@@ -385,7 +404,9 @@ class TrainResult:
     """The outcome of :meth:`Trainer.fit`.
 
     ``models`` are unwrapped (plain ``nn.Module`` / ``ModelMixin``) and hold the EMA weights when ``use_ema``, ready
-    for ``save_pretrained``. ``loss_history`` is the global mean loss of every optimizer step of this run.
+    for ``save_pretrained``; under FSDP / DeepSpeed the main process gets plain modules rebuilt from the gathered
+    weights and the other processes their own (sharded) ones. ``loss_history`` is the global mean loss of every
+    optimizer step of this run.
     """
 
     models: dict[str, nn.Module]
@@ -864,6 +885,15 @@ class Trainer:
                 f"WORLD_SIZE={world} but accelerate set up {self.accelerator.num_processes} process(es); "
                 "every process would train alone"
             )
+        check_requested_engine(self.accelerator)  # FSDP asked for but DDP set up: switch (CPU) or refuse
+        self.engine = engine_of(self.accelerator)
+        self.engine_description = describe_engine(self.accelerator, self.engine)
+        refuse_sharded_ema(self.engine, config.use_ema)
+        if self.accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:
+            raise UserError(
+                f"the accelerate config accumulates {self.accelerator.gradient_accumulation_steps} batches but "
+                f"--gradient_accumulation_steps is {config.gradient_accumulation_steps}; make them agree"
+            )
         self.launch_note = launch_mismatch_note(launcher_requested_processes(), self.accelerator.num_processes)
         if self.launch_note and self.accelerator.is_main_process:
             logger.warning(self.launch_note)
@@ -877,7 +907,11 @@ class Trainer:
         self._previous_handlers: dict[int, Any] = {}
         self._trackers_started = False
         self._emas: dict[str, Any] = {}
-        self._prepared: dict[str, nn.Module] = {}
+        self._prepared: dict[str, Any] = {}  # what loss_fn calls: DDP-wrapped modules, or Routed handles (FSDP/DS)
+        self._plain: dict[str, nn.Module] = {}  # the modules holding this process's weights (sharded under FSDP)
+        self._roots: list[nn.Module] = []  # what accelerate prepared: one per module, or one ModuleBundle
+        self._templates: dict[str, nn.Module] = {}  # weightless copies to rebuild full modules (FSDP/DS)
+        self._signature: dict[str, Any] = {}
         self._fingerprint: str | None = None
 
     # ---- small public API --------------------------------------------------------------------------------------
@@ -901,7 +935,7 @@ class Trainer:
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[dict[str, nn.Module]]:
         """Temporarily load the EMA weights into the unwrapped trainable modules (no-op without ``use_ema``)."""
-        modules = {name: self.unwrap(m) for name, m in self._prepared.items()}
+        modules = dict(self._plain)
         for name, ema in self._emas.items():
             ema.store(modules[name].parameters())
             ema.copy_to(modules[name].parameters())
@@ -943,8 +977,8 @@ class Trainer:
 
     def _export_bytes(self) -> int:
         """Size of the modules a script exports (trainable and frozen weights), for a disk-fault message."""
-        modules = list(self._prepared.values()) + list(getattr(self, "_frozen", {}).values())
-        return sum(state_bytes(dict(self.unwrap(m).state_dict())) for m in modules) + (1 << 20)
+        modules = list(self._templates.values() or self._plain.values()) + list(getattr(self, "_frozen", {}).values())
+        return sum(module_bytes(m) for m in modules) + (1 << 20)
 
     # ---- the loop ------------------------------------------------------------------------------------------------
 
@@ -1001,13 +1035,34 @@ class Trainer:
             raise ValueError(f"module names used twice (trainable and frozen): {sorted(set(models) & set(frozen))}")
         self._prepare_modules(models, frozen)
         self._frozen = frozen
+        self._signature = _module_signature(models)
         optimizer = self._make_optimizer(list(params) if params is not None else self._trainable_params(models))
         dataloader = self._make_dataloader(train_data, collate_fn)
         lr_scheduler = self._make_lr_scheduler(optimizer, dataloader)
 
-        prepared = acc.prepare(*models.values(), optimizer, dataloader, lr_scheduler)
-        self._prepared = dict(zip(models, prepared[: len(models)]))
-        optimizer, dataloader, lr_scheduler = prepared[len(models) :]
+        if self.engine.bundles_models:
+            # FSDP2 and DeepSpeed prepare one model per call: every trainable module goes into one bundle, and the
+            # loss calls each through the bundle's forward (Routed). Weightless copies rebuild full modules later.
+            self._templates = {name: weightless_copy(m) for name, m in models.items()}
+            bundle = ModuleBundle(models)
+            if self.engine.kind == "FSDP":
+                prepare_fsdp_plugin(acc, bundle)
+            if self.engine.kind == "FSDP" and self.engine.fsdp_version == 1:
+                root, optimizer, lr_scheduler = self._prepare_fsdp1(bundle, optimizer, dataloader)
+                dataloader, lr_scheduler = acc.prepare(dataloader, lr_scheduler)
+            else:
+                root, optimizer, dataloader, lr_scheduler = acc.prepare(bundle, optimizer, dataloader, lr_scheduler)
+            plain_bundle = self.unwrap(root)
+            self._roots = [root]
+            self._plain = {name: plain_bundle.parts[name] for name in models}
+            self._prepared = {name: Routed(root, name, self._plain[name]) for name in models}
+            self.engine_description = describe_engine(acc, self.engine)  # now with the auto-wrap classes
+        else:
+            prepared = acc.prepare(*models.values(), optimizer, dataloader, lr_scheduler)
+            self._prepared = dict(zip(models, prepared[: len(models)]))
+            optimizer, dataloader, lr_scheduler = prepared[len(models) :]
+            self._roots = list(self._prepared.values())
+            self._plain = {name: self.unwrap(m) for name, m in self._prepared.items()}
         self._make_emas()
 
         updates_per_epoch = math.ceil(len(dataloader) / cfg.gradient_accumulation_steps)
@@ -1024,7 +1079,10 @@ class Trainer:
             optimizer=optimizer,
             dataloader=dataloader,
             lr_scheduler=lr_scheduler,
-            clip_params=[p for group in optimizer.param_groups for p in group["params"]],
+            # FSDP1 clips through the model's own clip_grad_norm_, which accelerate finds by its parameter list
+            clip_params=list(self._roots[0].parameters())
+            if self.engine.bundles_models
+            else [p for group in optimizer.param_groups for p in group["params"]],
             ctx=StepContext(global_step, 0, {**self._prepared, **frozen}, acc, self.weight_dtype),
             updates_per_epoch=updates_per_epoch,
             max_steps=max_steps,
@@ -1038,7 +1096,7 @@ class Trainer:
 
     def _train_epoch(self, run: _Run, epoch: int, skip: int) -> None:
         """One pass over the data (from batch ``skip``); returns early at max steps or on a stop request."""
-        for m in self._prepared.values():
+        for m in self._roots:
             m.train()
         run.ctx.epoch = epoch
         run.start_window()
@@ -1059,7 +1117,7 @@ class Trainer:
         """
         acc, cfg = self.accelerator, self.config
         run.ctx.step = run.global_step
-        with acc.accumulate(*self._prepared.values()):
+        with acc.accumulate(*self._roots):
             with acc.autocast():
                 loss, logs = _unpack_loss(run.loss_fn(batch, run.ctx))
             acc.backward(loss)
@@ -1081,7 +1139,7 @@ class Trainer:
         """EMA update, throughput and logs, then validation and checkpoint when due (or when stopping)."""
         acc, cfg = self.accelerator, self.config
         for name, ema in self._emas.items():
-            ema.step(self.unwrap(self._prepared[name]).parameters())
+            ema.step(self._plain[name].parameters())
         seconds = time.perf_counter() - run.window_start
         samples = run.local_samples * acc.num_processes
         run.steps_run += 1
@@ -1099,7 +1157,9 @@ class Trainer:
             "epoch": epoch,
         }
         if run.grad_norm is not None:
-            record["grad_norm"] = float(run.grad_norm)
+            norm = run.grad_norm
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a replicated DTensor
+            record["grad_norm"] = float(norm)
         record.update({k: sum(v) / len(v) for k, v in run.micro_logs.items()})
         acc.log(record, step=run.global_step)
         run.progress.update(1)
@@ -1124,9 +1184,14 @@ class Trainer:
         if completed and run.validation_fn is not None and run.validated_at != run.global_step:
             self._validate(run.validation_fn, run.global_step)
         summary = self._summary(run)
-        final = {name: self.unwrap(m) for name, m in self._prepared.items()}
-        for name, ema in self._emas.items():
-            ema.copy_to(final[name].parameters())  # the returned / exported weights are the EMA ones
+        if self.engine.bundles_models:
+            # Every process enters the gather; the main process gets full plain modules (EMA applied), the others
+            # keep their shards (scripts export on the main process only).
+            final = self._full_modules() or dict(self._plain)
+        else:
+            final = dict(self._plain)
+            for name, ema in self._emas.items():
+                ema.copy_to(final[name].parameters())  # the returned / exported weights are the EMA ones
         return TrainResult(
             final, run.global_step, completed, self._stop_reason, run.last_checkpoint, summary, run.history
         )
@@ -1292,8 +1357,7 @@ class Trainer:
             return
         from diffusers.training_utils import EMAModel
 
-        for name, module in self._prepared.items():
-            plain = self.unwrap(module)
+        for name, plain in self._plain.items():
             is_diffusers = hasattr(plain, "config") and hasattr(type(plain), "from_config")
             ema = EMAModel(
                 plain.parameters(),
@@ -1316,10 +1380,10 @@ class Trainer:
         total = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
         logger.info(
             "***** training %d steps (%d epochs x %d batches/process); batch %d/process x %d processes x %d "
-            "accumulation = %d; mixed precision %s (weights of frozen modules %s); EMA %s; output %s *****",
+            "accumulation = %d; engine %s; mixed precision %s (weights of frozen modules %s); EMA %s; output %s *****",
             run.max_steps, run.num_epochs, len(run.dataloader), cfg.train_batch_size, acc.num_processes,
-            cfg.gradient_accumulation_steps, total, cfg.mixed_precision, str(self.weight_dtype).replace("torch.", ""),
-            cfg.use_ema, self.output_dir,
+            cfg.gradient_accumulation_steps, total, self.engine_description, cfg.mixed_precision,
+            str(self.weight_dtype).replace("torch.", ""), cfg.use_ema, self.output_dir,
         )  # fmt: skip
         if self.launch_note:
             logger.warning("***** %s *****", self.launch_note)
@@ -1359,15 +1423,44 @@ class Trainer:
 
     # ---- validation ------------------------------------------------------------------------------------------
 
-    def _validate(self, validation_fn: ValidationFn, step: int) -> None:
-        """Main process only, EMA weights, eval mode, a fixed RNG scope, the training's autocast; images are
-        written to ``output_dir/validation/step-<N>/`` and sent to every tracker, numbers to the trackers."""
+    def _prepare_fsdp1(self, bundle: nn.Module, optimizer: Any, dataloader: DataLoader) -> tuple[Any, Any, Any]:
+        """FSDP1 replaces the parameters it wraps, and accelerate does not re-point an optimizer built before (FSDP2
+        and DeepSpeed do): wrap first, with ``use_orig_params`` so every parameter (and its param group) survives by
+        name, then build the optimizer and its LR schedule on the wrapped parameters."""
         acc = self.accelerator
+        acc.state.fsdp_plugin.use_orig_params = True
+        names = {id(p): n for n, p in bundle.named_parameters()}
+        root = acc.prepare(bundle)
+        wrapped = {_canonical_name(n): p for n, p in root.named_parameters()}
+        groups = [{**g, "params": [wrapped[names[id(p)]] for p in g["params"]]} for g in optimizer.param_groups]
+        rebuilt = type(optimizer)(groups)  # every hyperparameter rides in its group
+        lr_scheduler = self._make_lr_scheduler(rebuilt, dataloader)
+        return root, acc.prepare(rebuilt), lr_scheduler
+
+    def _full_modules(self) -> dict[str, nn.Module] | None:
+        """FSDP / DeepSpeed: gather the trained modules (every process calls); full plain copies on the main process,
+        with the EMA weights when ``use_ema``; None on the other processes."""
+        full = full_modules(self.accelerator, self._roots[0], self._templates, self.device)
+        if full is not None:
+            for name, ema in self._emas.items():
+                ema.copy_to(full[name].parameters())
+        return full
+
+    def _validate(self, validation_fn: ValidationFn, step: int) -> None:
+        """Main process, EMA weights, eval mode, a fixed RNG scope, the training's autocast; images are
+        written to ``output_dir/validation/step-<N>/`` and sent to every tracker, numbers to the trackers.
+
+        Under FSDP / DeepSpeed every process first enters the gather of the full weights; the main process then
+        validates on plain copies (so a validation_fn may call any method of a module, not only its forward).
+        """
+        acc = self.accelerator
+        gathered = self._full_modules() if self.engine.bundles_models else None
         if acc.is_main_process:
             started = time.perf_counter()
+            weights = contextlib.nullcontext(gathered) if gathered is not None else self.ema_weights()
             # Under the training autocast: frozen modules live in weight_dtype (bf16/fp16) and the trainable ones
             # in float32, and only autocast lets the two meet in one forward as they do in loss_fn.
-            with self.ema_weights() as modules, rng_scope(derive_seed(self.seed, 3), self.device), acc.autocast():
+            with weights as modules, rng_scope(derive_seed(self.seed, 3), self.device), acc.autocast():
                 modes = {name: m.training for name, m in modules.items()}
                 for m in modules.values():
                     m.eval()
@@ -1466,7 +1559,7 @@ class Trainer:
                 "train_batch_size": self.config.train_batch_size,
                 "gradient_accumulation_steps": self.config.gradient_accumulation_steps,
                 "use_ema": self.config.use_ema,
-                "modules": _module_signature({n: self.unwrap(m) for n, m in self._prepared.items()}),
+                "modules": self._signature,
                 "fingerprint": self._fingerprint,
                 "config": dataclasses.asdict(self.config),
             }
@@ -1527,8 +1620,11 @@ class Trainer:
 
     def _checkpoint_bytes(self) -> int:
         """Estimated size of one checkpoint: weights, optimizer state, EMA shadows, plus 1 MB of small files."""
-        weights = sum(state_bytes(dict(self.unwrap(m).state_dict())) for m in self._prepared.values())
-        optimizer = sum(state_bytes(opt.state_dict().get("state", {})) for opt in self.accelerator._optimizers)
+        weights = sum(module_bytes(m) for m in (self._templates or self._plain).values())
+        if self.engine.bundles_models:  # sharded optimizer states: Adam's two moments per weight
+            optimizer = 2 * weights
+        else:
+            optimizer = sum(state_bytes(opt.state_dict().get("state", {})) for opt in self.accelerator._optimizers)
         ema = sum(state_bytes(list(e.shadow_params)) for e in self._emas.values())
         return weights + optimizer + ema + (1 << 20)
 
@@ -1719,6 +1815,13 @@ class Trainer:
             numbers = {f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
             self.accelerator.log(numbers, step=run.global_step)
         return summary
+
+
+def _canonical_name(name: str) -> str:
+    """A parameter's name without the wrapper prefixes FSDP1 and activation checkpointing insert."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
 
 
 def _describe(signature: Any) -> str:

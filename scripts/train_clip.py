@@ -24,8 +24,8 @@ from common.errors import cli_entry  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from common.data_sources import add_dataset_args
     from common.data import add_image_augmentation_args
+    from common.data_sources import add_dataset_args
     from common.train import add_train_args
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

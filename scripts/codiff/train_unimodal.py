@@ -27,8 +27,8 @@ from common.errors import UserError, cli_entry  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from common.data_sources import add_dataset_args
     from common.data import add_image_augmentation_args
+    from common.data_sources import add_dataset_args
     from common.diffusion_loss import add_diffusion_loss_args
     from common.train import add_train_args
 

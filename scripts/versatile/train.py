@@ -36,8 +36,8 @@ STAGES = {"single": ("iv",), "dual": ("t2i", "iv"), "four": ("t2i", "iv", "i2t",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from common.data_sources import add_dataset_args
     from common.data import add_image_augmentation_args
+    from common.data_sources import add_dataset_args
     from common.diffusion_loss import add_diffusion_loss_args
     from common.train import add_train_args
 

@@ -204,6 +204,33 @@ class UniModalObjective:
                              snr_gamma=self.snr_gamma, noise_offset=self.noise_offset)
 
 
+    @torch.no_grad()
+    def sample_images(self, raw: Any, vae: nn.Module, *, models: Optional[Mapping[str, nn.Module]] = None,
+                      steps: int = 25, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] from the member as it stands: DDIM ``steps`` (eta 0), no guidance.
+
+        ``raw`` is what a batch holds under the condition key (prompts, class-id masks ``[B, H, W]``, or cached text
+        states); ``models``: the trainer's modules (EMA weights when it keeps them), default the objective's own.
+        This is what the trainer's validation shows of a lone member.
+        """
+        from common.denoisers import UNetDenoiser
+        from common.samplers import sample
+        from common.schedule import make_plan
+
+        models = models or {}
+        unet = models.get("unet", self.unet)
+        encoder = models.get("cond_encoder", self.cond_encoder)
+        device = next(unet.parameters()).device
+        cond = _tokens(encoder(self.prepare(raw).to(device)))
+        size = int(unet.config.sample_size)
+        shape = (cond.shape[0], int(unet.config.in_channels), size, size)
+        latents = sample("ddim", UNetDenoiser(unet, encoder_hidden_states=cond), self.schedule,
+                         make_plan(self.schedule, steps), shape, generator=generator, device=device, progress=False)
+        scaling = self.latents.scaling_factor if self.vae is not None else float(vae.config.scaling_factor)
+        images = vae.decode(latents.to(vae.dtype) / scaling).sample
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+
 class DynamicDiffuserObjective:
     """``loss_fn(batch, ctx=None)`` for the dynamic diffusers of a :class:`CollaborativeDiffusion` (METHOD.md, "Training the diffusers").
 

@@ -50,6 +50,7 @@ def world(tmp_path_factory):
                                 "--noise_schedule_from", str(sd), "--unet_config",
                                 str(REPO / "configs" / "baseline" / "unet.json"), "--cond_dropout", "0.2",
                                 "--mask_conditioning", "concat", "--use_ema", "--output_dir", str(root / "mask_run"),
+                                "--validation_masks", *(str(digits / "test" / "masks" / f"0000{i}.png") for i in (0, 1)),
                                 *COMMON]) == 0
     assert train_dynamic.main(["--mask_model_dir", str(root / "mask_run"), "--text_model_dir", str(sd),
                                "--train_data_dir", str(small), "--output_dir", str(root / "dyn_run"),
@@ -79,6 +80,9 @@ def test_training_writes_a_member_and_a_loadable_checkpoint(world):
     assert unet_config["in_channels"] == 4 + 2  # latent channels + one map per class
     assert (world["mask_member"] / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (world["mask_member"] / "mask_encoder" / "model.safetensors").is_file()
+    # a lone member validates too: one image per --validation_masks file
+    member_shots = sorted((world["mask_member"] / "validation").glob("step-*/*.png"))
+    assert len([p for p in member_shots if "grid" not in p.name]) >= 2, member_shots
     # the final validation: the collaboration's samples, one PNG per prompt (and a grid), after the last step
     shots = sorted(p.name for p in (world["ckpt"] / "validation").glob("step-*/*.png"))
     assert len(shots) >= 2, shots
@@ -101,7 +105,9 @@ def test_text_member_trains_the_same_way(world):
     assert train_unimodal.main(["--modality", "text", "--train_data_dir", str(world["small"]), "--vae_model_path",
                                 str(world["sd"]), "--text_encoder_path", str(world["sd"]), "--unet_config",
                                 str(REPO / "configs" / "baseline" / "unet.json"), "--cond_dropout", "0.1",
-                                "--output_dir", str(out), *COMMON]) == 0
+                                "--validation_prompts", "a red seven", "--output_dir", str(out), *COMMON]) == 0
+    shots = [p for p in (out / "validation").glob("step-*/*.png") if "grid" not in p.name]
+    assert len(shots) >= 1, shots
     member = load_member(out)  # the member folder is the output folder itself
     assert member.kind == "text" and member.encode(["a red seven"]).shape == (1, 77, 32)
     assert member.null_tokens(2).shape == (2, 77, 32)
@@ -212,6 +218,13 @@ def test_train_dynamic_rejects_missing_and_mismatched_members(world, tmp_path, c
                                                  "--vae_model_path", str(world["sd"]), "--unet_config",
                                                  str(REPO / "configs" / "baseline" / "unet.json"), *COMMON], capsys)
     assert "--text_encoder_path" in message
+    message = _run_failing(train_unimodal.main, ["--modality", "text", "--train_data_dir", str(world["small"]),
+                                                 "--vae_model_path", str(world["sd"]), "--text_encoder_path",
+                                                 str(world["sd"]), "--unet_config",
+                                                 str(REPO / "configs" / "baseline" / "unet.json"), "--validation_masks",
+                                                 str(world["mask"]), "--output_dir", str(world["root"] / "never"),
+                                                 *COMMON], capsys)
+    assert "--validation_masks is for --modality mask" in message
 
 
 def test_edit_imagic_per_modality_then_collaborate(world, tmp_path, capsys):

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=True,
                    help="encode images (and captions) once and train on the cache")
     p.add_argument("--export_dir", default=None, help="where the member folder goes (default: --output_dir itself)")
+    p.add_argument("--validation_prompts", nargs="*", default=None,
+                   help="text member: prompts it samples at each validation (every --validation_steps and at the end)")
+    p.add_argument("--validation_masks", nargs="*", default=None,
+                   help="mask member: class-id mask PNGs it samples at each validation")
     add_diffusion_loss_args(p, prediction_type=False)  # CoDiff's members are eps models
     add_image_augmentation_args(p, cached_flag="--cache_latents")
     add_train_args(p, defaults={"learning_rate": 5e-4, "train_batch_size": 64, "lr_warmup_steps": 200,
@@ -84,6 +88,28 @@ def mask_format(args, resolution: int):
         if len(classes) < 2:
             raise UserError("--mask_classes needs digits, celebamask_hq or at least two comma-separated class names")
     return MaskFormat.from_config({"classes": classes, "grid": args.mask_grid, "image_size": resolution})
+
+
+def validation_conditions(args, fmt, cached_text):
+    """What validation conditions the member on, as a batch holds it: prompts (or their cached text states), or
+    class-id masks ``[B, H, W]`` read from ``--validation_masks``; None when no validation was asked for."""
+    if args.modality == "text":
+        if args.validation_masks:
+            raise UserError("--validation_masks is for --modality mask: the text member validates on "
+                            "--validation_prompts")
+        if not args.validation_prompts:
+            return None
+        prompts = list(args.validation_prompts)
+        return cached_text(prompts).float() if cached_text is not None else prompts
+    if args.validation_prompts:
+        raise UserError("--validation_prompts is for --modality text: the mask member validates on --validation_masks")
+    if not args.validation_masks:
+        return None
+    import torch
+
+    from codiff.conditions import load_mask
+
+    return torch.stack([torch.as_tensor(load_mask(path, fmt)) for path in args.validation_masks])
 
 
 @cli_entry
@@ -185,7 +211,17 @@ def main(argv=None) -> int:
         else:
             objective = UniModalObjective(unet, text.text_encoder, text.tokenize, schedule, "text", vae=vae,
                                           cond_dropout=args.cond_dropout, null_input=text.null_ids, **loss_flags)
-        result = trainer.fit(objective.trainable_modules(), objective, data, frozen=objective.frozen_modules())
+        validate = None
+        conditions = validation_conditions(args, fmt if args.modality == "mask" else None,
+                                           text if args.modality == "text" and args.cache_latents else None)
+        if conditions is not None:
+            def validate(step, models):
+                # the lone member, DDIM 25 steps without guidance: what it has learnt of its own condition
+                return objective.sample_images(conditions, vae, models=models, steps=25,
+                                               generator=torch.Generator().manual_seed(0))
+
+        result = trainer.fit(objective.trainable_modules(), objective, data, frozen=objective.frozen_modules(),
+                             validation_fn=validate)
         if trainer.is_main_process and result.completed:
             export = Path(args.export_dir or config.output_dir)  # default: the output folder itself
             info["train"]["final_loss"] = result.loss_history[-1] if result.loss_history else None

@@ -40,7 +40,7 @@ def benchmark_models(model_dir: Path | None, batch: int, device: str):
     """``(model, conds, nulls, label)``: the shipped collaboration when ``model_dir`` holds one (its architecture:
     a concat mask member, diffusers attending to 256-d one-hot / 32-d text tokens), else the tiny random one."""
     if model_dir is not None and (model_dir / "codiff.json").is_file():
-        from codiff.members import load_collaboration
+        from codiff.checkpoint import load_collaboration
 
         collab = load_collaboration(model_dir, device=device)
         ids = torch.zeros(batch, 32, 32, dtype=torch.long)
@@ -101,7 +101,7 @@ import json, resource, torch
 torch.set_num_threads(1)
 from bench_codiff import benchmark_models
 from codiff.pipeline import CollaborativePipeline
-from codiff.members import load_collaboration
+from codiff.checkpoint import load_collaboration
 from pathlib import Path
 mode, batch, model_dir = {mode!r}, {batch}, {model_dir!r}
 device = "cuda" if torch.cuda.is_available() else "cpu"

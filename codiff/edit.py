@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from codiff.collaborate import CollaborativeDiffusion
-from codiff.losses import unimodal_loss
+from codiff.training import unimodal_loss
 from common.errors import UserError
 from common.schedule import NoiseSchedule
 
@@ -199,7 +199,7 @@ def edit_image(
 ) -> EditOutput:
     """Imagic per modality on ``image`` (``[1, 3, H, W]`` in [-1, 1]), then the collaborative edit at each alpha.
 
-    ``collab``: a :class:`codiff.members.Collaboration`; ``targets``: modality -> raw target condition (a prompt, a
+    ``collab``: a :class:`codiff.checkpoint.Collaboration`; ``targets``: modality -> raw target condition (a prompt, a
     class-id mask ``[H, W]``), one for every modality of the collaboration (the released editing tunes both). Every
     alpha starts from the same noise ``x_T`` (drawn from ``sample_seed``; the release's ``start_code`` was never
     used). ``guidance_scale`` != 1: per-member CFG with the null tokens (an extension).

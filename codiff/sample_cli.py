@@ -96,7 +96,7 @@ def masks_for_prompts(prompts, collab, mask_path=None, data_root: Path | None = 
 
 
 class CoDiffPipeline:
-    """A collaboration (``codiff.members.load_collaboration``); influence maps are kept when the learned weighting
+    """A collaboration (``codiff.checkpoint.load_collaboration``); influence maps are kept when the learned weighting
     runs (an observer: the images are the same)."""
 
     def __init__(self, collab):
@@ -117,7 +117,7 @@ class CoDiffPipeline:
 
 
 def load(checkpoint, device="cpu", dtype=torch.float32) -> CoDiffPipeline:
-    from codiff.members import load_collaboration
+    from codiff.checkpoint import load_collaboration
 
     return CoDiffPipeline(load_collaboration(checkpoint, device=device))
 
@@ -172,8 +172,8 @@ def evaluate_digits(output_dir: Path, n: int = 60, seed: int = 0) -> dict:
     the cross-method table (no CFG, the paper's setting, is in bench/results.md: colour follows less). Writes ``images/NNNN.png``, ``masks/NNNN.png`` (the conditioning masks, same
     stems: ``scripts/evaluate.py mask --images .../images --masks .../masks --threshold 0.35``), ``grid.png`` and
     ``metadata.jsonl``; returns the judge's scores plus ``stroke_iou`` / ``mask_miou`` and ``seconds``."""
+    from codiff.checkpoint import load_collaboration
     from codiff.evaluation import SamplingSettings, generate_variant, paired_masks, score_images, to_pil_list
-    from codiff.members import load_collaboration
     from common.digits import evaluation_prompts
     from common.io import write_image_folder
 

@@ -321,7 +321,7 @@ def load_noise_aware_clip(
         what = "a plain (not noise-aware) CLIP image tower" if looks_plain else "not a noise-aware CLIP"
         raise UserError(
             f"{source} is {what}: it lacks the time-modulation weights ({', '.join(missing_time)}); fine-tune a "
-            "noise-aware CLIP first (sdg.finetune) or convert SDG's CLIP_gd file with sdg.convert"
+            "noise-aware CLIP first (sdg.clip_training) or convert SDG's CLIP_gd file with sdg.convert"
         )
     expected = model.emb_layers[1].weight.shape[0]
     got = state_dict["emb_layers.1.weight"].shape[0]

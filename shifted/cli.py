@@ -39,7 +39,7 @@ def clip_paths(args) -> list[Path]:
 
 
 def text_states_path(args) -> Path:
-    from shifted.loading import default_text_states
+    from shifted.checkpoint import default_text_states
 
     if args.t5_model:
         path = Path(args.t5_model)

@@ -17,8 +17,8 @@ import torch
 
 from common.errors import UserError, cli_entry
 from common.modules import count_parameters, print_parameter_counts
-from shifted.adapter import ImageEmbProjection
 from shifted.prior import ShiftedPrior
+from shifted.projection import ImageEmbProjection
 
 
 REQUIRED = ("clip_models", "clip_dims", "t5_model", "prior", "bank", "sample", "sd")

@@ -16,7 +16,7 @@ from typing import Optional, Union
 import torch
 
 from common.errors import UserError
-from shifted.loading import ImageDecoder, ShiftedCheckpoint, load_clip_models, load_text_states
+from shifted.checkpoint import ImageDecoder, ShiftedCheckpoint, load_clip_models, load_text_states
 
 
 PathLike = Union[str, Path]
@@ -60,7 +60,7 @@ def load_system(
         system.prior, system.bank = load_prior(prior_folder, device=device)
         states_path = Path(text_states) if text_states else (ckpt.text_states_path if ckpt else None)
         if states_path is None:
-            from shifted.loading import default_text_states
+            from shifted.checkpoint import default_text_states
 
             states_path = default_text_states(clip_paths)
         states = load_text_states(states_path, system.prior.config.text_len, device)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from script_loading import load_script
 from torch import nn
 
-from codiff import released
+from codiff import convert as released
 from common.errors import UserError
 
 
@@ -547,7 +547,7 @@ def test_pickled_code_is_refused(release, tmp_path):
 
 
 def test_convert_script_writes_folders_that_generate(release, tmp_path, capsys):
-    from codiff.members import load_collaboration, load_member
+    from codiff.checkpoint import load_collaboration, load_member
 
     root = release["root"]
     convert = load_script("scripts/codiff/convert.py").main
@@ -611,7 +611,7 @@ def test_convert_script_writes_folders_that_generate(release, tmp_path, capsys):
 
 
 def test_a_released_ckpt_file_where_a_folder_is_expected_names_the_converter(release):
-    from codiff.members import load_collaboration, load_member
+    from codiff.checkpoint import load_collaboration, load_member
 
     ckpt = release["root"] / "pretrained" / "tiny_codiff_mask_text.ckpt"
     for loader in (load_member, load_collaboration):
@@ -649,7 +649,7 @@ def test_ldm_zero_init_zeroes_exactly_the_ldm_zero_modules():
 
 
 def test_shipped_checkpoint_weights_are_loaded_not_reinitialised():
-    from codiff.members import load_collaboration
+    from codiff.checkpoint import load_collaboration
     from common.io import load_safetensors
 
     shipped = Path(__file__).resolve().parent.parent / "ckpt" / "tiny" / "codiff"

@@ -71,7 +71,7 @@ def _run_failing(main, argv, capsys) -> str:
 
 
 def test_training_writes_a_member_and_a_loadable_checkpoint(world):
-    from codiff.members import load_collaboration
+    from codiff.checkpoint import load_collaboration
 
     meta = json.loads((world["mask_member"] / "codiff_member.json").read_text())
     assert meta["kind"] == "mask" and meta["vae"] == "../sd/vae"  # frozen towers by path, relative to the member
@@ -99,7 +99,7 @@ def test_training_writes_a_member_and_a_loadable_checkpoint(world):
 
 
 def test_text_member_trains_the_same_way(world):
-    from codiff.members import load_member
+    from codiff.checkpoint import load_member
 
     out = world["root"] / "text_run"
     assert train_unimodal.main(["--modality", "text", "--train_data_dir", str(world["small"]), "--vae_model_path",
@@ -201,7 +201,7 @@ def test_generate_truncates_an_over_long_prompt_with_a_warning(world, tmp_path, 
 
 
 def test_train_dynamic_rejects_missing_and_mismatched_members(world, tmp_path, capsys):
-    from codiff.members import check_members_compatible, load_member
+    from codiff.checkpoint import check_members_compatible, load_member
 
     argv = ["--train_data_dir", str(world["small"]), "--output_dir", str(tmp_path / "o"), *COMMON]
     message = _run_failing(train_dynamic.main, ["--mask_model_dir", str(tmp_path / "missing"), *argv], capsys)
@@ -266,7 +266,7 @@ def test_sample_script_method_codiff(world, tmp_path, monkeypatch, capsys):
                                "--guidance_scale", "1", "--no_progress", "--output_dir", str(out)]) == 0
     assert len(list((out / "images").glob("*.png"))) == 2
     masks = cli.masks_for_prompts(["a red handwritten seven", "the digit 3 written in blue"],
-                                  __import__("codiff.members", fromlist=["x"]).load_collaboration(world["ckpt"]))
+                                  __import__("codiff.checkpoint", fromlist=["x"]).load_collaboration(world["ckpt"]))
     rows = [json.loads(line) for line in (world["digits"] / "test" / "metadata.jsonl").read_text().splitlines()]
     digits_of = {np.asarray(Image.open(world["digits"] / "test" / r["mask_file_name"])).tobytes(): r["digit"]
                  for r in rows}
@@ -284,7 +284,7 @@ def test_sample_script_method_codiff(world, tmp_path, monkeypatch, capsys):
 def test_shipped_checkpoint_is_small_and_samples(world, tmp_path, monkeypatch):
     folder = REPO / "ckpt" / "tiny" / "codiff"
     assert (folder / "codiff.json").is_file(), "ckpt/tiny/codiff is missing: the shipped checkpoint must be committed"
-    from codiff.members import load_collaboration
+    from codiff.checkpoint import load_collaboration
 
     files = [p for p in folder.rglob("*") if p.is_file()]
     assert all(p.stat().st_size < 5e6 for p in files) and sum(p.stat().st_size for p in files) < 15e6

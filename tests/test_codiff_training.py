@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from codiff.conditions import MaskEncoder, MaskFormat
-from codiff.losses import DynamicDiffuserObjective, UniModalObjective, collaborative_loss, noise_batch
 from codiff.tiny import tiny_collaboration
+from codiff.training import DynamicDiffuserObjective, UniModalObjective, collaborative_loss, noise_batch
 from common.errors import UserError
 from common.schedule import NoiseSchedule
 

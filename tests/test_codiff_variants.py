@@ -95,9 +95,9 @@ def test_checkpoint_round_trip_and_relative_paths(tmp_path):
     """save_member / save_checkpoint reference towers by relative path: the tree can move and still loads."""
     import shutil
 
+    from codiff.checkpoint import load_collaboration, save_checkpoint, save_member
     from codiff.conditions import MaskEncoder, MaskFormat
     from codiff.data import LDM_SCHEDULER_CONFIG
-    from codiff.members import load_collaboration, save_checkpoint, save_member
     from common.tiny import make_tiny_sd_folder
 
     root = tmp_path / "a"

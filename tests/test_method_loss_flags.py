@@ -53,7 +53,7 @@ def _sdg_schedule():
 
 
 def test_sdg_hybrid_loss_min_snr_weights_the_eps_term_as_diffusers():
-    from sdg.adm_train import HybridLoss, _Tables, hybrid_terms
+    from sdg.training import HybridLoss, _Tables, hybrid_terms
 
     schedule, gamma = _sdg_schedule(), 5.0
     x0 = torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
@@ -76,7 +76,7 @@ def test_sdg_hybrid_loss_min_snr_weights_the_eps_term_as_diffusers():
 
 
 def test_sdg_hybrid_loss_offset_noise_is_diffusers_draw():
-    from sdg.adm_train import HybridLoss
+    from sdg.training import HybridLoss
 
     schedule = _sdg_schedule()
     x0 = torch.zeros(4, 3, 5, 5)  # x_t = sqrt(1 - abar) noise: the noise can be read back from x_t
@@ -97,7 +97,7 @@ def test_versatile_flow_loss_min_snr_and_offset_noise():
     from versatile.multiflow import flow_contexts, resolve_flow
     from versatile.pipeline import vd_schedule
     from versatile.tiny import tiny_diffuser
-    from versatile.train import flow_loss
+    from versatile.training import flow_loss
 
     model = tiny_diffuser(seed=4, zero_init=False).eval()
     cfg, g = model.config, torch.Generator().manual_seed(5)
@@ -141,8 +141,8 @@ def test_versatile_flow_loss_min_snr_and_offset_noise():
 
 def test_shifted_prior_min_snr_replaces_the_p2_weight():
     from shifted.bank import GaussianBank
-    from shifted.pipeline import prior_loss
     from shifted.prior import ShiftedPrior
+    from shifted.training import prior_loss
 
     names = ["clip-a", "clip-b", "clip-c"]
     torch.manual_seed(0)

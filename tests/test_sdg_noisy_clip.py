@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from common.errors import UserError
 from common.modules import timestep_embedding
 from common.schedule import NoiseSchedule
+from sdg.clip_training import NoisyClipLoss, contrastive_loss, sample_timesteps
 from sdg.convert import convert_sdg_clip_gd_state_dict
-from sdg.finetune import NoisyClipLoss, contrastive_loss, sample_timesteps
 from sdg.noisy_clip import NoiseAwareCLIP, film_sites, load_noise_aware_clip
 from sdg.tiny import tiny_noise_aware_clip
 

@@ -7,13 +7,13 @@ import torch
 
 from common.process import posterior_coefficients, q_sample_standard
 from sdg.adm import noise_schedule
-from sdg.adm_train import (
+from sdg.tiny import tiny_adm_flags, tiny_adm_unet
+from sdg.training import (
     HybridLoss,
     discretized_gaussian_log_likelihood,
     hybrid_terms,
     normal_kl,
 )
-from sdg.tiny import tiny_adm_flags, tiny_adm_unet
 
 
 SCHEDULE = noise_schedule(tiny_adm_flags())

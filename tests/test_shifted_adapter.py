@@ -5,7 +5,7 @@ import torch
 
 from common.errors import UserError
 from common.tiny import tiny_unet2d_condition
-from shifted.adapter import ImageEmbProjection, image_embedding_denoiser
+from shifted.projection import ImageEmbProjection, image_embedding_denoiser
 
 
 D = 24

@@ -12,16 +12,15 @@ from shifted.bank import GaussianBank, fit_bank
 from shifted.config import build_prior, load_config, parameter_counts
 from shifted.embeddings import mean_block_cosine
 from shifted.pipeline import (
-    PriorObjective,
     check_prior_bank,
     load_prior,
     prior_denoiser,
-    prior_loss,
     sample_prior,
     save_prior,
 )
 from shifted.prior import ShiftedPrior, prior_parameter_count
 from shifted.process import bank_shift
+from shifted.training import PriorObjective, prior_loss
 
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "shifted"

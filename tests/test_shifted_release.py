@@ -17,7 +17,7 @@ from torch import nn
 
 from common.errors import UserError
 from common.modules import timestep_embedding
-from shifted import release
+from shifted import convert as release
 from shifted.prior import ShiftedPrior, prior_parameter_count
 
 
@@ -269,7 +269,7 @@ def write_released_sd_folder(decoder: Path, out: Path) -> Path:
 
 def test_convert_script_writes_a_checkpoint_sample_py_runs(tmp_path, capsys):
     from common.io import load_safetensors
-    from shifted.loading import ImageDecoder, model_name, text_encoder_name
+    from shifted.checkpoint import ImageDecoder, model_name, text_encoder_name
     from shifted.pipeline import load_prior
 
     convert = load_script("scripts/shifted/convert.py")

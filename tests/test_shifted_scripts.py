@@ -120,8 +120,8 @@ def test_training_scripts_write_loadable_models(assets, trained):
     from diffusers import StableDiffusionPipeline
 
     from shifted.bank import GaussianBank
+    from shifted.checkpoint import ImageDecoder, model_name
     from shifted.embeddings import load_embedding_cache
-    from shifted.loading import ImageDecoder, model_name
     from shifted.pipeline import load_prior
 
     tensors, meta = load_embedding_cache(trained["cache"])
@@ -259,7 +259,7 @@ SHIPPED = REPO / "ckpt" / "tiny" / "shifted"
 def test_shipped_checkpoint_fits_the_budget_and_matches_the_shipped_clip():
     """Every file < 5 MB, the folder < 15 MB, and its priors / decoder still name the shipped CLIP's weights."""
     assert (SHIPPED / "shifted.json").is_file(), "ckpt/tiny/shifted is missing (see its README to retrain)"
-    from shifted.loading import DECODER_FILE, ShiftedCheckpoint, model_name
+    from shifted.checkpoint import DECODER_FILE, ShiftedCheckpoint, model_name
     from shifted.pipeline import load_prior
 
     files = [f for f in SHIPPED.rglob("*") if f.is_file()]

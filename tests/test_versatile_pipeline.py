@@ -9,7 +9,7 @@ from common.errors import UserError
 from versatile.multiflow import FLOWS
 from versatile.pipeline import vd_plan, vd_schedule
 from versatile.tiny import tiny_diffuser, tiny_pipeline
-from versatile.train import FlowSampler, check_multipliers, drop_context, flow_loss, multiflow_loss, param_groups
+from versatile.training import FlowSampler, check_multipliers, drop_context, flow_loss, multiflow_loss, param_groups
 
 
 STEPS = 2

@@ -10,7 +10,7 @@ Modules (see ``METHOD.md`` for the paper -> code map):
   open_clip towers, e.g. the project's tiny CLIP).
 - ``versatile.text_vae``: ``OptimusVAE`` (BERT -> latent, GPT-2 with latent injection), ``word_tokenizer``.
 - ``versatile.pipeline``: ``VersatilePipeline`` (every flow on ``common.samplers.sample_ddim`` with CFG).
-- ``versatile.train``: ``flow_loss``, ``multiflow_loss``, ``param_groups``, ``FlowSampler``, ``drop_context``.
+- ``versatile.training``: ``flow_loss``, ``multiflow_loss``, ``param_groups``, ``FlowSampler``, ``drop_context``.
 - ``versatile.convert``: released checkpoint layouts ([R0], [R], diffusers hub, SD v1 UNet) <-> ours, strictly.
 - ``versatile.config`` / ``versatile.tiny``: flat YAML configs (``configs/versatile``) and tiny random stacks
   (plus tiny random tower folders and digits samples for smoke runs).

@@ -153,7 +153,7 @@ class TrainingConfig:
 
     def validate(self) -> TrainingConfig:
         from versatile.multiflow import resolve_flow
-        from versatile.train import FLOW_SAMPLING, check_multipliers
+        from versatile.training import FLOW_SAMPLING, check_multipliers
 
         for name in self.flows:
             resolve_flow(name)

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv=None) -> int:
-    from codiff.released import convert_release, needs_tokenizer, write_converted
+    from codiff.convert import convert_release, needs_tokenizer, write_converted
     from common.errors import UserError
 
     args = build_parser().parse_args(argv)

@@ -87,9 +87,9 @@ def load_input_image(path: str, size: int):
 
 @cli_entry
 def main(argv=None) -> int:
+    from codiff.checkpoint import load_collaboration
     from codiff.conditions import load_mask
     from codiff.edit import edit_image
-    from codiff.members import load_collaboration
     from codiff.pipeline import safe_dirname
     from common import limits
     from common.io import atomic_write_dir, require_file, save_safetensors, to_pil

@@ -57,6 +57,7 @@ def pct(v):
 
 @cli_entry
 def main(argv=None) -> int:
+    from codiff.checkpoint import load_collaboration
     from codiff.evaluation import (
         SamplingSettings,
         denoising_losses,
@@ -66,7 +67,6 @@ def main(argv=None) -> int:
         paired_masks,
         reference_scores,
     )
-    from codiff.members import load_collaboration
     from common.digits import evaluation_prompts
 
     args = build_parser().parse_args(argv)

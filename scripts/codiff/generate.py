@@ -88,9 +88,9 @@ def check_args(args) -> None:
 def main(argv=None) -> int:
     import torch
 
+    from codiff.checkpoint import load_collaboration
     from codiff.cli import generate_parser, reweighting_from_args
     from codiff.conditions import mask_to_rgb
-    from codiff.members import load_collaboration
     from codiff.pipeline import safe_dirname, save_generation
     from codiff.variants import variant_weights
     from common import limits

@@ -86,11 +86,11 @@ def shared_vae(members: dict, vae_override=None):
 def main(argv=None) -> int:
     import torch
 
+    from codiff.checkpoint import build_collaboration, load_member, save_checkpoint
     from codiff.config import load_config
     from codiff.data import cache_latents
     from codiff.dynamic import DynamicDiffusers, build_dynamic_diffuser
-    from codiff.losses import DynamicDiffuserObjective
-    from codiff.members import build_collaboration, load_member, save_checkpoint
+    from codiff.training import DynamicDiffuserObjective
     from common.data_sources import check_data_source, describe_source, training_dataset
     from common.train import Trainer, config_from_args, parse_args_with_config
 

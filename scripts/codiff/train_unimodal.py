@@ -117,11 +117,11 @@ def main(argv=None) -> int:
     import torch
     from diffusers import UNet2DConditionModel
 
+    from codiff.checkpoint import read_scheduler_json, save_member
     from codiff.conditions import MaskEncoder
     from codiff.data import LDM_SCHEDULER_CONFIG, cache_latents, check_eps_schedule
     from codiff.dynamic import apply_zero_init
-    from codiff.losses import UniModalObjective
-    from codiff.members import read_scheduler_json, save_member
+    from codiff.training import UniModalObjective
     from common.data_sources import check_data_source, describe_source, training_dataset
     from common.models import load_vae
     from common.schedule import NoiseSchedule
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
                                                          + fmt.num_classes})
                 unet = SpatialMaskUNet(unet, encoder)
         else:
-            from codiff.members import load_text_encoder
+            from codiff.checkpoint import load_text_encoder
 
             text_folder, tokenizer_folder = text_encoder_folder(Path(args.text_encoder_path))
             text = load_text_encoder(text_folder, tokenizer_folder, None)

@@ -8,7 +8,7 @@ The image tower of ``--clip_model_path`` (an open_clip folder, e.g. ``ckpt/tiny/
 images x_0 of ``--data_dir`` (captions unused), t ~ U{0..T-1} (``--schedule_sampler``) and
 x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with the diffusion model's schedule, the student embedding
 E'(x_t, t) is pulled towards the FROZEN CLIP embedding of the clean x_0 against the rest of the batch (symmetric
-InfoNCE, fixed logit scale ``--logit_scale`` 100, directions summed; ``sdg.finetune``). The text tower is untouched,
+InfoNCE, fixed logit scale ``--logit_scale`` 100, directions summed; ``sdg.clip_training``). The text tower is untouched,
 so the CLIP text embedding still scores E' (language guidance). Writes the noise-aware CLIP at ``<output_dir>`` itself,
 beside the run's checkpoints (``--clip_path <output_dir>`` of ``scripts/sdg/sample.py``); the base CLIP is referenced
 by path, not copied.
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     from common.data_sources import add_dataset_args
     from common.train import add_train_args
     from sdg.adm import str2bool
-    from sdg.finetune import T_SAMPLERS
+    from sdg.clip_training import T_SAMPLERS
     from sdg.noisy_clip import FILM_INITS, FINETUNE_MODES, POS_INITS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -101,8 +101,8 @@ def main(argv=None) -> int:
     from common.train import Trainer, config_from_args, parse_args_with_config
     from sdg.adm import ADMFlags, noise_schedule
     from sdg.checkpoint import clip_settings, load_base_clip, noise_aware_from_base, save_noise_aware_clip
+    from sdg.clip_training import NoisyClipLoss
     from sdg.data import InMemoryImages
-    from sdg.finetune import NoisyClipLoss
 
     parser = build_parser()
     args = parse_args_with_config(parser, argv)

@@ -6,7 +6,7 @@
 Model: guided-diffusion flags (``--image_size --num_channels --num_res_blocks --channel_mult --attention_resolutions
 --num_head_channels --resblock_updown --use_scale_shift_norm --learn_sigma --dropout --diffusion_steps
 --noise_schedule``) -> diffusers ``UNet2DModel`` (``sdg.adm``), the same path that loads the paper's LSUN/FFHQ models.
-Loss (Improved DDPM eq. 16, ``sdg.adm_train``): ``L_simple + lambda * L_vlb`` with lambda = ``--lambda_vlb`` 0.001,
+Loss (Improved DDPM eq. 16, ``sdg.training``): ``L_simple + lambda * L_vlb`` with lambda = ``--lambda_vlb`` 0.001,
 the VLB term with a stop-gradient on the mean so it trains only the learned variance. No captions are used.
 ``--snr_gamma`` Min-SNR-weights the eps term (the VLB term keeps its own weighting); ``--noise_offset`` adds
 per-channel offset noise (``common/diffusion_loss.py``, as diffusers' examples).
@@ -80,9 +80,9 @@ def main(argv=None) -> int:
     from common.diffusion_loss import check_diffusion_loss_args
     from common.train import Trainer, config_from_args, parse_args_with_config
     from sdg.adm import build_unet, noise_schedule
-    from sdg.adm_train import HybridLoss
     from sdg.checkpoint import save_unet_folder
     from sdg.data import InMemoryImages
+    from sdg.training import HybridLoss
 
     parser = build_parser()
     args = parse_args_with_config(parser, argv)

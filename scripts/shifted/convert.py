@@ -28,9 +28,9 @@ from common.errors import UserError, cli_entry
 @cli_entry
 def main(argv=None) -> int:
     from common.io import atomic_write_dir
-    from shifted import release
+    from shifted import convert as release
+    from shifted.checkpoint import ShiftedCheckpoint, model_name, text_encoder_name
     from shifted.cli import add_clip_args, clip_paths, text_states_path
-    from shifted.loading import ShiftedCheckpoint, model_name, text_encoder_name
     from shifted.pipeline import check_prior_bank, save_prior
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

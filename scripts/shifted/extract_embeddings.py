@@ -34,10 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv=None) -> int:
+    from shifted.checkpoint import load_clip_models, load_text_states
     from shifted.cli import check_positive, clip_paths, text_states_path
     from shifted.data import embed_folder
     from shifted.embeddings import save_embedding_cache
-    from shifted.loading import load_clip_models, load_text_states
 
     args = build_parser().parse_args(argv)
     check_positive("batch_size", args.batch_size)

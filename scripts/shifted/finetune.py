@@ -132,9 +132,9 @@ def null_embedding(args, clip) -> torch.Tensor:
     if choice == "prior":
         if not args.prior:
             raise UserError("--null_embedding prior needs --prior FOLDER (train.py's --output_dir)")
+        from shifted.checkpoint import load_text_states
         from shifted.cli import text_states_path
         from shifted.embeddings import PriorTextEncoder
-        from shifted.loading import load_text_states
         from shifted.pipeline import load_prior, null_image_embedding
 
         prior, bank = load_prior(args.prior, clip_models=clip.names)
@@ -184,9 +184,9 @@ def main(argv=None) -> int:
     from common.process import canonical_prediction_type, q_sample, training_target
     from common.schedule import NoiseSchedule
     from common.train import Trainer, config_from_args, parse_args_with_config
-    from shifted.adapter import ImageEmbProjection
+    from shifted.checkpoint import load_clip_models, quiet_transformers, save_decoder
     from shifted.cli import check_positive, check_probability, clip_paths
-    from shifted.loading import load_clip_models, quiet_transformers, save_decoder
+    from shifted.projection import ImageEmbProjection
 
     parser = build_parser()
     args = parse_args_with_config(parser, argv)
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
             val_emb = clip.encode_image(((pixels + 1) / 2).to(trainer.device)).cpu()
 
             def validate(step, models):
-                from shifted.loading import ImageDecoder
+                from shifted.checkpoint import ImageDecoder
 
                 decoder = ImageDecoder(models["unet"], vae, models["projection"], scheduler_config)
                 out = decoder(val_emb, num_inference_steps=25, guidance_scale=2.0,

@@ -56,14 +56,14 @@ def main(argv=None) -> int:
         names, block_dims = meta["clip_models"], meta["block_dims"]
         if args.clip:
             from shifted.bank import check_clip_models
+            from shifted.checkpoint import model_name
             from shifted.cli import clip_paths
-            from shifted.loading import model_name
 
             check_clip_models(names, [model_name(p) for p in clip_paths(args)], f"the embedding cache {args.cache}")
     else:
+        from shifted.checkpoint import load_clip_models
         from shifted.cli import clip_paths
         from shifted.data import embed_folder
-        from shifted.loading import load_clip_models
 
         clip = load_clip_models(clip_paths(args), args.device)
         tensors, _, _ = embed_folder(clip, args.train_data_dir, with_text=False, progress=True)

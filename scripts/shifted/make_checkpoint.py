@@ -22,8 +22,8 @@ from common.errors import UserError, cli_entry  # noqa: E402
 @cli_entry
 def main(argv=None) -> int:
     from common.io import atomic_write_dir
+    from shifted.checkpoint import ShiftedCheckpoint, decoder_entries
     from shifted.cli import add_clip_args, clip_paths, text_states_path
-    from shifted.loading import ShiftedCheckpoint, decoder_entries
     from shifted.pipeline import prior_entries
     from shifted.system import load_system
 

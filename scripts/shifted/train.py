@@ -87,17 +87,17 @@ def load_training_data(args):
                             "text_emb and text_states, re-run extract_embeddings.py without --no_text")
         if args.clip:
             from shifted.bank import check_clip_models
+            from shifted.checkpoint import model_name
             from shifted.cli import clip_paths
-            from shifted.loading import model_name
 
             check_clip_models(meta["clip_models"], [model_name(p) for p in clip_paths(args)],
                               f"the embedding cache {args.cache}")
         tensors = {k: tensors[k] for k in ("image_emb", "text_emb", "text_states")}
         return tensors, list(meta["clip_models"]), list(meta["block_dims"]), meta.get("text_encoder") or "unknown"
     from common.data_sources import training_dataset
+    from shifted.checkpoint import load_clip_models, load_text_states
     from shifted.cli import clip_paths, text_states_path
     from shifted.data import clip_resolution, embed_folder
-    from shifted.loading import load_clip_models, load_text_states
 
     clip = load_clip_models(clip_paths(args))
     states = load_text_states(text_states_path(args), args.t5_max_length)
@@ -188,8 +188,9 @@ def make_validation(tensors, bank, block_dims, n: int = 64):
 def main(argv=None) -> int:
     from common.train import Trainer, config_from_args, parse_args_with_config
     from shifted.embeddings import EmbeddingDataset
-    from shifted.pipeline import PriorObjective, save_prior
+    from shifted.pipeline import save_prior
     from shifted.prior import ShiftedPrior
+    from shifted.training import PriorObjective
 
     parser = build_parser()
     args = parse_args_with_config(parser, argv)

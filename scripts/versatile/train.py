@@ -105,7 +105,7 @@ def resolve_training_flows(args) -> tuple[str, ...]:
 
 
 def default_multipliers(stage: str) -> dict:
-    from versatile.train import FOUR_FLOW_LR_MULTIPLIERS, SINGLE_FLOW_LR_MULTIPLIERS
+    from versatile.training import FOUR_FLOW_LR_MULTIPLIERS, SINGLE_FLOW_LR_MULTIPLIERS
 
     return dict(FOUR_FLOW_LR_MULTIPLIERS if stage == "four" else SINGLE_FLOW_LR_MULTIPLIERS)
 
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     from versatile.context import DEFAULT_NULL_IMAGE
     from versatile.multiflow import FLOWS, build_diffuser
     from versatile.pipeline import vd_schedule
-    from versatile.train import FlowSampler, check_multipliers, flow_loss, param_groups
+    from versatile.training import FlowSampler, check_multipliers, flow_loss, param_groups
 
     parser = build_parser()
     args = parse_args_with_config(parser, argv)

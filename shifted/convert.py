@@ -209,7 +209,7 @@ def load_released_prior(
     """A float32 :class:`ShiftedPrior` holding a released ``model_state.th`` (or any ``ClipPrior`` state dict).
 
     ``clip_models`` / ``text_encoder``: the names of the CLIP models (ViT-B/16, ViT-B/32, RN101 in this order)
-    and the text encoder (T5-11B) as this project names local folders (:func:`shifted.loading.model_name`).
+    and the text encoder (T5-11B) as this project names local folders (:func:`shifted.checkpoint.model_name`).
     The schedule is the release's: linear betas 1e-4 .. 0.02 over 1000 steps.
     """
     from common.io import safe_torch_load
@@ -324,11 +324,11 @@ def _diffusers_model(cls, folder: Path, weights_stem: str, drop_config=(), renam
 
 def read_released_decoder(folder: PathLike):
     """``(unet, vae, projection, scheduler)`` from the released SD folder; the UNet a stock
-    ``UNet2DConditionModel`` and the projection an :class:`~shifted.adapter.ImageEmbProjection` holding
+    ``UNet2DConditionModel`` and the projection an :class:`~shifted.projection.ImageEmbProjection` holding
     ``emb_proj_layers``. Plain diffusers SD folders (no ``emb_proj_layers``) are refused with a pointer."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    from shifted.adapter import ImageEmbProjection
+    from shifted.projection import ImageEmbProjection
 
     folder = Path(folder)
     index = _read_json(folder / "model_index.json")
@@ -362,11 +362,11 @@ def read_released_decoder(folder: PathLike):
 def convert_released_decoder(
     folder: PathLike, out: PathLike, clip_models: Sequence[str], null_embedding: Optional[torch.Tensor] = None
 ) -> Path:
-    """Write the released SD folder as the project's decoder folder (:func:`shifted.loading.save_decoder`): a
+    """Write the released SD folder as the project's decoder folder (:func:`shifted.checkpoint.save_decoder`): a
     plain ``StableDiffusionPipeline`` (stock UNet, VAE, DDIM scheduler with the release's schedule, no text tower:
     the decoder reads image embeddings only) + ``image_projection/`` (``emb_proj_layers``; its null embedding
     ``null_embedding``, e.g. the released ``small_sft_empty_embeds.th`` the model was fine-tuned with)."""
-    from shifted.loading import save_decoder
+    from shifted.checkpoint import save_decoder
 
     unet, vae, projection, scheduler = read_released_decoder(folder)
     if null_embedding is not None:

@@ -669,7 +669,7 @@ def convert_member_file(state: Mapping[str, torch.Tensor], model: Mapping[str, A
 
 def convert_collaboration_file(state: Mapping[str, torch.Tensor], model: Mapping[str, Any], source: str,
                                config_path: PathLike) -> ConvertedRelease:
-    from codiff.members import schedules_agree
+    from codiff.checkpoint import schedules_agree
 
     params = model["params"]
     compose = _require(params, "compose_unet_config", source)["params"]
@@ -760,7 +760,7 @@ def load_bert_tokenizer(path: PathLike, vocab_size: int):
 
 def _save_member(folder: Path, converted: ConvertedMember, scheduler_config: Mapping[str, Any], vae_path: Path,
                  tokenizer, source: str) -> None:
-    from codiff.members import save_member
+    from codiff.checkpoint import save_member
 
     info = {"source": Path(source).name, "converted_from": "released LDM checkpoint"}
     if converted.member.kind == "mask":
@@ -782,8 +782,8 @@ def write_converted(converted: ConvertedRelease, output: PathLike, source: str, 
     - collaboration: a checkpoint folder (``codiff.json``, ``dynamic_diffusers/``) holding ``vae/``, ``mask/`` and
       ``text/``, what ``scripts/codiff/generate.py --model_dir`` and ``scripts/sample.py --method codiff`` load.
     """
+    from codiff.checkpoint import save_checkpoint
     from codiff.dynamic import DynamicDiffusers
-    from codiff.members import save_checkpoint
     from common.io import atomic_write_dir
 
     output = Path(output)
@@ -827,7 +827,7 @@ def _fix_member_vae_path(folder: Path) -> None:
     """A member written one level down and moved up references its VAE as ``../vae``: make it ``vae``."""
     import json
 
-    from codiff.members import MEMBER_FILE
+    from codiff.checkpoint import MEMBER_FILE
 
     meta = json.loads((folder / MEMBER_FILE).read_text())
     meta["vae"] = "vae"

@@ -211,7 +211,7 @@ def decoder_entries(folder: PathLike) -> list[str]:
 
 
 class ImageDecoder:
-    """SD UNet + VAE + :class:`~shifted.adapter.ImageEmbProjection` + scheduler: image embedding -> image."""
+    """SD UNet + VAE + :class:`~shifted.projection.ImageEmbProjection` + scheduler: image embedding -> image."""
 
     def __init__(self, unet, vae, projection, scheduler_config: dict, clip_models: Sequence[str] = ()):
         from common.process import canonical_prediction_type
@@ -228,7 +228,7 @@ class ImageDecoder:
     def from_pretrained(cls, folder: PathLike, device: Union[str, torch.device] = "cpu") -> ImageDecoder:
         from common.models import load_unet, load_vae
         from common.pipeline import read_scheduler_config
-        from shifted.adapter import ImageEmbProjection
+        from shifted.projection import ImageEmbProjection
 
         folder = Path(folder)
         if not folder.is_dir():
@@ -267,7 +267,7 @@ class ImageDecoder:
         """Images ``[B, 3, H, W]`` in [0, 1] for embeddings ``[B, D]``; the negative defaults to the stored null."""
         from common.samplers import sample
         from common.schedule import plan_like_diffusers
-        from shifted.adapter import image_embedding_denoiser
+        from shifted.projection import image_embedding_denoiser
 
         if sampler not in ("ddim", "ddpm"):
             raise UserError(f"unknown sampler {sampler!r}: choose ddim or ddpm")

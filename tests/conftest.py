@@ -24,3 +24,17 @@ def digits_root(tmp_path_factory):
     from common.digits import build_digits
 
     return build_digits(tmp_path_factory.mktemp("session-digits") / "digits")
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """A fresh accelerate state before and after the test, as a new process would have (mixed precision and the
+    process group are fixed per state). Modules that build Trainers use it with ``pytest.mark.usefixtures``."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+

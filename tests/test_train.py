@@ -43,14 +43,7 @@ from common.train import (
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each test gets a fresh accelerate state, as a new process would (mixed precision is fixed per state)."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 # --------------------------------------------------------------------------------------------------------------

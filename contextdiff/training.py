@@ -32,6 +32,7 @@ from typing import Any, Optional
 import torch
 
 from common.errors import UserError
+from common.latents import vae_scale_factor
 from contextdiff.adapter import TEXT_SOURCES, RelationalNet, load_adapter, read_adapter_config
 from contextdiff.checkpoint import (
     PROCESS_KEYS,
@@ -270,7 +271,7 @@ def run(args: argparse.Namespace, stage: int) -> int:
                             "--no-freeze_unet")
         configs["unet"] = unet_config
     latent_channels = int(configs["unet"].get("in_channels", 4))
-    factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+    factor = vae_scale_factor(configs["vae"])
     resolution = args.resolution or int(configs["vae"]["sample_size"])
     if resolution % factor:
         raise UserError(f"--resolution {resolution} is not divisible by the VAE's factor {factor}: use a multiple")

@@ -50,9 +50,8 @@ def measured():
         {"batch": 2, "side": 256, "mode": "plain"},
         {"batch": 2, "side": 256, "mode": "sliced"},
         {"batch": 2, "side": 256, "mode": "tiled"},
-        {"batch": 1, "side": 512, "mode": "tiled"},
-        {"batch": 3, "side": 384, "budget_gb": 0.2},
-        {"batch": 3, "side": 384, "budget_gb": 0.12},
+        {"batch": 1, "side": 256, "budget_gb": 1.0},  # fits as it is
+        {"batch": 2, "side": 384, "budget_gb": 0.15},  # the whole batch would need ~0.3 GB, one image ~0.16 GB
     ])
 
 
@@ -71,7 +70,7 @@ def test_frugal_paths_lower_the_measured_peak(measured):
 def test_large_request_takes_the_frugal_path_within_budget(measured):
     roomy, tight = measured[4:]
     assert roomy["vae"] == "whole batch" and tight["vae"] != "whole batch", (roomy, tight)
-    assert tight["images"] == [3, 3, 384, 384]
+    assert tight["vae"].startswith("sliced, tiles of") and tight["images"] == [2, 3, 384, 384]
     # what the budget covers (the weights and the request) stayed within it
     assert tight["weights"] + tight["measured"] <= tight["budget_gb"] * 2**30, tight
 
@@ -95,19 +94,32 @@ def test_sliced_decode_equals_whole_batch(vae):
     assert vae.use_slicing is False and vae.use_tiling is False  # the VAE's own settings are restored
 
 
-def test_tiled_decode_close_to_untiled(vae):
-    # Latents decoded from a real image: tiles see the same content as the whole, so they differ only where the
-    # decoder's receptive field and group norms are cut, which the linear blend over the overlap smooths.
-    y, x = torch.meshgrid(torch.linspace(0, 1, 128), torch.linspace(0, 1, 128), indexing="ij")
-    image = torch.stack([x, y, (x + y) / 2])[None]
-    latents = encode_images(vae, image, 1.0)
-    whole = decode_latents(vae, latents, 1.0)
-    tiled = decode_latents(vae, latents, 1.0, VaeMode(slicing=True, tile=8))
-    assert tiled.shape == whole.shape == (1, 3, 128, 128)
-    difference = (tiled - whole).abs()
-    assert difference.mean() < 0.02 and difference.max() < 0.25, (difference.mean(), difference.max())
-    far = decode_latents(vae, torch.randn_like(latents), 1.0)
-    assert (far - whole).abs().mean() > 5 * difference.mean()  # the tolerance is tight against unrelated images
+def test_tiled_decode_close_to_untiled():
+    """The shipped tiny VAE on a 4x4 sheet of digits (its own kind of content, 128 px = 32 latent cells): tiles
+    differ from the whole only where the decoder's receptive field and group norms are cut, which the linear blend
+    over the overlap smooths; the difference stays below the VAE's own reconstruction error and shrinks with the
+    tile."""
+    from sklearn.datasets import load_digits
+
+    from common.digits import upsample
+    from common.models import load_vae
+
+    vae = load_vae(str(REPO / "ckpt/tiny/baseline"), subfolder="vae").eval()
+    digits = [torch.from_numpy(upsample(d, 32)) for d in load_digits().images[:16]]
+    sheet = torch.cat([torch.cat(digits[4 * i : 4 * i + 4], dim=1) for i in range(4)], dim=0).float()
+    image = sheet[None, None] * torch.tensor([1.0, 0.3, 0.1])[None, :, None, None]
+    latents = encode_images(vae, image)
+    whole = decode_latents(vae, latents)
+    reconstruction = (whole - image).abs().mean()
+    differences = {}
+    for tile in (8, 16):
+        tiled = decode_latents(vae, latents, mode=VaeMode(slicing=True, tile=tile))
+        assert tiled.shape == whole.shape == (1, 3, 128, 128)
+        differences[tile] = (tiled - whole).abs().mean()
+        assert differences[tile] < 0.65 * reconstruction, (tile, differences[tile], reconstruction)
+    assert differences[16] < 0.6 * differences[8] and differences[16] < 0.015, differences
+    shifted = decode_latents(vae, latents.roll(8, dims=-1))
+    assert (shifted - whole).abs().mean() > 5 * differences[16]  # the tolerance is tight against other images
 
 
 def test_encode_modes_agree(vae):
@@ -163,7 +175,7 @@ SD_WEIGHTS = int(1.07e9 * 4)  # UNet + VAE + CLIP text encoder in float32
 
 
 def test_plan_goes_from_fast_to_frugal_as_the_budget_shrinks():
-    request = memory.Request(batch=4, height=1024, width=1024)
+    request = memory.Request(batch=2, height=1024, width=1024)
     roomy = memory.plan(SD_UNET, SD_VAE, request, 64 * 2**30, weights=SD_WEIGHTS)
     assert roomy.vae == VaeMode() and roomy.estimate <= 64 * 2**30
     sliced_needs = memory.estimate(SD_UNET, SD_VAE, request, VaeMode(slicing=True), weights=SD_WEIGHTS)
@@ -194,8 +206,11 @@ def test_sample_script_refuses_before_allocating(tmp_path, capsys):
         f.write("5")
     with open("/proc/self/statm") as f:
         before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    code = sample.main(["--prompt", "a seven", "--resolution", "100000", "--no_progress",
-                        "--output_dir", str(tmp_path / "never")])
+    try:
+        code = sample.main(["--prompt", "a seven", "--resolution", "100000", "--no_progress",
+                            "--output_dir", str(tmp_path / "never")])
+    except SystemExit as exit_:
+        code = exit_.code
     with open("/proc/self/status") as f:
         peak = int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading" not in line]

@@ -68,7 +68,7 @@ def test_frugal_paths_lower_the_measured_peak(measured):
 
 
 def test_large_request_takes_the_frugal_path_within_budget(measured):
-    roomy, tight = measured[4:]
+    roomy, tight = measured[3:]
     assert roomy["vae"] == "whole batch" and tight["vae"] != "whole batch", (roomy, tight)
     assert tight["vae"].startswith("sliced, tiles of") and tight["images"] == [2, 3, 384, 384]
     # what the budget covers (the weights and the request) stayed within it
@@ -215,5 +215,6 @@ def test_sample_script_refuses_before_allocating(tmp_path, capsys):
         peak = int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading" not in line]
     assert code != 0 and len(lines) == 1 and "estimated" in lines[0] and "--max_memory_gb" in lines[0], lines
-    assert peak - before < 300 * 2**20  # the tiny models, not the request's tens of terabytes
+    # what grew is the imports and the tiny models (~0.4 GB), not any of the request's thousands of GB
+    assert peak - before < 2**30
     assert not (tmp_path / "never").exists()

@@ -38,7 +38,7 @@ SLACK = 8 * 2**20
 def probe(cases: list[dict]) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     run = subprocess.run([sys.executable, str(REPO / "tests" / "memory_probe.py"), json.dumps(cases)], env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
 

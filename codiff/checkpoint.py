@@ -34,6 +34,7 @@ from codiff.conditions import MaskEncoder, MaskFormat, TextConditioner
 from codiff.dynamic import DynamicDiffusers
 from common.errors import UserError
 from common.io import PathLike, read_json_object
+from common.latents import vae_scale_factor
 from common.schedule import NoiseSchedule
 
 
@@ -336,7 +337,7 @@ class Collaboration:
 
     @property
     def image_size(self) -> int:
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = vae_scale_factor(self.vae)
         return self.model.unets[self.modalities[0]].config.sample_size * factor
 
     def encoders(self) -> dict[str, Any]:

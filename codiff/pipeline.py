@@ -28,6 +28,7 @@ from torch import nn
 from codiff.collaborate import CollaborativeDenoiser, CollaborativeDiffusion, InfluenceRecorder, ReleasedReweighting
 from common.errors import UserError
 from common.io import PathLike, atomic_write_file, make_image_grid, save_image_grid, to_pil
+from common.latents import decode_latents
 from common.samplers import Generator, randn, sample
 from common.schedule import NoiseSchedule, SamplingPlan, plan_like_diffusers
 
@@ -127,8 +128,7 @@ class CollaborativePipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``D(z / s)`` mapped to [0, 1]: ``[N, C, h, w] -> [N, 3, H, W]``."""
-        images = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
-        return ((images.float() + 1) / 2).clamp(0, 1)
+        return decode_latents(self.vae, latents, self.scaling_factor)
 
     @torch.no_grad()
     def __call__(

@@ -32,6 +32,8 @@ class BaselineSettings(SamplingSettings):
 
 
 class BaselinePipeline:
+    plans_memory = True  # fits settings.max_memory_gb itself (common.memory), so entry scripts skip their rough bound
+
     def __init__(self, pipe):
         self.pipe = pipe
 
@@ -40,8 +42,9 @@ class BaselinePipeline:
         out = self.pipe(settings.prompts, num_inference_steps=settings.num_inference_steps,
                         guidance_scale=settings.guidance_scale, negative_prompt=settings.negative_prompt,
                         sampler=settings.sampler, eta=settings.eta, height=settings.resolution,
-                        width=settings.resolution, generator=generator, progress=callback or False)
-        return Generation(out.images)
+                        width=settings.resolution, generator=generator, progress=callback or False,
+                        max_memory_gb=settings.max_memory_gb)
+        return Generation(out.images, extras={"memory_plan": out.memory_plan.describe()})
 
 
 def load(checkpoint, device="cpu", dtype=torch.float32) -> BaselinePipeline:

@@ -9,6 +9,8 @@ The memory bound is an estimate, not a measurement: the activations of sampling 
 output pixel (a Stable Diffusion VAE decoder keeps about 128-256 float32 channels at full resolution, so 1 KiB
 per pixel is the right order for the largest models the lab runs; the tiny ones need far less). The limit
 defaults to the memory of the machine (or of the GPU for ``--device cuda``) and ``--max_memory_gb`` raises it.
+A pipeline that knows its models (the baseline) replaces this rough bound by :mod:`common.memory`, which estimates
+from the models' widths and picks the VAE slicing / tiling and attention chunking that fit the same budget.
 """
 
 from __future__ import annotations
@@ -91,11 +93,20 @@ def machine_memory_bytes(device: str = "cpu") -> int:
         return 16 * 2**30
 
 
+def memory_limit_bytes(limit_gb: float | None = None, device: str = "cpu") -> int:
+    """The memory bound in bytes: ``limit_gb`` (``--max_memory_gb``) when given, else the machine's memory."""
+    if limit_gb is None:
+        return machine_memory_bytes(device)
+    finite(limit_gb, "--max_memory_gb", low=0)
+    return int(limit_gb * 2**30)
+
+
 def add_memory_argument(parser) -> None:
     """``--max_memory_gb``: the bound that :func:`check_memory` applies (default: the machine's memory)."""
     parser.add_argument("--max_memory_gb", type=float, default=None,
-                        help="refuse settings whose estimated memory exceeds this many GB (default: the memory of "
-                             "the machine, or of the GPU with --device cuda)")
+                        help="memory budget in GB: the VAE runs sliced or tiled and attention in chunks as needed to "
+                             "stay within it, and settings that cannot are refused up front (default: the memory "
+                             "of the machine, or of the GPU with --device cuda)")
 
 
 def sampling_memory_bytes(batch: int, height: int, width: int | None = None, frames: int = 1) -> int:
@@ -117,9 +128,7 @@ def check_memory(args: argparse.Namespace | None = None, *, batch: int, height: 
     if args is not None:
         limit_gb = getattr(args, "max_memory_gb", None) if limit_gb is None else limit_gb
         device = getattr(args, "device", device) or device
-    if limit_gb is not None:
-        finite(limit_gb, "--max_memory_gb", low=0)
-    limit = int(limit_gb * 2**30) if limit_gb is not None else machine_memory_bytes(device)
+    limit = memory_limit_bytes(limit_gb, device)
     estimate = sampling_memory_bytes(batch, height, width, frames)
     if estimate > limit:
         raise UserError(

@@ -83,6 +83,10 @@ class SamplingSettings:
     sampler: str = setting("ddim", "sampler", choices=("ddim", "ddpm"))
     eta: float = setting(0.0, "DDIM eta (0 = deterministic)", low=0.0, high=1.0)
     resolution: Optional[int] = setting(None, "image side in pixels (default: the model's)", low=8)
+    # The memory budget: entry scripts fill it from their --max_memory_gb flag; pipelines that plan their memory
+    # (common.memory) pick the VAE's slicing / tiling and the attention chunking that fit it.
+    max_memory_gb: Optional[float] = setting(None, "memory budget in GB (default: the machine's memory)", low=0.0,
+                                             page=False, cli=False)
 
     def check(self) -> None:
         """Every field within its bounds and choices: UserError naming the flag otherwise. Methods extend it."""

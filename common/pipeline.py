@@ -16,8 +16,10 @@ from typing import Optional
 
 import torch
 
+from common import memory
 from common.denoisers import guided_unet
 from common.errors import UserError
+from common.latents import PLAIN, VaeMode, decode_latents, vae_scale_factor
 from common.process import canonical_prediction_type
 from common.samplers import Generator, sample
 from common.schedule import NoiseSchedule, plan_like_diffusers
@@ -38,6 +40,7 @@ def read_scheduler_config(folder: str) -> dict:
 class TextToImageOutput:
     images: torch.Tensor  # [B, 3, H, W] in [0, 1]
     latents: torch.Tensor  # [B, C, h, w]
+    memory_plan: Optional[memory.MemoryPlan] = None  # how it ran within the memory budget
 
 
 class LatentTextToImage:
@@ -48,7 +51,7 @@ class LatentTextToImage:
         self.scheduler_config = dict(scheduler_config)
         self.schedule = NoiseSchedule.from_config(self.scheduler_config)
         self.prediction_type = canonical_prediction_type(self.scheduler_config.get("prediction_type", "epsilon"))
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_scale_factor(vae)
 
     @classmethod
     def from_pretrained(cls, folder: str, dtype: torch.dtype = torch.float32, device="cpu") -> LatentTextToImage:
@@ -92,9 +95,18 @@ class LatentTextToImage:
         return (batch, self.unet.config.in_channels, height // f, width // f)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-        return (images / 2 + 0.5).clamp(0, 1)
+    def decode(self, latents: torch.Tensor, mode: VaeMode = PLAIN) -> torch.Tensor:
+        return decode_latents(self.vae, latents, mode=mode)
+
+    def memory_plan(self, batch: int, height: Optional[int] = None, width: Optional[int] = None,
+                    guidance_scale: float = 7.5, max_memory_gb: Optional[float] = None) -> memory.MemoryPlan:
+        """The fastest way to run a request within ``max_memory_gb`` (default: the machine's memory); a
+        UserError naming the estimate and the budget when no way fits."""
+        size = self.unet.config.sample_size * self.vae_scale_factor
+        request = memory.Request(batch, height or size, width or size, guided=guidance_scale != 1.0,
+                                 dtype_bytes=torch.finfo(self.dtype).bits // 8, device=str(self.device))
+        return memory.plan(self.unet, self.vae, request, memory.budget_bytes(max_memory_gb, str(self.device)),
+                           extra_models=(self.text_encoder,))
 
     @torch.no_grad()
     def __call__(
@@ -112,11 +124,15 @@ class LatentTextToImage:
         latents: Optional[torch.Tensor] = None,
         callback: Optional[Callable] = None,
         progress: bool = True,
+        max_memory_gb: Optional[float] = None,
     ) -> TextToImageOutput:
+        """``max_memory_gb``: the memory budget (default: the machine's); the VAE mode and the attention chunking
+        are chosen to fit it (:mod:`common.memory`), or the request is refused before anything is allocated."""
         if sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
         size = self.unet.config.sample_size * self.vae_scale_factor
         shape = self.latent_shape(len(prompts), height or size, width or size)
+        memory_plan = self.memory_plan(len(prompts), height, width, guidance_scale, max_memory_gb)
         cond = self.encode_prompt(prompts)
         uncond = self.encode_prompt([negative_prompt] * len(prompts)) if guidance_scale != 1.0 else None
         denoiser = guided_unet(self.unet, cond, uncond, guidance_scale, self.prediction_type)
@@ -125,6 +141,9 @@ class LatentTextToImage:
             "clip_sample") else None
         common = dict(x_T=latents, generator=generator, device=self.device, dtype=self.dtype, callback=callback,
                       progress=progress, clip_x0=clip)
-        out = sample(sampler, denoiser, self.schedule, plan, shape, eta=eta,
-                     variance_type=self.scheduler_config.get("variance_type", "fixed_small"), **common)
-        return TextToImageOutput(self.decode(out), out)
+        with memory_plan.applied(self.unet):
+            out = sample(sampler, denoiser, self.schedule, plan, shape, eta=eta,
+                         variance_type=self.scheduler_config.get("variance_type", "fixed_small"), **common)
+        with memory_plan.applied(self.vae):
+            images = self.decode(out, memory_plan.vae)
+        return TextToImageOutput(images, out, memory_plan)

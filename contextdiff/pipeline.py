@@ -25,6 +25,7 @@ from torch import nn
 
 from common.denoisers import guided_unet
 from common.errors import UserError
+from common.latents import decode_latents, encode_images, vae_scale_factor
 from common.samplers import Generator, invert_ddim, sample
 from common.schedule import NoiseSchedule, SamplingPlan, plan_like_diffusers
 from contextdiff.process import as_x0_denoiser, contextual_k, contextual_shift, parameterization_from_prediction_type
@@ -199,7 +200,7 @@ def generate(
                sampler=sampler, scheduler_config=scheduler_config, parameterization=parameterization,
                k_schedule=k_schedule, k_scale=k_scale, negative_prompt=negative_prompt, t5=t5,
                t5_max_length=t5_max_length, no_shift=no_shift)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(vae)
     size = unet.config.sample_size * factor
     height, width = height or size, width or size
     if height % factor or width % factor:
@@ -211,15 +212,7 @@ def generate(
                   device=device, dtype=dtype, progress=progress)
     out = sample(sampler, s.denoiser, s.schedule, s.plan, shape, eta=eta,
                  variance_type=s.config.get("variance_type", "fixed_small"), **common)
-    images = vae.decode(out.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-    return ContextDiffOutput((images.float() / 2 + 0.5).clamp(0, 1), out)
-
-
-@torch.no_grad()
-def encode_images(vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Images ``[B, 3, H, W]`` in [0, 1] -> scaled latents (the posterior mean: inversion wants no sampling noise)."""
-    latents = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist.mean
-    return latents * vae.config.scaling_factor
+    return ContextDiffOutput(decode_latents(vae, out), out)
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from common.errors import UserError
+from common.latents import vae_scale_factor
 from common.methods import SHARED_FIELDS, Generation, MethodSpec, SamplingSettings, add_settings_arguments, setting
 from contextdiff.checkpoint import ContextDiffModel, load_contextdiff
 
@@ -109,7 +110,7 @@ def sample(
     from contextdiff.pipeline import generate
 
     unet = model.unet
-    factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(model.vae)
     side = (resolution or unet.config.sample_size * factor) // factor
     generator = generator if generator is not None else torch.Generator().manual_seed(seed)
     x_T = torch.randn((len(prompts), unet.config.in_channels, side, side), generator=generator)

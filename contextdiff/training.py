@@ -36,6 +36,7 @@ import torch
 from common.data_sources import add_dataset_args, check_data_source, describe_source, training_dataset
 from common.errors import UserError
 from common.io import read_json_object
+from common.latents import vae_scale_factor
 from contextdiff.adapter import TEXT_SOURCES, RelationalNet, load_adapter, read_adapter_config
 from contextdiff.checkpoint import (
     PROCESS_KEYS,
@@ -265,7 +266,7 @@ def run(args: argparse.Namespace, stage: int) -> int:
                             "--no-freeze_unet")
         configs["unet"] = unet_config
     latent_channels = int(configs["unet"].get("in_channels", 4))
-    factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+    factor = vae_scale_factor(configs["vae"])
     resolution = args.resolution or int(configs["vae"]["sample_size"])
     if resolution % factor:
         raise UserError(f"--resolution {resolution} is not divisible by the VAE's factor {factor}: use a multiple")

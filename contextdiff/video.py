@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from common.errors import UserError
+from common.latents import decode_latents, encode_images
 from common.modules import WrapsUNet
 from common.samplers import invert_ddim, sample_ddim
 from contextdiff.adapter import Attention, RelationalNet
@@ -424,8 +425,6 @@ def tensor_to_frames(images: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def encode_video(vae: nn.Module, frames: np.ndarray) -> torch.Tensor:
     """uint8 frames ``[F, H, W, 3]`` -> scaled latents ``[1, C, F, h, w]`` (the posterior mean, frame by frame)."""
-    from contextdiff.pipeline import encode_images
-
     images = frames_to_tensor(frames).to(vae.device, vae.dtype)
     latents = encode_images(vae, images)
     return latents.permute(1, 0, 2, 3).unsqueeze(0)
@@ -434,9 +433,7 @@ def encode_video(vae: nn.Module, frames: np.ndarray) -> torch.Tensor:
 @torch.no_grad()
 def decode_video(vae: nn.Module, latents: torch.Tensor) -> np.ndarray:
     """Scaled latents ``[1, C, F, h, w]`` -> uint8 frames ``[F, H, W, 3]``."""
-    x = latents[0].permute(1, 0, 2, 3).to(vae.dtype) / vae.config.scaling_factor
-    images = vae.decode(x, return_dict=False)[0]
-    return tensor_to_frames(images.float() / 2 + 0.5)
+    return tensor_to_frames(decode_latents(vae, latents[0].permute(1, 0, 2, 3)))
 
 
 def tune_on_video(

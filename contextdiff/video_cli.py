@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from common.errors import UserError, cli_entry
+from common.latents import vae_scale_factor
 from common.methods import add_flag
 
 
@@ -183,7 +184,7 @@ def run(args: argparse.Namespace) -> dict:
     if not model_dir.is_absolute() and not model_dir.exists() and (REPO / model_dir).exists():
         model_dir = REPO / model_dir
     configs = read_sd_configs(model_dir)  # folder checks before any weight loads
-    factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+    factor = vae_scale_factor(configs["vae"])
     resolution = args.resolution or int(configs["unet"]["sample_size"]) * factor
     if resolution % (2 * factor):
         raise UserError(f"--resolution {resolution} must be a multiple of {2 * factor} (VAE factor {factor} times the "

@@ -121,13 +121,17 @@ def main(argv=None) -> int:
     args, spec = parse_args(argv)
     settings = settings_of(args, spec)
     check_output_dir(args.output_dir)  # before generating: a folder we may not write is refused up front
-    # All images are sampled in one batch, so the batch is the number of prompts.
-    limits.check_memory(args, batch=len(settings.prompts), height=getattr(settings, "resolution", None))
     checkpoint = args.checkpoint or str(spec.checkpoint_path())
     pipeline = spec.load(checkpoint, args.device)
+    if not getattr(pipeline, "plans_memory", False):
+        # All images are sampled in one batch, so the batch is the number of prompts. A pipeline that plans its
+        # memory from its models' widths refuses what cannot fit itself, before sampling.
+        limits.check_memory(args, batch=len(settings.prompts), height=getattr(settings, "resolution", None))
     result = pipeline(settings, callback=None if args.no_progress else methods.TerminalProgress())
     record = {"method": spec.name, "checkpoint": checkpoint, "device": args.device, "output_dir": args.output_dir,
               **methods.settings_dict(settings)}
+    if "memory_plan" in result.extras:  # tiling changes pixels within its blending: say how the images were made
+        record["memory_plan"] = result.extras["memory_plan"]
     out = write_outputs(result.images, settings.prompts, Path(args.output_dir), record)
     print(f"wrote {len(settings.prompts)} images, grid.png and metadata.jsonl to {out}")
     return 0

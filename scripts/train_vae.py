@@ -19,6 +19,7 @@ from pathlib import Path
 import torch  # noqa: E402
 
 from common.errors import UserError, cli_entry  # noqa: E402
+from common.latents import vae_scale_factor
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
                                require_captions=False)
     with Trainer(config) as trainer:
         vae = build_vae(args)
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        factor = vae_scale_factor(vae)
         if args.resolution % factor:
             raise UserError(f"--resolution {args.resolution} is not divisible by the VAE's factor {factor}")
 

@@ -33,6 +33,7 @@ from typing import Optional, Union
 import torch
 
 from common.errors import UserError
+from common.latents import decode_latents, vae_scale_factor
 
 
 PathLike = Union[str, Path]
@@ -222,7 +223,7 @@ class ImageDecoder:
         self.schedule = NoiseSchedule.from_config(self.scheduler_config)
         self.prediction_type = canonical_prediction_type(self.scheduler_config.get("prediction_type", "epsilon"))
         self.clip_models = tuple(clip_models)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_scale_factor(vae)
 
     @classmethod
     def from_pretrained(cls, folder: PathLike, device: Union[str, torch.device] = "cpu") -> ImageDecoder:
@@ -286,8 +287,7 @@ class ImageDecoder:
         common = dict(generator=generator, device=device, dtype=torch.float32, progress=progress)
         latents = sample(sampler, denoiser, self.schedule, plan, shape, eta=eta,
                          variance_type=self.scheduler_config.get("variance_type", "fixed_small"), **common)
-        images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-        return (images / 2 + 0.5).clamp(0, 1)
+        return decode_latents(self.vae, latents)
 
 
 # -------------------------------------------------------------------------------------- checkpoint folder

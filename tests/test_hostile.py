@@ -195,7 +195,8 @@ def test_overwrite_replaces_only_the_projects_own_files(tmp_path, capsys):
     (["--seed", "-1"], ["--seed"]),
     (["--num_inference_steps", "100000"], ["--num_inference_steps"]),
     (["--resolution", "100000"], ["estimated", "GB", "limit", "--max_memory_gb"]),
-    (["--resolution", "512", "--num_images", "4", "--max_memory_gb", "0.5"], ["estimated 1.0 GB", "0.5 GB limit"]),
+    (["--resolution", "512", "--num_images", "4", "--max_memory_gb", "0.05"], ["estimated", "most frugal",
+                                                                                "0.05 GB limit"]),
     (["--method", "sdg", "--text_weight", "inf"], ["--text_weight", "finite"]),
 ])
 def test_sample_refuses_unbounded_settings_with_one_line(sample, capsys, tmp_path, extra, needles):

@@ -29,6 +29,7 @@ import torch
 
 from common.denoisers import CFGDenoiser, FunctionDenoiser
 from common.errors import UserError
+from common.latents import decode_latents, encode_images, vae_scale_factor
 from common.samplers import Generator, sample_ddim
 from common.schedule import NoiseSchedule, SamplingPlan, plan_like_diffusers
 from versatile.config import SamplingConfig
@@ -103,22 +104,20 @@ class VersatilePipeline:
     @property
     def image_scale_factor(self) -> int:
         """Pixels per latent cell of the image VAE (8 for SD's kl-f8)."""
-        return 2 ** (len(self.image_vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.image_vae)
 
     # ---------------------------------------------------------------- latents
 
     @torch.no_grad()
     def encode_images(self, images: ImageInput, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Images in [0, 1] -> scaled image latents ``[B, 4, h, w]`` (a posterior sample times 0.18215)."""
-        x = images_to_tensor(images).to(self.device, self.dtype) * 2 - 1
-        dist = self.image_vae.encode(x).latent_dist
-        return dist.sample(generator) * self.sampling.image_scaling_factor
+        return encode_images(self.image_vae, images_to_tensor(images).to(self.device, self.dtype),
+                             self.sampling.image_scaling_factor, sample=True, generator=generator)
 
     @torch.no_grad()
     def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images ``[B, 3, H, W]`` in [0, 1] ([R] autokl.decode clamps to [0, 1])."""
-        images = self.image_vae.decode(latents / self.sampling.image_scaling_factor, return_dict=False)[0]
-        return (images / 2 + 0.5).clamp(0, 1)
+        return decode_latents(self.image_vae, latents, self.sampling.image_scaling_factor)
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:

@@ -21,6 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 from common.errors import UserError, cli_entry  # noqa: E402
+from common.latents import vae_scale_factor  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
             nets[name] = build_dynamic_diffuser(unet_cfg, seed=(config.seed or 0) + 1 + 2 * k,
                                                 zero_init=section.get("zero_init", "ldm"))
         collab = build_collaboration(members, DynamicDiffusers(nets, confidence_input), vae)
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        factor = vae_scale_factor(vae)
         resolution = latent_h * factor
         mask_member = members.get("mask")
         dataset = training_dataset(args, resolution, require_captions="text" in members,

@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 from common.errors import UserError, cli_entry  # noqa: E402
+from common.latents import vae_scale_factor  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
         vae_folder = Path(args.vae_model_path)
         if not (vae_folder / "config.json").is_file() and (vae_folder / "vae").is_dir():
             vae_folder = vae_folder / "vae"
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        factor = vae_scale_factor(vae)
         resolution = args.resolution or vae.config.sample_size
         if resolution % factor:
             raise UserError(f"--resolution {resolution} is not divisible by the VAE's factor {factor}")

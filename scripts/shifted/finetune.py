@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError, cli_entry  # noqa: E402
+from common.latents import vae_scale_factor
 
 
 DEFAULTS = {  # the reference finetune.py defaults
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
     with quiet_transformers():
         unet, vae, text_encoder, tokenizer, scheduler_config = load_components(args)
     null = null_embedding(args, clip)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(vae)
     resolution = args.resolution or vae.config.sample_size
     if resolution % factor:
         raise UserError(f"--resolution {resolution} is not divisible by the VAE's factor {factor}")

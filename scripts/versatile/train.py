@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError, cli_entry  # noqa: E402
+from common.latents import vae_scale_factor
 
 
 STAGES = {"single": ("iv",), "dual": ("t2i", "iv"), "four": ("t2i", "iv", "i2t", "tv")}
@@ -228,7 +229,7 @@ def main(argv=None) -> int:
         if previous is not None and previous.context_scale != model_config.context.context_scale:
             raise UserError(f"--init_from {init} was trained with context_scale {previous.context_scale}, "
                             f"--model_config says {model_config.context.context_scale}: use the same")
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        factor = vae_scale_factor(vae)
         resolution = args.resolution or vae.config.sample_size
         if resolution % factor:
             raise UserError(f"--resolution {resolution} is not divisible by the VAE's factor {factor}")

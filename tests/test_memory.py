@@ -1,0 +1,220 @@
+"""Bounded memory: the estimate against measured peaks, the frugal paths against the plain ones, the refusals.
+
+The peaks are measured in a child process (``tests/memory_probe.py``) on the shipped tiny baseline, as the growth
+of resident memory over the request with glibc returning freed blocks at once, so the peak is that of live tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import memory
+from common.attention import ChunkedAttnProcessor, chunked_attention, chunked_attention_in
+from common.errors import UserError
+from common.latents import VaeMode, decode_latents, encode_images, vae_scale_factor
+from common.methods import REPO
+from common.tiny import tiny_unet2d_condition, tiny_vae
+
+
+sys.path.insert(0, os.path.dirname(__file__))
+from script_loading import load_script  # noqa: E402
+
+
+# The estimate may exceed the measured peak by this factor (it is a bound, fitted to stay close) and may fall below
+# it by at most UNDER (allocator granularity, interpreter buffers the model does not see).
+OVER = 2.0
+UNDER = 0.85
+SLACK = 8 * 2**20
+
+
+def probe(cases: list[dict]) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    run = subprocess.run([sys.executable, str(REPO / "tests" / "memory_probe.py"), json.dumps(cases)], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def measured():
+    """Forced VAE paths at two sizes, then two requests the pipeline plans within a budget itself."""
+    return probe([
+        {"batch": 2, "side": 256, "mode": "plain"},
+        {"batch": 2, "side": 256, "mode": "sliced"},
+        {"batch": 2, "side": 256, "mode": "tiled"},
+        {"batch": 1, "side": 256, "budget_gb": 1.0},  # fits as it is
+        {"batch": 2, "side": 384, "budget_gb": 0.15},  # the whole batch would need ~0.3 GB, one image ~0.16 GB
+    ])
+
+
+def test_estimate_tracks_measured_peaks(measured):
+    for row in measured:
+        assert row["estimate"] >= UNDER * row["measured"] - SLACK, row  # never far below what was used
+        assert row["estimate"] <= OVER * row["measured"] + SLACK, row  # and not a uselessly loose bound
+
+
+def test_frugal_paths_lower_the_measured_peak(measured):
+    plain, sliced, tiled = measured[:3]
+    assert sliced["measured"] < 0.8 * plain["measured"], (plain, sliced)
+    assert tiled["measured"] <= sliced["measured"], (sliced, tiled)
+
+
+def test_large_request_takes_the_frugal_path_within_budget(measured):
+    roomy, tight = measured[3:]
+    assert roomy["vae"] == "whole batch" and tight["vae"] != "whole batch", (roomy, tight)
+    assert tight["vae"].startswith("sliced, tiles of") and tight["images"] == [2, 3, 384, 384]
+    # what the budget covers (the weights and the request) stayed within it
+    assert tight["weights"] + tight["measured"] <= tight["budget_gb"] * 2**30, tight
+
+
+# ------------------------------------------------------------------------------------------------ VAE modes
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return tiny_vae(seed=3)
+
+
+def test_scale_factor_from_model_config_or_dict(vae):
+    assert vae_scale_factor(vae) == vae_scale_factor(vae.config) == vae_scale_factor(dict(vae.config)) == 4
+
+
+def test_sliced_decode_equals_whole_batch(vae):
+    latents = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    whole = decode_latents(vae, latents, 1.0)
+    torch.testing.assert_close(decode_latents(vae, latents, 1.0, VaeMode(slicing=True)), whole, atol=1e-5, rtol=0)
+    assert vae.use_slicing is False and vae.use_tiling is False  # the VAE's own settings are restored
+
+
+def test_tiled_decode_close_to_untiled():
+    """The shipped tiny VAE on a 4x4 sheet of digits (its own kind of content, 128 px = 32 latent cells): tiles
+    differ from the whole only where the decoder's receptive field and group norms are cut, which the linear blend
+    over the overlap smooths; the difference stays below the VAE's own reconstruction error and shrinks with the
+    tile."""
+    from sklearn.datasets import load_digits
+
+    from common.digits import upsample
+    from common.models import load_vae
+
+    vae = load_vae(str(REPO / "ckpt/tiny/baseline"), subfolder="vae").eval()
+    digits = [torch.from_numpy(upsample(d, 32)) for d in load_digits().images[:16]]
+    sheet = torch.cat([torch.cat(digits[4 * i : 4 * i + 4], dim=1) for i in range(4)], dim=0).float()
+    image = sheet[None, None] * torch.tensor([1.0, 0.3, 0.1])[None, :, None, None]
+    latents = encode_images(vae, image)
+    whole = decode_latents(vae, latents)
+    reconstruction = (whole - image).abs().mean()
+    differences = {}
+    for tile in (8, 16):
+        tiled = decode_latents(vae, latents, mode=VaeMode(slicing=True, tile=tile))
+        assert tiled.shape == whole.shape == (1, 3, 128, 128)
+        differences[tile] = (tiled - whole).abs().mean()
+        assert differences[tile] < 0.65 * reconstruction, (tile, differences[tile], reconstruction)
+    assert differences[16] < 0.6 * differences[8] and differences[16] < 0.015, differences
+    shifted = decode_latents(vae, latents.roll(8, dims=-1))
+    assert (shifted - whole).abs().mean() > 5 * differences[16]  # the tolerance is tight against other images
+
+
+def test_encode_modes_agree(vae):
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    whole = encode_images(vae, images)
+    torch.testing.assert_close(encode_images(vae, images, mode=VaeMode(slicing=True)), whole, atol=1e-5, rtol=0)
+    direct = vae.encode(images * 2 - 1).latent_dist.mean * vae.config.scaling_factor
+    torch.testing.assert_close(whole, direct, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunked_attention_equals_full_attention(masked):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 50, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = torch.rand(50, 50, generator=g) > 0.3 if masked else None
+    if mask is not None:
+        mask.fill_diagonal_(True)  # no fully masked row
+    scores = q @ k.transpose(-1, -2) / 8**0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    reference = torch.softmax(scores, dim=-1) @ v
+    for chunk in (1, 7, 50, None):
+        torch.testing.assert_close(chunked_attention(q, k, v, chunk, attn_mask=mask), reference)
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    torch.testing.assert_close(chunked_attention(q32, k32, v32, 7, attn_mask=mask),
+                               F.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask), atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_processor_keeps_the_unet_output():
+    unet = tiny_unet2d_condition(seed=1)
+    g = torch.Generator().manual_seed(2)
+    x, context = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([10, 500])
+    default = dict(unet.attn_processors)
+    with torch.no_grad():
+        full = unet(x, t, context).sample
+        with chunked_attention_in(unet, 17):
+            assert all(isinstance(p, ChunkedAttnProcessor) for p in unet.attn_processors.values())
+            chunked = unet(x, t, context).sample
+    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-5)
+    assert {n: type(p) for n, p in unet.attn_processors.items()} == {n: type(p) for n, p in default.items()}
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+SD_UNET = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, attention_head_dim=8, in_channels=4,
+               down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
+SD_VAE = dict(block_out_channels=[128, 256, 512, 512], sample_size=512, mid_block_add_attention=True)
+SD_WEIGHTS = int(1.07e9 * 4)  # UNet + VAE + CLIP text encoder in float32
+
+
+def test_plan_goes_from_fast_to_frugal_as_the_budget_shrinks():
+    request = memory.Request(batch=2, height=1024, width=1024)
+    roomy = memory.plan(SD_UNET, SD_VAE, request, 64 * 2**30, weights=SD_WEIGHTS)
+    assert roomy.vae == VaeMode() and roomy.estimate <= 64 * 2**30
+    sliced_needs = memory.estimate(SD_UNET, SD_VAE, request, VaeMode(slicing=True), weights=SD_WEIGHTS)
+    sliced = memory.plan(SD_UNET, SD_VAE, request, sliced_needs, weights=SD_WEIGHTS)
+    assert sliced.vae == VaeMode(slicing=True)
+    tight = memory.plan(SD_UNET, SD_VAE, request, sliced_needs - 1, weights=SD_WEIGHTS)
+    assert tight.vae.tile is not None and tight.estimate < sliced_needs
+    # where SDPA would hold the L x L scores, attention is chunked before the VAE is tiled
+    on_math_kernel = memory.Request(batch=1, height=1024, width=1024, device="mps")
+    whole = memory.estimate(SD_UNET, SD_VAE, on_math_kernel, weights=SD_WEIGHTS)
+    chunked = memory.plan(SD_UNET, SD_VAE, on_math_kernel, whole - 1, weights=SD_WEIGHTS)
+    assert chunked.attention_chunk is not None and chunked.vae.tile is None
+
+
+def test_impossible_plan_is_one_line_with_estimate_budget_and_fix():
+    with pytest.raises(UserError) as caught:
+        memory.plan(SD_UNET, SD_VAE, memory.Request(batch=1, height=100000, width=100000), 16 * 2**30,
+                    weights=SD_WEIGHTS)
+    message = str(caught.value)
+    assert "\n" not in message and "16.00 GB limit" in message and "--max_memory_gb" in message
+    assert float(re.search(r"estimated ([\d.]+) GB", message).group(1)) > 100  # 1e10 pixels: >100 GB of images
+
+
+def test_sample_script_refuses_before_allocating(tmp_path, capsys):
+    """``--resolution 100000`` on the real entry point: one line, and the process barely grew while refusing."""
+    sample = load_script("scripts/sample.py")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    try:
+        code = sample.main(["--prompt", "a seven", "--resolution", "100000", "--no_progress",
+                            "--output_dir", str(tmp_path / "never")])
+    except SystemExit as exit_:
+        code = exit_.code
+    with open("/proc/self/status") as f:
+        peak = int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading" not in line]
+    assert code != 0 and len(lines) == 1 and "estimated" in lines[0] and "--max_memory_gb" in lines[0], lines
+    # what grew is the imports and the tiny models (~0.4 GB), not any of the request's thousands of GB
+    assert peak - before < 2**30
+    assert not (tmp_path / "never").exists()

@@ -41,6 +41,9 @@ def build_parser(spec: methods.MethodSpec | None = None) -> argparse.ArgumentPar
     p.add_argument("--output_dir", default="outputs/samples")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the denoiser (one graph per run's shape; the first step pays the compile "
+                        "time, tens of seconds on a CPU); without a compiler: one note, then eager")
     limits.add_memory_argument(p)
     group = p.add_argument_group(f"{spec.name} settings", spec.description)
     methods.add_settings_arguments(group, spec.settings)
@@ -116,6 +119,7 @@ def write_outputs(images, prompts, out: Path, record: dict) -> Path:
 
 @cli_entry
 def main(argv=None) -> int:
+    from common.compile import CompileOptions, compiling
     from common.io import check_output_dir
 
     args, spec = parse_args(argv)
@@ -125,7 +129,8 @@ def main(argv=None) -> int:
     limits.check_memory(args, batch=len(settings.prompts), height=getattr(settings, "resolution", None))
     checkpoint = args.checkpoint or str(spec.checkpoint_path())
     pipeline = spec.load(checkpoint, args.device)
-    result = pipeline(settings, callback=None if args.no_progress else methods.TerminalProgress())
+    with compiling(CompileOptions() if args.compile else None):
+        result = pipeline(settings, callback=None if args.no_progress else methods.TerminalProgress())
     record = {"method": spec.name, "checkpoint": checkpoint, "device": args.device, "output_dir": args.output_dir,
               **methods.settings_dict(settings)}
     out = write_outputs(result.images, settings.prompts, Path(args.output_dir), record)

@@ -1,0 +1,244 @@
+"""``--compile``: torch.compile of the networks a run calls in its hot loop, with shapes and fallbacks under control.
+
+One run calls its denoiser with a small fixed set of shapes (the CFG batch ``2B`` of one resolution, or ``B`` when
+guidance is off), so the networks are compiled with ``dynamic=False``: one graph per shape, specialised and free
+of shape guards; timesteps are tensors, so a new step is a new input, never a recompilation (tested). Modules are
+compiled *in place* (``nn.Module.compile`` semantics): the object, its ``state_dict`` keys and every reference a
+method holds stay the same, which is what lets one switch cover every method and every trainer.
+
+Sampling: ``scripts/sample.py --compile`` enters :func:`compiling`; inside it every sampler of
+``common.samplers`` wraps its denoiser in :class:`CompileAfterFirstCall`: the first step runs eagerly and records
+the networks the denoiser calls (a UNet behind a CFG wrapper, a collaboration's member UNets, ...), which are then
+compiled; the second step pays the compile time, every later step reuses the graph.
+Training: ``TrainConfig.compile`` does the same with the loss function and the trainable modules (the frozen
+VAE and text encoder stay eager).
+
+Where compilation is unavailable (dynamo unsupported on the platform, no C++ compiler for inductor on CPU, or any
+exception when the first call compiles), the run says so in ONE line on stderr and continues eagerly. The price
+of compiling is paid by the first call of every shape: seconds on a GPU for a full SD UNet (more with
+``mode="max-autotune"``), tens of seconds on a CPU; later calls and later steps reuse the graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+
+Backend = Union[str, Callable[..., Any]]
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """``backend``: torch.compile backend (``inductor``; ``aot_eager`` traces without generating code);
+    ``mode``: inductor mode (``None``, ``reduce-overhead``, ``max-autotune``); ``channels_last``: convert
+    conv networks to channels-last memory format (``None``: on for CUDA, off on CPU, where it measured slower)."""
+
+    backend: Backend = "inductor"
+    mode: Optional[str] = None
+    channels_last: Optional[bool] = None
+    fullgraph: bool = False
+
+
+_state = threading.local()
+_compiled_modules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # every module compile_module compiled
+_warned: list[str] = []  # the one line already printed this process (a fallback is reported once, not per module)
+
+
+def note_fallback(reason: str) -> None:
+    """The single stderr line of a run that asked for --compile and runs eagerly."""
+    if _warned:
+        return
+    line = f"note: --compile unavailable ({reason}); running eagerly"
+    _warned.append(line)
+    print(line, file=sys.stderr, flush=True)
+
+
+def unavailable_reason(options: CompileOptions, device: Optional[torch.device] = None) -> Optional[str]:
+    """Why torch.compile cannot work here, or None: dynamo unsupported, or inductor on CPU without a C++ compiler."""
+    try:
+        import torch._dynamo as dynamo
+    except Exception as err:  # a torch build without dynamo
+        return f"torch._dynamo cannot be imported: {type(err).__name__}"
+    if not dynamo.is_dynamo_supported():
+        return f"torch.compile is not supported on {sys.platform} with Python {sys.version.split()[0]}"
+    if options.backend == "inductor" and (device is None or device.type == "cpu"):
+        compiler = _cpp_compiler()
+        if compiler is None:
+            return "no C++ compiler found for inductor's CPU code: install g++ or clang++, or set CXX"
+    return None
+
+
+def _cpp_compiler() -> Optional[str]:
+    from torch._inductor import config
+
+    names = [os.environ.get("CXX"), config.cpp.cxx[1] if isinstance(config.cpp.cxx, tuple) else config.cpp.cxx,
+             "g++", "c++", "clang++"]
+    for name in filter(None, names):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def is_compiled(module: nn.Module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def compile_module(module: nn.Module, options: CompileOptions = CompileOptions()) -> bool:
+    """Compile ``module`` in place (its ``__call__`` runs the compiled graph); True if it will run compiled.
+
+    A failure at the first call (the moment torch.compile actually compiles) prints the one fallback line, restores
+    the eager module and returns the eager result, so a run never dies of --compile.
+    """
+    if is_compiled(module):
+        return True
+    device = _module_device(module)
+    reason = unavailable_reason(options, device)
+    if reason is not None:
+        note_fallback(reason)
+        return False
+    if _use_channels_last(options, device) and _has_conv(module):
+        module.to(memory_format=torch.channels_last)
+    compiled = torch.compile(module._call_impl, backend=options.backend, mode=options.mode, dynamic=False,
+                             fullgraph=options.fullgraph)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as err:  # compile-time failures of any kind (backend, codegen, C++ build, tracing)
+            module._compiled_call_impl = None
+            note_fallback(f"{type(err).__name__} while compiling {type(module).__name__}: "
+                          + (" ".join(str(err).split())[:160] or "no message"))
+            return module._call_impl(*args, **kwargs)
+
+    module._compiled_call_impl = call
+    _compiled_modules[module] = None
+    return True
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _use_channels_last(options: CompileOptions, device: torch.device) -> bool:
+    if options.channels_last is not None:
+        return options.channels_last
+    return device.type == "cuda"
+
+
+def _has_conv(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+@contextlib.contextmanager
+def compiling(options: Optional[CompileOptions] = CompileOptions()) -> Iterator[None]:
+    """Inside: every sampler of ``common.samplers`` compiles the networks of its denoiser (None: no change)."""
+    previous = getattr(_state, "options", None)
+    _state.options = options
+    try:
+        yield
+    finally:
+        _state.options = previous
+
+
+def active_options() -> Optional[CompileOptions]:
+    return getattr(_state, "options", None)
+
+
+def prepare_denoiser(denoiser: Any) -> Any:
+    """Inside :func:`compiling`: ``denoiser`` wrapped so that its networks are compiled after its first call; outside:
+    ``denoiser`` itself."""
+    options = active_options()
+    if options is None:
+        return denoiser
+    return CompileAfterFirstCall(denoiser, options)
+
+
+class CompileAfterFirstCall:
+    """Calls ``fn``; its first call runs eagerly and records the outermost ``nn.Module``\ s it calls, which are then
+    compiled in place, so later calls run their graphs.
+
+    Watching the first call, rather than compiling whatever module a wrapper holds, finds the networks that really
+    run, however the wrapper reaches them: a UNet behind a CFG closure, a collaboration's member UNets called from
+    its ``predict`` method (compiling the collaboration's own ``forward`` would compile nothing that runs).
+    ``within``: only modules that are these or their submodules count (a trainer's trainable modules, not the frozen
+    VAE); None: any module with parameters. Attributes of ``fn`` (``prediction_type``, ...) read through.
+    """
+
+    def __init__(self, fn: Callable[..., Any], options: CompileOptions, within: Optional[list[nn.Module]] = None):
+        self.fn, self.options = fn, options
+        self.within = None if within is None else {id(m) for top in within for m in top.modules()}
+        self.compiled: Optional[list[nn.Module]] = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("fn", "options", "within", "compiled"):
+            raise AttributeError(name)
+        return getattr(self.fn, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is not None:
+            return self.fn(*args, **kwargs)
+        with outermost_calls(self.within) as called:
+            out = self.fn(*args, **kwargs)
+        self.compiled = [m for m in called if compile_module(m, self.options)]
+        return out
+
+
+@contextlib.contextmanager
+def outermost_calls(within: Optional[set[int]] = None) -> Iterator[list[nn.Module]]:
+    """Inside: the modules (with parameters, in ``within`` if given) called while no other such module is running,
+    in call order, each once."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    called: list[nn.Module] = []
+    depth = [0]
+
+    def counts(module: nn.Module) -> bool:
+        return (within is None or id(module) in within) and _has_parameters(module)
+
+    def enter(module: nn.Module, args: Any) -> None:
+        if counts(module):
+            if depth[0] == 0 and all(m is not module for m in called):
+                called.append(module)
+            depth[0] += 1
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        if counts(module):
+            depth[0] -= 1
+
+    # Modules compiled earlier run eagerly while the hooks are on: a compiled graph guards on the global hooks and
+    # would recompile (with the hooks traced in) for this one call.
+    paused = {m: m._compiled_call_impl for m in list(_compiled_modules) if m._compiled_call_impl is not None}
+    for module in paused:
+        module._compiled_call_impl = None
+    handles = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave, always_call=True)]
+    try:
+        yield called
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, call in paused.items():
+            if module._compiled_call_impl is None:
+                module._compiled_call_impl = call
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())

@@ -22,6 +22,7 @@ of compiling is paid by the first call of every shape: seconds on a GPU for a fu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import sys
@@ -48,6 +49,14 @@ class CompileOptions:
     mode: Optional[str] = None
     channels_last: Optional[bool] = None
     fullgraph: bool = False
+
+
+BACKEND_VARIABLE = "DLAB_COMPILE_BACKEND"  # e.g. aot_eager: trace and check a run without generating code
+
+
+def default_options(**changes: Any) -> CompileOptions:
+    """The options of ``--compile``: inductor, or the backend named by the ``DLAB_COMPILE_BACKEND`` variable."""
+    return dataclasses.replace(CompileOptions(backend=os.environ.get(BACKEND_VARIABLE) or "inductor"), **changes)
 
 
 _state = threading.local()
@@ -149,7 +158,7 @@ def _has_conv(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def compiling(options: Optional[CompileOptions] = CompileOptions()) -> Iterator[None]:
+def compiling(options: Optional[CompileOptions]) -> Iterator[None]:
     """Inside: every sampler of ``common.samplers`` compiles the networks of its denoiser (None: no change)."""
     previous = getattr(_state, "options", None)
     _state.options = options
@@ -173,8 +182,8 @@ def prepare_denoiser(denoiser: Any) -> Any:
 
 
 class CompileAfterFirstCall:
-    """Calls ``fn``; its first call runs eagerly and records the outermost ``nn.Module``\ s it calls, which are then
-    compiled in place, so later calls run their graphs.
+    """Calls ``fn``; its first call runs eagerly and records the outermost ``nn.Module`` objects it calls, which are
+    then compiled in place, so later calls run their graphs.
 
     Watching the first call, rather than compiling whatever module a wrapper holds, finds the networks that really
     run, however the wrapper reaches them: a UNet behind a CFG closure, a collaboration's member UNets called from

@@ -1022,12 +1022,14 @@ class Trainer:
             set_seed(self.seed, device_specific=True)
         self._start_trackers()
         if cfg.compile:
-            from common.compile import CompileAfterFirstCall, CompileOptions
+            from common.compile import CompileAfterFirstCall, default_options
 
             # The first step runs eagerly and names the trainable networks the loss calls; they are compiled in
             # place (checkpoints keep their keys, DDP wraps the same object). Channels-last stays off: safetensors
             # refuses to save its non-contiguous weights.
-            loss_fn = CompileAfterFirstCall(loss_fn, CompileOptions(channels_last=False), within=list(models.values()))
+            loss_fn = CompileAfterFirstCall(
+                loss_fn, default_options(channels_last=False), within=list(models.values())
+            )
         run = _Run(
             loss_fn=loss_fn,
             validation_fn=validation_fn,

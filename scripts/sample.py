@@ -119,7 +119,7 @@ def write_outputs(images, prompts, out: Path, record: dict) -> Path:
 
 @cli_entry
 def main(argv=None) -> int:
-    from common.compile import CompileOptions, compiling
+    from common.compile import compiling, default_options
     from common.io import check_output_dir
 
     args, spec = parse_args(argv)
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     limits.check_memory(args, batch=len(settings.prompts), height=getattr(settings, "resolution", None))
     checkpoint = args.checkpoint or str(spec.checkpoint_path())
     pipeline = spec.load(checkpoint, args.device)
-    with compiling(CompileOptions() if args.compile else None):
+    with compiling(default_options() if args.compile else None):
         result = pipeline(settings, callback=None if args.no_progress else methods.TerminalProgress())
     record = {"method": spec.name, "checkpoint": checkpoint, "device": args.device, "output_dir": args.output_dir,
               **methods.settings_dict(settings)}

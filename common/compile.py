@@ -61,6 +61,7 @@ def default_options(**changes: Any) -> CompileOptions:
 
 _state = threading.local()
 _compiled_modules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # every module compile_module compiled
+_probed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # modules a first call has already been watched for
 _warned: list[str] = []  # the one line already printed this process (a fallback is reported once, not per module)
 
 
@@ -189,7 +190,8 @@ class CompileAfterFirstCall:
     run, however the wrapper reaches them: a UNet behind a CFG closure, a collaboration's member UNets called from
     its ``predict`` method (compiling the collaboration's own ``forward`` would compile nothing that runs).
     ``within``: only modules that are these or their submodules count (a trainer's trainable modules, not the frozen
-    VAE); None: any module with parameters. Attributes of ``fn`` (``prediction_type``, ...) read through.
+    VAE); None: any module with parameters. Attributes of ``fn`` (``prediction_type``, ...) read through. A later
+    wrapper of the same networks (the next sampling call) skips the watched eager call.
     """
 
     def __init__(self, fn: Callable[..., Any], options: CompileOptions, within: Optional[list[nn.Module]] = None):
@@ -205,9 +207,15 @@ class CompileAfterFirstCall:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.compiled is not None:
             return self.fn(*args, **kwargs)
+        held = reachable_modules(self.fn)
+        if held and all(m in _probed for m in held):  # a later run of the same networks: no eager first step
+            self.compiled = []
+            return self.fn(*args, **kwargs)
         with outermost_calls(self.within) as called:
             out = self.fn(*args, **kwargs)
         self.compiled = [m for m in called if compile_module(m, self.options)]
+        for module in held:
+            _probed[module] = None
         return out
 
 
@@ -247,6 +255,46 @@ def outermost_calls(within: Optional[set[int]] = None) -> Iterator[list[nn.Modul
         for module, call in paused.items():
             if module._compiled_call_impl is None:
                 module._compiled_call_impl = call
+
+
+def reachable_modules(obj: Any, max_depth: int = 4) -> list[nn.Module]:
+    """The outermost ``nn.Module`` objects with parameters a callable holds, through attributes, slots, containers,
+    bound methods and closures (how denoiser wrappers hold their networks); used to recognise a later run of the
+    same networks, whose first call then needs no watching."""
+    found: list[nn.Module] = []
+    seen: set[int] = set()
+
+    def visit(value: Any, depth: int) -> None:
+        if value is None or id(value) in seen or depth > max_depth:
+            return
+        seen.add(id(value))
+        if isinstance(value, nn.Module):
+            if _has_parameters(value):
+                found.append(value)
+            return
+        if isinstance(value, (torch.Tensor, str, bytes, int, float, bool, complex, type)):
+            return
+        if isinstance(value, dict):
+            children = list(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            children = list(value)
+        else:
+            children = [getattr(value, "__self__", None), getattr(value, "func", None)]
+            for cell in getattr(value, "__closure__", None) or ():
+                try:
+                    children.append(cell.cell_contents)
+                except ValueError:  # an empty cell
+                    pass
+            if hasattr(value, "__dict__"):
+                children.extend(vars(value).values())
+            for slot in getattr(type(value), "__slots__", ()):
+                if isinstance(slot, str):
+                    children.append(getattr(value, slot, None))
+        for child in children:
+            visit(child, depth + 1)
+
+    visit(obj, 0)
+    return found
 
 
 def _has_parameters(module: nn.Module) -> bool:

@@ -40,6 +40,7 @@ def fresh_compile_state():
     yield
     torch._dynamo.reset()
     compile_mod._warned.clear()
+    compile_mod._probed.clear()
 
 
 def conv_net() -> nn.Module:

@@ -169,6 +169,9 @@ def add_compiled_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--memory_resolutions", nargs="*", type=int, default=[256, 512],
                        help="image sides at which one eager step of the SD-shaped UNet measures peak memory")
     group.add_argument("--profile", action="store_true", help="profile one UNet call of the SD-shaped model")
+    group.add_argument("--device", default="cpu", help="cpu, or cuda (then the wall time and the GPU's peak "
+                       "allocated memory are the figures; CPU time is still recorded)")
+    group.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
 
 
 def sd_shaped_unet_config(width: int = 32, text_dim: int = 32) -> dict:
@@ -207,6 +210,9 @@ def compiled_worker(config: dict) -> None:
 
     torch.manual_seed(0)
     impl, batch, steps, side, scale = config["impl"], config["batch"], config["steps"], config["resolution"], 7.5
+    device = torch.device(config.get("device", "cpu"))
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.get("dtype", "fp32")]
+    cuda = device.type == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
         if config["model"] == "tiny":
             folder = Path(__file__).resolve().parent.parent / "ckpt" / "tiny" / "baseline"
@@ -214,7 +220,7 @@ def compiled_worker(config: dict) -> None:
             folder = make_sd_shaped_folder(Path(tmp) / "sd", config["sd_width"])
         prompts = ["a red handwritten seven"] * batch
         if impl.startswith("ours"):
-            ours = LatentTextToImage.from_pretrained(str(folder))
+            ours = LatentTextToImage.from_pretrained(str(folder), dtype=dtype, device=device)
             unet = ours.unet
             cond, uncond = ours.encode_prompt(prompts), ours.encode_prompt([""] * batch)
             shape = ours.latent_shape(batch, side, side)
@@ -228,13 +234,14 @@ def compiled_worker(config: dict) -> None:
                 with compiling(options):
                     den = guided_unet(unet, cond, uncond, scale)
                     return sample_ddim(den, ours.schedule, plan, shape, generator=torch.Generator().manual_seed(0),
-                                       progress=False)
+                                       progress=False, device=device, dtype=dtype)
         else:
             from diffusers import StableDiffusionPipeline
 
-            pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+            pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, torch_dtype=dtype)
+            pipe = pipe.to(device)
             pipe.set_progress_bar_config(disable=True)
-            cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True, [""] * batch)
+            cond, uncond = pipe.encode_prompt(prompts, device, 1, True, [""] * batch)
             if impl == "diffusers_compiled":
                 pipe.unet = torch.compile(pipe.unet)  # the recipe of diffusers' docs
             unet = pipe.unet
@@ -245,13 +252,17 @@ def compiled_worker(config: dict) -> None:
                             generator=torch.Generator().manual_seed(0)).images
 
         def timed() -> dict:
+            if cuda:
+                torch.cuda.synchronize(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             with torch.no_grad():
                 out = run()
+            if cuda:
+                torch.cuda.synchronize(device)
             return {"wall": time.perf_counter() - start, "cpu": time.process_time() - start_cpu, "out": out}
 
         first = timed()  # the warm-up: compiles (the compiled configurations), first-use costs (all)
-        save_file({"latents": first.pop("out").contiguous()}, config["latents_file"])
+        save_file({"latents": first.pop("out").float().cpu().contiguous()}, config["latents_file"])
 
         def run_once() -> dict:
             result = timed()
@@ -262,17 +273,24 @@ def compiled_worker(config: dict) -> None:
             from torch.profiler import ProfilerActivity
             from torch.profiler import profile as torch_profile
 
-            x = torch.randn((2 * batch, *shape[1:]) if impl.startswith("ours") else (2 * batch, 4, side // 8, side // 8))
-            t = torch.full((2 * batch,), 500)
+            x = torch.randn((2 * batch, 4, side // 8, side // 8), device=device, dtype=dtype)
+            t = torch.full((2 * batch,), 500, device=device)
             text = torch.cat([uncond, cond])
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
             with torch.no_grad():
                 unet(x, t, encoder_hidden_states=text, return_dict=False)
-                with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                with torch_profile(activities=activities) as prof:
                     unet(x, t, encoder_hidden_states=text, return_dict=False)
-            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50)
+                    if cuda:
+                        torch.cuda.synchronize(device)
+            table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                              row_limit=12, max_name_column_width=50)
             return {"table": table}
 
-        serve({"run": run_once, "profile": profile},
+        def gpu_peak() -> dict:
+            return {"gpu_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None}
+
+        serve({"run": run_once, "profile": profile, "gpu_peak": gpu_peak},
               {"first_wall": first["wall"], "first_cpu": first["cpu"]})
 
 
@@ -282,7 +300,8 @@ def compiled_main(args, argv) -> None:
 
     rows: list[dict] = []
     command = "OMP_NUM_THREADS=1 python bench/bench_sampler.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    section = "compiled sampler"
+    section = "compiled sampler" + ("" if args.device == "cpu" else f" ({args.device}, {args.dtype})")
+    setting = "1 thread" if args.device == "cpu" else f"{args.device} {args.dtype}"
     profiles: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
@@ -291,6 +310,7 @@ def compiled_main(args, argv) -> None:
             workers = []
             for impl in args.impls:
                 config = dict(model=model, impl=impl, batch=args.batch, steps=args.steps, resolution=side,
+                              device=args.device, dtype=args.dtype,
                               sd_width=args.sd_width, latents_file=str(Path(tmp) / f"{model}-{impl}.safetensors"))
                 workers.append(Worker("bench_sampler.py", impl, config))
                 print(f"{label}: {impl} ready (first run {workers[-1].ready['first_wall']:.1f} s wall, "
@@ -301,12 +321,13 @@ def compiled_main(args, argv) -> None:
                     if w.name in ("ours_eager", "ours_compiled"):
                         profiles.append(f"### {label}: {w.name}, one UNet call (CFG batch {2 * args.batch})\n\n"
                                         "```\n" + w.ask("profile")["table"] + "```\n")
+            gpu_peaks = {w.name: w.ask("gpu_peak")["gpu_peak_mb"] for w in workers}
             peaks = {w.name: w.quit()["peak_rss_mb"] for w in workers}
             latents = {w.name: load_file(w.config["latents_file"])["latents"]
                        for w in workers}
             med_wall = {n: statistics.median(r["wall"] for r in res) for n, res in results.items()}
             med_cpu = {n: statistics.median(r["cpu"] for r in res) for n, res in results.items()}
-            what = f"{label}, batch {args.batch}, CFG, {args.steps} DDIM steps, 1 thread"
+            what = f"{label}, batch {args.batch}, CFG, {args.steps} DDIM steps, {setting}"
             for w in workers:
                 n = w.name
                 print(f"  {n:28s} {med_wall[n]:.3f} s wall  {med_cpu[n]:.3f} s CPU  first run {w.ready['first_cpu']:.1f} "
@@ -318,6 +339,9 @@ def compiled_main(args, argv) -> None:
                          unit="s"),
                     dict(name=f"{what}: {n}, peak RSS of its process", value=round(peaks[n]), unit="MB"),
                 ]
+                if gpu_peaks[n] is not None:
+                    rows.append(dict(name=f"{what}: {n}, peak GPU memory allocated", value=round(gpu_peaks[n]),
+                                     unit="MB"))
             reference = latents.get("diffusers_eager")
             for n, lat in latents.items():
                 if reference is not None and n != "diffusers_eager":
@@ -343,10 +367,15 @@ def compiled_main(args, argv) -> None:
         for side in args.memory_resolutions:
             for impl in ("ours_eager", "diffusers_eager"):
                 config = dict(model="sd", impl=impl, batch=1, steps=1, resolution=side, sd_width=args.sd_width,
+                              device=args.device, dtype=args.dtype,
                               latents_file=str(Path(tmp) / f"mem-{side}-{impl}.safetensors"))
                 worker = Worker("bench_sampler.py", impl, config)
+                gpu_peak = worker.ask("gpu_peak")["gpu_peak_mb"]
                 peak = worker.quit()["peak_rss_mb"]
-                what = f"SD-shaped UNet width {args.sd_width}, {side} px, batch 1, CFG, one DDIM step, 1 thread"
+                what = f"SD-shaped UNet width {args.sd_width}, {side} px, batch 1, CFG, one DDIM step, {setting}"
+                if gpu_peak is not None:
+                    rows.append(dict(name=f"{what}: {impl}, peak GPU memory allocated", value=round(gpu_peak),
+                                     unit="MB"))
                 print(f"{what}: {impl} peak RSS {peak:.0f} MB, {worker.ready['first_cpu']:.1f} s CPU", flush=True)
                 rows += [dict(name=f"{what}: {impl}, peak RSS of its process", value=round(peak), unit="MB"),
                          dict(name=f"{what}: {impl}, CPU seconds (first step)",

@@ -157,6 +157,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--no_write", action="store_true", help="print only, do not update bench/results.json")
     parser.add_argument("--compiled", action="store_true", help="the trainer eager vs compiled (see above)")
+    parser.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"),
+                        help="--compiled: the trainer's autocast (fp16 needs a GPU)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -207,6 +209,8 @@ def main(argv=None) -> None:
     command = ("python bench/bench_trainer.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     section = "core trainer"
     what = f"tiny UNet2DCondition 0.8M, 8x8x4 latents, batch {BATCH}, {args.threads} thread(s)"
+    if torch.cuda.is_available():
+        what += f", {torch.cuda.get_device_name(0)}, mixed precision {args.mixed_precision}"
     rows = [
         ("trainer: ours / plain accelerate loop, speed ratio (wall clock)", round(wall_ratio, 4), "x", ">= 0.95"),
         ("trainer: ours / plain accelerate loop, speed ratio (CPU time)", round(cpu_ratio, 4), "x", ">= 0.95"),
@@ -272,6 +276,7 @@ def compiled_worker(config: dict) -> None:
             learning_rate=LR, lr_scheduler="constant", lr_warmup_steps=0, adam_beta1=BETAS[0], adam_beta2=BETAS[1],
             adam_weight_decay=WEIGHT_DECAY, adam_epsilon=EPS, max_grad_norm=MAX_GRAD_NORM,
             checkpointing_steps=10**9, validation_steps=10**9, report_to="none", compile=config["compile"],
+            mixed_precision=config["mixed_precision"],
         )  # fmt: skip
         loss.start_wall, loss.start_cpu = time.perf_counter(), time.process_time()
         with Trainer(train_config) as trainer:
@@ -282,7 +287,8 @@ def compiled_worker(config: dict) -> None:
 def compiled_main(args, argv) -> None:
     from worker_pool import Worker, interleave
 
-    config = dict(threads=args.threads, warmup=args.warmup + 2, block=args.steps, blocks=args.reps)
+    config = dict(threads=args.threads, warmup=args.warmup + 2, block=args.steps, blocks=args.reps,
+                  mixed_precision=args.mixed_precision)
     workers = [Worker("bench_trainer.py", name, dict(config, compile=name == "compiled"), threads=args.threads)
                for name in ("eager", "compiled")]
     for w in workers:

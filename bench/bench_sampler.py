@@ -382,7 +382,7 @@ def compiled_main(args, argv) -> None:
                               value=round(worker.ready["first_cpu"], 2), unit="s")]
     if profiles:
         text = "# One UNet call, profiled (CPU, 1 thread)\n\nWritten by `" + command + "`.\n\n" + "\n".join(profiles)
-        (Path(__file__).resolve().parent / "profile_sampler.md").write_text(text)
+        (Path(__file__).resolve().parent / f"profile_sampler_{args.device}.md").write_text(text)
     if args.no_write:
         return
     from records import write_records

@@ -1,0 +1,45 @@
+#!/bin/sh
+# Checks that need a GPU, run by hand (or by CI) on a machine that has one; on a machine without a CUDA GPU every
+# section says so and the script exits 0. Each section is delimited by "# ===== <name> =====" / "# ===== end
+# <name> =====" lines, so sections can be added without touching each other. Run from the repository root:
+#   sh scripts/ci/gpu_check.sh            # every section
+#   sh scripts/ci/gpu_check.sh benchmarks # one section
+# Figures go to bench/results.json / results.md in sections named after the device and dtype.
+set -eu
+PYTHON="${PYTHON:-python}"
+export PYTHONPATH="${PYTHONPATH:-$(pwd)}"
+ONLY="${1:-}"
+
+has_cuda() {
+    "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null
+}
+
+wants() {
+    [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]
+}
+
+# ===== benchmarks =====
+# The compiled-path benchmarks of bench/bench_sampler.py --compiled and bench/bench_trainer.py --compiled on the
+# GPU: ours eager / compiled vs diffusers eager / torch.compile(pipe.unet), in fp16 and bf16 (attention is
+# PyTorch's scaled_dot_product_attention in both stacks), at 256 / 512 / 1024 px on the SD-shaped UNet (width 320
+# is Stable Diffusion 1.x's own), then the trainer step eager vs compiled under bf16 autocast. Wall time and the
+# GPU's peak allocated memory are the figures (CPU time is recorded but means little here).
+if wants benchmarks; then
+    if has_cuda; then
+        for dtype in fp16 bf16; do
+            for side in 256 512 1024; do
+                "$PYTHON" bench/bench_sampler.py --compiled --device cuda --dtype "$dtype" --models sd \
+                    --sd_width 320 --sd_resolution "$side" --batch 1 --steps 25 --reps 5 --memory_resolutions
+            done
+            "$PYTHON" bench/bench_sampler.py --compiled --device cuda --dtype "$dtype" --models tiny \
+                --batch 4 --steps 25 --reps 5 --memory_resolutions
+        done
+        "$PYTHON" bench/bench_sampler.py --compiled --device cuda --dtype fp16 --models sd --sd_width 320 \
+            --sd_resolution 512 --batch 1 --steps 5 --reps 1 --impls ours_eager ours_compiled --memory_resolutions \
+            --profile
+        "$PYTHON" bench/bench_trainer.py --compiled --mixed_precision bf16 --reps 5 --steps 20 --threads 4
+    else
+        echo "benchmarks: no CUDA GPU here; skipped (the CPU figures come from the same scripts without --device)"
+    fi
+fi
+# ===== end benchmarks =====

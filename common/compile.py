@@ -43,12 +43,16 @@ Backend = Union[str, Callable[..., Any]]
 class CompileOptions:
     """``backend``: torch.compile backend (``inductor``; ``aot_eager`` traces without generating code);
     ``mode``: inductor mode (``None``, ``reduce-overhead``, ``max-autotune``); ``channels_last``: convert
-    conv networks to channels-last memory format (``None``: on for CUDA, off on CPU, where it measured slower)."""
+    conv networks to channels-last memory format (``None``: on for CUDA, off on CPU, where it measured no faster);
+    ``freeze``: inductor's ``freezing`` for graphs run without gradients: the weights become constants of the graph
+    (folded, and prepacked for oneDNN on CPU), so a later change of the weights is NOT seen by the compiled graph;
+    for a sampling run, whose weights are fixed, never for training (measured 1.3x on the tiny UNet on CPU)."""
 
     backend: Backend = "inductor"
     mode: Optional[str] = None
     channels_last: Optional[bool] = None
     fullgraph: bool = False
+    freeze: bool = False
 
 
 BACKEND_VARIABLE = "DLAB_COMPILE_BACKEND"  # e.g. aot_eager: trace and check a run without generating code
@@ -118,10 +122,14 @@ def compile_module(module: nn.Module, options: CompileOptions = CompileOptions()
     if reason is not None:
         note_fallback(reason)
         return False
+    _raise_recompile_limit()
     if _use_channels_last(options, device) and _has_conv(module):
         module.to(memory_format=torch.channels_last)
+    # torch.compile takes a mode or an options dict, not both: freezing is dropped when a mode is asked for
+    freeze = options.freeze and options.backend == "inductor" and not options.mode
+    inductor_options = {"freezing": True} if freeze else None
     compiled = torch.compile(module._call_impl, backend=options.backend, mode=options.mode, dynamic=False,
-                             fullgraph=options.fullgraph)
+                             fullgraph=options.fullgraph, options=inductor_options)
 
     def call(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -135,6 +143,20 @@ def compile_module(module: nn.Module, options: CompileOptions = CompileOptions()
     module._compiled_call_impl = call
     _compiled_modules[module] = None
     return True
+
+
+RECOMPILE_LIMIT = 64
+
+
+def _raise_recompile_limit() -> None:
+    """Every module compiled in place shares one code object (``nn.Module._call_impl``), and dynamo keeps at most
+    ``recompile_limit`` (8) graphs per code object before it silently runs eagerly: a collaboration of several
+    networks, each with a guided and an unguided batch, in training and in eval mode, needs more."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if isinstance(getattr(dynamo_config, name, None), int) and getattr(dynamo_config, name) < RECOMPILE_LIMIT:
+            setattr(dynamo_config, name, RECOMPILE_LIMIT)
 
 
 def _module_device(module: nn.Module) -> torch.device:

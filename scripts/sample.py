@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     limits.check_memory(args, batch=len(settings.prompts), height=getattr(settings, "resolution", None))
     checkpoint = args.checkpoint or str(spec.checkpoint_path())
     pipeline = spec.load(checkpoint, args.device)
-    with compiling(default_options() if args.compile else None):
+    with compiling(default_options(freeze=True) if args.compile else None):  # weights are fixed while sampling
         result = pipeline(settings, callback=None if args.no_progress else methods.TerminalProgress())
     record = {"method": spec.name, "checkpoint": checkpoint, "device": args.device, "output_dir": args.output_dir,
               **methods.settings_dict(settings)}

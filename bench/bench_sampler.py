@@ -382,14 +382,13 @@ def compiled_main(args, argv) -> None:
                 rows += [dict(name=f"{what}: {impl}, peak RSS of its process", value=round(peak), unit="MB"),
                          dict(name=f"{what}: {impl}, CPU seconds (first step)",
                               value=round(worker.ready["first_cpu"], 2), unit="s")]
-    if profiles:
-        text = "# One UNet call, profiled (CPU, 1 thread)\n\nWritten by `" + command + "`.\n\n" + "\n".join(profiles)
-        (Path(__file__).resolve().parent / f"profile_sampler_{args.device}.md").write_text(text)
-    if args.no_write:
-        return
-    from records import write_records
+    if not args.no_write:  # before the profile file: a new file would make the records' commit "uncommitted"
+        from records import write_records
 
-    write_records([dict(r, command=command, section=section) for r in rows])
+        write_records([dict(r, command=command, section=section) for r in rows])
+    if profiles:
+        text = f"# One UNet call, profiled ({args.device})\n\nWritten by `{command}`.\n\n" + "\n".join(profiles)
+        (Path(__file__).resolve().parent / f"profile_sampler_{args.device}.md").write_text(text)
 
 
 if __name__ == "__main__":

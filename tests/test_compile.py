@@ -113,9 +113,10 @@ def test_training_step_compiled_matches_eager_without_recompiles(tmp_path, monke
 
 
 def test_inductor_compiles_a_conv_net_to_the_eager_result(capsys):
+    """What ``scripts/sample.py --compile`` does: inductor, weights frozen into the graph, run without gradients."""
     net, x = conv_net(), torch.randn(2, 3, 16, 16)
     expected = net(x)
-    assert compile_module(net, CompileOptions(backend="inductor"))
+    assert compile_module(net, CompileOptions(backend="inductor", freeze=True))
     with torch.no_grad():
         got = net(x)
     assert is_compiled(net), capsys.readouterr().err  # a fallback would have restored the eager module

@@ -119,7 +119,6 @@ def write_outputs(images, prompts, out: Path, record: dict) -> Path:
 
 @cli_entry
 def main(argv=None) -> int:
-    from common.compile import compiling, default_options
     from common.io import check_output_dir
 
     args, spec = parse_args(argv)
@@ -129,6 +128,8 @@ def main(argv=None) -> int:
     limits.check_memory(args, batch=len(settings.prompts), height=getattr(settings, "resolution", None))
     checkpoint = args.checkpoint or str(spec.checkpoint_path())
     pipeline = spec.load(checkpoint, args.device)
+    from common.compile import compiling, default_options
+
     with compiling(default_options(freeze=True) if args.compile else None):  # weights are fixed while sampling
         result = pipeline(settings, callback=None if args.no_progress else methods.TerminalProgress())
     record = {"method": spec.name, "checkpoint": checkpoint, "device": args.device, "output_dir": args.output_dir,

@@ -17,12 +17,18 @@ default (``--threads``): oversubscribed OpenMP threads spin and make wall times 
 Memory: before each loop the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``); the loop's peak RSS and
 its peak above the RSS it started from are reported (where the reset is not allowed, the process peak
 ``ru_maxrss`` for both). Usage: ``python bench/bench_trainer.py [--reps 9 --steps 10 --threads 1]``.
+
+``--compiled``: the trainer eager vs the trainer with ``compile=True`` (``--compile`` of every training script), each
+in its own worker process (``bench/worker_pool.py``) running one long ``fit``; the loss function pauses every
+``--steps`` steps until the parent says go, so blocks of steps of the two alternate (interleaved); a block's
+figure is its median step interval, the ratio the median over blocks of eager / compiled.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 import resource
@@ -150,7 +156,15 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="steps of each repetition left out of the timing")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--no_write", action="store_true", help="print only, do not update bench/results.json")
+    parser.add_argument("--compiled", action="store_true", help="the trainer eager vs compiled (see above)")
+    parser.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"),
+                        help="--compiled: the trainer's autocast (fp16 needs a GPU)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        return compiled_worker(json.loads(args.worker))
+    if args.compiled:
+        return compiled_main(args, argv)
     torch.set_num_threads(args.threads)
     logging.getLogger("common.train").setLevel(logging.WARNING)
 
@@ -195,6 +209,8 @@ def main(argv=None) -> None:
     command = ("python bench/bench_trainer.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     section = "core trainer"
     what = f"tiny UNet2DCondition 0.8M, 8x8x4 latents, batch {BATCH}, {args.threads} thread(s)"
+    if torch.cuda.is_available():
+        what += f", {torch.cuda.get_device_name(0)}, mixed precision {args.mixed_precision}"
     rows = [
         ("trainer: ours / plain accelerate loop, speed ratio (wall clock)", round(wall_ratio, 4), "x", ">= 0.95"),
         ("trainer: ours / plain accelerate loop, speed ratio (CPU time)", round(cpu_ratio, 4), "x", ">= 0.95"),
@@ -215,6 +231,98 @@ def main(argv=None) -> None:
         dict(name=name, value=value, unit=unit, target=target, command=command, section=section)
         for name, value, unit, target in rows
     ], replace_section=section)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ --compiled
+
+
+class PausingLoss(DiffusionLoss):
+    """The diffusion loss of a worker: after ``warmup`` steps and then every ``block`` steps it reports the median
+    step interval of the block just run and waits for the parent's next command."""
+
+    def __init__(self, warmup: int, block: int, blocks: int) -> None:
+        super().__init__()
+        self.warmup, self.block, self.blocks, self.calls = warmup, block, blocks, 0
+        self.block_start = 0
+
+    def __call__(self, unet: nn.Module, latents: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        from worker_pool import peak_rss_mb, reply
+
+        n = self.calls
+        self.calls += 1
+        if n >= self.warmup and (n - self.warmup) % self.block == 0:
+            wall, cpu = time.perf_counter(), time.process_time()
+            if n == self.warmup:  # set-up done: the first steps (eager probe step + compile) are behind us
+                reply({"ready": True, "first_wall": wall - self.start_wall, "first_cpu": cpu - self.start_cpu})
+            else:
+                walls, cpus = self.wall[self.block_start:] + [wall], self.cpu[self.block_start:] + [cpu]
+                reply({"wall": statistics.median(b - a for a, b in zip(walls, walls[1:])),
+                       "cpu": statistics.median(b - a for a, b in zip(cpus, cpus[1:]))})
+            command = sys.stdin.readline().strip()
+            if command == "quit":
+                reply({"peak_rss_mb": peak_rss_mb()})
+            self.block_start = len(self.wall)
+        return super().__call__(unet, latents, text)
+
+
+def compiled_worker(config: dict) -> None:
+    torch.set_num_threads(config["threads"])
+    logging.getLogger("common.train").setLevel(logging.WARNING)
+    loss = PausingLoss(config["warmup"], config["block"], config["blocks"])
+    steps = config["warmup"] + config["block"] * config["blocks"] + 1
+    with tempfile.TemporaryDirectory() as tmp:
+        train_config = TrainConfig(
+            output_dir=os.path.join(tmp, "run"), seed=0, train_batch_size=BATCH, max_train_steps=steps,
+            learning_rate=LR, lr_scheduler="constant", lr_warmup_steps=0, adam_beta1=BETAS[0], adam_beta2=BETAS[1],
+            adam_weight_decay=WEIGHT_DECAY, adam_epsilon=EPS, max_grad_norm=MAX_GRAD_NORM,
+            checkpointing_steps=10**9, validation_steps=10**9, report_to="none", compile=config["compile"],
+            mixed_precision=config["mixed_precision"],
+        )  # fmt: skip
+        loss.start_wall, loss.start_cpu = time.perf_counter(), time.process_time()
+        with Trainer(train_config) as trainer:
+            unet = tiny_unet2d_condition(seed=0)
+            trainer.fit({"unet": unet}, lambda batch, ctx: loss(ctx.models["unet"], *batch), make_dataset(steps))
+
+
+def compiled_main(args, argv) -> None:
+    from worker_pool import Worker, interleave
+
+    config = dict(threads=args.threads, warmup=args.warmup + 2, block=args.steps, blocks=args.reps,
+                  mixed_precision=args.mixed_precision)
+    workers = [Worker("bench_trainer.py", name, dict(config, compile=name == "compiled"), threads=args.threads)
+               for name in ("eager", "compiled")]
+    for w in workers:
+        print(f"trainer {w.name}: ready after {w.ready['first_cpu']:.1f} CPU s", flush=True)
+    blocks = interleave(workers, args.reps)
+    peaks = {w.name: w.quit()["peak_rss_mb"] for w in workers}
+    cpu_ratio = statistics.median(e["cpu"] / c["cpu"] for e, c in zip(blocks["eager"], blocks["compiled"]))
+    wall_ratio = statistics.median(e["wall"] / c["wall"] for e, c in zip(blocks["eager"], blocks["compiled"]))
+    cpu_step = {n: statistics.median(b["cpu"] for b in bs) for n, bs in blocks.items()}
+    wall_step = {n: statistics.median(b["wall"] for b in bs) for n, bs in blocks.items()}
+    first = {w.name: w.ready["first_cpu"] for w in workers}
+    print(f"speed compiled / eager: CPU {cpu_ratio:.3f}, wall {wall_ratio:.3f} (target >= 1.2); CPU s/step "
+          f"eager {cpu_step['eager']:.4f} compiled {cpu_step['compiled']:.4f}; first steps (incl. compile) "
+          f"{first['eager']:.1f} / {first['compiled']:.1f} CPU s; peak RSS {peaks['eager']:.0f} / "
+          f"{peaks['compiled']:.0f} MB")  # fmt: skip
+    if args.no_write:
+        return
+    from records import write_records
+
+    command = ("python bench/bench_trainer.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    what = f"tiny UNet2DCondition 0.8M, 8x8x4 latents, batch {BATCH}, {args.threads} thread(s)"
+    rows = [
+        (f"trainer compiled / eager, speed ratio (CPU time; {what})", round(cpu_ratio, 4), "x", ">= 1.2"),
+        (f"trainer compiled / eager, speed ratio (wall clock; {what})", round(wall_ratio, 4), "x", ">= 1.2"),
+    ]
+    for n in ("eager", "compiled"):
+        rows += [
+            (f"trainer {n}: CPU seconds per step ({what})", round(cpu_step[n], 4), "s", ""),
+            (f"trainer {n}: wall seconds per step ({what})", round(wall_step[n], 4), "s", ""),
+            (f"trainer {n}: first {config['warmup']} steps incl. compile (CPU s)", round(first[n], 2), "s", ""),
+            (f"trainer {n}: peak RSS of its process", round(peaks[n]), "MB", ""),
+        ]
+    write_records([dict(name=name, value=value, unit=unit, target=target, command=command,
+                        section="compiled trainer") for name, value, unit, target in rows])
 
 
 if __name__ == "__main__":

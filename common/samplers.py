@@ -28,6 +28,7 @@ from typing import Optional, Union
 import torch
 from tqdm.auto import tqdm
 
+from common.compile import prepare_denoiser
 from common.errors import UserError
 from common.process import Shift, canonical_prediction_type, posterior_coefficients, x0_eps_from_output_sqrt
 from common.schedule import NoiseSchedule, SamplingPlan
@@ -165,6 +166,8 @@ class _Run:
                  shape=None, x_T=None, generator=None, device=None):
         self.ptype, self.learned = _denoiser_kind(denoiser, prediction_type)
         _check_shift(shift, self.ptype)
+        # inside common.compile.compiling() (--compile): its networks are compiled after the first step
+        self.denoiser = prepare_denoiser(denoiser)
         self.steps = _steps(plan, schedule, dtype, eta)
         if x is None:
             x = _initial_noise(shape, x_T, generator, device, dtype, shift, self.steps[0].abar)
@@ -229,6 +232,7 @@ def sample_ddpm(
     run = _Run(denoiser, schedule, plan, prediction_type, shift, clip_x0, dtype, shape=shape, x_T=x_T,
                generator=generator, device=device)
     x, steps, predict, ts, device = run.x, run.steps, run.predict, run.ts, run.x.device
+    denoiser = run.denoiser
     min_logs = _learned_range_min_logs(plan, schedule) if variance_type == "learned_range" else None
     scale_sq = None if shift is None or shift.scale is None else shift.scale**2
     for i in _iterate(range(len(plan)), len(plan), "DDPM", progress):
@@ -289,6 +293,7 @@ def sample_ddim(
     run = _Run(denoiser, schedule, plan, prediction_type, shift, clip_x0, dtype, eta, shape=shape, x_T=x_T,
                generator=generator, device=device)
     x, steps, predict, ts, device = run.x, run.steps, run.predict, run.ts, run.x.device
+    denoiser = run.denoiser
     for i in _iterate(range(len(plan)), len(plan), "DDIM", progress):
         step = steps[i]
         y, x0_y, eps_y, m, _ = predict(denoiser(x, ts[i]), x, step)
@@ -336,7 +341,7 @@ def invert_ddim(
     start far more closely. Returns ``x_T`` (and, if asked, the latents at every level, clean first).
     """
     run = _Run(denoiser, schedule, plan, prediction_type, shift, None, x0.dtype, x=x0)
-    x, steps, predict, ts = run.x, run.steps, run.predict, run.ts
+    x, steps, predict, ts, denoiser = run.x, run.steps, run.predict, run.ts, run.denoiser
     trajectory = [x]
     for i in _iterate(reversed(range(len(plan))), len(plan), "DDIM inversion", progress):
         step = steps[i]

@@ -190,6 +190,11 @@ class TrainConfig:
     max_train_steps: int | None = _opt(None, "Optimizer steps to train; overrides --num_train_epochs.", type=int)
     gradient_accumulation_steps: int = _opt(1, "Batches accumulated per optimizer step.", type=int)
     gradient_checkpointing: bool = _opt(False, "Trade compute for memory (enable_gradient_checkpointing()).")
+    compile: bool = _opt(
+        False,
+        "torch.compile the trainable modules (fixed shapes, compiled in place; the first step pays the compile "
+        "time). Without a compiler: one note, then eager.",
+    )
     learning_rate: float = _opt(1e-4, "Initial learning rate (after warmup).", type=float)
     scale_lr: bool = _opt(False, "Multiply the LR by batch size x accumulation x number of processes.")
     lr_scheduler: str = _opt("constant", "diffusers get_scheduler name.", type=str, choices=LR_SCHEDULER_CHOICES)
@@ -1073,6 +1078,15 @@ class Trainer:
             # A resumed run instead continues the RNG streams restored from the checkpoint.
             set_seed(self.seed, device_specific=True)
         self._start_trackers()
+        if cfg.compile:
+            from common.compile import CompileAfterFirstCall, default_options
+
+            # The first step runs eagerly and names the trainable networks the loss calls; they are compiled in
+            # place (checkpoints keep their keys, DDP wraps the same object). Channels-last stays off: safetensors
+            # refuses to save its non-contiguous weights.
+            loss_fn = CompileAfterFirstCall(
+                loss_fn, default_options(channels_last=False), within=list(models.values())
+            )
         run = _Run(
             loss_fn=loss_fn,
             validation_fn=validation_fn,

@@ -41,6 +41,9 @@ def build_parser(spec: methods.MethodSpec | None = None) -> argparse.ArgumentPar
     p.add_argument("--output_dir", default="outputs/samples")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the denoiser (one graph per run's shape; the first step pays the compile "
+                        "time, tens of seconds on a CPU); without a compiler: one note, then eager")
     limits.add_memory_argument(p)
     group = p.add_argument_group(f"{spec.name} settings", spec.description)
     methods.add_settings_arguments(group, spec.settings)
@@ -127,9 +130,12 @@ def main(argv=None) -> int:
         # All images are sampled in one batch, so the batch is the number of prompts. A pipeline that plans its
         # memory from its models' widths refuses what cannot fit itself, before sampling.
         limits.check_memory(args, batch=len(settings.prompts), height=getattr(settings, "resolution", None))
-    result = pipeline(settings, callback=None if args.no_progress else methods.TerminalProgress())
+    from common.compile import compiling, default_options
+
+    with compiling(default_options(freeze=True) if args.compile else None):  # weights are fixed while sampling
+        result = pipeline(settings, callback=None if args.no_progress else methods.TerminalProgress())
     record = {"method": spec.name, "checkpoint": checkpoint, "device": args.device, "output_dir": args.output_dir,
-              **methods.settings_dict(settings)}
+              **methods.settings_dict(settings), "compile": bool(args.compile)}
     if "memory_plan" in result.extras:  # tiling changes pixels within its blending: say how the images were made
         record["memory_plan"] = result.extras["memory_plan"]
     out = write_outputs(result.images, settings.prompts, Path(args.output_dir), record)

@@ -303,6 +303,7 @@ def test_every_boolean_flag_can_be_switched_off_and_on(name):
     assert not one_way, f"{name}: {one_way} can only be switched one way (use argparse.BooleanOptionalAction)"
     assert "--gradient_checkpointing" in parser._option_string_actions
     assert "--no-gradient_checkpointing" in parser._option_string_actions
+    assert "--compile" in parser._option_string_actions  # every trainer can run compiled (common.compile)
 
 
 DENOISING_TRAINERS = ["train_text_to_image", "shifted_finetune", "contextdiff1", "contextdiff2", "codiff_train_unimodal",

@@ -19,7 +19,45 @@ wants() {
     [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]
 }
 
-# ===== section: engines ======================================================================================
+# ===== section: engines =============================================================================================
+# One short training (a tiny text-conditioned UNet + a projection, two trainable modules) through common/train.py on
+# each engine accelerate offers: stop after step 3 with a checkpoint, resume to step 4, validation on gathered
+# weights, export reloaded with from_pretrained (scripts/ci/engine_step.py checks all of it and that the run header
+# names the expected engine). The CPU suite covers FSDP2 over gloo (tests/test_engines.py); FSDP1 and DeepSpeed need
+# CUDA. DeepSpeed is not in requirements.txt: install it first (`DS_BUILD_OPS=0 pip install deepspeed`).
+engines_check() {
+    local gpus nproc work
+    gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+    if [ "$gpus" -lt 1 ]; then
+        echo "engines: no CUDA GPU here; skipped (the CPU suite covers FSDP2 over gloo: tests/test_engines.py)"
+        return 0
+    fi
+    nproc=$(( gpus >= 2 ? 2 : 1 ))
+    work=$(mktemp -d "${TMPDIR:-/tmp}/engine-check.XXXXXX")
+    "$PY" -c "import deepspeed" || { echo "engines: pip install deepspeed (DS_BUILD_OPS=0) for the ZeRO checks" >&2; return 1; }
+    run_engine() {  # name, expected engine, accelerate launch arguments...
+        local name=$1 expect=$2; shift 2
+        echo "== engines: $name ($nproc process(es))"
+        for phase in stop resume; do
+            "${ACCELERATE[@]}" "$@" --num_processes "$nproc" scripts/ci/engine_step.py \
+                --output_dir "$work/$name" --expect "$expect" --phase "$phase"
+        done
+    }
+    if [ "$nproc" -ge 2 ]; then
+        run_engine ddp DDP --config_file configs/accelerate/multi_gpu.yaml
+    else
+        run_engine single plain --config_file configs/accelerate/single_gpu.yaml
+    fi
+    run_engine fsdp2 FSDP --config_file configs/accelerate/fsdp.yaml
+    run_engine fsdp1 FSDP --config_file configs/accelerate/fsdp.yaml --fsdp_version 1
+    run_engine zero2 DeepSpeed --config_file configs/accelerate/deepspeed_zero2.yaml
+    run_engine zero3 DeepSpeed --config_file configs/accelerate/deepspeed_zero3.yaml
+    rm -rf "$work"
+    echo "== engines: all passed"
+}
+if wants engines; then engines_check; fi
+# ===== end of section: engines ======================================================================================
+
 # ===== benchmarks =====
 # The compiled-path benchmarks of bench/bench_sampler.py --compiled and bench/bench_trainer.py --compiled on the
 # GPU: ours eager / compiled vs diffusers eager / torch.compile(pipe.unet), in fp16 and bf16 (attention is

@@ -27,10 +27,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
-from test_train import (  # noqa: F401  (fresh_accelerate_state is an autouse fixture)
+from test_train import (
     all_equal,
     base_config,
-    fresh_accelerate_state,
     make_dataset,
     make_mlp,
     noisy_mse,
@@ -44,6 +43,9 @@ from common import train as train_mod
 from common.checkpoint import LOCK_FILE, verify_checkpoint, write_manifest
 from common.errors import UserError
 from common.train import Trainer, list_checkpoints, resolve_resume_path
+
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def six_steps(tmp_path: Path, name: str, **overrides):

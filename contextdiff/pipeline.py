@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from common import memory
 from common.denoisers import guided_unet
 from common.errors import UserError
 from common.latents import decode_latents, encode_images, vae_scale_factor
@@ -50,6 +51,7 @@ SD21_BASE_SCHEDULER_CONFIG: dict[str, Any] = {
 class ContextDiffOutput:
     images: torch.Tensor  # [B, 3, H, W] in [0, 1]
     latents: torch.Tensor  # [B, C, h, w], the sampled x0 (unscaled model space)
+    memory_plan: Optional[memory.MemoryPlan] = None  # how it ran within the memory budget
 
 
 @dataclass
@@ -160,6 +162,17 @@ def sampling_setup(
 # ------------------------------------------------------------------------------------------------- generation
 
 
+def plan_memory(unet: nn.Module, vae: nn.Module, others: Sequence[Optional[nn.Module]], batch: int, height: int,
+                width: int, guidance_scale: float, max_memory_gb: Optional[float] = None) -> memory.MemoryPlan:
+    """The fastest VAE mode / attention chunking that fits ``max_memory_gb`` (default: the machine's memory) for a
+    batch at ``height x width`` px (CFG doubles the UNet batch); a one-line UserError when nothing fits."""
+    param = next(unet.parameters())
+    request = memory.Request(batch, height, width, guided=guidance_scale != 1.0,
+                             dtype_bytes=torch.finfo(param.dtype).bits // 8, device=str(param.device))
+    return memory.plan(unet, vae, request, memory.budget_bytes(max_memory_gb, str(param.device)),
+                       extra_models=tuple(m for m in others if m is not None))
+
+
 @torch.no_grad()
 def generate(
     unet: nn.Module,
@@ -187,6 +200,7 @@ def generate(
     no_shift: bool = False,
     callback: Optional[Callable] = None,
     progress: bool = False,
+    max_memory_gb: Optional[float] = None,
 ) -> ContextDiffOutput:
     """Sample images for ``prompts`` with the contextualized reverse process (METHOD.md: reverse DDPM / DDIM).
 
@@ -194,7 +208,9 @@ def generate(
     ``eta``) or ``ddpm`` (the config's ``variance_type``). ``parameterization`` defaults from the config's
     ``prediction_type`` (epsilon -> shifted_eps, sample -> x0). ``adapter=None`` or ``no_shift=True`` is the
     ablation without the shift. ``t5=(encoder, tokenizer)`` when the adapter reads T5 states. ``latents`` =
-    initial x_T (e.g. from :func:`invert`). Returns images ``[B, 3, H, W]`` in [0, 1] and the final latents.
+    initial x_T (e.g. from :func:`invert`). ``max_memory_gb``: the budget (default: the machine's memory) the VAE
+    mode and attention chunking are chosen to fit (:mod:`common.memory`), or the request is refused up front.
+    Returns images ``[B, 3, H, W]`` in [0, 1], the final latents and the memory plan taken.
     """
     s = sampling_setup(unet, adapter, text_encoder, tokenizer, prompts, steps=steps, guidance_scale=guidance_scale,
                sampler=sampler, scheduler_config=scheduler_config, parameterization=parameterization,
@@ -210,9 +226,14 @@ def generate(
     clip = float(s.config.get("clip_sample_range", 1.0)) if s.config.get("clip_sample") else None
     common = dict(x_T=latents, generator=generator, shift=s.shift, clip_x0=clip, callback=callback,
                   device=device, dtype=dtype, progress=progress)
-    out = sample(sampler, s.denoiser, s.schedule, s.plan, shape, eta=eta,
-                 variance_type=s.config.get("variance_type", "fixed_small"), **common)
-    return ContextDiffOutput(decode_latents(vae, out), out)
+    memory_plan = plan_memory(unet, vae, (text_encoder, adapter), len(prompts), height, width, guidance_scale,
+                              max_memory_gb)
+    with memory_plan.applied(unet):
+        out = sample(sampler, s.denoiser, s.schedule, s.plan, shape, eta=eta,
+                     variance_type=s.config.get("variance_type", "fixed_small"), **common)
+    with memory_plan.applied(vae):
+        images = decode_latents(vae, out, mode=memory_plan.vae)
+    return ContextDiffOutput(images, out, memory_plan)
 
 
 @torch.no_grad()

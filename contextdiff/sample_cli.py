@@ -63,6 +63,8 @@ class ContextDiffPipeline:
     """A checkpoint folder; the model is loaded on the first call with the settings' adapter / T5 choice and kept
     for later calls with the same choice."""
 
+    plans_memory = True  # fits settings.max_memory_gb itself (common.memory), so entry scripts skip their rough bound
+
     def __init__(self, checkpoint, device="cpu", dtype=torch.float32):
         self.checkpoint, self.device, self.dtype = checkpoint, device, dtype
         self._models: dict = {}
@@ -84,11 +86,13 @@ class ContextDiffPipeline:
 
     def __call__(self, settings: ContextDiffSettings, *, generator=None, callback=None) -> Generation:
         """Images for ``settings.prompts`` in one batch (x_T drawn from ``generator``, default ``settings.seed``)."""
+        extras: dict = {}
         images = sample(self.model(settings), settings.prompts, steps=settings.num_inference_steps,
                         guidance_scale=settings.guidance_scale, sampler=settings.sampler, eta=settings.eta,
                         seed=settings.seed, negative_prompt=settings.negative_prompt, resolution=settings.resolution,
-                        no_shift=settings.no_shift, progress=callback or False, generator=generator)
-        return Generation(images)
+                        no_shift=settings.no_shift, progress=callback or False, generator=generator,
+                        max_memory_gb=settings.max_memory_gb, record=extras)
+        return Generation(images, extras=extras)
 
 
 def load(checkpoint, device="cpu", dtype=torch.float32) -> ContextDiffPipeline:
@@ -102,16 +106,21 @@ def sample(
     model: ContextDiffModel, prompts: Sequence[str], *, steps: int, guidance_scale: float, sampler: str = "ddim",
     eta: float = 0.0, seed: int = 0, negative_prompt: str = "", resolution: Optional[int] = None,
     no_shift: bool = False, progress=False, chunk: Optional[int] = None, generator=None,
+    max_memory_gb: Optional[float] = None, record: Optional[dict] = None,
 ) -> torch.Tensor:
     """Images ``[N, 3, H, W]`` in [0, 1]. ``chunk``: generate in pieces of this many prompts with x_T drawn for all
     N at once (``randn((N, C, h, w), Generator().manual_seed(seed))``, as one batch would): with DDIM eta = 0 the
     images do not depend on the chunking (up to float rounding of other batch sizes); DDPM / eta > 0 draw their
-    step noise per chunk. ``generator``: instead of the seed."""
-    from contextdiff.pipeline import generate
+    step noise per chunk. ``generator``: instead of the seed. ``max_memory_gb``: the memory budget of each chunk
+    (:mod:`common.memory`); ``record``, when given, receives the memory plan taken (``record["memory_plan"]``)."""
+    from contextdiff.pipeline import generate, plan_memory
 
     unet = model.unet
     factor = vae_scale_factor(model.vae)
     side = (resolution or unet.config.sample_size * factor) // factor
+    # refused here, before x_T of the whole request is allocated, when even the most frugal path cannot fit
+    plan_memory(unet, model.vae, (model.text_encoder, model.adapter), min(chunk or len(prompts), len(prompts)),
+                side * factor, side * factor, guidance_scale, max_memory_gb)
     generator = generator if generator is not None else torch.Generator().manual_seed(seed)
     x_T = torch.randn((len(prompts), unet.config.in_channels, side, side), generator=generator)
     chunk = chunk or len(prompts)
@@ -120,8 +129,11 @@ def sample(
         out = generate(**model.generate_kwargs(), prompts=list(prompts[start:start + chunk]), steps=steps,
                        guidance_scale=guidance_scale, sampler=sampler, eta=eta, generator=generator,
                        negative_prompt=negative_prompt, latents=x_T[start:start + chunk].to(model.unet.device),
-                       height=resolution, width=resolution, no_shift=no_shift, progress=progress)
+                       height=resolution, width=resolution, no_shift=no_shift, progress=progress,
+                       max_memory_gb=max_memory_gb)
         images.append(out.images.cpu())
+        if record is not None:
+            record["memory_plan"] = out.memory_plan.describe()
     return torch.cat(images)
 
 

@@ -218,3 +218,29 @@ def test_sample_script_refuses_before_allocating(tmp_path, capsys):
     # what grew is the imports and the tiny models (~0.4 GB), not any of the request's thousands of GB
     assert peak - before < 2**30
     assert not (tmp_path / "never").exists()
+
+
+def test_contextdiff_plans_its_memory_like_the_baseline(tmp_path, capsys):
+    """ContextDiff through sample.py: a small budget takes a frugal VAE path (recorded in settings.json) and gives
+    images within float tolerance of the plain path; an impossible request is one line before x_T is allocated."""
+    from PIL import Image
+
+    sample = load_script("scripts/sample.py")
+    base = ["--method", "contextdiff", "--prompt", "a red seven", "--prompt", "a blue two", "--num_inference_steps",
+            "2", "--no_progress"]
+    assert sample.main([*base, "--output_dir", str(tmp_path / "plain")]) == 0
+    assert sample.main([*base, "--max_memory_gb", "0.015", "--output_dir", str(tmp_path / "frugal")]) == 0
+    plain = json.loads((tmp_path / "plain" / "settings.json").read_text())["memory_plan"]
+    frugal = json.loads((tmp_path / "frugal" / "settings.json").read_text())["memory_plan"]
+    assert "VAE whole batch" in plain and "VAE sliced" in frugal, (plain, frugal)
+    for name in ("0000.png", "0001.png"):  # slicing decodes one image at a time: the same pixels up to rounding
+        a, b = (torch.tensor(list(Image.open(tmp_path / run / "images" / name).getdata()), dtype=torch.float32)
+                for run in ("plain", "frugal"))
+        assert (a - b).abs().max() <= 1
+    try:
+        code = sample.main([*base, "--resolution", "100000", "--output_dir", str(tmp_path / "never")])
+    except SystemExit as exit_:
+        code = exit_.code
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading" not in line]
+    assert code != 0 and "estimated" in lines[-1] and "--max_memory_gb" in lines[-1], lines
+    assert not (tmp_path / "never").exists()

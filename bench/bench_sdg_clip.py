@@ -126,6 +126,19 @@ def report(args) -> int:
             rows.append(dict(name=f"sdg CLIP {r['clip']}: {what}, weight {r['weight']:g} (DDPM {args.steps} steps, "
                                   f"{r['n']} images, 95% CI {lo:.2f}-{hi:.2f})", value=round(r[key] / r["n"], 3),
                              unit="acc"))
+    for item in args.finetune_log:
+        # validation lines of scripts/sdg/finetune_clip.py --eval_dir (the same probe, during fine-tuning)
+        label, path = item.split("=", 1)
+        for line in Path(path).read_text().splitlines():
+            if not line.strip():
+                continue
+            entry = json.loads(line)
+            for t in (0, 200, 400, 600, 800):
+                acc = entry[f"zero_shot_digit_acc_t{t}_noise_aware"]
+                lo, hi = wilson(round(acc * 297), 297)
+                rows.append(dict(name=f"sdg CLIP {label} at step {entry['step']}: probe, zero-shot digit accuracy on "
+                                      f"x_t, t={t} (297 test digits, 95% CI {lo:.2f}-{hi:.2f})", value=round(acc, 3),
+                                 unit="acc"))
     for row in rows:
         print(f"{row['name']}: {row['value']}")
     if not args.no_write:
@@ -146,10 +159,12 @@ def main(argv=None) -> int:
     parser.add_argument("--data_dir", default=str(REPO / "data" / "digits"))
     parser.add_argument("--out", default="sdg_clip.jsonl")
     parser.add_argument("--report", nargs="*", default=None, help="JSON-lines files of earlier runs: write records")
+    parser.add_argument("--finetune_log", nargs="*", default=[],
+                        help="label=<output_dir>/zero_shot.jsonl of finetune_clip.py runs: their probe lines as records")
     parser.add_argument("--command_note", nargs="*", default=[], help="the measuring command, for the records")
     parser.add_argument("--no_write", action="store_true")
     args = parser.parse_args(argv)
-    return report(args) if args.report else measure(args)
+    return report(args) if args.report is not None else measure(args)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import torch
 
 
 REPO = Path(__file__).resolve().parent.parent
-SECTION = "codiff: cross-attention (paper) vs concatenation mask member, paired"
+SECTION = "codiff: members, fixed average and collaboration settings, paired"
 MEMBER_VARIANTS = ("mask_only", "text_only", "average")  # independent of the dynamic diffusers
 COLLAB_VARIANTS = ("collaborative", "collaborative+released")
 BANDS = {"low t (50-250)": (50, 150, 250), "mid t (350-650)": (350, 450, 550, 650), "high t (750-950)": (750, 850, 950)}
@@ -229,7 +229,9 @@ def report(args) -> int:
     table = collect(runs)
     n = runs[0]["num_prompts"]
     setting = f"DDIM {runs[0]['steps']}, eta {runs[0]['eta']:g}, sampling seed {runs[0]['seed']}, {n} pairs"
-    command = "OMP_NUM_THREADS=1 python bench/bench_codiff_members.py run ... && python bench/bench_codiff_members.py report ..."
+    command = "; ".join(f"OMP_NUM_THREADS=1 python bench/bench_codiff_members.py run --name {r['name']} --dirs "
+                        f"{','.join(r['dirs'])} --out {r['name']}.json" for r in runs)
+    command += "; python bench/bench_codiff_members.py report " + " ".join(f"{r['name']}.json" for r in runs)
     rows = []
 
     def cfg_label(scale: str) -> str:

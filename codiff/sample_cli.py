@@ -52,7 +52,7 @@ class CoDiffSettings(SamplingSettings):
                                               "weights), mask_only, text_only", choices=VARIANTS)
     # On by default, as in the released sampler: on 120 paired prompt/mask pairs at CFG 3 it raises both-correct
     # from 90.0% to 98.3% (paired +8.3 points, 95% CI +4.2 to +13.3) for a stroke IoU of 0.852 instead of 0.921
-    # (bench/results.md, "codiff: cross-attention (paper) vs concatenation mask member, paired"; codiff/METHOD.md).
+    # (bench/results.md, "codiff: members, fixed average and collaboration settings, paired"; codiff/METHOD.md).
     released_reweighting: bool = setting(True, "the released sampler's inference-only mask re-weighting (x2, cosine "
                                                "decay) of the learned maps; --no-released_reweighting samples with "
                                                "the maps as trained. Fixed weightings ignore it", page=False)

@@ -177,3 +177,38 @@ def test_spatial_mask_member_concatenates_pooled_class_maps():
     torch.testing.assert_close(out, ref)
     with pytest.raises(UserError, match="one-hot class tokens"):
         member(x, t, encoder_hidden_states=torch.randn(2, 2, 32))
+
+
+def test_sample_default_reweights_the_learned_maps_and_fixed_weightings_ignore_it(monkeypatch):
+    """`scripts/sample.py --method codiff` samples as the release does (re-weighted learned maps) unless told
+    otherwise; a fixed weighting has no maps to re-weight, so the default does not turn it into an error."""
+    import types
+
+    import codiff.sample_cli as cli
+    from codiff.collaborate import ReleasedReweighting
+
+    calls = []
+
+    class FakePipeline:
+        def __call__(self, conds, **kwargs):
+            calls.append(kwargs)
+            return types.SimpleNamespace(images=torch.zeros(1, 3, 32, 32))
+
+    collab = types.SimpleNamespace(
+        image_size=32, modalities=("mask", "text"),
+        members={"mask": types.SimpleNamespace(kind="mask"), "text": types.SimpleNamespace(kind="text")},
+        modality_of_kind=lambda kind: kind, pipeline=FakePipeline, null_conditions=lambda n: {})
+    monkeypatch.setattr(cli, "masks_for_prompts", lambda prompts, c, path=None: [torch.zeros(32, 32, dtype=torch.long)])
+
+    def run(**overrides):
+        settings = cli.CoDiffSettings(prompts=["a red seven"], guidance_scale=1.0, **overrides)
+        settings.check()
+        cli.generate_collaboration(collab, settings)
+        return calls[-1]
+
+    default = run()
+    assert isinstance(default["reweighting"], ReleasedReweighting) and not default["reweighting"].is_identity
+    assert default["weights"] is None
+    assert run(released_reweighting=False)["reweighting"] is None
+    average = run(weighting="average")
+    assert average["reweighting"] is None and average["weights"] == {"mask": 0.5, "text": 0.5}

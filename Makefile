@@ -67,7 +67,10 @@ tiny-pairs-checkpoints: $(STAMP)
 		cp -r $(CLIP_FILES) $(CURDIR)/ckpt/tiny/pairs/clip/
 	$(PY) scripts/train_text_to_image.py --config configs/baseline/pairs_tiny.yaml \
 		--train_data_dir data/digits_pairs/train --output_dir $(PAIRS_RUNS)/baseline_run
-	rm -rf ckpt/tiny/pairs/baseline && mkdir -p ckpt/tiny/pairs/baseline && cd $(PAIRS_RUNS)/baseline_run && \
+	$(PY) scripts/train_text_to_image.py --config configs/baseline/pairs_tiny_continue.yaml \
+		--pretrained_model_name_or_path $(PAIRS_RUNS)/baseline_run --train_data_dir data/digits_pairs/train \
+		--output_dir $(PAIRS_RUNS)/baseline_run2
+	rm -rf ckpt/tiny/pairs/baseline && mkdir -p ckpt/tiny/pairs/baseline && cd $(PAIRS_RUNS)/baseline_run2 && \
 		cp -r $(PIPELINE_FILES) $(CURDIR)/ckpt/tiny/pairs/baseline/
 
 clean:

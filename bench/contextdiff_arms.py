@@ -281,10 +281,49 @@ def report(args) -> None:
                         value=f"{mean['r_abs']:.3f} / {mean['cos_r_x0']:.2f} / {mean['affine_r2']:.2f} / "
                               f"{mean['r_hat_rel_err']:.2f}", unit="", command=command, section=SECTION))
             summary[world][arm] = entry
-    print(json.dumps(summary, indent=1))
+        # The factors head to head: objective (elbo vs simple) and time input (t-aware vs t-free).
+        for a_name, b_name in (("elbo", "simple"), ("elbo_t", "simple_t"), ("simple_t", "simple"), ("elbo_t", "elbo")):
+            common = [s for s in sorted(judged[a_name]) if s in judged[b_name]]
+            if not common:
+                continue
+            stats = paired_stats(np.array([judged[a_name][s]["correct"] for s in common], dtype=float),
+                                 np.array([judged[b_name][s]["correct"] for s in common], dtype=float))
+            summary[world].setdefault("contrasts", {})[f"{a_name} minus {b_name}"] = stats
+            records.append(dict(
+                name=f"[{world}] {a_name} minus {b_name}, both-correct, paired on seeds {common} x {N_PROMPTS} prompts "
+                     "(95% paired bootstrap over prompts)",
+                value=f"{100 * stats['diff']:+.1f} [{100 * stats['boot_lo']:+.1f}, {100 * stats['boot_hi']:+.1f}]",
+                unit="points", command=command, section=SECTION))
+    print(markdown_table(summary))
     if not args.no_write:
         (RUNS / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         write_records(records)
+
+
+def markdown_table(summary: dict) -> str:
+    """The comparison as a markdown table (for METHOD.md): one row per world and arm."""
+    lines = ["| world | arm | seeds | both-correct | minus plain, 95 % bootstrap over prompts | 95 % t over seeds | "
+             "r at t=500: abs(r) / cos(r, x0) / affine R^2 / r(x0_hat) error |",
+             "|---|---|---|---|---|---|---|"]
+    for world, per_arm in summary.items():
+        for arm, e in per_arm.items():
+            if arm == "contrasts":
+                lines += [f"| {world} | {name} | | | {100 * v['diff']:+.1f} [{100 * v['boot_lo']:+.1f}, "
+                          f"{100 * v['boot_hi']:+.1f}] (head to head) | | |" for name, v in e.items()]
+                continue
+            acc = f"{100 * np.mean(e['both_accuracy']):.1f} % ({', '.join(f'{100 * v:.1f}' for v in e['both_accuracy'])})"
+            vs, t_part, diag = "", "", ""
+            if "vs_plain" in e:
+                v = e["vs_plain"]
+                vs = f"{100 * v['diff']:+.1f} [{100 * v['boot_lo']:+.1f}, {100 * v['boot_hi']:+.1f}]"
+                t_part = "n/a (1 seed)" if v["t_lo"] is None else f"[{100 * v['t_lo']:+.1f}, {100 * v['t_hi']:+.1f}]"
+                d = [x["t500"] for x in e["diagnostics"]]
+                x0 = np.mean([x["x0_abs"] for x in e["diagnostics"]])
+                diag = (f"{np.mean([x['r_abs'] for x in d]):.2f} (abs(x0) {x0:.2f}) / "
+                        f"{np.mean([x['cos_r_x0'] for x in d]):.2f} / {np.mean([x['affine_r2'] for x in d]):.2f} / "
+                        f"{np.mean([x['r_hat_rel_err'] for x in d]):.2f}")
+            lines.append(f"| {world} | {arm} | {e['seeds']} | {acc} | {vs} | {t_part} | {diag} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:

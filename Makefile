@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean tiny-checkpoints browser
+.PHONY: install demo test lint bench clean tiny-checkpoints tiny-pairs-checkpoints browser
 
 # The editable install puts the repository root on sys.path (compat mode): with setuptools' default import hook, a
 # script in scripts/ would import the namespace folder scripts/versatile/ instead of the package versatile/.
@@ -51,6 +51,27 @@ tiny-checkpoints: $(STAMP)
 		--output_dir $(TINY_RUNS)/baseline_run
 	rm -rf ckpt/tiny/baseline && mkdir -p ckpt/tiny/baseline && cd $(TINY_RUNS)/baseline_run && \
 		cp -r $(PIPELINE_FILES) $(CURDIR)/ckpt/tiny/baseline/
+
+# The digits-pairs world's towers and baseline (ckpt/tiny/pairs/): the digits VAE fine-tuned on pairs, a CLIP and a
+# baseline UNet trained from scratch on pair captions (about 60 minutes on a loaded 2-core machine).
+PAIRS_RUNS := outputs/tiny_pairs
+tiny-pairs-checkpoints: $(STAMP)
+	$(PY) scripts/make_digits_pairs.py --output_dir data/digits_pairs
+	$(PY) scripts/train_vae.py --config configs/baseline/pairs_vae.yaml --train_data_dir data/digits_pairs/train \
+		--output_dir $(PAIRS_RUNS)/vae_run
+	rm -rf ckpt/tiny/pairs/vae && mkdir -p ckpt/tiny/pairs/vae && cd $(PAIRS_RUNS)/vae_run && \
+		cp -r $(VAE_FILES) $(CURDIR)/ckpt/tiny/pairs/vae/
+	$(PY) scripts/train_clip.py --config configs/baseline/pairs_clip.yaml --train_data_dir data/digits_pairs/train \
+		--output_dir $(PAIRS_RUNS)/clip_run
+	rm -rf ckpt/tiny/pairs/clip && mkdir -p ckpt/tiny/pairs/clip && cd $(PAIRS_RUNS)/clip_run && \
+		cp -r $(CLIP_FILES) $(CURDIR)/ckpt/tiny/pairs/clip/
+	$(PY) scripts/train_text_to_image.py --config configs/baseline/pairs_tiny.yaml \
+		--train_data_dir data/digits_pairs/train --output_dir $(PAIRS_RUNS)/baseline_run
+	$(PY) scripts/train_text_to_image.py --config configs/baseline/pairs_tiny_continue.yaml \
+		--pretrained_model_name_or_path $(PAIRS_RUNS)/baseline_run --train_data_dir data/digits_pairs/train \
+		--output_dir $(PAIRS_RUNS)/baseline_run2
+	rm -rf ckpt/tiny/pairs/baseline && mkdir -p ckpt/tiny/pairs/baseline && cd $(PAIRS_RUNS)/baseline_run2 && \
+		cp -r $(PIPELINE_FILES) $(CURDIR)/ckpt/tiny/pairs/baseline/
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

@@ -166,8 +166,8 @@ def eps_mse_split(collab, data_root: Path, variants, count: int = 297, seed: int
 
 
 def run(args) -> int:
+    from codiff.checkpoint import load_collaboration
     from codiff.evaluation import SamplingSettings, generate_variant, paired_masks
-    from codiff.members import load_collaboration
     from common.digits import build_digits, evaluation_prompts
 
     torch.set_num_threads(1)

@@ -20,18 +20,6 @@ REPO = Path(__file__).resolve().parents[2]
 from common.errors import UserError, cli_entry  # noqa: E402
 
 
-def _load_sample_script():
-    import importlib.util
-
-    name = "_dlab_scripts_sample"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "sample.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def config_argv(path, parser) -> list:
     """A flat YAML of flag defaults -> command-line tokens (placed before the user's, so the user's win)."""
     from common.train import load_yaml_defaults
@@ -57,9 +45,8 @@ def config_argv(path, parser) -> list:
 def main(argv=None) -> int:
     import argparse
 
+    from common import sample_command as sample
     from contextdiff import sample_cli
-
-    sample = _load_sample_script()
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)

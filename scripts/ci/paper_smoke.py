@@ -707,7 +707,7 @@ def _sdg_student(cfg: dict, model):
 
 
 def _sdg_size(cfg: dict, opts) -> tuple[int, str]:
-    size = min(int(_sdg_flags(cfg).image_size), opts.resolution)
+    size = min(int(_sdg_flags(cfg).image_size), opts.pixel_resolution)
     return size, f"{size}px"
 
 
@@ -792,6 +792,190 @@ def _sdg_sample_run(cfg: dict, opts) -> dict:
     return {"sample_s": seconds, "output": list(images.shape)}
 
 
+# Versatile Diffusion: the four-flow diffuser (train.py, Algorithm 1), the Optimus text VAE (train_text_vae.py),
+# text-to-image and image-to-text sampling (VersatilePipeline).
+
+SD_KL_F8 = {  # Stable Diffusion's kl-f8 image VAE (the one VD uses), diffusers AutoencoderKL config
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215,
+}
+SMOKE_CAPTION = "a photo of a cat on a red sofa"
+
+
+def _versatile_config(cfg: dict):
+    import dataclasses
+
+    from versatile.config import VersatileConfig, trainer_keys
+
+    config = VersatileConfig.from_mapping(cfg, passthrough=trainer_keys(), source="paper smoke")
+    if config.text_vae.optimus_tokenizer not in ("words", "clip"):
+        # the released BERT / GPT-2 tokenizer folders are not shipped: a word tokenizer feeds the same-size model
+        words = tuple(SMOKE_CAPTION.split())
+        config = dataclasses.replace(config, text_vae=dataclasses.replace(config.text_vae, optimus_tokenizer="words",
+                                                                          optimus_words=words))
+    return config
+
+
+def _versatile_text_vae(config, device=None):
+    from versatile.text_vae import build_text_vae
+
+    return build_text_vae(config.text_vae, config.diffuser.text_latent_dim, seed=0, device=device)
+
+
+def _versatile_diffuser(config, device=None):
+    import torch
+
+    from common.tiny import seeded
+    from versatile.multiflow import build_diffuser
+
+    with seeded(0):
+        if device == "meta":
+            with torch.device("meta"):
+                return build_diffuser(config.diffuser)
+        return build_diffuser(config.diffuser)
+
+
+def _versatile_contexts(config, device: str = "cpu"):
+    """CLIP ViT-L/14 (the paper's context encoder) with random weights; the shipped tiny CLIP for narrow configs."""
+    import open_clip
+
+    from common.models import load_open_clip
+    from common.tiny import seeded
+    from versatile.context import open_clip_contexts
+
+    if config.diffuser.context_dim == 768:
+        with seeded(0):
+            model = open_clip.create_model("ViT-L-14", pretrained=None, device=device)
+        tokenizer = open_clip.get_tokenizer("ViT-L-14")
+    else:
+        model, _, tokenizer = load_open_clip(ROOT / "ckpt" / "tiny" / "clip", device=device)
+    if device == "meta":
+        return model
+    return open_clip_contexts(model.float(), tokenizer, scale=config.context.context_scale)
+
+
+def _versatile_image_vae(config, device: str = "cpu"):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from common.tiny import seeded, tiny_vae
+
+    if config.diffuser.image_latent_channels == 4 and config.diffuser.model_channels >= 320:
+        with torch.device(device), seeded(0):
+            return AutoencoderKL(**SD_KL_F8)
+    with torch.device(device):
+        return tiny_vae(0)
+
+
+def _versatile_setting(config, opts) -> tuple[int, str]:
+    size = min(int(config.sampling.resolution), opts.resolution)
+    return size, f"{size}px"
+
+
+def _versatile_diffuser_plan(cfg: dict, opts) -> Plan:
+    config = _versatile_config(cfg)
+    size, setting = _versatile_setting(config, opts)
+    flows = list(cfg.get("flows", ["t2i"]))
+    return Plan(trainable=count(_versatile_diffuser(config, "meta")), activations_gb=2.5 * (size / 512) ** 2 + 0.5,
+                setting=f"{setting} batch 1 fp32, flows {'+'.join(flows)} on cached latents and contexts")
+
+
+@stage("versatile", "train_diffuser", "train", _versatile_diffuser_plan)
+def _versatile_diffuser_run(cfg: dict, opts) -> dict:
+    import torch
+
+    from versatile.multiflow import FLOWS
+    from versatile.pipeline import vd_schedule
+    from versatile.train import FlowSampler, check_multipliers, flow_loss, param_groups
+
+    config = _versatile_config(cfg)
+    size, _ = _versatile_setting(config, opts)
+    flows = list(cfg.get("flows", ["t2i"]))
+    model = _versatile_diffuser(config).train()
+    d = config.diffuser
+    g = torch.Generator().manual_seed(0)
+    # the batch scripts/versatile/train.py's EncodedData yields: latent moments, contexts, Optimus means
+    batch = {"latent_mean": torch.randn(1, d.image_latent_channels, size // 8, size // 8, generator=g),
+             "latent_std": torch.full((1, d.image_latent_channels, size // 8, size // 8), 0.1),
+             "text_ctx": torch.randn(1, config.context.clip_text_max_length if hasattr(config.context,
+                                     "clip_text_max_length") else 77, d.context_dim, generator=g),
+             "image_ctx": torch.randn(1, 257, d.context_dim, generator=g),
+             "text_latent": torch.randn(1, d.text_latent_dim, generator=g)}
+    schedule = vd_schedule(config.sampling)
+    sampler = FlowSampler(flows, cfg.get("flow_sampling", "all"))
+    cond_drop = float(cfg.get("cond_drop", 0.0))
+    nulls = {"text": torch.zeros_like(batch["text_ctx"]), "image": torch.zeros_like(batch["image_ctx"])}
+    scaling = float(config.sampling.image_scaling_factor)
+
+    def loss_fn(batch, ctx):  # scripts/versatile/train.py's loss_fn
+        diffuser = ctx.models["diffuser"]
+        mean = batch["latent_mean"]
+        image_x0 = (mean + batch["latent_std"] * torch.randn_like(mean)) * scaling
+        total = 0.0
+        for name in sampler(ctx.step):
+            flow = FLOWS[name]
+            item = {"x0": image_x0 if flow.xtype == "image" else batch["text_latent"]}
+            for kind in flow.ctypes:
+                item[kind] = batch[f"{kind}_ctx"]
+            total = total + flow_loss(diffuser, item, flow, schedule=schedule, cond_drop=cond_drop, null_contexts=nulls)
+        return total
+
+    lr = float(cfg.get("learning_rate", 1e-4))
+    groups = param_groups(model, lr, check_multipliers(cfg.get("group_lr_scale")))
+    return train_one_step({"diffuser": model}, loss_fn, batch, opts, params=groups, learning_rate=lr)
+
+
+def _versatile_text_vae_plan(cfg: dict, opts) -> Plan:
+    config = _versatile_config(cfg)
+    return Plan(trainable=count(_versatile_text_vae(config, "meta")), activations_gb=0.5,
+                setting=f"batch 1 fp32, {len(SMOKE_CAPTION.split())}-word caption, word tokenizer "
+                        "(the BERT / GPT-2 tokenizer files are not shipped)")
+
+
+@stage("versatile", "train_text_vae", "train", _versatile_text_vae_plan)
+def _versatile_text_vae_run(cfg: dict, opts) -> dict:
+    config = _versatile_config(cfg)
+    vae = _versatile_text_vae(config).train()
+
+    def loss_fn(batch, ctx):  # scripts/versatile/train_text_vae.py's loss_fn at the end of the beta warm-up
+        model = ctx.models["text_vae"]
+        model = getattr(model, "module", model)
+        loss, logs = model.reconstruction_loss(batch["text"], beta=1.0)
+        return {"loss": loss, **logs}
+
+    return train_one_step({"text_vae": vae}, loss_fn, {"text": [SMOKE_CAPTION]}, opts, learning_rate=5e-5)
+
+
+def _versatile_sample_plan(cfg: dict, opts) -> Plan:
+    config = _versatile_config(cfg)
+    size, setting = _versatile_setting(config, opts)
+    frozen = sum(count(m) for m in (_versatile_diffuser(config, "meta"), _versatile_text_vae(config, "meta"),
+                                    _versatile_contexts(config, "meta"), _versatile_image_vae(config, "meta")))
+    return Plan(frozen=frozen, activations_gb=1.5 * (size / 512) ** 2 + 0.5,
+                setting=f"{setting} batch 1, 1 DDIM step with CFG: t2i + decode, i2t + Optimus decode")
+
+
+@stage("versatile", "sample", "sample", _versatile_sample_plan)
+def _versatile_sample_run(cfg: dict, opts) -> dict:
+    import torch
+
+    from versatile.pipeline import VersatilePipeline
+
+    config = _versatile_config(cfg)
+    size, _ = _versatile_setting(config, opts)
+    pipe = VersatilePipeline(_versatile_diffuser(config).eval(), _versatile_image_vae(config).eval(),
+                             _versatile_text_vae(config).eval(), _versatile_contexts(config), config.sampling)
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    t2i, t2i_s = timed(lambda: pipe("t2i", prompt=SMOKE_CAPTION, num_inference_steps=1, height=size, width=size,
+                                    generator=torch.Generator().manual_seed(0)))
+    i2t, i2t_s = timed(lambda: pipe("i2t", image=image, num_inference_steps=1,
+                                    generator=torch.Generator().manual_seed(0)))
+    if not torch.isfinite(t2i.images).all() or not isinstance(i2t.texts[0], str):
+        raise RuntimeError("the samples are not finite")
+    return {"sample_s": t2i_s + i2t_s, "t2i_s": t2i_s, "i2t_s": i2t_s, "output": list(t2i.images.shape)}
+
+
 # ------------------------------------------------------------------------------------------------ driver
 
 
@@ -806,8 +990,12 @@ def load_config(path: Path) -> dict:
 
 
 def selected(opts: argparse.Namespace) -> list[Stage]:
+    """The stages to run: every stage of ``--methods``, or ``--stages`` (names, or method:name in the order given)."""
     methods = opts.methods or list(METHODS)
-    chosen = [s for s in STAGES if s.method in methods and (not opts.stages or s.name in opts.stages)]
+    if opts.stages and all(":" in name for name in opts.stages):
+        chosen = [s for name in opts.stages for s in STAGES if f"{s.method}:{s.name}" == name and s.method in methods]
+    else:
+        chosen = [s for s in STAGES if s.method in methods and (not opts.stages or s.name in opts.stages)]
     if not chosen:
         from common.errors import UserError
 
@@ -875,7 +1063,8 @@ def run_stage(s: Stage, opts: argparse.Namespace) -> dict:
                          "rerun when it is idle")
         return row
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{s.method}:{s.name}",
-           "--threads", str(opts.threads), "--resolution", str(opts.resolution)]
+           "--threads", str(opts.threads), "--resolution", str(opts.resolution),
+           "--pixel_resolution", str(opts.pixel_resolution)]
     if opts.config:
         cmd += ["--config", str(opts.config)]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -883,20 +1072,22 @@ def run_stage(s: Stage, opts: argparse.Namespace) -> dict:
     log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     killed: list[float] = []
+    done = threading.Event()
 
     def watch() -> None:  # the estimate can be wrong: never let a stage grow past the budget
-        while proc.poll() is None:
+        # never proc.poll() here: it would reap the child before os.wait4 reads its resource usage
+        while not done.wait(0.2):
             rss = _rss_of(proc.pid)
             if rss > opts.max_memory_gb or available_gb() < MIN_FREE_GB:
                 killed.append(rss)
                 proc.kill()
                 return
-            time.sleep(0.2)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     start = time.perf_counter()
     _, status, usage = os.wait4(proc.pid, 0)
+    done.set()
     proc.returncode = os.waitstatus_to_exitcode(status)
     watcher.join()
     row["wall_s"] = round(time.perf_counter() - start, 1)
@@ -958,6 +1149,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Skip a stage whose estimate exceeds this, and kill one whose RSS does.")
     p.add_argument("--resolution", type=int, default=256,
                    help="Pixel resolution of the image stages' training step and sample (the papers' is 256-512).")
+    p.add_argument("--pixel_resolution", type=int, default=64,
+                   help="Resolution of the pixel-space (ADM) stages, whose cost grows with the pixel count.")
     p.add_argument("--threads", type=int, default=2, help="torch threads of each stage.")
     p.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
     p.add_argument("--record", action="store_true", help="Write the table into bench/results.json and results.md.")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import resource
 import subprocess
@@ -118,7 +119,7 @@ def skip_reason(plan: Plan, budget_gb: float) -> str | None:
     what = f"needs {plan.describe()}"
     if plan.trainable and plan.total_gb() - plan.parts_gb()["AdamW"] - plan.parts_gb()["EMA"] <= budget_gb:
         what += "; the AdamW state (and EMA) do not fit"
-    return f"skipped: {what}; would need --max_memory_gb {int(total + 0.999)} (budget {budget_gb:g} GB)"
+    return f"skipped: {what}; would need --max_memory_gb {math.ceil(total)} (budget {budget_gb:g} GB)"
 
 
 # ------------------------------------------------------------------------------------------------ shared helpers
@@ -127,7 +128,8 @@ def skip_reason(plan: Plan, budget_gb: float) -> str | None:
 def train_one_step(trainable: dict, loss_fn, batch: Any, opts: argparse.Namespace, *, frozen=None, params=None,
                    collate_fn=None,
                    learning_rate: float = 1e-4, betas=(0.9, 0.999), weight_decay: float = 1e-2, eps: float = 1e-8,
-                   use_ema: bool = False, ema_decay: float = 0.9999, max_grad_norm: float = 1.0) -> dict:
+                   use_ema: bool = False, ema_decay: float = 0.9999, max_grad_norm: float = 1.0,
+                   gradient_checkpointing: bool = True) -> dict:
     """ONE optimizer step of ``common.train.Trainer`` on a one-sample dataset; no checkpoint, no tracker."""
     from common.train import TrainConfig, Trainer
 
@@ -140,7 +142,7 @@ def train_one_step(trainable: dict, loss_fn, batch: Any, opts: argparse.Namespac
 
     with tempfile.TemporaryDirectory(prefix="paper_smoke_") as out:
         config = TrainConfig(
-            output_dir=out, seed=0, train_batch_size=1, max_train_steps=1, gradient_checkpointing=True,
+            output_dir=out, seed=0, train_batch_size=1, max_train_steps=1, gradient_checkpointing=gradient_checkpointing,
             learning_rate=learning_rate, lr_scheduler="constant", lr_warmup_steps=0, adam_beta1=betas[0],
             adam_beta2=betas[1], adam_weight_decay=weight_decay, adam_epsilon=eps, max_grad_norm=max_grad_norm,
             use_ema=use_ema, ema_decay=ema_decay, mixed_precision="no", report_to="none",
@@ -840,7 +842,6 @@ def _versatile_contexts(config, device: str = "cpu"):
     """CLIP ViT-L/14 (the paper's context encoder) with random weights; the shipped tiny CLIP for narrow configs."""
     import open_clip
 
-    from common.models import load_open_clip
     from common.tiny import seeded
     from versatile.context import open_clip_contexts
 
@@ -848,11 +849,14 @@ def _versatile_contexts(config, device: str = "cpu"):
         with seeded(0):
             model = open_clip.create_model("ViT-L-14", pretrained=None, device=device)
         tokenizer = open_clip.get_tokenizer("ViT-L-14")
-    else:
-        model, _, tokenizer = load_open_clip(ROOT / "ckpt" / "tiny" / "clip", device=device)
-    if device == "meta":
-        return model
-    return open_clip_contexts(model.float(), tokenizer, scale=config.context.context_scale)
+        if device == "meta":
+            return model
+        return open_clip_contexts(model.float(), tokenizer, scale=config.context.context_scale)
+    from versatile.tiny import tiny_contexts
+
+    contexts = tiny_contexts(0, config)
+    contexts.set_scale(config.context.context_scale)
+    return contexts
 
 
 def _versatile_image_vae(config, device: str = "cpu"):
@@ -944,7 +948,15 @@ def _versatile_text_vae_run(cfg: dict, opts) -> dict:
         loss, logs = model.reconstruction_loss(batch["text"], beta=1.0)
         return {"loss": loss, **logs}
 
-    return train_one_step({"text_vae": vae}, loss_fn, {"text": [SMOKE_CAPTION]}, opts, learning_rate=5e-5)
+    batch = {"text": [SMOKE_CAPTION]}
+    try:
+        return train_one_step({"text_vae": vae}, loss_fn, batch, opts, learning_rate=5e-5)
+    except RuntimeError as err:  # say what breaks, then check the step itself without checkpointing
+        failure = " ".join(str(err).split())[:160]
+    out = train_one_step({"text_vae": _versatile_text_vae(config).train()}, loss_fn, batch, opts, learning_rate=5e-5,
+                         gradient_checkpointing=False)
+    out["note"] = f"with --gradient_checkpointing the step fails ({failure}); ran without it"
+    return out
 
 
 def _versatile_sample_plan(cfg: dict, opts) -> Plan:
@@ -1107,7 +1119,8 @@ def run_stage(s: Stage, opts: argparse.Namespace) -> dict:
             print(text, file=sys.stderr)
     else:
         row.update({k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.items()})
-        row["status"] = "ok" + (f" ({plan.note})" if plan.note else "")
+        notes = [n for n in (plan.note, result.get("note")) if n]
+        row["status"] = "ok" + (f" ({'; '.join(notes)})" if notes else "")
     return row
 
 
@@ -1124,18 +1137,32 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(row: dict) -> str:
+    """One readable cell: what ran, how long, how much memory, and the status or the reason it did not run."""
+    parts = []
+    if row.get("train_s") is not None:
+        parts.append(f"train step {row['train_s']:.1f} s")
+    if row.get("sample_s") is not None:
+        parts.append(f"sample step {row['sample_s']:.1f} s")
+    if row.get("peak_rss_gb") is not None:
+        parts.append(f"peak RSS {row['peak_rss_gb']:.2f} GB")
+    parts.append(f"{row['params'] / 1e6:.1f}M params ({row['trainable'] / 1e6:.1f}M trained)")
+    parts.append(row["setting"])
+    parts.append(row["status"])
+    return "; ".join(parts)
+
+
 def record(rows: list[dict], opts: argparse.Namespace) -> None:
+    """One record per stage in bench/results.json (the numbers as fields too), section "paper smoke"."""
     from common.bench_records import write_records
 
-    command = "make paper-smoke"
     records = []
     for r in rows:
-        base = {"section": "paper smoke", "command": command, "target": "runs within the memory budget"}
-        status = r["status"]
-        for key, unit in (("train_s", "s"), ("sample_s", "s"), ("peak_rss_gb", "GB")):
-            if r.get(key) is not None:
-                records.append({**base, "name": f"paper smoke {r['stage']} {key}", "value": r[key], "unit": unit})
-        records.append({**base, "name": f"paper smoke {r['stage']} status", "value": status, "unit": r["setting"]})
+        fields = {k: r[k] for k in ("params", "trainable", "setting", "train_s", "sample_s", "peak_rss_gb",
+                                    "estimate_gb", "status") if r.get(k) is not None}
+        records.append({"section": "paper smoke", "name": f"paper smoke {r['stage']}", "value": summary(r),
+                        "unit": "", "target": f"one step within {opts.max_memory_gb:g} GB",
+                        "command": "make paper-smoke", **fields})
     write_records(records, replace_section="paper smoke")
 
 
@@ -1154,6 +1181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch threads of each stage.")
     p.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
     p.add_argument("--record", action="store_true", help="Write the table into bench/results.json and results.md.")
+    p.add_argument("--rows", nargs="*", default=None,
+                   help="Run nothing: print (and with --record, record) the rows of earlier --json files; a later "
+                        "file's row replaces an earlier one of the same stage.")
     p.add_argument("--dry_run", action="store_true", help="Print the estimates only; run nothing.")
     p.add_argument("--verbose", action="store_true", help="Print a failed stage's whole log.")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -1170,6 +1200,16 @@ def main(argv=None) -> int:
         raise UserError("--config replaces one method's paper.yaml: give exactly one --methods")
     if opts.config and not opts.methods:
         raise UserError("--config needs --methods naming its method")
+    if opts.rows is not None:
+        merged: dict[str, dict] = {}
+        for path in opts.rows:
+            merged.update({row["stage"]: row for row in json.loads(Path(path).read_text())})
+        order = [f"{s.method}:{s.name}" for s in STAGES]
+        rows = sorted(merged.values(), key=lambda r: order.index(r["stage"]) if r["stage"] in order else len(order))
+        print(format_table(rows))
+        if opts.record:
+            record(rows, opts)
+        return 0
     rows = []
     for s in selected(opts):
         if opts.dry_run:

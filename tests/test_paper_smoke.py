@@ -43,6 +43,14 @@ def test_tiny_stage_takes_one_training_step(smoke):
     assert 0 < plan.total_gb() < 2
 
 
+def test_without_optimizer_fallback_runs_forward_and_backward(smoke):
+    """An over-budget stage's fallback: same modules and loss, gradients computed, no optimizer step."""
+    opts = _opts(smoke, "--config", "configs/shifted/tiny.yaml", "--methods", "shifted", "--without_optimizer")
+    cfg = smoke.load_config(smoke.config_path("shifted", opts))
+    out = smoke.find("shifted", "prior").run(cfg, opts)
+    assert out["without_optimizer"] and out["train_s"] > 0 and math.isfinite(out["loss"])
+
+
 def test_driver_runs_a_stage_in_a_subprocess(smoke, tmp_path):
     """One whole driver round: estimate, subprocess, result line, table row with the stage's own peak RSS."""
     rows_file = tmp_path / "rows.json"

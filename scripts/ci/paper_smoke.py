@@ -73,6 +73,11 @@ class Plan:
     def total_gb(self) -> float:
         return sum(self.parts_gb().values())
 
+    def without_optimizer_gb(self) -> float:
+        """Forward + backward without the optimizer's state: what the fallback of an over-budget stage holds."""
+        parts = self.parts_gb()
+        return self.total_gb() - parts["AdamW"] - parts["EMA"]
+
     def describe(self) -> str:
         parts = ", ".join(f"{k} {v:.1f}" for k, v in self.parts_gb().items() if v > 0.05)
         return f"~{self.total_gb():.1f} GB ({parts})"
@@ -117,7 +122,7 @@ def skip_reason(plan: Plan, budget_gb: float) -> str | None:
     if total <= budget_gb:
         return None
     what = f"needs {plan.describe()}"
-    if plan.trainable and plan.total_gb() - plan.parts_gb()["AdamW"] - plan.parts_gb()["EMA"] <= budget_gb:
+    if plan.trainable and plan.without_optimizer_gb() <= budget_gb:
         what += "; the AdamW state (and EMA) do not fit"
     return f"skipped: {what}; would need --max_memory_gb {math.ceil(total)} (budget {budget_gb:g} GB)"
 
@@ -130,8 +135,15 @@ def train_one_step(trainable: dict, loss_fn, batch: Any, opts: argparse.Namespac
                    learning_rate: float = 1e-4, betas=(0.9, 0.999), weight_decay: float = 1e-2, eps: float = 1e-8,
                    use_ema: bool = False, ema_decay: float = 0.9999, max_grad_norm: float = 1.0,
                    gradient_checkpointing: bool = True) -> dict:
-    """ONE optimizer step of ``common.train.Trainer`` on a one-sample dataset; no checkpoint, no tracker."""
+    """ONE optimizer step of ``common.train.Trainer`` on a one-sample dataset; no checkpoint, no tracker.
+
+    With ``opts.without_optimizer`` (a stage whose AdamW state does not fit): the trainer's module preparation and
+    the same loss, forward and backward, but no optimizer (so no AdamW moments, no EMA) and no update.
+    """
     from common.train import TrainConfig, Trainer
+
+    if getattr(opts, "without_optimizer", False):
+        return _forward_backward(trainable, loss_fn, batch, frozen or {}, collate_fn, gradient_checkpointing)
 
     class OneSample:
         def __len__(self):
@@ -161,6 +173,31 @@ def train_one_step(trainable: dict, loss_fn, batch: Any, opts: argparse.Namespac
     if loss != loss:
         raise RuntimeError("the training step gave a NaN loss")
     return {"train_s": seconds, "loss": loss}
+
+
+def _forward_backward(trainable: dict, loss_fn, batch: Any, frozen: dict, collate_fn, gradient_checkpointing: bool):
+    import torch
+
+    from common.train import LossOutput, StepContext, Trainer
+
+    for name, module in trainable.items():
+        if gradient_checkpointing:
+            Trainer._enable_gradient_checkpointing(name, module)
+        module.train()
+    for module in frozen.values():
+        module.requires_grad_(False).eval()
+    device = torch.device("cpu")
+    ctx = StepContext(0, 0, {**trainable, **frozen}, type("CPU", (), {"device": device})(), torch.float32)
+    batch = collate_fn([batch]) if collate_fn is not None else batch
+    start = time.perf_counter()
+    out = loss_fn(batch, ctx)
+    loss = out.loss if isinstance(out, LossOutput) else out["loss"] if isinstance(out, dict) else out
+    loss.backward()
+    seconds = time.perf_counter() - start
+    grads = [p.grad for m in trainable.values() for p in m.parameters() if p.requires_grad]
+    if not grads or any(g is None for g in grads[:1]) or not all(torch.isfinite(g).all() for g in grads if g is not None):
+        raise RuntimeError("the backward pass left no finite gradient")
+    return {"train_s": seconds, "loss": float(loss.detach()), "without_optimizer": True}
 
 
 def script_module(relative: str):
@@ -1066,11 +1103,14 @@ def run_stage(s: Stage, opts: argparse.Namespace) -> dict:
     plan = s.plan(load_config(cfg_file), opts)
     row.update(params=plan.params, trainable=plan.trainable, setting=plan.setting, estimate_gb=round(plan.total_gb(), 2))
     reason = skip_reason(plan, opts.max_memory_gb)
-    if reason:
+    without_optimizer = bool(reason and opts.fallback and plan.trainable
+                             and plan.without_optimizer_gb() <= opts.max_memory_gb)
+    if reason and not without_optimizer:
         row["status"] = reason
         return row
+    need = plan.without_optimizer_gb() if without_optimizer else plan.total_gb()
     free = available_gb()
-    if plan.total_gb() > free - MIN_FREE_GB:
+    if need > free - MIN_FREE_GB:
         row["status"] = (f"skipped: needs {plan.describe()} but the machine has {free:.1f} GB available now; "
                          "rerun when it is idle")
         return row
@@ -1079,6 +1119,8 @@ def run_stage(s: Stage, opts: argparse.Namespace) -> dict:
            "--pixel_resolution", str(opts.pixel_resolution)]
     if opts.config:
         cmd += ["--config", str(opts.config)]
+    if without_optimizer:
+        cmd += ["--without_optimizer"]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": str(opts.threads)}
     log = tempfile.TemporaryFile(mode="w+")
@@ -1121,6 +1163,10 @@ def run_stage(s: Stage, opts: argparse.Namespace) -> dict:
         row.update({k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.items()})
         notes = [n for n in (plan.note, result.get("note")) if n]
         row["status"] = "ok" + (f" ({'; '.join(notes)})" if notes else "")
+        if without_optimizer:
+            row["estimate_gb"] = round(plan.without_optimizer_gb(), 2)
+            row["status"] = ("partial: forward + backward only" + (f" ({'; '.join(notes)})" if notes else "")
+                             + "; the full step " + reason.removeprefix("skipped: "))
     return row
 
 
@@ -1186,6 +1232,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "file's row replaces an earlier one of the same stage.")
     p.add_argument("--dry_run", action="store_true", help="Print the estimates only; run nothing.")
     p.add_argument("--verbose", action="store_true", help="Print a failed stage's whole log.")
+    p.add_argument("--fallback", action=argparse.BooleanOptionalAction, default=True,
+                   help="A stage whose AdamW state (and EMA) does not fit still runs its forward + backward "
+                        "without the optimizer, when that fits (--no-fallback: skip it).")
+    p.add_argument("--without_optimizer", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
 

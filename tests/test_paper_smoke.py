@@ -43,6 +43,15 @@ def test_tiny_stage_takes_one_training_step(smoke):
     assert 0 < plan.total_gb() < 2
 
 
+def test_text_vae_step_with_gradient_checkpointing(smoke):
+    """The Optimus VAE under the trainer's --gradient_checkpointing keeps its memory injection (GPT-2's own switch
+    used to drop it: the step failed on the attention mask's extra memory slot)."""
+    opts = _opts(smoke, "--config", "configs/versatile/tiny.yaml", "--methods", "versatile")
+    cfg = smoke.load_config(smoke.config_path("versatile", opts))
+    out = smoke.find("versatile", "train_text_vae").run(cfg, opts)
+    assert out["train_s"] > 0 and math.isfinite(out["loss"])
+
+
 def test_without_optimizer_fallback_runs_forward_and_backward(smoke):
     """An over-budget stage's fallback: same modules and loss, gradients computed, no optimizer step."""
     opts = _opts(smoke, "--config", "configs/shifted/tiny.yaml", "--methods", "shifted", "--without_optimizer")

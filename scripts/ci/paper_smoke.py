@@ -1242,6 +1242,8 @@ def main(argv=None) -> int:
         raise UserError("--config replaces one method's paper.yaml: give exactly one --methods")
     if opts.config and not opts.methods:
         raise UserError("--config needs --methods naming its method")
+    if opts.config and not Path(opts.config).is_file():
+        raise UserError(f"--config {opts.config}: no such file; pass a configs/<method>/*.yaml")
     if opts.rows is not None:
         merged: dict[str, dict] = {}
         for path in opts.rows:

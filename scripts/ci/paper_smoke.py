@@ -1101,10 +1101,12 @@ def run_stage(s: Stage, opts: argparse.Namespace) -> dict:
         row["status"] = reason
         return row
     need = plan.without_optimizer_gb() if without_optimizer else plan.total_gb()
-    free = available_gb()
-    if need > free - MIN_FREE_GB:
-        row["status"] = (f"skipped: needs {plan.describe()} but the machine has {free:.1f} GB available now; "
-                         "rerun when it is idle")
+    deadline = time.monotonic() + opts.wait_memory_s
+    while (free := available_gb()) < need + MIN_FREE_GB and time.monotonic() < deadline:
+        time.sleep(10)  # a shared machine: other jobs come and go
+    if free < need + MIN_FREE_GB:
+        row["status"] = (f"skipped: needs ~{need:.1f} GB but the machine had {free:.1f} GB available "
+                         f"(waited {opts.wait_memory_s:g} s); rerun when it is idle")
         return row
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{s.method}:{s.name}",
            "--threads", str(opts.threads), "--resolution", str(opts.resolution),
@@ -1224,6 +1226,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "file's row replaces an earlier one of the same stage.")
     p.add_argument("--dry_run", action="store_true", help="Print the estimates only; run nothing.")
     p.add_argument("--verbose", action="store_true", help="Print a failed stage's whole log.")
+    p.add_argument("--wait_memory_s", type=float, default=600,
+                   help="How long a stage waits for the machine to have its estimate (+1 GB) available.")
     p.add_argument("--fallback", action=argparse.BooleanOptionalAction, default=True,
                    help="A stage whose AdamW state (and EMA) does not fit still runs its forward + backward "
                         "without the optimizer, when that fits (--no-fallback: skip it).")

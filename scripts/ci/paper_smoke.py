@@ -737,10 +737,12 @@ def _sdg_base_clip(cfg: dict, device: str = "cpu"):
     return model.float().eval(), open_clip.get_tokenizer(name)
 
 
-def _sdg_student(cfg: dict, model):
+def _sdg_student(cfg: dict, model, image_size: int | None = None):
+    """The noise-aware CLIP of the config; ``image_size``: built for another diffusion resolution (the paper's is
+    the ADM's own, 256 px; the sample step runs at --pixel_resolution)."""
     from sdg.checkpoint import noise_aware_from_base
 
-    c = cfg["clip"]
+    c = dict(cfg["clip"], **({"image_size": image_size} if image_size else {}))
     return noise_aware_from_base(model, {k: c[k] for k in ("image_size", "t_dim", "hidden", "film_init", "pos_init")
                                          if k in c})
 
@@ -804,9 +806,9 @@ def _sdg_clip_run(cfg: dict, opts) -> dict:
 def _sdg_sample_plan(cfg: dict, opts) -> Plan:
     size, setting = _sdg_size(cfg, opts)
     model, _ = _sdg_base_clip(cfg, "meta")
-    frozen = count(_sdg_unet(cfg, "meta")) + count(model) + count(_sdg_student(cfg, model))
+    frozen = count(_sdg_unet(cfg, "meta")) + count(model) + count(_sdg_student(cfg, model, size))
     return Plan(frozen=frozen, activations_gb=1.0 * (size / 256) ** 2 + 0.3,
-                setting=f"{setting} batch 1, 1 DDPM step with language guidance")
+                setting=f"{setting} batch 1, 1 DDPM step with language guidance (noise-aware CLIP at {size} px)")
 
 
 @stage("sdg", "sample", "sample", _sdg_sample_plan)
@@ -819,7 +821,7 @@ def _sdg_sample_run(cfg: dict, opts) -> dict:
     size, _ = _sdg_size(cfg, opts)
     unet = _sdg_unet(cfg).eval()
     model, tokenizer = _sdg_base_clip(cfg)
-    student = _sdg_student(cfg, model).eval()
+    student = _sdg_student(cfg, model, size).eval()
     with torch.no_grad():
         text = encode_text(model, tokenizer, "a photo of a cat")
     schedule = noise_schedule(_sdg_flags(cfg))

@@ -711,14 +711,29 @@ def _sdg_flags(cfg: dict):
     return ADMFlags.from_dict(cfg["models"][cfg["default_model"]])
 
 
-def _sdg_unet(cfg: dict, device: str = "cpu"):
+def _sdg_flags_at(cfg: dict, size: int):
+    """The same network (channel multipliers, attention at the same downsampling rates) declared for ``size`` px,
+    so the sampler's resolution checks hold at the reduced resolution."""
+    import dataclasses
+
+    from sdg.adm import attention_downsample_rates, channel_mult
+
+    flags = _sdg_flags(cfg)
+    if size == flags.image_size:
+        return flags
+    rates = attention_downsample_rates(flags)
+    return dataclasses.replace(flags, image_size=size, channel_mult=",".join(str(m) for m in channel_mult(flags)),
+                               attention_resolutions=",".join(str(size // r) for r in rates))
+
+
+def _sdg_unet(cfg: dict, device: str = "cpu", size: int | None = None):
     import torch
 
     from common.tiny import seeded
     from sdg.adm import build_unet
 
     with torch.device(device), seeded(0):
-        return build_unet(_sdg_flags(cfg))
+        return build_unet(_sdg_flags_at(cfg, size) if size else _sdg_flags(cfg))
 
 
 def _sdg_base_clip(cfg: dict, device: str = "cpu"):
@@ -806,7 +821,7 @@ def _sdg_clip_run(cfg: dict, opts) -> dict:
 def _sdg_sample_plan(cfg: dict, opts) -> Plan:
     size, setting = _sdg_size(cfg, opts)
     model, _ = _sdg_base_clip(cfg, "meta")
-    frozen = count(_sdg_unet(cfg, "meta")) + count(model) + count(_sdg_student(cfg, model, size))
+    frozen = count(_sdg_unet(cfg, "meta", size)) + count(model) + count(_sdg_student(cfg, model, size))
     return Plan(frozen=frozen, activations_gb=1.0 * (size / 256) ** 2 + 0.3,
                 setting=f"{setting} batch 1, 1 DDPM step with language guidance (noise-aware CLIP at {size} px)")
 
@@ -819,7 +834,7 @@ def _sdg_sample_run(cfg: dict, opts) -> dict:
     from sdg.pipeline import encode_text, sample_sdg
 
     size, _ = _sdg_size(cfg, opts)
-    unet = _sdg_unet(cfg).eval()
+    unet = _sdg_unet(cfg, size=size).eval()
     model, tokenizer = _sdg_base_clip(cfg)
     student = _sdg_student(cfg, model, size).eval()
     with torch.no_grad():

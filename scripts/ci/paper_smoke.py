@@ -636,7 +636,7 @@ def _shifted_sd_run(cfg: dict, opts) -> dict:
     import torch
 
     from common.diffusion_loss import diffusion_mse
-    from common.process import q_sample, training_target
+    from common.process import canonical_prediction_type, q_sample, training_target
     from common.schedule import NoiseSchedule
 
     sd = cfg["sd"]
@@ -644,6 +644,7 @@ def _shifted_sd_run(cfg: dict, opts) -> dict:
     unet, vae, projection = _shifted_decoder(cfg)
     vae.requires_grad_(False).eval()
     schedule = NoiseSchedule.from_config(SD2_SCHEDULER)
+    ptype = canonical_prediction_type(SD2_SCHEDULER["prediction_type"])
     scaling = float(vae.config.scaling_factor)
     g = torch.Generator().manual_seed(0)
     batch = {"pixel_values": pixels(size), "image_emb": torch.randn(1, projection.config.in_dim, generator=g)}
@@ -657,8 +658,7 @@ def _shifted_sd_run(cfg: dict, opts) -> dict:
         t = torch.randint(0, schedule.num_train_timesteps, (1,))
         abar = schedule.abar(t, like=latents)
         pred = ctx.models["unet"](q_sample(latents, abar, noise), t, encoder_hidden_states=tokens).sample
-        return diffusion_mse(pred, training_target(latents, noise, abar, "epsilon"), abar=abar,
-                             prediction_type="epsilon")
+        return diffusion_mse(pred, training_target(latents, noise, abar, ptype), abar=abar, prediction_type=ptype)
 
     return train_one_step({"unet": unet, "projection": projection}, loss_fn, batch, opts, frozen={"vae": vae},
                           learning_rate=float(sd.get("learning_rate", 1e-5)), use_ema=bool(sd.get("use_ema")),

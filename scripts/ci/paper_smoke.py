@@ -293,7 +293,6 @@ def _codiff_member_plan(modality: str):
 
 def _codiff_member_run(modality: str):
     def run(cfg: dict, opts) -> dict:
-        import torch
 
         from codiff.config import schedule_from_config
         from codiff.losses import UniModalObjective
@@ -316,8 +315,6 @@ def _codiff_member_run(modality: str):
                              frozen=objective.frozen_modules(), learning_rate=lr,
                              weight_decay=float(train.get("weight_decay", 0.01)))
         out["trainable"] = sum(count(m) for m in objective.trainable_modules().values())
-        del objective, unet, encoder, vae
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
         return out
 
     return run
@@ -956,9 +953,8 @@ def _versatile_diffuser_run(cfg: dict, opts) -> dict:
     # the batch scripts/versatile/train.py's EncodedData yields: latent moments, contexts, Optimus means
     batch = {"latent_mean": torch.randn(1, d.image_latent_channels, size // 8, size // 8, generator=g),
              "latent_std": torch.full((1, d.image_latent_channels, size // 8, size // 8), 0.1),
-             "text_ctx": torch.randn(1, config.context.clip_text_max_length if hasattr(config.context,
-                                     "clip_text_max_length") else 77, d.context_dim, generator=g),
-             "image_ctx": torch.randn(1, 257, d.context_dim, generator=g),
+             "text_ctx": torch.randn(1, config.context.clip_text_max_length, d.context_dim, generator=g),
+             "image_ctx": torch.randn(1, 257, d.context_dim, generator=g),  # ViT-L/14 at 224 px: 16 x 16 + class
              "text_latent": torch.randn(1, d.text_latent_dim, generator=g)}
     schedule = vd_schedule(config.sampling)
     sampler = FlowSampler(flows, cfg.get("flow_sampling", "all"))

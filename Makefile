@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean tiny-checkpoints tiny-pairs-checkpoints browser
+.PHONY: install demo test lint bench clean tiny-checkpoints tiny-pairs-checkpoints browser paper-smoke
 
 # The editable install puts the repository root on sys.path (compat mode): with setuptools' default import hook, a
 # script in scripts/ would import the namespace folder scripts/versatile/ instead of the package versatile/.
@@ -32,6 +32,13 @@ test: $(STAMP) browser
 
 bench: $(STAMP)
 	$(PY) bench/cross_method.py
+
+# One training step and one sampling step of every configs/<method>/paper.yaml stage at full size on the CPU (random
+# weights), time and peak RSS per stage into bench/results.md; a stage estimated over MAX_MEMORY_GB is skipped with the
+# reason. Not part of `make test`: about an hour on 2 cores.
+MAX_MEMORY_GB ?= 18
+paper-smoke: $(STAMP)
+	$(PY) scripts/ci/paper_smoke.py --max_memory_gb $(MAX_MEMORY_GB) --record
 
 # Retrain the shipped tiny towers and baseline from scratch on the digits world (about 25 minutes on 2 cores). Each
 # run writes its model into its output_dir (beside checkpoint-*/, logs/, validation/); only the model files are shipped.

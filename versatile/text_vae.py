@@ -166,6 +166,12 @@ class OptimusVAE(nn.Module):
         self.latent_to_memory = nn.Linear(self.latent_dim, hidden * config.optimus_decoder_layers, bias=False)
         self.latent_to_embedding = nn.Linear(self.latent_dim, hidden, bias=False)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """``--gradient_checkpointing``: the BERT encoder only. GPT-2's own switch turns the cache off in training and
+        drops ``past_key_values`` (the memory injection: the step fails on the mask's extra slot), and checkpointing
+        its blocks would replay their cache updates in the backward; the decoder keeps its activations."""
+        self.encoder.gradient_checkpointing_enable()
+
     @property
     def device(self) -> torch.device:
         return self.encoder_head.weight.device

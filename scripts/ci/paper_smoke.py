@@ -295,7 +295,7 @@ def _codiff_member_run(modality: str):
     def run(cfg: dict, opts) -> dict:
 
         from codiff.config import schedule_from_config
-        from codiff.losses import UniModalObjective
+        from codiff.training import UniModalObjective
 
         size, _ = _codiff_latent(cfg, opts)
         section, unet, encoder = _codiff_parts(cfg, modality)
@@ -346,7 +346,7 @@ def _codiff_dynamic_plan(cfg: dict, opts) -> Plan:
 @stage("codiff", "train_dynamic", "train", _codiff_dynamic_plan)
 def _codiff_dynamic_run(cfg: dict, opts) -> dict:
     from codiff.config import schedule_from_config
-    from codiff.losses import DynamicDiffuserObjective
+    from codiff.training import DynamicDiffuserObjective
 
     size, _ = _codiff_latent(cfg, opts)
     models = _codiff_all(cfg)
@@ -584,7 +584,7 @@ def _shifted_prior_plan(cfg: dict, opts) -> Plan:
 
 @stage("shifted", "prior", "train", _shifted_prior_plan)
 def _shifted_prior_run(cfg: dict, opts) -> dict:
-    from shifted.pipeline import PriorObjective
+    from shifted.training import PriorObjective
 
     p = cfg["prior"]
     prior = _shifted_prior(cfg)
@@ -604,7 +604,7 @@ def _shifted_decoder(cfg: dict, device: str = "cpu"):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from common.tiny import seeded
-    from shifted.adapter import ImageEmbProjection
+    from shifted.projection import ImageEmbProjection
 
     sd = cfg["sd"]
     with torch.device(device), seeded(0):
@@ -673,7 +673,7 @@ def _shifted_sample_plan(cfg: dict, opts) -> Plan:
 def _shifted_sample_run(cfg: dict, opts) -> dict:
     import torch
 
-    from shifted.loading import ImageDecoder
+    from shifted.checkpoint import ImageDecoder
     from shifted.pipeline import sample_prior
 
     size, _ = _shifted_sd_setting(cfg, opts)
@@ -773,7 +773,7 @@ def _sdg_unet_plan(cfg: dict, opts) -> Plan:
 @stage("sdg", "train_unconditional", "train", _sdg_unet_plan)
 def _sdg_unet_run(cfg: dict, opts) -> dict:
     from sdg.adm import noise_schedule
-    from sdg.adm_train import HybridLoss
+    from sdg.training import HybridLoss
 
     size, _ = _sdg_size(cfg, opts)
     unet = _sdg_unet(cfg).train()
@@ -798,7 +798,7 @@ def _sdg_clip_run(cfg: dict, opts) -> dict:
     import torch
 
     from sdg.adm import noise_schedule
-    from sdg.finetune import NoisyClipLoss
+    from sdg.clip_training import NoisyClipLoss
 
     ResizedTeacher = script_module("scripts/sdg/finetune_clip.py").ResizedTeacher
 
@@ -942,7 +942,7 @@ def _versatile_diffuser_run(cfg: dict, opts) -> dict:
 
     from versatile.multiflow import FLOWS
     from versatile.pipeline import vd_schedule
-    from versatile.train import FlowSampler, check_multipliers, flow_loss, param_groups
+    from versatile.training import FlowSampler, check_multipliers, flow_loss, param_groups
 
     config = _versatile_config(cfg)
     size, _ = _versatile_setting(config, opts)

@@ -16,6 +16,7 @@ component everywhere, no clamp.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional, Union
@@ -24,10 +25,12 @@ import torch
 
 from common.denoisers import CFGDenoiser, FunctionDenoiser
 from common.errors import UserError
+from common.latents import decode_latents, vae_scale_factor
 from common.process import Shift
 from common.samplers import Callback, Generator, randn, sample
 from common.schedule import NoiseSchedule, make_plan
 from shifted.bank import GaussianBank, check_clip_models
+from shifted.checkpoint import DECODER_FILE, PROJECTION_FOLDER, PathLike
 from shifted.embeddings import PriorTextEncoder, check_texts
 from shifted.prior import ShiftedPrior
 from shifted.process import sampling_shift
@@ -295,3 +298,85 @@ def load_prior(
             "the matching --t5_model"
         )
     return prior, bank
+
+
+# ---------------------------------------------------------------------------------------------- the decoder
+
+
+class ImageDecoder:
+    """SD UNet + VAE + :class:`~shifted.projection.ImageEmbProjection` + scheduler: image embedding -> image."""
+
+    def __init__(self, unet, vae, projection, scheduler_config: dict, clip_models: Sequence[str] = ()):
+        from common.process import canonical_prediction_type
+        from common.schedule import NoiseSchedule
+
+        self.unet, self.vae, self.projection = unet, vae, projection
+        self.scheduler_config = dict(scheduler_config)
+        self.schedule = NoiseSchedule.from_config(self.scheduler_config)
+        self.prediction_type = canonical_prediction_type(self.scheduler_config.get("prediction_type", "epsilon"))
+        self.clip_models = tuple(clip_models)
+        self.vae_scale_factor = vae_scale_factor(vae)
+
+    @classmethod
+    def from_pretrained(cls, folder: PathLike, device: Union[str, torch.device] = "cpu") -> ImageDecoder:
+        from common.models import load_unet, load_vae
+        from common.pipeline import read_scheduler_config
+        from shifted.projection import ImageEmbProjection
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise UserError(f"decoder folder {folder} does not exist: pass the pipeline folder finetune.py wrote")
+        if not (folder / PROJECTION_FOLDER / "config.json").is_file() or not (folder / DECODER_FILE).is_file():
+            raise UserError(
+                f"{folder} is not an image-embedding decoder (no {PROJECTION_FOLDER}/ or {DECODER_FILE}): pass the "
+                "pipeline folder written by scripts/shifted/finetune.py"
+            )
+        meta = json.loads((folder / DECODER_FILE).read_text())
+        scheduler_config = read_scheduler_config(str(folder))
+        unet = load_unet(folder, subfolder="unet").float().to(device).eval()
+        vae = load_vae(folder, subfolder="vae").float().to(device).eval()
+        projection = ImageEmbProjection.from_pretrained(str(folder / PROJECTION_FOLDER)).float().to(device).eval()
+        return cls(unet, vae, projection, scheduler_config, meta.get("clip_models", ()))
+
+    def check_clip_models(self, names: Sequence[str], what: str) -> None:
+        from shifted.bank import check_clip_models
+
+        check_clip_models(self.clip_models, names, f"the decoder (for {what})")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image_emb: torch.Tensor,
+        *,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 2.0,
+        negative_emb: Optional[torch.Tensor] = None,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        resolution: Optional[int] = None,
+        generator=None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] for embeddings ``[B, D]``; the negative defaults to the stored null."""
+        from common.samplers import sample
+        from common.schedule import plan_like_diffusers
+        from shifted.projection import image_embedding_denoiser
+
+        if sampler not in ("ddim", "ddpm"):
+            raise UserError(f"unknown sampler {sampler!r}: choose ddim or ddpm")
+        device = next(self.unet.parameters()).device
+        image_emb = image_emb.to(device=device, dtype=torch.float32)
+        if negative_emb is not None:
+            negative_emb = negative_emb.to(device=device, dtype=torch.float32)
+        size = resolution or self.unet.config.sample_size * self.vae_scale_factor
+        if size % self.vae_scale_factor:
+            raise UserError(f"resolution {size} is not divisible by the VAE's factor {self.vae_scale_factor}")
+        shape = (image_emb.shape[0], self.unet.config.in_channels, size // self.vae_scale_factor,
+                 size // self.vae_scale_factor)
+        denoiser = image_embedding_denoiser(self.unet, self.projection, image_emb, guidance_scale, negative_emb,
+                                            self.prediction_type)
+        plan = plan_like_diffusers(self.schedule, self.scheduler_config, num_inference_steps, sampler)
+        common = dict(generator=generator, device=device, dtype=torch.float32, progress=progress)
+        latents = sample(sampler, denoiser, self.schedule, plan, shape, eta=eta,
+                         variance_type=self.scheduler_config.get("variance_type", "fixed_small"), **common)
+        return decode_latents(self.vae, latents)

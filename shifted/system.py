@@ -16,7 +16,8 @@ from typing import Optional, Union
 import torch
 
 from common.errors import UserError
-from shifted.checkpoint import ImageDecoder, ShiftedCheckpoint, load_clip_models, load_text_states
+from shifted.checkpoint import ShiftedCheckpoint, load_clip_models, load_text_states
+from shifted.pipeline import ImageDecoder
 
 
 PathLike = Union[str, Path]

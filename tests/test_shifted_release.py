@@ -269,8 +269,8 @@ def write_released_sd_folder(decoder: Path, out: Path) -> Path:
 
 def test_convert_script_writes_a_checkpoint_sample_py_runs(tmp_path, capsys):
     from common.io import load_safetensors
-    from shifted.checkpoint import ImageDecoder, model_name, text_encoder_name
-    from shifted.pipeline import load_prior
+    from shifted.checkpoint import model_name, text_encoder_name
+    from shifted.pipeline import ImageDecoder, load_prior
 
     convert = load_script("scripts/shifted/convert.py")
     clip, states = TINY / "clip", TINY / "clip" / "text_encoder"

@@ -120,9 +120,9 @@ def test_training_scripts_write_loadable_models(assets, trained):
     from diffusers import StableDiffusionPipeline
 
     from shifted.bank import GaussianBank
-    from shifted.checkpoint import ImageDecoder, model_name
+    from shifted.checkpoint import model_name
     from shifted.embeddings import load_embedding_cache
-    from shifted.pipeline import load_prior
+    from shifted.pipeline import ImageDecoder, load_prior
 
     tensors, meta = load_embedding_cache(trained["cache"])
     assert tensors["image_emb"].shape == (16, 64) and tensors["text_states"].shape == (16, 8, 32)

@@ -673,8 +673,7 @@ def _shifted_sample_plan(cfg: dict, opts) -> Plan:
 def _shifted_sample_run(cfg: dict, opts) -> dict:
     import torch
 
-    from shifted.checkpoint import ImageDecoder
-    from shifted.pipeline import sample_prior
+    from shifted.pipeline import ImageDecoder, sample_prior
 
     size, _ = _shifted_sd_setting(cfg, opts)
     prior = _shifted_prior(cfg).eval()

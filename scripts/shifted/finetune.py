@@ -252,7 +252,7 @@ def main(argv=None) -> int:
             val_emb = clip.encode_image(((pixels + 1) / 2).to(trainer.device)).cpu()
 
             def validate(step, models):
-                from shifted.checkpoint import ImageDecoder
+                from shifted.pipeline import ImageDecoder
 
                 decoder = ImageDecoder(models["unet"], vae, models["projection"], scheduler_config)
                 out = decoder(val_emb, num_inference_steps=25, guidance_scale=2.0,

@@ -36,6 +36,16 @@ def read_scheduler_config(folder: str) -> dict:
         return json.load(f)
 
 
+def encode_clip(text_encoder: torch.nn.Module, tokenizer, prompts: Sequence[str], device=None) -> torch.Tensor:
+    """CLIP last hidden states ``[B, L, D]`` of prompts padded to the tokenizer's max length (SD's recipe)."""
+    ids = tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    device = device if device is not None else next(text_encoder.parameters()).device
+    return text_encoder(ids.to(device))[0]
+
+
 @dataclass
 class TextToImageOutput:
     images: torch.Tensor  # [B, 3, H, W] in [0, 1]
@@ -82,11 +92,7 @@ class LatentTextToImage:
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
         """CLIP last hidden states ``[B, L, D]`` of prompts padded to the tokenizer's max length (SD's recipe)."""
-        ids = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0].to(self.dtype)
+        return encode_clip(self.text_encoder, self.tokenizer, prompts, self.device).to(self.dtype)
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         f = self.vae_scale_factor

@@ -27,6 +27,7 @@ from common import memory
 from common.denoisers import guided_unet
 from common.errors import UserError
 from common.latents import decode_latents, encode_images, vae_scale_factor
+from common.pipeline import encode_clip
 from common.samplers import Generator, invert_ddim, sample
 from common.schedule import NoiseSchedule, SamplingPlan, plan_like_diffusers
 from contextdiff.process import as_x0_denoiser, contextual_k, contextual_shift, parameterization_from_prediction_type
@@ -64,16 +65,6 @@ class InversionOutput:
 
 
 @torch.no_grad()
-def encode_clip(text_encoder: nn.Module, tokenizer, prompts: Sequence[str], device=None) -> torch.Tensor:
-    """CLIP last hidden states ``[B, 77, D]`` of prompts padded to the tokenizer's max length (SD's recipe)."""
-    ids = tokenizer(
-        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    device = device if device is not None else next(text_encoder.parameters()).device
-    return text_encoder(ids.to(device))[0]
-
-
 @torch.no_grad()
 def encode_t5(encoder: nn.Module, tokenizer, prompts: Sequence[str], max_length: int = 77, device=None):
     """T5 encoder states ``[B, L, D]`` and the padding mask ``[B, L]`` (True = real token)."""

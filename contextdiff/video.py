@@ -572,8 +572,8 @@ def edit_video(
     edit, or pass ``video=(video_unet, video_adapter)`` built by :func:`inflate`). ``reconstruct`` also samples the
     source prompt (guidance 1) from the inverted latents.
     """
+    from common.pipeline import encode_clip
     from common.schedule import NoiseSchedule
-    from contextdiff.pipeline import encode_clip
 
     config = VideoEditConfig() if config is None else config
     unet, adapter = video if video is not None else inflate(model, config)

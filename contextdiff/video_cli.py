@@ -165,9 +165,9 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from common.io import atomic_write_dir
+    from common.pipeline import encode_clip
     from common.video_io import av_available, write_frame_folder, write_gif, write_mp4
     from contextdiff.checkpoint import load_contextdiff, read_sd_configs
-    from contextdiff.pipeline import encode_clip
     from contextdiff.video import (
         VideoEditConfig,
         activation_bytes_per_frame,

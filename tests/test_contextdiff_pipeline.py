@@ -10,12 +10,12 @@ import torch
 
 from common.denoisers import guided_unet
 from common.errors import UserError
-from common.pipeline import LatentTextToImage
+from common.pipeline import LatentTextToImage, encode_clip
 from common.samplers import randn, sample_ddim, sample_ddpm
 from common.schedule import NoiseSchedule, plan_like_diffusers
 from common.tiny import clip_tokenizer, sd_ddim_scheduler, tiny_clip_text, tiny_unet2d_condition, tiny_vae
 from contextdiff.adapter import load_adapter, tiny_adapter
-from contextdiff.pipeline import encode_clip, generate, invert
+from contextdiff.pipeline import generate, invert
 from contextdiff.process import as_x0_denoiser
 
 

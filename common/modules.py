@@ -44,6 +44,17 @@ def print_parameter_counts(counts: Mapping[str, int]) -> None:
         print(f"{name:14s} {count:>15,d}  ({count / 1e6:,.2f} M)")
 
 
+def parameter_count_command(argv, method: str, load_config, parameter_counts) -> dict[str, int]:
+    """``python -m <method>.config CONFIG``: parse the config path, print the counts of its parts, return them."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=f"Print the parameter counts of a {method} config.")
+    parser.add_argument("config", help=f"configs/{method.lower()}/tiny.yaml or configs/{method.lower()}/paper.yaml")
+    counts = parameter_counts(load_config(parser.parse_args(argv).config))
+    print_parameter_counts(counts)
+    return counts
+
+
 class WrapsUNet(nn.Module):
     """Base of a module holding ``self.unet``: it answers ``config``, ``dtype`` and ``device`` as the UNet does."""
 

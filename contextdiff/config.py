@@ -13,14 +13,13 @@ Run ``python -m contextdiff.config configs/contextdiff/paper.yaml`` to print the
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 
 from common.errors import UserError, cli_entry
-from common.modules import count_parameters, print_parameter_counts
+from common.modules import count_parameters, parameter_count_command
 from contextdiff.adapter import RelationalNet
 
 
@@ -93,11 +92,7 @@ def parameter_counts(cfg: dict[str, Any], device: Union[str, torch.device] = "me
 
 @cli_entry
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Print the parameter counts of a ContextDiff config.")
-    parser.add_argument("config", help="configs/contextdiff/tiny.yaml or configs/contextdiff/paper.yaml")
-    args = parser.parse_args(argv)
-    counts = parameter_counts(load_config(args.config))
-    print_parameter_counts(counts)
+    counts = parameter_count_command(argv, "ContextDiff", load_config, parameter_counts)
     print(f"{'adapter/unet':14s} {counts['adapter'] / counts['unet']:>15.2%}")
 
 

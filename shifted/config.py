@@ -9,14 +9,13 @@ Run ``python -m shifted.config configs/shifted/paper.yaml`` to print the paramet
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 
 from common.errors import UserError, cli_entry
-from common.modules import count_parameters, print_parameter_counts
+from common.modules import count_parameters, parameter_count_command
 from shifted.prior import ShiftedPrior
 from shifted.projection import ImageEmbProjection
 
@@ -110,10 +109,7 @@ def parameter_counts(cfg: dict[str, Any], device: Union[str, torch.device] = "me
 
 @cli_entry
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Print the parameter counts of a Shifted Diffusion config.")
-    parser.add_argument("config", help="configs/shifted/tiny.yaml or configs/shifted/paper.yaml")
-    args = parser.parse_args(argv)
-    print_parameter_counts(parameter_counts(load_config(args.config)))
+    parameter_count_command(argv, "Shifted", load_config, parameter_counts)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ from common import limits, methods
 from common.errors import UserError, cli_entry
 
 
+# The output folders' manifest names the entry point users run, so a folder written by earlier versions (when the
+# command lived in scripts/sample.py) stays this command's own to rewrite.
+WRITER = "scripts/sample.py"
 OLD_CHECKPOINT_FLAGS = ("--pretrained_model_name_or_path", "--model_dir", "--model_path")
 
 
@@ -105,7 +108,7 @@ def write_outputs(images, prompts, out: Path, record: dict) -> Path:
     from common.io import atomic_write_dir, save_image_grid, to_pil
 
     out = Path(out)
-    with atomic_write_dir(out) as tmp:
+    with atomic_write_dir(out, writer=WRITER) as tmp:
         (tmp / "images").mkdir()
         with open(tmp / "metadata.jsonl", "w") as meta:
             for i, (image, prompt) in enumerate(zip(images, prompts)):
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
 
     args, spec = parse_args(argv)
     settings = settings_of(args, spec)
-    check_output_dir(args.output_dir)  # before generating: a folder we may not write is refused up front
+    check_output_dir(args.output_dir, writer=WRITER)  # before generating: a folder we may not write is refused up front
     checkpoint = args.checkpoint or str(spec.checkpoint_path())
     pipeline = spec.load(checkpoint, args.device)
     if not getattr(pipeline, "plans_memory", False):

@@ -733,7 +733,7 @@ def run_fingerprint(signature: Mapping[str, Any], config: TrainConfig, seed: int
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _unpack_loss(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+def unpack_loss(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
     """Accept a tensor, a LossOutput-like object (``.loss``, ``.logs``) or a mapping with a ``"loss"`` key."""
     if isinstance(out, torch.Tensor):
         loss, logs = out, {}
@@ -1133,7 +1133,7 @@ class Trainer:
         run.ctx.step = run.global_step
         with acc.accumulate(*self._roots):
             with acc.autocast():
-                loss, logs = _unpack_loss(run.loss_fn(batch, run.ctx))
+                loss, logs = unpack_loss(run.loss_fn(batch, run.ctx))
             acc.backward(loss)
             if acc.sync_gradients and cfg.max_grad_norm > 0:
                 run.grad_norm = acc.clip_grad_norm_(run.clip_params, cfg.max_grad_norm)

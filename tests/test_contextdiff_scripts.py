@@ -232,7 +232,9 @@ def test_flat_script_configs_are_the_nested_sections_and_only_hold_flags(size):
     from contextdiff.training import build_parser
 
     nested = load_config(CONFIGS / f"{size}.yaml")
-    sample_parser = _script("sample")._load_sample_script().build_parser()
+    from common.sample_command import build_parser as sample_build_parser
+
+    sample_parser = sample_build_parser()
     add_arguments(sample_parser.add_argument_group("contextdiff"))
     for section, name, parser in (("stage1", "train_adapter", build_parser(1)),
                                   ("stage2", "finetune_diffusion", build_parser(2)),

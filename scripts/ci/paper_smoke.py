@@ -178,7 +178,7 @@ def train_one_step(trainable: dict, loss_fn, batch: Any, opts: argparse.Namespac
 def _forward_backward(trainable: dict, loss_fn, batch: Any, frozen: dict, collate_fn, gradient_checkpointing: bool):
     import torch
 
-    from common.train import StepContext, Trainer, _unpack_loss
+    from common.train import StepContext, Trainer, unpack_loss
 
     for name, module in trainable.items():
         if gradient_checkpointing:
@@ -191,7 +191,7 @@ def _forward_backward(trainable: dict, loss_fn, batch: Any, frozen: dict, collat
     batch = collate_fn([batch]) if collate_fn is not None else batch
     start = time.perf_counter()
     out = loss_fn(batch, ctx)
-    loss, _ = _unpack_loss(out)  # the trainer's reading of a loss_fn result (tensor, dict, LossOutput, ...)
+    loss, _ = unpack_loss(out)  # the trainer's reading of a loss_fn result (tensor, dict, LossOutput, ...)
     loss.backward()
     seconds = time.perf_counter() - start
     grads = [p.grad for m in trainable.values() for p in m.parameters() if p.requires_grad]

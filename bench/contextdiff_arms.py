@@ -60,7 +60,10 @@ def run_dir(world: str, arm: str, seed: int) -> Path:
 
 def checkpoint_of(world: str, arm: str, seed: int) -> Path:
     d = run_dir(world, arm, seed)
-    return d / "train" if arm == "plain" else d / "stage2" / "pipeline"
+    if arm == "plain":
+        return d / "train"
+    # stage 2 writes its checkpoint at its output folder; runs from before that change hold it in pipeline/
+    return d / "stage2" / "pipeline" if (d / "stage2" / "pipeline").is_dir() else d / "stage2"
 
 
 def commands(world: str, arm: str, seed: int) -> list[list[str]]:

@@ -25,3 +25,15 @@ def load_script(relative_path: str) -> types.SimpleNamespace:
         name = "_dlab_script_" + "_".join(Path(relative_path).with_suffix("").parts)
         _LOADED[path] = types.SimpleNamespace(**runpy.run_path(str(path), run_name=name))
     return _LOADED[path]
+
+
+def run_main(main, argv, capsys):
+    """``(exit code, non-empty stderr lines)`` of a script's ``main`` run in-process."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "it/s" not in line
+           and "%|" not in line]
+    return code, err

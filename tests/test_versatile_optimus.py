@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from script_loading import load_script
+from script_loading import load_script, run_main
 from torch import nn
 
 from common.errors import UserError
@@ -466,16 +466,6 @@ def test_bad_checkpoints_are_one_line_errors(official, tokenizer_dir, tmp_path):
 convert_script = load_script("scripts/versatile/convert.py")
 sample_script = load_script("scripts/versatile/sample.py")
 
-
-def run_main(main, argv, capsys):
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "it/s" not in line
-           and "%|" not in line]
-    return code, err
 
 
 def test_convert_script_and_text_flows_from_the_released_layout(tokenizer_dir, tmp_path, capsys):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from script_loading import load_script  # noqa: E402
+from script_loading import load_script, run_main  # noqa: E402
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,17 +26,6 @@ root_sample = load_script("scripts/sample.py")
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
-
-def run_main(main, argv, capsys):
-    """``(exit code, non-empty stderr lines)`` of a script's ``main`` run in-process."""
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "it/s" not in line
-           and "%|" not in line]
-    return code, err
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,10 @@ tiny-pairs-checkpoints: $(STAMP)
 	$(PY) scripts/train_text_to_image.py --config configs/baseline/pairs_tiny_continue.yaml \
 		--pretrained_model_name_or_path $(PAIRS_RUNS)/baseline_run --train_data_dir data/digits_pairs/train \
 		--output_dir $(PAIRS_RUNS)/baseline_run2
-	rm -rf ckpt/tiny/pairs/baseline && mkdir -p ckpt/tiny/pairs/baseline && cd $(PAIRS_RUNS)/baseline_run2 && \
+	$(PY) scripts/train_text_to_image.py --config configs/baseline/pairs_tiny_continue2.yaml \
+		--pretrained_model_name_or_path $(PAIRS_RUNS)/baseline_run2 --train_data_dir data/digits_pairs/train \
+		--output_dir $(PAIRS_RUNS)/baseline_run3
+	rm -rf ckpt/tiny/pairs/baseline && mkdir -p ckpt/tiny/pairs/baseline && cd $(PAIRS_RUNS)/baseline_run3 && \
 		cp -r $(PIPELINE_FILES) $(CURDIR)/ckpt/tiny/pairs/baseline/
 
 clean:

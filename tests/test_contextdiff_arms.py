@@ -78,3 +78,50 @@ def test_paired_stats_closed_forms():
     assert s["boot_hi"] == pytest.approx(0.2 + 1.96 * se, abs=0.02)
     one = arms.paired_stats(a[:1], b[:1], reps=1000)
     assert one["t_lo"] is None and one["diff"] == pytest.approx(0.1)
+
+
+def _judged(correct, binding=None, diag=True):
+    out = {"both_accuracy": float(np.mean(correct)), "correct": list(map(int, correct))}
+    if binding is not None:
+        out.update(binding_accuracy=float(np.mean(binding)), binding_correct=list(map(int, binding)))
+    if diag:
+        one = {"r_abs": 0.1, "cos_r_x0": 0.0, "affine_r2": 0.0, "r_hat_rel_err": 0.1}
+        out["diagnostics"] = {"x0_abs": 0.9, "t100": one, "t500": one, "t900": one}
+    return out
+
+
+def test_report_compares_pairs_on_colour_binding_and_the_whole_prompt(tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setattr(arms, "RUNS", tmp_path)
+    monkeypatch.setattr(arms, "N_PROMPTS", 4)
+    rows = {  # per seed: (whole prompt right, colours in place) over 4 prompts
+        "plain": [([0, 0, 0, 0], [1, 0, 0, 1]), ([0, 0, 0, 0], [1, 0, 1, 0])],
+        "elbo": [([1, 0, 0, 0], [1, 1, 1, 1]), ([0, 0, 0, 0], [1, 1, 1, 1])],
+    }
+    for arm, seeds in rows.items():
+        for seed, (correct, binding) in enumerate(seeds):
+            d = arms.run_dir("pairs", arm, seed)
+            d.mkdir(parents=True)
+            (d / "judged.json").write_text(json.dumps(_judged(correct, binding, diag=arm != "plain")))
+    arms.report(type("A", (), {"no_write": True})())
+    table = capsys.readouterr().out
+    # colours in place: plain 50 % on both seeds, elbo 100 %: +50 points; whole prompt: 0 % vs 12.5 %: +12.5
+    assert "| pairs | colours in place | elbo | [0, 1] | 100.0 % (100.0, 100.0) | +50.0 [" in table
+    assert "| pairs | whole prompt | elbo | [0, 1] | 12.5 % (25.0, 0.0) | +12.5 [" in table
+    assert "| pairs | colours in place | plain | [0, 1] | 50.0 % (50.0, 50.0) |" in table
+
+
+def test_judge_rows_counts_colour_binding_per_prompt_on_pairs(monkeypatch):
+    import common.judge
+
+    rows = [{"left_digit": 1, "left_color": "red", "right_digit": 2, "right_color": "blue"}] * 3
+    predicted = [(1, "red", 2, "blue"), (7, "red", 7, "blue"), (1, "blue", 2, "red")]
+    monkeypatch.setattr(common.judge, "judge_pair_images", lambda arrays, targets: {
+        "predicted": predicted, "left_digit_accuracy": 0, "right_digit_accuracy": 0, "left_color_accuracy": 0,
+        "right_color_accuracy": 0, "binding_accuracy": 0, "both_accuracy": 0})
+    import torch
+
+    out = arms.judge_rows("pairs", torch.zeros(3, 3, 4, 4), rows)
+    assert out["correct"] == [1, 0, 0]
+    assert out["binding_correct"] == [1, 1, 0]

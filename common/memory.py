@@ -127,28 +127,36 @@ def vae_decode_bytes(config: Any, request: Request, mode: VaeMode = PLAIN) -> in
     return 4 * held + request.dtype_bytes * per_pass * work
 
 
-def saved_activation_bytes(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
-    """Bytes autograd keeps for the backward pass of ``module(*inputs)``, counted on the meta device: the module runs
-    on shape-only copies of its parameters and inputs (``torch.func.functional_call``; nothing is allocated or
-    computed) while a saved-tensors hook records each activation once (parameters excluded). Linear in the batch,
-    so a batch of one gives the cost per sample. Floating inputs are taken to need a gradient (a guidance gradient
-    with respect to the image)."""
+def _saved_bytes(module: torch.nn.Module, inputs: Sequence[Any]) -> int:
     from torch.func import functional_call
 
     params = {name: p.detach().to("meta").requires_grad_(True) for name, p in module.named_parameters()}
     buffers = {name: b.to("meta") for name, b in module.named_buffers()}
-    weights = {id(p) for p in params.values()}
     saved: dict[int, torch.Tensor] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if id(tensor) not in weights:
-            saved.setdefault(id(tensor), tensor)
+        saved.setdefault(id(tensor), tensor)
         return tensor
 
     meta = [x.to("meta").requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x for x in inputs]
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         functional_call(module, {**params, **buffers}, tuple(meta))
     return sum(t.numel() * t.element_size() for t in saved.values())
+
+
+def saved_activation_bytes(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    """Bytes per sample autograd keeps for the backward pass of ``module(*inputs)``, counted on the meta device.
+
+    The module runs on shape-only copies of its parameters and inputs (``torch.func.functional_call``; nothing is
+    allocated or computed) while a saved-tensors hook records every tensor kept for the backward pass, once. Run at
+    a batch of one and of two (the inputs' first dimension, repeated), the difference is what one more sample adds:
+    the activations, without the views of the weights an op keeps (a transposed matrix), which do not grow with the
+    batch. Floating inputs are taken to need a gradient (a guidance gradient with respect to the image)."""
+
+    def batch_of(n: int) -> list:
+        return [x[:1].expand(n, *x.shape[1:]) if isinstance(x, torch.Tensor) and x.ndim else x for x in inputs]
+
+    return max(0, _saved_bytes(module, batch_of(2)) - _saved_bytes(module, batch_of(1)))
 
 
 def weight_bytes(*models: Optional[torch.nn.Module]) -> int:
@@ -219,17 +227,19 @@ class MemoryPlan:
     """How a request runs: the VAE's mode, the attention's query chunk (None: whole), the denoiser's micro-batch
     (samples per call; None: the whole batch in one call) and the estimated peak."""
 
-    vae: VaeMode
+    vae: Optional[VaeMode]  # None: a pixel-space method (no VAE)
     attention_chunk: Optional[int]
     estimate: int
     budget: int
     micro_batch: Optional[int] = None
+    weights: int = 0  # the part of the estimate that is the models' weights
 
     def describe(self) -> str:
         attention = f"attention in chunks of {self.attention_chunk} queries" if self.attention_chunk else \
             "attention whole"
         split = f", denoiser in micro-batches of {self.micro_batch}" if self.micro_batch else ""
-        return f"VAE {self.vae.describe()}, {attention}{split}: estimated {gb(self.estimate)} of {gb(self.budget)}"
+        vae = f"VAE {self.vae.describe()}, " if self.vae is not None else ""
+        return f"{vae}{attention}{split}: estimated {gb(self.estimate)} of {gb(self.budget)}"
 
     @contextlib.contextmanager
     def applied(self, *models: Optional[torch.nn.Module], split: bool = True) -> Iterator[None]:
@@ -313,7 +323,7 @@ def plan(unet: Any, vae: Any, request: Request, budget: int, *, weights: Optiona
     chunks: list[Optional[int]] = [None]
     if not sdpa_avoids_scores(request.device) and attends is not False:
         chunks += list(ATTENTION_CHUNKS)
-    modes = [PLAIN] if vae_config is None else vae_modes(
+    modes: list[Optional[VaeMode]] = [None] if vae_config is None else vae_modes(
         vae_config, request, supports_tiling(vae) or not isinstance(vae, torch.nn.Module))
     splits: list[Optional[int]] = [None] + (micro_batches(request) if split else [])
     best = None
@@ -323,7 +333,7 @@ def plan(unet: Any, vae: Any, request: Request, budget: int, *, weights: Optiona
                 decode = 0 if vae_config is None else vae_decode_bytes(vae_config, request, mode)
                 needed = weights + max(step_bytes(chunk, micro), decode)
                 if needed <= budget:
-                    return MemoryPlan(mode, chunk, needed, budget, micro)
+                    return MemoryPlan(mode, chunk, needed, budget, micro, weights)
                 if best is None or needed <= best[3]:  # ties: the later, more frugal path
                     best = (micro, mode, chunk, needed)
     micro, mode, chunk, needed = best

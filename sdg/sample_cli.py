@@ -91,11 +91,11 @@ IMAGE_COPIES = 3  # every sample's output in [0, 1], the list of chunks, their c
 
 
 def plan_memory(unet, clip, batch: int, *, guided: bool, max_memory_gb: Optional[float] = None,
-                fixed_chunk: bool = False):
+                fixed_chunk: bool = False, chunk: int = CHUNK):
     """How SDG samples ``batch`` images within ``max_memory_gb`` (default: the machine's memory), or one UserError
     naming the estimate, the budget and the fix, before anything is sampled (``common.memory.plan``).
 
-    Samples are drawn ``CHUNK`` at a time. Each step is the UNet forward on the chunk (pixel space: factor 1, no
+    Samples are drawn ``chunk`` at a time. Each step is the UNet forward on the chunk (pixel space: factor 1, no
     VAE; no gradients) and then, when a guidance weight is set, the noise-aware CLIP forward with the activations
     kept for the gradient with respect to x_t and its backward pass (``common.memory.saved_activation_bytes`` of
     the CLIP on a batch of one, times the chunk). The frugal path is smaller chunks (the plan's micro-batch): every
@@ -105,7 +105,7 @@ def plan_memory(unet, clip, batch: int, *, guided: bool, max_memory_gb: Optional
 
     param = next(unet.parameters())
     size = int(unet.config.sample_size)
-    chunk = min(batch, CHUNK)
+    chunk = min(batch, chunk)
     dtype_bytes = torch.finfo(param.dtype).bits // 8
     request = memory.Request(chunk, size, size, guided=False, dtype_bytes=dtype_bytes, device=str(param.device))
     per_sample = 0
@@ -226,11 +226,13 @@ def run_loaded(
     progress=False,
     guide=None,
     memory_plan=None,
+    chunk: int = CHUNK,
 ) -> torch.Tensor:
     """SDG samples ``[N, 3, S, S]`` in [0, 1] from a loaded model ``(unet, flags)`` and noise-aware CLIP ``bundle``
     (None: no guidance). Samples are drawn in chunks with a generator per sample (``seed + i``); ``guide`` replaces
     the noise-aware CLIP by another encoder with the same interface (the plain-CLIP ablation of the benchmark).
-    ``memory_plan`` (:func:`plan_memory`): its micro-batch, when set, is the chunk; its attention chunking applies."""
+    ``chunk``: samples per pass; ``memory_plan`` (:func:`plan_memory` for that chunk): its micro-batch, when set,
+    replaces the chunk; its attention chunking applies."""
     from sdg.adm import noise_schedule
     from sdg.pipeline import sample_sdg
 
@@ -242,7 +244,7 @@ def run_loaded(
         raise UserError(f"reference images are {references.shape[-1]} px but the model makes {size} px")
     clip = guide if guide is not None else (bundle.clip if bundle else None)
     text = bundle.encode_text(prompts) if bundle is not None and text_weight else None
-    chunk = (memory_plan.micro_batch if memory_plan is not None else None) or CHUNK
+    chunk = (memory_plan.micro_batch if memory_plan is not None else None) or chunk
     out = []
     for start in range(0, len(prompts), chunk):
         idx = list(range(start, min(start + chunk, len(prompts))))

@@ -222,24 +222,31 @@ def test_impossible_plan_is_one_line_with_estimate_budget_and_fix():
     assert float(re.search(r"estimated ([\d.]+) GB", message).group(1)) > 100  # 1e10 pixels: >100 GB of images
 
 
-def test_sample_script_refuses_before_allocating(tmp_path, capsys):
-    """``--resolution 100000`` on the real entry point: one line, and the process barely grew while refusing."""
+def sample_refused(argv: list[str], capsys) -> tuple[int, int, list[str]]:
+    """``scripts/sample.py argv`` in this process: its exit code, how much the resident peak grew meanwhile, and the
+    lines it printed to stderr."""
     sample = load_script("scripts/sample.py")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     with open("/proc/self/statm") as f:
         before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     try:
-        code = sample.main(["--prompt", "a seven", "--resolution", "100000", "--no_progress",
-                            "--output_dir", str(tmp_path / "never")])
+        code = sample.main(argv)
     except SystemExit as exit_:
         code = exit_.code
     with open("/proc/self/status") as f:
         peak = int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading" not in line]
+    return code, peak - before, lines
+
+
+def test_sample_script_refuses_before_allocating(tmp_path, capsys):
+    """``--resolution 100000`` on the real entry point: one line, and the process barely grew while refusing."""
+    code, grew, lines = sample_refused(["--prompt", "a seven", "--resolution", "100000", "--no_progress",
+                                        "--output_dir", str(tmp_path / "never")], capsys)
     assert code != 0 and len(lines) == 1 and "estimated" in lines[0] and "--max_memory_gb" in lines[0], lines
     # what grew is the imports and the tiny models (~0.4 GB), not any of the request's thousands of GB
-    assert peak - before < 2**30
+    assert grew < 2**30
     assert not (tmp_path / "never").exists()
 
 
@@ -282,8 +289,9 @@ def test_micro_batched_unet_equals_one_call():
     with torch.no_grad():
         whole = unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
         for size in (3, 1):
-            calls = []
-            handle = unet.conv_in.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+            calls: list[int] = []
+            handle = unet.conv_in.register_forward_pre_hook(
+                lambda module, args, calls=calls: calls.append(args[0].shape[0]))
             with memory.micro_batched(unet, size):
                 split = unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
                 as_output = unet(x, t, encoder_hidden_states=context).sample  # the output class is rebuilt too
@@ -361,20 +369,10 @@ def test_method_frugal_path_gives_the_plain_images(methods_measured, method):
 def test_method_refuses_an_impossible_request_before_allocating(method, flags, tmp_path, capsys):
     """Through scripts/sample.py: one line naming the estimate and the fix, before x_T (the process barely grew:
     the imports and the tiny models)."""
-    sample = load_script("scripts/sample.py")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    try:
-        code = sample.main(["--method", method, "--prompt", "a red seven", *flags, "--num_inference_steps", "2",
-                            "--max_memory_gb", "2", "--no_progress", "--output_dir", str(tmp_path / "never")])
-    except SystemExit as exit_:
-        code = exit_.code
-    with open("/proc/self/status") as f:
-        peak = int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading" not in line]
+    code, grew, lines = sample_refused(["--method", method, "--prompt", "a red seven", *flags, "--num_inference_steps",
+                                        "2", "--max_memory_gb", "2", "--no_progress", "--output_dir",
+                                        str(tmp_path / "never")], capsys)
     assert code != 0 and len(lines) == 1, lines
     assert "estimated" in lines[0] and "2.00 GB limit" in lines[0] and "--max_memory_gb" in lines[0], lines
-    assert peak - before < 2**30
+    assert grew < 2**30
     assert not (tmp_path / "never").exists()

@@ -170,9 +170,9 @@ def generate_collaboration(collab, settings: CoDiffSettings, *, generator=None, 
         reweighting = ReleasedReweighting.released(tuple(n for n, k in kinds.items() if k == "mask"))
     generator = generator if generator is not None else torch.Generator().manual_seed(settings.seed)
     gen = pipeline(conds, batch_size=len(prompts), num_inference_steps=settings.num_inference_steps,
-                            eta=settings.eta, sampler=settings.sampler, generator=generator,
-                            reweighting=reweighting, uncond=uncond, guidance_scales=scales, weights=weights,
-                            progress=callback or False, record=record, max_memory_gb=settings.max_memory_gb)
+                   eta=settings.eta, sampler=settings.sampler, generator=generator, reweighting=reweighting,
+                   uncond=uncond, guidance_scales=scales, weights=weights, progress=callback or False, record=record,
+                   max_memory_gb=settings.max_memory_gb)
     gen.masks = conds.get(mask_name) if mask_name else None
     return gen
 

@@ -25,8 +25,8 @@ UserError names the estimate, the budget and the fix.
 
 Methods whose denoiser phase is not one UNet forward hand :func:`plan` their own ``step_bytes`` built from the same
 pieces: several member UNets in turn (:func:`unet_step_bytes` of each, the largest wins), a pixel-space UNet
-(``factor`` 1, no VAE), or a guidance gradient through an image encoder (:func:`open_clip_backward_bytes`: the
-activations autograd keeps for the backward pass).
+(``factor`` 1, no VAE), or a guidance gradient through an image encoder (:func:`saved_activation_bytes`: the
+activations autograd keeps for the backward pass, counted on the meta device).
 """
 
 from __future__ import annotations
@@ -167,6 +167,8 @@ def _rows(value: Any, rows: slice, batch: int) -> Any:
     """``value[rows]`` for a tensor batched like the input (first dimension ``batch``), else ``value`` itself."""
     if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch:
         return value[rows]
+    if isinstance(value, dict):  # e.g. a UNet's added_cond_kwargs
+        return {key: _rows(item, rows, batch) for key, item in value.items()}
     return value
 
 
@@ -297,8 +299,8 @@ StepBytes = Callable[[Optional[int], Optional[int]], int]
 
 def plan(unet: Any, vae: Any, request: Request, budget: int, *, weights: Optional[int] = None,
          extra_models: Sequence[Optional[torch.nn.Module]] = (), what: str = "--resolution/--num_images",
-         step_bytes: Optional[StepBytes] = None, split: bool = True, attends: Optional[bool] = None,
-         size_text: Optional[str] = None) -> MemoryPlan:
+         step_bytes: Optional[StepBytes] = None, split: bool = True, size_text: Optional[str] = None
+         ) -> MemoryPlan:
     """The fastest :class:`MemoryPlan` whose estimate fits ``budget`` bytes; a UserError when even the most frugal
     one does not. ``unet`` / ``vae``: the models (or their configs, with ``weights`` given).
 
@@ -306,7 +308,7 @@ def plan(unet: Any, vae: Any, request: Request, budget: int, *, weights: Optiona
     only where no VAE mode and attention chunk fits with the whole batch, since the step is then the floor); within
     each, the VAE's modes (:func:`vae_modes`), and within those, attention whole then in query chunks (only where
     SDPA would hold the scores). A method whose denoiser is not one UNet gives its own ``step_bytes`` (then
-    ``unet`` is only counted in the weights, and may be None; ``attends``: whether it has attention to chunk).
+    ``unet`` is only counted in the weights, and may be None).
     ``vae=None``: a pixel-space method, no decode phase. ``size_text``: how the refusal names the request's size
     (default ``"B x HxW pixels"``).
     """
@@ -321,7 +323,7 @@ def plan(unet: Any, vae: Any, request: Request, budget: int, *, weights: Optiona
             return unet_step_bytes(unet_config, request, factor, chunk, micro)
 
     chunks: list[Optional[int]] = [None]
-    if not sdpa_avoids_scores(request.device) and attends is not False:
+    if not sdpa_avoids_scores(request.device):
         chunks += list(ATTENTION_CHUNKS)
     modes: list[Optional[VaeMode]] = [None] if vae_config is None else vae_modes(
         vae_config, request, supports_tiling(vae) or not isinstance(vae, torch.nn.Module))

@@ -125,6 +125,32 @@ def method_runner(method: str):
     return run
 
 
+def run_guidance_case(case: dict) -> dict:
+    """SDG's guidance phase alone (``"phase": "guidance"``): one language-guidance gradient through the shipped
+    noise-aware CLIP on a batch, against its estimate (the kept activations counted on the meta device, times the
+    backward's margin)."""
+    from common import memory
+    from common.methods import REPO
+    from common.schedule import NoiseSchedule
+    from sdg.checkpoint import load_noise_aware_clip_folder
+    from sdg.sample_cli import BACKWARD_PEAK
+    from sdg.scores import SemanticGuidance
+
+    clip = load_noise_aware_clip_folder(REPO / "ckpt/tiny/sdg/clip", "cpu").clip
+    size, batch = clip.image_size, int(case["batch"])
+    per_sample = memory.saved_activation_bytes(clip, torch.zeros(1, 3, size, size), torch.zeros(1, dtype=torch.long))
+    dim = clip(torch.zeros(1, 3, size, size), torch.zeros(1, dtype=torch.long)).embedding.shape[-1]
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(batch, 3, size, size, generator=g), torch.full((batch,), 500)
+    guidance = SemanticGuidance(clip, NoiseSchedule.named("linear", 1000),
+                                text_embedding=torch.randn(batch, dim, generator=g), text_weight=1.0)
+    guidance(x, t)  # warm up
+    reset_peak()
+    before = resident_bytes()
+    guidance(x, t)
+    return {**case, "measured": peak_bytes() - before, "estimate": int(BACKWARD_PEAK * per_sample * batch)}
+
+
 def run_method_case(runners: dict, plain: dict, case: dict) -> dict:
     """``"frugal": true``: the budget is one byte below the previous (plain) case's estimate, so the plan must take
     a frugal path; the images are compared with that case's (``max_difference``)."""
@@ -158,6 +184,9 @@ def main(argv: list[str]) -> None:
     plain: dict = {}
     pipe = None
     for case in cases:
+        if case.get("phase") == "guidance":
+            print(json.dumps(run_guidance_case(case)), flush=True)
+            continue
         if "method" in case:
             print(json.dumps(run_method_case(runners, plain, case)), flush=True)
             continue

@@ -64,6 +64,7 @@ def probed():
         {"batch": 2, "side": 384, "budget_gb": 0.15},  # the whole batch would need ~0.3 GB, one image ~0.16 GB
         # each method as it plans with the machine's memory, then with one byte less than that plan's estimate
         *(dict(case, **extra) for case in METHOD_CASES for extra in ({}, {"frugal": True})),
+        {"method": "sdg", "phase": "guidance", "batch": 128},  # the CLIP's gradient alone (the UNet dominates above)
     ])
 
 
@@ -75,7 +76,15 @@ def measured(probed):
 
 @pytest.fixture(scope="module")
 def methods_measured(probed):
-    return {(row["method"], bool(row.get("frugal"))): row for row in probed if "method" in row}
+    return {(row["method"], bool(row.get("frugal"))): row for row in probed if "method" in row and "phase" not in row}
+
+
+def test_guidance_gradient_estimate_tracks_measured_peak(probed):
+    """SDG's guidance phase: the activations autograd keeps, counted on the meta device, against the measured peak of
+    one gradient through the shipped noise-aware CLIP."""
+    row = next(row for row in probed if row.get("phase") == "guidance")
+    assert row["estimate"] >= UNDER * row["measured"] - SLACK, row
+    assert row["estimate"] <= OVER * row["measured"] + SLACK, row
 
 
 def test_estimate_tracks_measured_peaks(measured):

@@ -91,7 +91,7 @@ IMAGE_COPIES = 3  # every sample's output in [0, 1], the list of chunks, their c
 
 
 def plan_memory(unet, clip, batch: int, *, guided: bool, max_memory_gb: Optional[float] = None,
-                fixed_chunk: bool = False, chunk: int = CHUNK):
+                fixed_chunk: bool = False, chunk: int = CHUNK, what: str = "--num_images"):
     """How SDG samples ``batch`` images within ``max_memory_gb`` (default: the machine's memory), or one UserError
     naming the estimate, the budget and the fix, before anything is sampled (``common.memory.plan``).
 
@@ -120,7 +120,7 @@ def plan_memory(unet, clip, batch: int, *, guided: bool, max_memory_gb: Optional
         return images + max(forward, int(BACKWARD_PEAK * per_sample * rows))
 
     return memory.plan(unet, None, request, memory.budget_bytes(max_memory_gb, str(param.device)),
-                       extra_models=(clip,), what="--num_images", step_bytes=step_bytes, split=not fixed_chunk,
+                       extra_models=(clip,), what=what, step_bytes=step_bytes, split=not fixed_chunk,
                        size_text=f"{batch} x {size}x{size} pixels, {chunk} per pass")
 
 

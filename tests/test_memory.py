@@ -349,6 +349,46 @@ def test_baseline_takes_micro_batches_with_the_same_latents():
     torch.testing.assert_close(split.latents, plain.latents, atol=1e-4, rtol=1e-4)
 
 
+def first_split_budget(plan_at) -> float:
+    """The budget (GB) at which ``plan_at(budget_gb)`` first splits the denoiser, walking down one byte under each
+    plan's estimate from the machine's memory."""
+    budget = None
+    for _ in range(64):
+        taken = plan_at(budget)
+        if taken.micro_batch:
+            return budget
+        budget = (taken.estimate - 1) / 2**30
+    raise AssertionError("the plan never split the denoiser")
+
+
+def test_versatile_and_codiff_micro_batches_keep_the_latents():
+    """The multi-flow diffuser's CFG call and CoDiff's member / diffuser forwards split into micro-batches at the
+    first budget that needs it: the sampled latents equal the unsplit ones."""
+    from codiff.checkpoint import load_collaboration
+    from codiff.sample_cli import CoDiffSettings, generate_collaboration
+    from versatile.checkpoint import load_pipeline
+
+    pipe, _ = load_pipeline(REPO / "ckpt/tiny/versatile/pipeline")
+    # 64 px: once the VAE is tiled, the diffuser's CFG batch is the floor (at 32 px the decode always is)
+    budget = first_split_budget(lambda gb: pipe.memory_plan("t2i", 2, 64, 64, 3.0, gb))
+    runs = [pipe("t2i", prompt=["a red seven", "a blue two"], guidance_scale=3.0, num_inference_steps=2, height=64,
+                 width=64, generator=torch.Generator().manual_seed(0), max_memory_gb=gb) for gb in (None, budget)]
+    assert runs[0].memory_plan.micro_batch is None and runs[1].memory_plan.micro_batch == 2, runs[1].memory_plan
+    torch.testing.assert_close(runs[1].latents, runs[0].latents, atol=1e-5, rtol=1e-5)
+
+    collab = load_collaboration(REPO / "ckpt/tiny/codiff")
+    prompts = ["a red seven", "a blue two", "a green four", "a red one"]
+    budget = first_split_budget(lambda gb: collab.pipeline().memory_plan(len(prompts), guided=collab.modalities,
+                                                                        steps=2, max_memory_gb=gb))
+    gens = []
+    for gb in (None, budget):
+        settings = CoDiffSettings(prompts=prompts, num_inference_steps=2, max_memory_gb=gb)
+        settings.check()
+        gens.append(generate_collaboration(collab, settings))
+    assert gens[0].memory_plan.micro_batch is None and gens[1].memory_plan.micro_batch, gens[1].memory_plan
+    torch.testing.assert_close(gens[1].latents, gens[0].latents, atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ other methods
 
 @pytest.mark.parametrize("method", [case["method"] for case in METHOD_CASES])

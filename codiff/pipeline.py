@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -26,9 +26,10 @@ from PIL import Image
 from torch import nn
 
 from codiff.collaborate import CollaborativeDenoiser, CollaborativeDiffusion, InfluenceRecorder, ReleasedReweighting
+from common import memory
 from common.errors import UserError
 from common.io import PathLike, atomic_write_file, make_image_grid, save_image_grid, to_pil
-from common.latents import decode_latents
+from common.latents import PLAIN, VaeMode, decode_latents, vae_scale_factor
 from common.samplers import Generator, randn, sample
 from common.schedule import NoiseSchedule, SamplingPlan, plan_like_diffusers
 
@@ -45,6 +46,14 @@ def ldm_schedule(num_train_timesteps: int = 1000) -> NoiseSchedule:
 def ldm_plan(schedule: NoiseSchedule, steps: int, sampler: str = "ddim") -> SamplingPlan:
     """LDM's ``make_ddim_timesteps(uniform)`` (METHOD.md, "DDIM"): ``c = T // S``, timesteps ``{0, c, 2c, ...} + 1``."""
     return plan_like_diffusers(schedule, LDM_DDIM_CONFIG, steps, sampler)
+
+
+def unet_config(net: nn.Module) -> Any:
+    """The diffusers UNet config inside a member: its own, or that of the UNet a wrapper (the mask member that
+    concatenates the mask to x_t) runs, which is what its activations follow."""
+    while getattr(net.config, "block_out_channels", None) is None and hasattr(net, "unet"):
+        net = net.unet
+    return net.config
 
 
 def safe_dirname(text: str, max_length: int = 80) -> str:
@@ -75,6 +84,7 @@ class CollaborativeGeneration:
     pred_x0: Optional[torch.Tensor] = None
     x_inter: Optional[torch.Tensor] = None
     masks: Optional[torch.Tensor] = None
+    memory_plan: Optional[memory.MemoryPlan] = None  # how it ran within the memory budget
 
 
 ConditionEncoder = Callable[[Any], torch.Tensor]
@@ -126,9 +136,51 @@ class CollaborativePipeline:
         return tokens
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, mode: VaeMode = PLAIN) -> torch.Tensor:
         """``D(z / s)`` mapped to [0, 1]: ``[N, C, h, w] -> [N, 3, H, W]``."""
-        return decode_latents(self.vae, latents, self.scaling_factor)
+        return decode_latents(self.vae, latents, self.scaling_factor, mode=mode)
+
+    def memory_plan(self, batch: int, *, guided: Sequence[str] = (), active: Optional[Sequence[str]] = None,
+                    steps: int = 0, record: bool = False, max_memory_gb: Optional[float] = None,
+                    what: str = "--num_images") -> memory.MemoryPlan:
+        """The fastest way to sample ``batch`` images within ``max_memory_gb`` (default: the machine's memory):
+        ``common.memory.plan`` over the collaboration's step, with the VAE sliced / tiled, attention in chunks and
+        the member forwards in micro-batches as needed; a one-line UserError naming the estimate, the budget and the
+        fix when none fits.
+
+        One step runs every distinct member UNet in turn on the batch (times the calls batched into it: the CFG
+        branch of each ``guided`` modality, the modalities sharing it), then the dynamic diffusers on ``x_t`` while
+        the members' predictions are held; the peak is the largest of those forwards plus the held predictions.
+        ``active``: the modalities that run (a fixed weighting may drop some; default all). ``record`` keeps every
+        step's maps and latents (``steps`` of them) on the CPU."""
+        names = list(self.model.modalities if active is None else active)
+        param = next(self.model.diffusers.parameters())
+        channels, h, w = self.latent_shape
+        factor = vae_scale_factor(self.vae)
+        dtype_bytes = torch.finfo(param.dtype).bits // 8
+        request = memory.Request(batch, h * factor, w * factor, guided=bool(guided), dtype_bytes=dtype_bytes,
+                                 device=str(param.device))
+        calls: dict[int, list] = {}
+        for name in names:
+            unet = self.model.unets[name]
+            calls.setdefault(id(unet), [unet, 0])[1] += 2 if name in guided else 1
+        single = memory.Request(batch, request.height, request.width, guided=False, dtype_bytes=dtype_bytes,
+                                device=request.device)
+        held = dtype_bytes * batch * channels * h * w * (len(names) + len(guided))
+        if record:  # influence maps, x_t and x0 of every step, float32 on the CPU
+            held += 4 * steps * batch * (2 * channels + len(names)) * h * w
+
+        def step_bytes(chunk: Optional[int], micro: Optional[int]) -> int:
+            members = max(memory.unet_step_bytes(unet_config(unet), single, factor, chunk,
+                                                 min(micro or n * batch, n * batch)) for unet, n in calls.values())
+            diffusers = max(memory.unet_step_bytes(unet_config(self.model.diffusers[name]), single, factor, chunk,
+                                                   min(micro or batch, batch)) for name in names)
+            return held + max(members, diffusers)
+
+        unets = {id(u): u for u in self.model.unets.values()}.values()
+        return memory.plan(None, self.vae, request, memory.budget_bytes(max_memory_gb, str(param.device)),
+                           weights=memory.weight_bytes(*unets, self.model.dynamic, self.vae), what=what,
+                           step_bytes=step_bytes)
 
     @torch.no_grad()
     def __call__(
@@ -147,16 +199,23 @@ class CollaborativePipeline:
         record: bool = False,
         progress: bool = True,
         weights: Optional[Mapping[str, float]] = None,
+        max_memory_gb: Optional[float] = None,
     ) -> CollaborativeGeneration:
         """Generate ``batch_size`` images for one set of conditions (released defaults: DDIM, 50 steps, eta 1).
 
         Conditions may also be batched (``batch_size`` prompts, ``[batch_size, H, W]`` masks). ``record``: keep
         influence maps, x0 predictions and intermediate latents of every step. ``weights``: fixed weights per
         modality instead of the learned maps (:class:`~codiff.variants.FixedWeightDenoiser`: one member alone, the
-        equal-weight average); ``reweighting`` does not apply to them.
+        equal-weight average); ``reweighting`` does not apply to them. ``max_memory_gb``: the budget (default: the
+        machine's memory) :meth:`memory_plan` fits, or the request is refused before anything is encoded.
         """
         if sampler not in ("ddim", "ddpm"):
             raise UserError(f"unknown sampler {sampler!r}: choose ddim or ddpm")
+        active = None if weights is None else [n for n, w in weights.items() if float(w) > 0]
+        guided = [n for n, g in (guidance_scales or {}).items() if float(g) != 1.0 and n in (uncond or {})
+                  and (active is None or n in active)]
+        memory_plan = self.memory_plan(batch_size, guided=guided, active=active, steps=num_inference_steps,
+                                       record=record, max_memory_gb=max_memory_gb)
         if weights is not None:
             from codiff.variants import FixedWeightDenoiser
 
@@ -176,8 +235,12 @@ class CollaborativePipeline:
         if x_T is None:
             x_T = randn(shape, generator, self.device)
         kwargs = dict(x_T=x_T, generator=generator, callback=recorder, device=self.device, progress=progress)
-        latents = sample(sampler, denoiser, self.schedule, plan, eta=eta, **kwargs)
-        out = CollaborativeGeneration(self.decode(latents), latents, self.model.modalities)
+        networks = {id(net): net for net in (*self.model.unets.values(), *self.model.diffusers.values())}
+        with memory_plan.applied(*networks.values()):
+            latents = sample(sampler, denoiser, self.schedule, plan, eta=eta, **kwargs)
+        with memory_plan.applied(self.vae, split=False):
+            images = self.decode(latents, memory_plan.vae)
+        out = CollaborativeGeneration(images, latents, self.model.modalities, memory_plan=memory_plan)
         if recorder is not None:
             out.timesteps = recorder.timesteps
             out.influence = recorder.influence

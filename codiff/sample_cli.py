@@ -103,6 +103,8 @@ class CoDiffPipeline:
     """A collaboration (``codiff.checkpoint.load_collaboration``); influence maps are kept when the learned weighting
     runs (an observer: the images are the same)."""
 
+    plans_memory = True  # fits settings.max_memory_gb itself (CollaborativePipeline.memory_plan, common.memory)
+
     def __init__(self, collab):
         self.collab = collab
 
@@ -114,6 +116,8 @@ class CoDiffPipeline:
         extras = {}
         if getattr(gen, "influence", None) is not None:
             extras = {"influence": gen.influence, "modalities": list(gen.modalities), "timesteps": gen.timesteps}
+        if gen.memory_plan is not None:
+            extras["memory_plan"] = gen.memory_plan.describe()
         if gen.masks is not None:  # the class-id masks it was conditioned on (a file's, or the default test masks)
             fmt = self.collab.mask_format
             extras.update(masks=gen.masks.cpu(), mask_palette=list(fmt.palette), mask_classes=list(fmt.class_names))
@@ -142,6 +146,12 @@ def generate_collaboration(collab, settings: CoDiffSettings, *, generator=None, 
         raise UserError(f"--mask_path was given but the checkpoint has no mask model ({', '.join(collab.modalities)})")
     if text_name is None and (weights is None or weights.get(mask_name, 0) < 1):
         raise UserError(f"the checkpoint has no text model ({', '.join(collab.modalities)}): prompts cannot condition it")
+    guided = [n for n in collab.modalities if settings.guidance_scale != 1.0 and (weights is None or weights.get(n, 0) > 0)]
+    active = None if weights is None else [n for n, w in weights.items() if float(w) > 0]
+    pipeline = collab.pipeline()
+    # Refused here, before the masks and tokens of the batch exist, when the collaboration cannot fit the budget.
+    pipeline.memory_plan(len(prompts), guided=guided, active=active, steps=settings.num_inference_steps,
+                         record=record, max_memory_gb=settings.max_memory_gb)
     conds: dict = {}
     if text_name:
         conds[text_name] = list(prompts)
@@ -159,10 +169,10 @@ def generate_collaboration(collab, settings: CoDiffSettings, *, generator=None, 
             raise UserError("--released_reweighting re-weights the learned maps: use it with --weighting collaborative")
         reweighting = ReleasedReweighting.released(tuple(n for n, k in kinds.items() if k == "mask"))
     generator = generator if generator is not None else torch.Generator().manual_seed(settings.seed)
-    gen = collab.pipeline()(conds, batch_size=len(prompts), num_inference_steps=settings.num_inference_steps,
-                            eta=settings.eta, sampler=settings.sampler, generator=generator,
-                            reweighting=reweighting, uncond=uncond, guidance_scales=scales, weights=weights,
-                            progress=callback or False, record=record)
+    gen = pipeline(conds, batch_size=len(prompts), num_inference_steps=settings.num_inference_steps,
+                   eta=settings.eta, sampler=settings.sampler, generator=generator, reweighting=reweighting,
+                   uncond=uncond, guidance_scales=scales, weights=weights, progress=callback or False, record=record,
+                   max_memory_gb=settings.max_memory_gb)
     gen.masks = conds.get(mask_name) if mask_name else None
     return gen
 

@@ -98,17 +98,30 @@ def _replaceable(processor) -> bool:
     return isinstance(processor, (AttnProcessor, AttnProcessor2_0, ChunkedAttnProcessor))
 
 
+def _diffusers_models(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """``model`` when it is a diffusers model (has ``attn_processors``), else its outermost sub-modules that are
+    (e.g. the transformer blocks of a method's own network)."""
+    if hasattr(model, "attn_processors"):
+        return [model]
+    found, inside = [], []
+    for name, module in model.named_modules():
+        if hasattr(module, "attn_processors") and not any(name.startswith(prefix) for prefix in inside):
+            found.append(module)
+            inside.append(name + ".")
+    return found
+
+
 @contextlib.contextmanager
 def chunked_attention_in(model: Optional[torch.nn.Module], chunk: Optional[int]) -> Iterator[None]:
-    """For the body, every default attention processor of ``model`` (a diffusers model; anything with
-    ``attn_processors``) computes in query chunks of ``chunk`` rows; ``chunk=None`` or no model: unchanged."""
-    if chunk is None or model is None or not hasattr(model, "attn_processors"):
-        yield
-        return
-    saved = dict(model.attn_processors)
-    replaced = {name: (ChunkedAttnProcessor(chunk) if _replaceable(p) else p) for name, p in saved.items()}
-    model.set_attn_processor(replaced)
+    """For the body, every default attention processor of ``model`` (a diffusers model, or any module holding
+    some) computes in query chunks of ``chunk`` rows; ``chunk=None`` or no model: unchanged."""
+    targets = [] if chunk is None or model is None else _diffusers_models(model)
+    saved = [dict(target.attn_processors) for target in targets]
+    for target, processors in zip(targets, saved):
+        target.set_attn_processor({name: (ChunkedAttnProcessor(chunk) if _replaceable(p) else p)
+                                   for name, p in processors.items()})
     try:
         yield
     finally:
-        model.set_attn_processor(saved)
+        for target, processors in zip(targets, saved):
+            target.set_attn_processor(processors)

@@ -9,8 +9,9 @@ The memory bound is an estimate, not a measurement: the activations of sampling 
 output pixel (a Stable Diffusion VAE decoder keeps about 128-256 float32 channels at full resolution, so 1 KiB
 per pixel is the right order for the largest models the lab runs; the tiny ones need far less). The limit
 defaults to the memory of the machine (or of the GPU for ``--device cuda``) and ``--max_memory_gb`` raises it.
-A pipeline that knows its models (the baseline) replaces this rough bound by :mod:`common.memory`, which estimates
-from the models' widths and picks the VAE slicing / tiling and attention chunking that fit the same budget.
+A pipeline that knows its models (every method of ``scripts/sample.py``) replaces this rough bound by
+:mod:`common.memory`, which estimates from the models' widths and picks the VAE slicing / tiling, attention chunking
+and denoiser micro-batching that fit the same budget.
 """
 
 from __future__ import annotations

@@ -150,6 +150,6 @@ class LatentTextToImage:
         with memory_plan.applied(self.unet):
             out = sample(sampler, denoiser, self.schedule, plan, shape, eta=eta,
                          variance_type=self.scheduler_config.get("variance_type", "fixed_small"), **common)
-        with memory_plan.applied(self.vae):
+        with memory_plan.applied(self.vae, split=False):
             images = self.decode(out, memory_plan.vae)
         return TextToImageOutput(images, out, memory_plan)

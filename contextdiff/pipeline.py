@@ -222,7 +222,7 @@ def generate(
     with memory_plan.applied(unet):
         out = sample(sampler, s.denoiser, s.schedule, s.plan, shape, eta=eta,
                      variance_type=s.config.get("variance_type", "fixed_small"), **common)
-    with memory_plan.applied(vae):
+    with memory_plan.applied(vae, split=False):
         images = decode_latents(vae, out, mode=memory_plan.vae)
     return ContextDiffOutput(images, out, memory_plan)
 

@@ -15,6 +15,7 @@ guidance) do not apply: the model is unconditional.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +83,51 @@ def _references(spec: str, size: int, n: int) -> torch.Tensor:
     return torch.cat([refs[i % len(refs)] for i in range(n)])
 
 
+# The guidance phase peaks at the activations the CLIP forward kept plus the gradients the backward pass holds while
+# it frees them block by block: measured over a guidance call at batches 128 and 256, 0.91x the counted activations for
+# the tiny ViT tower and 1.03x for the tiny ResNet one (some kept tensors share storage), so a 10 % margin.
+BACKWARD_PEAK = 1.1
+IMAGE_COPIES = 3  # every sample's output in [0, 1], the list of chunks, their concatenation
+
+
+def plan_memory(unet, clip, batch: int, *, guided: bool, max_memory_gb: Optional[float] = None,
+                fixed_chunk: bool = False, chunk: int = CHUNK, what: str = "--num_images"):
+    """How SDG samples ``batch`` images within ``max_memory_gb`` (default: the machine's memory), or one UserError
+    naming the estimate, the budget and the fix, before anything is sampled (``common.memory.plan``).
+
+    Samples are drawn ``chunk`` at a time. Each step is the UNet forward on the chunk (pixel space: factor 1, no
+    VAE; no gradients) and then, when a guidance weight is set, the noise-aware CLIP forward with the activations
+    kept for the gradient with respect to x_t and its backward pass (``common.memory.saved_activation_bytes`` of
+    the CLIP on a batch of one, times the chunk). The frugal path is smaller chunks (the plan's micro-batch): every
+    sample has its own generators, so the images do not change; ``fixed_chunk`` (the batch-mixing style Gram, which
+    couples the samples of a chunk) forbids it. The chunk's attention is chunked where SDPA would hold scores."""
+    from common import memory
+
+    param = next(unet.parameters())
+    size = int(unet.config.sample_size)
+    chunk = min(batch, chunk)
+    dtype_bytes = torch.finfo(param.dtype).bits // 8
+    request = memory.Request(chunk, size, size, guided=False, dtype_bytes=dtype_bytes, device=str(param.device))
+    per_sample = 0
+    if guided and clip is not None:
+        per_sample = memory.saved_activation_bytes(clip, torch.zeros(1, 3, size, size, dtype=param.dtype),
+                                                    torch.zeros(1, dtype=torch.long))
+    images = 4 * IMAGE_COPIES * batch * 3 * size * size
+
+    def step_bytes(attention_chunk: Optional[int], micro: Optional[int]) -> int:
+        rows = micro or chunk
+        forward = memory.unet_step_bytes(unet.config, request, 1, attention_chunk, rows)
+        return images + max(forward, int(BACKWARD_PEAK * per_sample * rows))
+
+    return memory.plan(unet, None, request, memory.budget_bytes(max_memory_gb, str(param.device)),
+                       extra_models=(clip,), what=what, step_bytes=step_bytes, split=not fixed_chunk,
+                       size_text=f"{batch} x {size}x{size} pixels, {chunk} per pass")
+
+
 class SDGPipeline:
     """The unconditional ADM model, loaded once; the noise-aware CLIP loaded on the first run that guides."""
+
+    plans_memory = True  # fits settings.max_memory_gb itself (plan_memory), so entry scripts skip their rough bound
 
     def __init__(self, checkpoint, device="cpu", dtype=torch.float32):
         from sdg.checkpoint import load_diffusion_model
@@ -122,13 +166,17 @@ class SDGPipeline:
             raise UserError(f"a guidance weight is non-zero but {self.checkpoint} has no clip/ folder: pass "
                             "--clip_path (a noise-aware CLIP) or set the weights to 0")
         seed = generator.initial_seed() if generator is not None else settings.seed
+        bundle = self.clip(clip_path) if needs_clip else None
+        memory_plan = plan_memory(self.unet, bundle.clip if bundle else None, len(prompts), guided=needs_clip,
+                                  max_memory_gb=settings.max_memory_gb,
+                                  fixed_chunk=settings.style_gram == "batch" and bool(settings.image_weight))
         images = run_loaded(
-            self.unet, self.flags, self.clip(clip_path) if needs_clip else None, prompts,
+            self.unet, self.flags, bundle, prompts, memory_plan=memory_plan,
             text_weight=settings.text_weight, image_weight=settings.image_weight, image_loss=settings.image_loss,
             references=references, respacing=settings.timestep_respacing or str(settings.num_inference_steps),
             sampler=settings.sampler, eta=settings.eta, style_gram=settings.style_gram, seed=seed,
             device=self.device, progress=callback or False)
-        return Generation(images)
+        return Generation(images, extras={"memory_plan": memory_plan.describe()})
 
 
 def load(checkpoint, device="cpu", dtype=torch.float32) -> SDGPipeline:
@@ -177,10 +225,14 @@ def run_loaded(
     device="cpu",
     progress=False,
     guide=None,
+    memory_plan=None,
+    chunk: int = CHUNK,
 ) -> torch.Tensor:
     """SDG samples ``[N, 3, S, S]`` in [0, 1] from a loaded model ``(unet, flags)`` and noise-aware CLIP ``bundle``
     (None: no guidance). Samples are drawn in chunks with a generator per sample (``seed + i``); ``guide`` replaces
-    the noise-aware CLIP by another encoder with the same interface (the plain-CLIP ablation of the benchmark)."""
+    the noise-aware CLIP by another encoder with the same interface (the plain-CLIP ablation of the benchmark).
+    ``chunk``: samples per pass; ``memory_plan`` (:func:`plan_memory` for that chunk): its micro-batch, when set,
+    replaces the chunk; its attention chunking applies."""
     from sdg.adm import noise_schedule
     from sdg.pipeline import sample_sdg
 
@@ -192,20 +244,22 @@ def run_loaded(
         raise UserError(f"reference images are {references.shape[-1]} px but the model makes {size} px")
     clip = guide if guide is not None else (bundle.clip if bundle else None)
     text = bundle.encode_text(prompts) if bundle is not None and text_weight else None
+    chunk = (memory_plan.micro_batch if memory_plan is not None else None) or chunk
     out = []
-    for start in range(0, len(prompts), CHUNK):
-        idx = list(range(start, min(start + CHUNK, len(prompts))))
+    for start in range(0, len(prompts), chunk):
+        idx = list(range(start, min(start + chunk, len(prompts))))
         gens = [torch.Generator().manual_seed(seed + i) for i in idx]
         guide_gens = [torch.Generator().manual_seed(seed + 7919 + i) for i in idx]
-        x = sample_sdg(
-            unet, schedule, respacing, batch_size=len(idx), clip=clip,
-            text_embedding=None if text is None else text[idx],
-            reference=None if references is None else references[idx].to(device),
-            text_weight=text_weight, content_weight=image_weight if image_loss == "semantic" else 0.0,
-            style_weight=image_weight if image_loss == "style" else 0.0, style_gram=style_gram,
-            generator=gens, guidance_generator=guide_gens, device=device, progress=progress,
-            sampler=sampler, eta=eta,
-        )
+        with memory_plan.applied(unet, split=False) if memory_plan is not None else contextlib.nullcontext():
+            x = sample_sdg(
+                unet, schedule, respacing, batch_size=len(idx), clip=clip,
+                text_embedding=None if text is None else text[idx],
+                reference=None if references is None else references[idx].to(device),
+                text_weight=text_weight, content_weight=image_weight if image_loss == "semantic" else 0.0,
+                style_weight=image_weight if image_loss == "style" else 0.0, style_gram=style_gram,
+                generator=gens, guidance_generator=guide_gens, device=device, progress=progress,
+                sampler=sampler, eta=eta,
+            )
         out.append(((x.clamp(-1, 1) + 1) / 2).cpu())
     return torch.cat(out)
 

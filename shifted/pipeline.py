@@ -343,6 +343,23 @@ class ImageDecoder:
 
         check_clip_models(self.clip_models, names, f"the decoder (for {what})")
 
+    def memory_plan(self, batch: int, resolution: Optional[int] = None, guidance_scale: float = 2.0,
+                    max_memory_gb: Optional[float] = None, extra_models: Sequence = ()):
+        """The fastest way (``common.memory.plan``: VAE slicing / tiling, attention chunks, UNet micro-batches) to
+        decode ``batch`` embeddings at ``resolution`` px within ``max_memory_gb`` (default: the machine's memory);
+        a one-line UserError naming the estimate, the budget and the fix when none fits. ``extra_models`` (the
+        prior, the caption encoders) count in the weights."""
+        from common import memory
+
+        size = resolution or self.unet.config.sample_size * self.vae_scale_factor
+        if size % self.vae_scale_factor:
+            raise UserError(f"resolution {size} is not divisible by the VAE's factor {self.vae_scale_factor}")
+        param = next(self.unet.parameters())
+        request = memory.Request(batch, size, size, guided=guidance_scale != 1.0,
+                                 dtype_bytes=torch.finfo(param.dtype).bits // 8, device=str(param.device))
+        return memory.plan(self.unet, self.vae, request, memory.budget_bytes(max_memory_gb, str(param.device)),
+                           extra_models=(self.projection, *extra_models))
+
     @torch.no_grad()
     def __call__(
         self,
@@ -356,8 +373,14 @@ class ImageDecoder:
         resolution: Optional[int] = None,
         generator=None,
         progress: bool = False,
+        max_memory_gb: Optional[float] = None,
+        record: Optional[dict] = None,
     ) -> torch.Tensor:
-        """Images ``[B, 3, H, W]`` in [0, 1] for embeddings ``[B, D]``; the negative defaults to the stored null."""
+        """Images ``[B, 3, H, W]`` in [0, 1] for embeddings ``[B, D]``; the negative defaults to the stored null.
+
+        ``max_memory_gb``: the budget (default: the machine's memory) the VAE mode, attention chunking and UNet
+        micro-batching are chosen to fit (:meth:`memory_plan`), or the request is refused before x_T exists;
+        ``record``, when given, receives the plan taken (``record["memory_plan"]``)."""
         from common.samplers import sample
         from common.schedule import plan_like_diffusers
         from shifted.projection import image_embedding_denoiser
@@ -373,10 +396,15 @@ class ImageDecoder:
             raise UserError(f"resolution {size} is not divisible by the VAE's factor {self.vae_scale_factor}")
         shape = (image_emb.shape[0], self.unet.config.in_channels, size // self.vae_scale_factor,
                  size // self.vae_scale_factor)
+        memory_plan = self.memory_plan(image_emb.shape[0], size, guidance_scale, max_memory_gb)
+        if record is not None:
+            record["memory_plan"] = memory_plan.describe()
         denoiser = image_embedding_denoiser(self.unet, self.projection, image_emb, guidance_scale, negative_emb,
                                             self.prediction_type)
         plan = plan_like_diffusers(self.schedule, self.scheduler_config, num_inference_steps, sampler)
         common = dict(generator=generator, device=device, dtype=torch.float32, progress=progress)
-        latents = sample(sampler, denoiser, self.schedule, plan, shape, eta=eta,
-                         variance_type=self.scheduler_config.get("variance_type", "fixed_small"), **common)
-        return decode_latents(self.vae, latents)
+        with memory_plan.applied(self.unet):
+            latents = sample(sampler, denoiser, self.schedule, plan, shape, eta=eta,
+                             variance_type=self.scheduler_config.get("variance_type", "fixed_small"), **common)
+        with memory_plan.applied(self.vae, split=False):
+            return decode_latents(self.vae, latents, mode=memory_plan.vae)

@@ -72,6 +72,8 @@ def add_arguments(group) -> None:
 class ShiftedPipeline:
     """A checkpoint folder; the system (prior variant + decoder) is loaded on the first call that asks for it."""
 
+    plans_memory = True  # the decoder fits settings.max_memory_gb itself (common.memory), checked before the prior
+
     def __init__(self, checkpoint, device="cpu", dtype=torch.float32):
         self.checkpoint, self.device, self.dtype = checkpoint, device, dtype
         self._systems: dict = {}
@@ -91,11 +93,17 @@ class ShiftedPipeline:
         from shifted.system import text_to_image
 
         seed = generator.initial_seed() if generator is not None else settings.seed
+        system = self.system(settings.prior_variant)
+        # Refused here, before the prior samples anything, when the decoder cannot fit the budget.
+        system.decoder.memory_plan(len(settings.prompts), settings.resolution, settings.guidance_scale,
+                                   settings.max_memory_gb)
+        record: dict = {}
         images, embeddings = text_to_image(
-            self.system(settings.prior_variant), settings.prompts, seed=seed, prior_kwargs=settings.prior_kwargs(),
-            decoder_kwargs=dict(settings.decoder_kwargs(), progress=callback or False),
+            system, settings.prompts, seed=seed, prior_kwargs=settings.prior_kwargs(),
+            decoder_kwargs=dict(settings.decoder_kwargs(), progress=callback or False,
+                                max_memory_gb=settings.max_memory_gb, record=record),
             negative_prompt=settings.negative_prompt)
-        return Generation(images, extras={"embeddings": embeddings})
+        return Generation(images, extras={"embeddings": embeddings, **record})
 
 
 def load(checkpoint, device="cpu", dtype=torch.float32) -> ShiftedPipeline:

@@ -1,6 +1,6 @@
 """Bounded memory: the estimate against measured peaks, the frugal paths against the plain ones, the refusals.
 
-The peaks are measured in a child process (``tests/memory_probe.py``) on the shipped tiny baseline, as the growth
+The peaks are measured in a child process (``tests/memory_probe.py``) on the shipped tiny checkpoints, as the growth
 of resident memory over the request with glibc returning freed blocks at once, so the peak is that of live tensors.
 """
 
@@ -43,16 +43,48 @@ def probe(cases: list[dict]) -> list[dict]:
     return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
 
 
+# The other methods' tiny checkpoints, one step each through their planned paths (codiff and sdg make 32 px images
+# only: their batch grows instead).
+METHOD_CASES = [
+    {"method": "codiff", "batch": 32},
+    {"method": "versatile", "batch": 2, "side": 192},
+    {"method": "shifted", "batch": 2, "side": 192},
+    {"method": "sdg", "batch": 32},  # pixel space: the UNet, and the CLIP's guidance gradient
+]
+
+
 @pytest.fixture(scope="module")
-def measured():
-    """Forced VAE paths at two sizes, then two requests the pipeline plans within a budget itself."""
+def probed():
+    """One child process for every measurement (the imports and the shared models load once)."""
     return probe([
         {"batch": 2, "side": 256, "mode": "plain"},
         {"batch": 2, "side": 256, "mode": "sliced"},
         {"batch": 2, "side": 256, "mode": "tiled"},
         {"batch": 1, "side": 256, "budget_gb": 1.0},  # fits as it is
         {"batch": 2, "side": 384, "budget_gb": 0.15},  # the whole batch would need ~0.3 GB, one image ~0.16 GB
+        # each method as it plans with the machine's memory, then with one byte less than that plan's estimate
+        *(dict(case, **extra) for case in METHOD_CASES for extra in ({}, {"frugal": True})),
+        {"method": "sdg", "phase": "guidance", "batch": 128},  # the CLIP's gradient alone (the UNet dominates above)
     ])
+
+
+@pytest.fixture(scope="module")
+def measured(probed):
+    """The baseline: forced VAE paths, then two requests the pipeline plans within a budget itself."""
+    return [row for row in probed if "method" not in row]
+
+
+@pytest.fixture(scope="module")
+def methods_measured(probed):
+    return {(row["method"], bool(row.get("frugal"))): row for row in probed if "method" in row and "phase" not in row}
+
+
+def test_guidance_gradient_estimate_tracks_measured_peak(probed):
+    """SDG's guidance phase: the activations autograd keeps, counted on the meta device, against the measured peak of
+    one gradient through the shipped noise-aware CLIP."""
+    row = next(row for row in probed if row.get("phase") == "guidance")
+    assert row["estimate"] >= UNDER * row["measured"] - SLACK, row
+    assert row["estimate"] <= OVER * row["measured"] + SLACK, row
 
 
 def test_estimate_tracks_measured_peaks(measured):
@@ -199,24 +231,31 @@ def test_impossible_plan_is_one_line_with_estimate_budget_and_fix():
     assert float(re.search(r"estimated ([\d.]+) GB", message).group(1)) > 100  # 1e10 pixels: >100 GB of images
 
 
-def test_sample_script_refuses_before_allocating(tmp_path, capsys):
-    """``--resolution 100000`` on the real entry point: one line, and the process barely grew while refusing."""
+def sample_refused(argv: list[str], capsys) -> tuple[int, int, list[str]]:
+    """``scripts/sample.py argv`` in this process: its exit code, how much the resident peak grew meanwhile, and the
+    lines it printed to stderr."""
     sample = load_script("scripts/sample.py")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     with open("/proc/self/statm") as f:
         before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     try:
-        code = sample.main(["--prompt", "a seven", "--resolution", "100000", "--no_progress",
-                            "--output_dir", str(tmp_path / "never")])
+        code = sample.main(argv)
     except SystemExit as exit_:
         code = exit_.code
     with open("/proc/self/status") as f:
         peak = int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading" not in line]
+    return code, peak - before, lines
+
+
+def test_sample_script_refuses_before_allocating(tmp_path, capsys):
+    """``--resolution 100000`` on the real entry point: one line, and the process barely grew while refusing."""
+    code, grew, lines = sample_refused(["--prompt", "a seven", "--resolution", "100000", "--no_progress",
+                                        "--output_dir", str(tmp_path / "never")], capsys)
     assert code != 0 and len(lines) == 1 and "estimated" in lines[0] and "--max_memory_gb" in lines[0], lines
     # what grew is the imports and the tiny models (~0.4 GB), not any of the request's thousands of GB
-    assert peak - before < 2**30
+    assert grew < 2**30
     assert not (tmp_path / "never").exists()
 
 
@@ -243,4 +282,146 @@ def test_contextdiff_plans_its_memory_like_the_baseline(tmp_path, capsys):
         code = exit_.code
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading" not in line]
     assert code != 0 and "estimated" in lines[-1] and "--max_memory_gb" in lines[-1], lines
+    assert not (tmp_path / "never").exists()
+
+
+# ------------------------------------------------------------------------------------------------ micro-batches
+
+
+def test_micro_batched_unet_equals_one_call():
+    """The CFG batch [uncond; cond] split into halves, then into single samples: the same output as one call, and
+    the UNet's own forward is back afterwards (hooks and the module's call run around the split, once)."""
+    unet = tiny_unet2d_condition(seed=4)
+    g = torch.Generator().manual_seed(5)
+    x, context = torch.randn(6, 4, 16, 16, generator=g), torch.randn(6, 77, 32, generator=g)
+    t = torch.tensor([10, 500, 999] * 2)
+    with torch.no_grad():
+        whole = unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+        for size in (3, 1):
+            calls: list[int] = []
+            handle = unet.conv_in.register_forward_pre_hook(
+                lambda module, args, calls=calls: calls.append(args[0].shape[0]))
+            with memory.micro_batched(unet, size):
+                split = unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+                as_output = unet(x, t, encoder_hidden_states=context).sample  # the output class is rebuilt too
+            handle.remove()
+            assert calls == [size] * (12 // size), calls
+            torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(as_output, whole, atol=1e-5, rtol=1e-5)
+    assert "forward" not in vars(unet)
+
+
+def test_plan_splits_the_denoiser_only_when_the_step_is_the_floor():
+    """SD shapes at 2 x 1024 px with CFG: once the VAE is tiled, the UNet step on the doubled batch is the floor. A
+    budget below every unsplit path but above the CFG halves takes the halves; a budget the unsplit frugal path
+    fits never splits."""
+    request = memory.Request(batch=2, height=1024, width=1024)
+    modes = memory.vae_modes(SD_VAE, request, tiling=True)
+    unsplit = min(memory.estimate(SD_UNET, SD_VAE, request, mode, weights=SD_WEIGHTS) for mode in modes)
+    halves = min(memory.estimate(SD_UNET, SD_VAE, request, mode, weights=SD_WEIGHTS, micro_batch=2)
+                 for mode in modes)
+    assert halves < unsplit
+    fits_unsplit = memory.plan(SD_UNET, SD_VAE, request, unsplit, weights=SD_WEIGHTS)
+    assert fits_unsplit.micro_batch is None and fits_unsplit.vae.tile is not None
+    only_split = memory.plan(SD_UNET, SD_VAE, request, unsplit - 1, weights=SD_WEIGHTS)
+    assert only_split.micro_batch == 2 and only_split.estimate <= unsplit - 1
+    assert "micro-batches of 2" in only_split.describe()
+    assert memory.micro_batches(request) == [2, 1]
+    assert memory.micro_batches(memory.Request(batch=5, height=64, width=64, guided=False)) == [3, 2, 1]
+
+
+def test_baseline_takes_micro_batches_with_the_same_latents():
+    """The tiny baseline at a budget only the split UNet fits: the plan splits the CFG batch and the sampled latents
+    equal the plain path's to float tolerance."""
+    from common.pipeline import LatentTextToImage
+
+    pipe = LatentTextToImage.from_pretrained(str(REPO / "ckpt/tiny/baseline"))
+    request = memory.Request(batch=2, height=128, width=128)
+    weights = memory.weight_bytes(pipe.unet, pipe.vae, pipe.text_encoder)
+    modes = memory.vae_modes(pipe.vae.config, request, tiling=True)
+    unsplit = min(memory.estimate(pipe.unet.config, pipe.vae.config, request, mode, weights=weights)
+                  for mode in modes)
+    kwargs = dict(num_inference_steps=2, height=128, width=128, progress=False)
+    plain = pipe(["a red seven", "a blue two"], generator=torch.Generator().manual_seed(0), **kwargs)
+    split = pipe(["a red seven", "a blue two"], generator=torch.Generator().manual_seed(0),
+                 max_memory_gb=(unsplit - 1) / 2**30, **kwargs)
+    assert plain.memory_plan.micro_batch is None and split.memory_plan.micro_batch is not None, split.memory_plan
+    torch.testing.assert_close(split.latents, plain.latents, atol=1e-4, rtol=1e-4)
+
+
+def first_split_budget(plan_at) -> float:
+    """The budget (GB) at which ``plan_at(budget_gb)`` first splits the denoiser, walking down one byte under each
+    plan's estimate from the machine's memory."""
+    budget = None
+    for _ in range(64):
+        taken = plan_at(budget)
+        if taken.micro_batch:
+            return budget
+        budget = (taken.estimate - 1) / 2**30
+    raise AssertionError("the plan never split the denoiser")
+
+
+def test_versatile_and_codiff_micro_batches_keep_the_latents():
+    """The multi-flow diffuser's CFG call and CoDiff's member / diffuser forwards split into micro-batches at the
+    first budget that needs it: the sampled latents equal the unsplit ones."""
+    from codiff.checkpoint import load_collaboration
+    from codiff.sample_cli import CoDiffSettings, generate_collaboration
+    from versatile.checkpoint import load_pipeline
+
+    pipe, _ = load_pipeline(REPO / "ckpt/tiny/versatile/pipeline")
+    # 64 px: once the VAE is tiled, the diffuser's CFG batch is the floor (at 32 px the decode always is)
+    budget = first_split_budget(lambda gb: pipe.memory_plan("t2i", 2, 64, 64, 3.0, gb))
+    runs = [pipe("t2i", prompt=["a red seven", "a blue two"], guidance_scale=3.0, num_inference_steps=2, height=64,
+                 width=64, generator=torch.Generator().manual_seed(0), max_memory_gb=gb) for gb in (None, budget)]
+    assert runs[0].memory_plan.micro_batch is None and runs[1].memory_plan.micro_batch == 2, runs[1].memory_plan
+    torch.testing.assert_close(runs[1].latents, runs[0].latents, atol=1e-5, rtol=1e-5)
+
+    collab = load_collaboration(REPO / "ckpt/tiny/codiff")
+    prompts = ["a red seven", "a blue two", "a green four", "a red one"]
+    budget = first_split_budget(lambda gb: collab.pipeline().memory_plan(len(prompts), guided=collab.modalities,
+                                                                        steps=2, max_memory_gb=gb))
+    gens = []
+    for gb in (None, budget):
+        settings = CoDiffSettings(prompts=prompts, num_inference_steps=2, max_memory_gb=gb)
+        settings.check()
+        gens.append(generate_collaboration(collab, settings))
+    assert gens[0].memory_plan.micro_batch is None and gens[1].memory_plan.micro_batch, gens[1].memory_plan
+    torch.testing.assert_close(gens[1].latents, gens[0].latents, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ other methods
+
+@pytest.mark.parametrize("method", [case["method"] for case in METHOD_CASES])
+def test_method_estimate_tracks_measured_peak(methods_measured, method):
+    for frugal in (False, True):
+        row = methods_measured[(method, frugal)]
+        assert row["estimate"] >= UNDER * row["measured"] - SLACK, row
+        assert row["estimate"] <= OVER * row["measured"] + SLACK, row
+
+
+@pytest.mark.parametrize("method", [case["method"] for case in METHOD_CASES])
+def test_method_frugal_path_gives_the_plain_images(methods_measured, method):
+    """One byte under the plain estimate, the plan slices the VAE or splits the batch (never tiles: no pixel may
+    change) and the images equal the plain ones to float tolerance, at a lower measured peak."""
+    plain, frugal = methods_measured[(method, False)], methods_measured[(method, True)]
+    assert plain["plan"] != frugal["plan"] and not frugal["tiled"], (plain, frugal)
+    assert frugal["estimate"] < plain["estimate"] and frugal["measured"] < plain["measured"], (plain, frugal)
+    assert frugal["images"] == plain["images"] and frugal["max_difference"] < 1e-4, frugal
+
+
+@pytest.mark.parametrize("method, flags", [
+    ("codiff", ["--num_images", "100000"]),
+    ("versatile", ["--resolution", "100000"]),
+    ("shifted", ["--resolution", "100000"]),
+    ("sdg", ["--num_images", "100000"]),
+])
+def test_method_refuses_an_impossible_request_before_allocating(method, flags, tmp_path, capsys):
+    """Through scripts/sample.py: one line naming the estimate and the fix, before x_T (the process barely grew:
+    the imports and the tiny models)."""
+    code, grew, lines = sample_refused(["--method", method, "--prompt", "a red seven", *flags, "--num_inference_steps",
+                                        "2", "--max_memory_gb", "2", "--no_progress", "--output_dir",
+                                        str(tmp_path / "never")], capsys)
+    assert code != 0 and len(lines) == 1, lines
+    assert "estimated" in lines[0] and "2.00 GB limit" in lines[0] and "--max_memory_gb" in lines[0], lines
+    assert grew < 2**30
     assert not (tmp_path / "never").exists()

@@ -20,6 +20,7 @@ lands on abar_0), eta 0, guidance scale 7.5.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Optional, Union
 
 import torch
 
+from common import memory
 from common.denoisers import CFGDenoiser, FunctionDenoiser
 from common.errors import UserError
 from common.latents import decode_latents, encode_images, vae_scale_factor
@@ -35,6 +37,29 @@ from common.schedule import NoiseSchedule, SamplingPlan, plan_like_diffusers
 from versatile.config import SamplingConfig
 from versatile.context import DEFAULT_NULL_IMAGE, NULL_IMAGE_KINDS, ContextEncoders, ImageInput, images_to_tensor
 from versatile.multiflow import Flow, MultiFlowDiffuser, check_ratio, resolve_flow
+
+
+def diffuser_unet_config(config) -> dict:
+    """The ``UNet2DConditionModel`` config keys :func:`common.memory.unet_step_bytes` reads, for the multi-flow
+    diffuser's image path (SD's UNet layout: the data layers' ResBlocks, a context set's transformers)."""
+    return {
+        "block_out_channels": [config.model_channels * m for m in config.channel_mult],
+        "layers_per_block": config.num_res_blocks,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels],
+        "num_attention_heads": config.num_heads,
+        "in_channels": config.image_latent_channels,
+    }
+
+
+def _count(condition) -> int:
+    """How many conditions a prompt / image argument holds (0 for None): a string or one image is one."""
+    if condition is None:
+        return 0
+    if isinstance(condition, str):
+        return 1
+    if isinstance(condition, torch.Tensor):
+        return int(condition.shape[0]) if condition.ndim == 4 else 1
+    return len(condition) if isinstance(condition, (list, tuple)) else 1
 
 
 def vd_schedule(sampling: Optional[SamplingConfig] = None) -> NoiseSchedule:
@@ -66,6 +91,7 @@ class VersatileOutput:
     latents: torch.Tensor
     images: Optional[torch.Tensor] = None
     texts: Optional[list[str]] = None
+    memory_plan: Optional[memory.MemoryPlan] = None  # image flows: how it ran within the memory budget
 
 
 class VersatilePipeline:
@@ -155,21 +181,30 @@ class VersatilePipeline:
         merge_duplicates: bool = True,
         callback: Optional[Callable] = None,
         progress: bool = False,
+        max_memory_gb: Optional[float] = None,
     ) -> VersatileOutput:
         """Run a flow end to end (paper Fig. 2). ``prompt`` for text-conditioned flows, ``image`` for image ones.
 
         ``num_samples`` samples per condition (conditions repeat-interleaved); ``text_ratio`` (dual only, in [0, 1])
         weighs the text context against the image context; ``uncond_image`` overrides the per-flow null image
-        (zeros for iv / dual, black for i2t). ``latents``: the initial noise ``x_T``.
+        (zeros for iv / dual, black for i2t). ``latents``: the initial noise ``x_T``. ``max_memory_gb``: the
+        budget (default: the machine's memory) image flows fit by :meth:`memory_plan`, or are refused before x_T.
         """
         flow = resolve_flow(flow)
         s = self.sampling
         if flow.xtype == "text":
             self._require_text_vae()  # fail before sampling, not after
         ratio = self._flow_ratio(flow, text_ratio)
+        scale = s.scale if guidance_scale is None else float(guidance_scale)
+        memory_plan = None
+        if flow.xtype == "image":  # text latents are [B, D] vectors: nothing grows with a resolution
+            # Planned from the counts of the conditions, before they are encoded and before x_T exists.
+            planned = max(_count(prompt), _count(image), 1) * max(int(num_samples), 1)
+            shape = self._latent_shape(flow, planned, height, width)
+            memory_plan = self.memory_plan(flow, planned, shape[-2] * self.image_scale_factor,
+                                           shape[-1] * self.image_scale_factor, scale, max_memory_gb)
         cond = self._encode_conditions(flow, prompt, image, num_samples)
         batch = next(iter(cond.values())).shape[0]
-        scale = s.scale if guidance_scale is None else float(guidance_scale)
         model = functools.partial(self.diffuser.apply_flow, flow=flow.name, text_ratio=ratio)
         if scale == 1.0:  # no guidance: the conditional branch alone, no unconditional pass
             denoiser = FunctionDenoiser(lambda x, t: model(x, t, **cond), "eps")
@@ -177,14 +212,24 @@ class VersatilePipeline:
             uncond = {kind: self._null(kind, flow, batch, uncond_image) for kind in cond}
             denoiser = CFGDenoiser(model, cond, uncond, scale)
         shape = self._latent_shape(flow, batch, height, width)
+        if memory_plan is not None and batch != planned:  # conditions that broadcast otherwise than counted
+            memory_plan = self.memory_plan(flow, batch, shape[-2] * self.image_scale_factor,
+                                           shape[-1] * self.image_scale_factor, scale, max_memory_gb)
+        if memory_plan is not None and memory_plan.micro_batch:
+            split = memory.split_forward(model, memory_plan.micro_batch)
+            denoiser = (FunctionDenoiser(lambda x, t: split(x, t, **cond), "eps") if scale == 1.0 else
+                        CFGDenoiser(split, cond, uncond, scale))
         plan = vd_plan(s.steps if num_inference_steps is None else int(num_inference_steps), s)
-        z = sample_ddim(
-            denoiser, self.schedule, plan, shape, x_T=latents, generator=generator,
-            eta=s.eta if eta is None else float(eta), callback=callback, device=self.device, dtype=self.dtype,
-            progress=progress,
-        )
+        with memory_plan.applied(self.diffuser, split=False) if memory_plan else contextlib.nullcontext():
+            z = sample_ddim(
+                denoiser, self.schedule, plan, shape, x_T=latents, generator=generator,
+                eta=s.eta if eta is None else float(eta), callback=callback, device=self.device, dtype=self.dtype,
+                progress=progress,
+            )
         if flow.xtype == "image":
-            return VersatileOutput(flow.name, z, images=self.decode_images(z))
+            with memory_plan.applied(self.image_vae, split=False):
+                images = decode_latents(self.image_vae, z, self.sampling.image_scaling_factor, mode=memory_plan.vae)
+            return VersatileOutput(flow.name, z, images=images, memory_plan=memory_plan)
         texts = self.decode_texts(
             z, temperature=s.text_temperature if text_temperature is None else float(text_temperature),
             max_length=s.text_max_len if text_max_length is None else int(text_max_length),
@@ -207,6 +252,35 @@ class VersatilePipeline:
 
     def dual_guided(self, prompt, image, text_ratio: Optional[float] = None, **kwargs) -> VersatileOutput:
         return self("dual", prompt=prompt, image=image, text_ratio=text_ratio, **kwargs)
+
+    def memory_plan(self, flow: Union[str, Flow], batch: int, height: int, width: int,
+                    guidance_scale: Optional[float] = None, max_memory_gb: Optional[float] = None
+                    ) -> memory.MemoryPlan:
+        """The fastest way to run an image flow within ``max_memory_gb`` (``common.memory.plan``: VAE slicing /
+        tiling, attention chunks, then the diffuser in micro-batches); a one-line UserError naming the estimate, the
+        budget and the fix when none fits. The diffuser's image data layers with one context set are SD's UNet, so
+        its step is :func:`common.memory.unet_step_bytes` of the equivalent UNet config; the dual flow runs a second
+        transformer at every context slot and keeps the running mixture, two more hidden states there."""
+        flow = resolve_flow(flow)
+        scale = self.sampling.scale if guidance_scale is None else float(guidance_scale)
+        request = memory.Request(batch, height, width, guided=scale != 1.0,
+                                 dtype_bytes=torch.finfo(self.dtype).bits // 8, device=str(self.device))
+        unet_config = diffuser_unet_config(self.diffuser.config)
+        factor = self.image_scale_factor
+
+        def step_bytes(chunk: Optional[int], micro: Optional[int]) -> int:
+            needed = memory.unet_step_bytes(unet_config, request, factor, chunk, micro)
+            if len(flow.ctypes) > 1:
+                rows = micro or batch * (2 if request.guided else 1)
+                cells = (height // factor) * (width // factor)
+                levels = zip(unet_config["block_out_channels"], unet_config["down_block_types"])
+                needed += 2 * request.dtype_bytes * rows * max(
+                    [(cells >> (2 * i)) * w for i, (w, kind) in enumerate(levels) if "CrossAttn" in kind] or [0])
+            return needed
+
+        models = (self.diffuser, self.image_vae, self.contexts, self.text_vae)
+        return memory.plan(self.diffuser, self.image_vae, request, memory.budget_bytes(max_memory_gb, str(self.device)),
+                           extra_models=models[2:], what="--resolution/--num_images", step_bytes=step_bytes)
 
     # ---------------------------------------------------------------- helpers
 

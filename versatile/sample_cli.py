@@ -76,6 +76,8 @@ def add_arguments(group) -> None:
 
 
 class VersatilePipeline:
+    plans_memory = True  # image flows fit settings.max_memory_gb themselves (common.memory)
+
     def __init__(self, pipe, manifest):
         self.pipe, self.manifest = pipe, manifest
 
@@ -91,7 +93,7 @@ class VersatilePipeline:
         generator = generator if generator is not None else torch.Generator().manual_seed(settings.seed)
         kwargs = dict(guidance_scale=settings.guidance_scale, num_inference_steps=settings.num_inference_steps,
                       eta=settings.eta, generator=generator, uncond_image=settings.uncond_image,
-                      progress=callback or False)
+                      progress=callback or False, max_memory_gb=settings.max_memory_gb)
         image = None
         if paths:
             size = pipe.sampling.resolution or int(pipe.image_vae.config.sample_size)
@@ -102,10 +104,12 @@ class VersatilePipeline:
             return Generation(None, texts=list(out.texts))
         kwargs.update(height=settings.resolution, width=settings.resolution)
         if flow.name == "t2i":
-            return Generation(pipe(flow, prompt=prompts, **kwargs).images)
-        if flow.name == "iv":
-            return Generation(pipe(flow, image=image, **kwargs).images)
-        return Generation(pipe(flow, prompt=prompts, image=image, text_ratio=settings.mix_ratio, **kwargs).images)
+            out = pipe(flow, prompt=prompts, **kwargs)
+        elif flow.name == "iv":
+            out = pipe(flow, image=image, **kwargs)
+        else:
+            out = pipe(flow, prompt=prompts, image=image, text_ratio=settings.mix_ratio, **kwargs)
+        return Generation(out.images, extras={"memory_plan": out.memory_plan.describe()})
 
 
 def load(checkpoint, device="cpu", dtype=torch.float32) -> VersatilePipeline:

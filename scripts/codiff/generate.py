@@ -102,13 +102,19 @@ def main(argv=None) -> int:
     args = limits.check_namespace(parse_args_with_config(parser, argv))
     check_args(args)
     collab = load_collaboration(args.model_dir, device=args.device)
-    limits.check_memory(args, batch=args.batch_size, height=collab.image_size, what="--batch_size")
-    conditions, ids, mask_stem = gather_conditions(args, collab)
     sampling = collab.sampling
     steps = args.ddim_steps or int(sampling.get("ddim_steps", 50))
     eta = args.eta if args.eta is not None else float(sampling.get("eta", 1.0))
     scale = args.guidance_scale if args.guidance_scale is not None else float(sampling.get("guidance_scale", 1.0))
     weights = variant_weights(args.weighting, collab.modalities, {n: m.kind for n, m in collab.members.items()})
+    record = args.return_influence_function or args.display_x_inter
+    pipe = collab.pipeline()
+    # the collaboration's own estimate (common.memory), before any condition is read: one line when even its most
+    # frugal path does not fit; otherwise the pipeline takes the fastest path that does
+    active = None if weights is None else [n for n, w in weights.items() if float(w) > 0]
+    pipe.memory_plan(args.batch_size, guided=list(active or collab.modalities) if scale != 1.0 else [], active=active,
+                     steps=steps, record=record, max_memory_gb=args.max_memory_gb, what="--batch_size")
+    conditions, ids, mask_stem = gather_conditions(args, collab)
     reweighting = reweighting_from_args(args, sampling)
     if reweighting is not None and weights is not None:
         raise UserError("--released_reweighting / --mask_schedule re-weight the learned maps: use them with "
@@ -117,13 +123,12 @@ def main(argv=None) -> int:
     if scale != 1.0:
         uncond = {n: collab.members[n].null_tokens(1) for n in conditions}
         scales = {n: scale for n in conditions}
-    record = args.return_influence_function or args.display_x_inter
-    pipe = collab.pipeline()
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         gen = pipe(conditions, batch_size=args.batch_size, num_inference_steps=steps, eta=eta, generator=generator,
-                   reweighting=reweighting, uncond=uncond, guidance_scales=scales, record=record, weights=weights)
+                   reweighting=reweighting, uncond=uncond, guidance_scales=scales, record=record, weights=weights,
+                   max_memory_gb=args.max_memory_gb)
     for w in caught:
         print(f"warning: {one_line(str(w.message))}", file=sys.stderr)
     text = conditions.get(collab.modality_of_kind("text") or "", None)

@@ -126,6 +126,7 @@ def main(argv=None) -> int:
     from sdg.checkpoint import load_diffusion_model, load_noise_aware_clip_folder
     from sdg.data import list_reference_images, load_reference, read_instructions
     from sdg.pipeline import sample_sdg
+    from sdg.sample_cli import plan_memory
 
     args = limits.check_namespace(build_parser().parse_args(argv))
     check_args(args)
@@ -143,7 +144,10 @@ def main(argv=None) -> int:
     schedule = noise_schedule(flags)
     bundle = load_noise_aware_clip_folder(args.clip_path, args.device) if args.clip_path else None
     size = unet.config.sample_size
-    limits.check_memory(args, batch=args.batch_size, height=size, what="--batch_size")
+    # SDG's own estimate (UNet step, the CLIP's guidance gradient; common.memory): one line when a batch cannot fit.
+    # A batch shares one generator here, so it is never split (that would change its noise).
+    plan_memory(unet, bundle.clip if bundle else None, args.batch_size, guided=bool(args.text_weight or args.image_weight),
+                max_memory_gb=args.max_memory_gb, fixed_chunk=True, chunk=args.batch_size, what="--batch_size")
     guidance_seed = args.seed + 1000003 if args.guidance_seed is None else args.guidance_seed
     texts = {i: bundle.encode_text([i]) for i in instructions if i is not None} if bundle else {}
 

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -55,7 +56,7 @@ class Capped:
     """How a child process ended under :func:`run_capped`."""
 
     returncode: Optional[int]
-    polled_peak_bytes: int  # the largest resident memory the poller saw
+    polled_peak_bytes: int  # the largest resident memory the poller saw (before exec: the forked parent's pages)
     killed: str = ""  # "" or why it was stopped ("memory above ... GB", "time above ... s")
     report: dict[str, Any] = field(default_factory=dict)  # the child's last JSON line
     stderr_tail: str = ""
@@ -181,7 +182,13 @@ def main(argv=None) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
     command = "OMP_NUM_THREADS=1 python bench/bench_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    rows: list[dict] = []
+
+    def save(rows: list[dict]) -> None:  # after every process, so a later timeout or kill keeps what was measured
+        if not args.no_write and rows:
+            from records import write_records
+
+            write_records([dict(r, command=command, section="peak memory") for r in rows])
+
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             if model == "tiny":
@@ -192,19 +199,13 @@ def main(argv=None) -> None:
                 checkpoint = str(make_sd_shaped_folder(Path(tmp) / "sd", args.sd_width))
                 label = f"SD-shaped UNet width {args.sd_width}"
             for side in args.sides:
-                rows += measure_side(args, model, checkpoint, label, side, budgets, env)
-                if not args.no_write and rows:  # each size as it finishes, so a later timeout keeps it
-                    from records import write_records
-
-                    write_records([dict(r, command=command, section="peak memory") for r in rows])
-                    rows = []
+                measure_side(args, model, checkpoint, label, side, budgets, env, save)
 
 
 def measure_side(args, model: str, checkpoint: str, label: str, side: int, budgets: list[Optional[float]],
-                 env: dict) -> list[dict]:
+                 env: dict, save: Callable[[list[dict]], None]) -> None:
     plans, plain_estimate = plans_for(checkpoint, side, budgets)
     what = f"{label}, {side} px, batch 1, CFG, 1 step"
-    rows: list[dict] = []
     measured_by_plan: dict[str, tuple[Optional[float], Capped]] = {}
 
     def run(config: dict) -> Capped:
@@ -247,29 +248,28 @@ def measure_side(args, model: str, checkpoint: str, label: str, side: int, budge
         for budget, plan in plans.items():
             name = f"{what}: ours, {budget_label(budget)}"
             if isinstance(plan, Exception):
-                rows.append(dict(name=f"{name}: refused up front", value=str(plan), unit="message"))
+                save([dict(name=f"{name}: refused up front", value=str(plan), unit="message")])
                 continue
             described = plan.describe().split(":")[0]
-            rows.append(dict(name=f"{name}: plan", value=described, unit="plan"))
+            save([dict(name=f"{name}: plan", value=described, unit="plan")])
             if described in measured_by_plan:
                 first, result = measured_by_plan[described]
-                rows.append(dict(name=f"{name}: not run again, the same plan as {budget_label(first)}",
-                                 value=round(result.report.get("peak", 0) / MB), unit="MB"))
+                save([dict(name=f"{name}: not run again, the same plan as {budget_label(first)}",
+                           value=round(result.report.get("peak", 0) / MB), unit="MB")])
                 above = result.report["peak"] - result.report["imported"] if result.report else None
                 if above is not None:
-                    rows.append(dict(name=f"{name}: (peak above the libraries) / budget",
-                                     value=round(above / plan.budget, 4), unit="x", target="<= 1"))
+                    save([dict(name=f"{name}: (peak above the libraries) / budget",
+                               value=round(above / plan.budget, 4), unit="x", target="<= 1")])
                 continue
             result = run(dict(impl="ours", checkpoint=checkpoint, side=side, budget_gb=budget))
             measured_by_plan[described] = (budget, result)
-            rows += figures(name, result, plan.estimate, plan.budget, "<= 1")
+            save(figures(name, result, plan.estimate, plan.budget, "<= 1"))
     if "diffusers" in args.impls:
         name = f"{what}: diffusers StableDiffusionPipeline, plain"
         result = run(dict(impl="diffusers", checkpoint=checkpoint, side=side))
         fixed = [b for b in budgets if b is not None]
-        rows += figures(name, result, plain_estimate, int(fixed[0] * 2**30) if fixed else None, "",
-                        f"ours' --max_memory_gb {fixed[0]:g}" if fixed else "")
-    return rows
+        save(figures(name, result, plain_estimate, int(fixed[0] * 2**30) if fixed else None, "",
+                     f"ours' --max_memory_gb {fixed[0]:g}" if fixed else ""))
 
 
 if __name__ == "__main__":

@@ -159,6 +159,19 @@ def plans_for(checkpoint: str, side: int, budgets: list[Optional[float]]) -> tup
     return plans, plain
 
 
+def budget_value(text: str) -> Optional[float]:
+    """``--budgets`` entry: "default" (the flag left out) or a positive number of GB."""
+    if text == "default":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'default' or a positive number of GB")
+    return value
+
+
 def budget_label(budget: Optional[float]) -> str:
     return "default budget (the machine's memory)" if budget is None else f"--max_memory_gb {budget:g}"
 
@@ -167,8 +180,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny"], choices=("tiny", "sd"))
     parser.add_argument("--sides", nargs="+", type=int, default=[256, 512, 1024])
-    parser.add_argument("--budgets", nargs="+", default=["default", "4", "1"],
-                        help="ours' --max_memory_gb values; 'default': the flag left out")
+    parser.add_argument("--budgets", nargs="+", type=budget_value, default=[None, 4.0, 1.0],
+                        help="ours' --max_memory_gb values; 'default': the flag left out (default: default 4 1)")
     parser.add_argument("--impls", nargs="+", default=["ours", "diffusers"], choices=("ours", "diffusers"))
     parser.add_argument("--sd_width", type=int, default=32)
     parser.add_argument("--cap_gb", type=float, default=12.0, help="kill a child whose resident memory passes this")
@@ -178,7 +191,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
-    budgets = [None if b == "default" else float(b) for b in args.budgets]
+    budgets = args.budgets
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
     command = "OMP_NUM_THREADS=1 python bench/bench_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -10,7 +10,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_memory import budget_label, run_capped  # noqa: E402
+import argparse  # noqa: E402
+
+from bench_memory import budget_label, budget_value, run_capped  # noqa: E402
 
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc (Linux)")
@@ -40,5 +42,9 @@ def test_stops_a_child_past_the_time_limit():
     assert result.returncode != 0
 
 
-def test_budget_labels():
+def test_budgets_parse_and_label():
+    assert budget_value("default") is None and budget_value("0.5") == 0.5
+    for bad in ("0", "-1", "nan", "inf", "four"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            budget_value(bad)
     assert budget_label(None).startswith("default budget") and budget_label(4.0) == "--max_memory_gb 4"

@@ -1,6 +1,7 @@
 """bench/bench_memory.py's process runner: it reads the child's report and its resident peak, and stops a child
 that passes the memory cap or the time limit (the benchmark itself is not run here: minutes per request)."""
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -9,8 +10,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-
-import argparse  # noqa: E402
 
 from bench_memory import budget_label, budget_value, run_capped  # noqa: E402
 

@@ -21,7 +21,9 @@ its peak above the RSS it started from are reported (where the reset is not allo
 ``--compiled``: the trainer eager vs the trainer with ``compile=True`` (``--compile`` of every training script), each
 in its own worker process (``bench/worker_pool.py``) running one long ``fit``; the loss function pauses every
 ``--steps`` steps until the parent says go, so blocks of steps of the two alternate (interleaved); a block's
-figure is its median step interval, the ratio the median over blocks of eager / compiled.
+figure is its median step interval, the ratio the median over blocks of eager / compiled. ``--model sd`` trains the
+SD-shaped UNet of ``bench/bench_sampler.py`` (Stable Diffusion 1.x's block structure at ``--sd_width`` channels)
+on ``--latent_side`` latents with ``--batch`` samples instead of the tiny UNet.
 """
 
 from __future__ import annotations
@@ -51,10 +53,28 @@ TOKENS, TEXT_DIM = 77, 32
 LR, BETAS, WEIGHT_DECAY, EPS, MAX_GRAD_NORM = 1e-4, (0.9, 0.999), 1e-2, 1e-8, 1.0
 
 
-def make_dataset(num_batches: int) -> TensorDataset:
+def make_dataset(num_batches: int, batch: int = BATCH, side: int = 8) -> TensorDataset:
     g = torch.Generator().manual_seed(0)
-    n = BATCH * num_batches
-    return TensorDataset(torch.randn(n, 4, 8, 8, generator=g), torch.randn(n, TOKENS, TEXT_DIM, generator=g))
+    n = batch * num_batches
+    return TensorDataset(torch.randn(n, 4, side, side, generator=g), torch.randn(n, TOKENS, TEXT_DIM, generator=g))
+
+
+def make_unet(model: str = "tiny", sd_width: int = 32) -> nn.Module:
+    """The trained network: the tiny UNet, or the SD-shaped one of ``bench/bench_sampler.py``."""
+    if model == "tiny":
+        return tiny_unet2d_condition(seed=0)
+    from bench_sampler import sd_shaped_unet_config
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**sd_shaped_unet_config(sd_width, TEXT_DIM))
+
+
+def model_description(model: str, sd_width: int, side: int, batch: int, threads: int) -> str:
+    if model == "tiny":  # the tiny UNet's rows keep their names, so a rerun replaces them
+        return f"tiny UNet2DCondition 0.8M, 8x8x4 latents, batch {BATCH}, {threads} thread(s)"
+    params = sum(p.numel() for p in make_unet(model, sd_width).parameters()) / 1e6
+    return f"SD-shaped UNet width {sd_width} {params:.1f}M, {side}x{side}x4 latents, batch {batch}, {threads} thread(s)"
 
 
 class DiffusionLoss:
@@ -159,6 +179,10 @@ def main(argv=None) -> None:
     parser.add_argument("--compiled", action="store_true", help="the trainer eager vs compiled (see above)")
     parser.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"),
                         help="--compiled: the trainer's autocast (fp16 needs a GPU)")
+    parser.add_argument("--model", default="tiny", choices=("tiny", "sd"), help="--compiled: the trained UNet")
+    parser.add_argument("--sd_width", type=int, default=32, help="--model sd: first-level channels (SD: 320)")
+    parser.add_argument("--latent_side", type=int, default=8, help="--compiled: latent side (tiny: 8)")
+    parser.add_argument("--batch", type=int, default=BATCH, help="--compiled: samples per step")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -270,9 +294,10 @@ def compiled_worker(config: dict) -> None:
     logging.getLogger("common.train").setLevel(logging.WARNING)
     loss = PausingLoss(config["warmup"], config["block"], config["blocks"])
     steps = config["warmup"] + config["block"] * config["blocks"] + 1
+    batch = config.get("batch", BATCH)
     with tempfile.TemporaryDirectory() as tmp:
         train_config = TrainConfig(
-            output_dir=os.path.join(tmp, "run"), seed=0, train_batch_size=BATCH, max_train_steps=steps,
+            output_dir=os.path.join(tmp, "run"), seed=0, train_batch_size=batch, max_train_steps=steps,
             learning_rate=LR, lr_scheduler="constant", lr_warmup_steps=0, adam_beta1=BETAS[0], adam_beta2=BETAS[1],
             adam_weight_decay=WEIGHT_DECAY, adam_epsilon=EPS, max_grad_norm=MAX_GRAD_NORM,
             checkpointing_steps=10**9, validation_steps=10**9, report_to="none", compile=config["compile"],
@@ -280,15 +305,17 @@ def compiled_worker(config: dict) -> None:
         )  # fmt: skip
         loss.start_wall, loss.start_cpu = time.perf_counter(), time.process_time()
         with Trainer(train_config) as trainer:
-            unet = tiny_unet2d_condition(seed=0)
-            trainer.fit({"unet": unet}, lambda batch, ctx: loss(ctx.models["unet"], *batch), make_dataset(steps))
+            unet = make_unet(config.get("model", "tiny"), config.get("sd_width", 32))
+            trainer.fit({"unet": unet}, lambda batch, ctx: loss(ctx.models["unet"], *batch),
+                        make_dataset(steps, batch, config.get("latent_side", 8)))
 
 
 def compiled_main(args, argv) -> None:
     from worker_pool import Worker, interleave
 
     config = dict(threads=args.threads, warmup=args.warmup + 2, block=args.steps, blocks=args.reps,
-                  mixed_precision=args.mixed_precision)
+                  mixed_precision=args.mixed_precision, model=args.model, sd_width=args.sd_width,
+                  latent_side=args.latent_side, batch=args.batch)
     workers = [Worker("bench_trainer.py", name, dict(config, compile=name == "compiled"), threads=args.threads)
                for name in ("eager", "compiled")]
     for w in workers:
@@ -309,7 +336,8 @@ def compiled_main(args, argv) -> None:
     from records import write_records
 
     command = ("python bench/bench_trainer.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    what = f"tiny UNet2DCondition 0.8M, 8x8x4 latents, batch {BATCH}, {args.threads} thread(s)"
+    what = model_description(args.model, args.sd_width, args.latent_side, args.batch, args.threads)
+    suffix = "" if args.model == "tiny" else f" ({what})"
     rows = [
         (f"trainer compiled / eager, speed ratio (CPU time; {what})", round(cpu_ratio, 4), "x", ">= 1.2"),
         (f"trainer compiled / eager, speed ratio (wall clock; {what})", round(wall_ratio, 4), "x", ">= 1.2"),
@@ -318,8 +346,9 @@ def compiled_main(args, argv) -> None:
         rows += [
             (f"trainer {n}: CPU seconds per step ({what})", round(cpu_step[n], 4), "s", ""),
             (f"trainer {n}: wall seconds per step ({what})", round(wall_step[n], 4), "s", ""),
-            (f"trainer {n}: first {config['warmup']} steps incl. compile (CPU s)", round(first[n], 2), "s", ""),
-            (f"trainer {n}: peak RSS of its process", round(peaks[n]), "MB", ""),
+            (f"trainer {n}: first {config['warmup']} steps incl. compile (CPU s){suffix}", round(first[n], 2), "s",
+             ""),
+            (f"trainer {n}: peak RSS of its process{suffix}", round(peaks[n]), "MB", ""),
         ]
     write_records([dict(name=name, value=value, unit=unit, target=target, command=command,
                         section="compiled trainer") for name, value, unit, target in rows])

@@ -62,7 +62,8 @@ if wants engines; then engines_check; fi
 # The compiled-path benchmarks of bench/bench_sampler.py --compiled and bench/bench_trainer.py --compiled on the
 # GPU: ours eager / compiled vs diffusers eager / torch.compile(pipe.unet), in fp16 and bf16 (attention is
 # PyTorch's scaled_dot_product_attention in both stacks), at 256 / 512 / 1024 px on the SD-shaped UNet (width 320
-# is Stable Diffusion 1.x's own), then the trainer step eager vs compiled under bf16 autocast. Wall time and the
+# is Stable Diffusion 1.x's own), then the trainer step eager vs compiled under bf16 autocast (tiny UNet; SD-shaped
+# UNet at width 320 on 512 px latents' 64x64). Wall time and the
 # GPU's peak allocated memory are the figures (CPU time is recorded but means little here).
 if wants benchmarks; then
     if has_cuda; then
@@ -78,6 +79,8 @@ if wants benchmarks; then
             --sd_resolution 512 --batch 1 --steps 5 --reps 1 --impls ours_eager ours_compiled --memory_resolutions \
             --profile
         "$PYTHON" bench/bench_trainer.py --compiled --mixed_precision bf16 --reps 5 --steps 20 --threads 4
+        "$PYTHON" bench/bench_trainer.py --compiled --mixed_precision bf16 --model sd --sd_width 320 \
+            --latent_side 64 --batch 2 --reps 5 --steps 10 --threads 4
     else
         echo "benchmarks: no CUDA GPU here; skipped (the CPU figures come from the same scripts without --device)"
     fi

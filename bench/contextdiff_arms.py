@@ -320,7 +320,7 @@ def report(args) -> None:
     print(markdown_table(summary))
     if not args.no_write:
         (RUNS / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        write_records(records)
+        write_records(records, replace_section=SECTION)  # the section is this bench's current state only
 
 
 def markdown_table(summary: dict) -> str:

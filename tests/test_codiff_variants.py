@@ -190,6 +190,9 @@ def test_sample_default_reweights_the_learned_maps_and_fixed_weightings_ignore_i
     calls = []
 
     class FakePipeline:
+        def memory_plan(self, batch, **kwargs):  # the budget check before sampling: nothing to plan for a fake
+            return None
+
         def __call__(self, conds, **kwargs):
             calls.append(kwargs)
             return types.SimpleNamespace(images=torch.zeros(1, 3, 32, 32))

@@ -325,3 +325,25 @@ def test_evaluate_script_measures_every_variant(world, tmp_path):
     assert "collaborative, CFG 2, alpha=1" in scores["editing"] and "text_only, no CFG, alpha=0" in scores["editing"]
     assert scores["references"]["real test images (their own captions)"]["stroke_iou"] > 0.95
     assert (out / "cfg1" / "collaborative.png").exists() or (out / "cfg1" / "collaborative" / "collaborative.png").exists()
+
+
+def test_shipped_cross_attention_member_collaboration_is_small_and_samples():
+    """ckpt/tiny/codiff_crossattn: the paper's member reads the mask through cross-attention only (no class maps
+    concatenated to its input), and the collaboration over it loads and samples like the shipped one."""
+    folder = REPO / "ckpt" / "tiny" / "codiff_crossattn"
+    assert (folder / "codiff.json").is_file(), "ckpt/tiny/codiff_crossattn is missing: it must be committed"
+    from codiff.checkpoint import load_collaboration
+
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert all(p.stat().st_size < 5e6 for p in files) and sum(p.stat().st_size for p in files) < 10e6
+    collab = load_collaboration(folder)
+    concat = load_collaboration(REPO / "ckpt" / "tiny" / "codiff")
+    assert collab.members["mask"].mask_conditioning == "crossattn"
+    assert type(collab.members["mask"].unet).__name__ == "UNet2DConditionModel"  # no class-map input channels
+    assert concat.members["mask"].mask_conditioning == "concat"
+    assert type(concat.members["mask"].unet).__name__ == "SpatialMaskUNet"  # latent + pooled class maps as input
+    ids = torch.zeros(32, 32, dtype=torch.long)
+    ids[8:24, 14:18] = 1
+    gen = collab.pipeline()({"mask": ids, "text": "a red handwritten one"}, batch_size=1, num_inference_steps=2,
+                            generator=torch.Generator().manual_seed(0), progress=False)
+    assert gen.images.shape == (1, 3, 32, 32) and torch.isfinite(gen.images).all()

@@ -39,43 +39,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.metrics.intervals import bootstrap_mean, paired_difference, wilson  # noqa: F401 (the tests use them here)
+
 
 REPO = Path(__file__).resolve().parent.parent
 SECTION = "codiff: members, fixed average and collaboration settings, paired"
 MEMBER_VARIANTS = ("mask_only", "text_only", "average")  # independent of the dynamic diffusers
 COLLAB_VARIANTS = ("collaborative", "collaborative+released")
 BANDS = {"low t (50-250)": (50, 150, 250), "mid t (350-650)": (350, 450, 550, 650), "high t (750-950)": (750, 850, 950)}
-
-
-# ------------------------------------------------------------------------------------------------ statistics
-
-
-def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion ``k / n``."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (float(centre - half), float(centre + half))
-
-
-def bootstrap_mean(values, reps: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    """``(mean, lo, hi)``: the mean of ``values`` and its 95 % percentile-bootstrap interval (resampling entries)."""
-    v = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(v), size=(reps, len(v)))
-    means = v[idx].mean(axis=1)
-    return float(v.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def paired_difference(a, b, reps: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of ``a - b`` over paired entries (same prompt, mask and noise) with its 95 % bootstrap interval."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"paired arrays differ in shape: {a.shape} vs {b.shape}")
-    return bootstrap_mean(a - b, reps, seed)
 
 
 # ------------------------------------------------------------------------------------------------ measurement

@@ -10,12 +10,15 @@ variants of ``scripts/sdg/finetune_clip.py``), on the shipped unconditional digi
 - content (semantic) and style guidance from test references (one per sample, digits balanced): judged digit and
   colour agreement with the reference.
 
-Every CLIP sees the same prompts, references and sampling seeds; 95 % Wilson intervals. Each result is appended to
-``--out`` (JSON lines) as soon as it exists, so an interrupted run keeps what it measured::
+Every CLIP sees the same prompts, references and sampling seeds; 95 % Wilson intervals. ``--unet`` guides another
+unconditional model (e.g. one trained longer) instead; its rows name it. Each result is appended to ``--out`` (JSON
+lines) as soon as it exists, so an interrupted run keeps what it measured::
 
     OMP_NUM_THREADS=1 python bench/bench_sdg_clip.py --clips shipped=ckpt/tiny/sdg/clip new=outputs/clip_run/clip \
         --text_weights 100 300 1000 3000 --out sdg_clip.jsonl
-    python bench/bench_sdg_clip.py --report sdg_clip.jsonl     # writes bench/results.json
+    python bench/bench_sdg_clip.py --report sdg_clip.jsonl     # upserts its rows into bench/results.json
+
+``--report ... --replace_section`` also drops the section's rows that are not in the given files.
 """
 
 from __future__ import annotations
@@ -28,19 +31,12 @@ from pathlib import Path
 
 import torch
 
+from common.metrics.intervals import paired_difference, wilson
+
 
 REPO = Path(__file__).resolve().parent.parent
 CKPT = REPO / "ckpt" / "tiny" / "sdg"
 SECTION = "sdg: noise-aware CLIP variants, probe vs guided accuracy"
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion k / n."""
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / denom
-    return (centre - half, centre + half)
 
 
 def measure(args) -> int:
@@ -54,7 +50,8 @@ def measure(args) -> int:
 
     torch.set_num_threads(1)
     data = build_digits(args.data_dir)
-    unet, flags = load_diffusion_model(CKPT)
+    unet, flags = load_diffusion_model(args.unet or CKPT)
+    unet_label = args.unet_label or (None if args.unet is None else Path(args.unet).name)
     schedule = noise_schedule(flags)
     images, labels, colors = labelled_images(data / "test", 32)
     n = 10 * args.per_class
@@ -69,6 +66,8 @@ def measure(args) -> int:
     out = Path(args.out)
 
     def emit(row: dict) -> None:
+        if unet_label:
+            row = {**row, "unet": unet_label}
         with open(out, "a") as handle:
             handle.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
@@ -90,18 +89,46 @@ def measure(args) -> int:
             if kind == "language":
                 imgs = run_loaded(unet, flags, bundle, prompts, text_weight=w, respacing=str(args.steps), seed=0)
                 scores = judged(imgs, targets)
-                k = round(scores["digit_accuracy"] * n)
-                emit({"clip": label, "kind": kind, "weight": w, "digit_correct": k, "n": n,
-                      "seconds": round(time.time() - start)})
+                correct = [int(p == d) for p, (d, _) in zip(scores["predicted_digits"], targets)]
+                emit({"clip": label, "kind": kind, "weight": w, "digit_correct": sum(correct), "n": n,
+                      "digit_per_image": correct, "seconds": round(time.time() - start)})
             else:
                 imgs = run_loaded(unet, flags, bundle, ["x"] * n, text_weight=0.0, image_weight=w,
                                   image_loss="semantic" if kind == "content" else "style", references=refs,
                                   respacing=str(args.steps), seed=0)
                 scores = judged(imgs, ref_targets)
-                emit({"clip": label, "kind": kind, "weight": w, "digit_correct": round(scores["digit_accuracy"] * n),
-                      "color_correct": round(scores["color_accuracy"] * n), "n": n,
+                digit = [int(p == d) for p, (d, _) in zip(scores["predicted_digits"], ref_targets)]
+                color = [int(p == c) for p, (_, c) in zip(scores["predicted_colors"], ref_targets)]
+                emit({"clip": label, "kind": kind, "weight": w, "digit_correct": sum(digit),
+                      "color_correct": sum(color), "n": n, "digit_per_image": digit, "color_per_image": color,
                       "seconds": round(time.time() - start)})
     return 0
+
+
+def paired_rows(rows_in: list[dict], reference: str | None, steps: int) -> list[dict]:
+    """Each CLIP minus ``reference`` on the same images (same prompts or references, same starting noise and the
+    same UNet): mean difference of per-image correctness with a 95 % paired-bootstrap interval."""
+    if not reference:
+        return []
+    guided = [r for r in rows_in if r["kind"] != "probe" and "digit_per_image" in r]
+    key = lambda r: (r["kind"], r["weight"], r["n"], r.get("unet"))  # noqa: E731
+    refs = {key(r): r for r in guided if r["clip"] == reference}
+    rows = []
+    for r in guided:
+        ref = refs.get(key(r))
+        if r["clip"] == reference or ref is None:
+            continue
+        for part in ("digit", "color"):
+            if f"{part}_per_image" not in r or f"{part}_per_image" not in ref:
+                continue
+            d, lo, hi = paired_difference(r[f"{part}_per_image"], ref[f"{part}_per_image"])
+            what = {"language": "'a handwritten <digit>' digit accuracy",
+                    "content": f"content guidance {part} agreement", "style": f"style guidance {part} agreement"}
+            unet = f", UNet {r['unet']}" if r.get("unet") else ""
+            rows.append(dict(name=f"sdg CLIP {r['clip']} minus {reference}: {what[r['kind']]}, weight "
+                                  f"{r['weight']:g}{unet} (DDPM {steps} steps, paired over {r['n']} images, 95% "
+                                  f"bootstrap CI {lo:+.2f} to {hi:+.2f})", value=round(d, 3), unit="acc"))
+    return rows
 
 
 def report(args) -> int:
@@ -109,6 +136,10 @@ def report(args) -> int:
     command = "OMP_NUM_THREADS=1 python bench/bench_sdg_clip.py " + " ".join(args.command_note)
     rows = []
     for r in rows_in:
+        if r.get("unet"):
+            if r["kind"] == "probe":  # the probe does not involve the diffusion model
+                continue
+            r = {**r, "clip": f"{r['clip']} guiding the UNet {r['unet']}"}
         if r["kind"] == "probe":
             k = round(r["accuracy"] * r["n"])
             lo, hi = wilson(k, r["n"])
@@ -126,6 +157,7 @@ def report(args) -> int:
             rows.append(dict(name=f"sdg CLIP {r['clip']}: {what}, weight {r['weight']:g} (DDPM {args.steps} steps, "
                                   f"{r['n']} images, 95% CI {lo:.2f}-{hi:.2f})", value=round(r[key] / r["n"], 3),
                              unit="acc"))
+    rows += paired_rows(rows_in, args.paired_against, args.steps)
     for item in args.finetune_log:
         # validation lines of scripts/sdg/finetune_clip.py --eval_dir (the same probe, during fine-tuning)
         label, path = item.split("=", 1)
@@ -144,7 +176,8 @@ def report(args) -> int:
     if not args.no_write:
         from common.bench_records import write_records
 
-        write_records([{**row, "command": command, "section": SECTION} for row in rows], replace_section=SECTION)
+        write_records([{**row, "command": command, "section": SECTION} for row in rows],
+                      replace_section=SECTION if args.replace_section else None)
     return 0
 
 
@@ -163,6 +196,12 @@ def main(argv=None) -> int:
                         help="label=<output_dir>/zero_shot.jsonl of finetune_clip.py runs: their probe lines as records")
     parser.add_argument("--command_note", nargs="*", default=[], help="the measuring command, for the records")
     parser.add_argument("--no_write", action="store_true")
+    parser.add_argument("--paired_against", default=None,
+                        help="with --report: the CLIP label every other CLIP is compared with, image by image")
+    parser.add_argument("--replace_section", action="store_true",
+                        help="with --report: drop this section's rows that the given files do not have")
+    parser.add_argument("--unet", default=None, help="unconditional model folder (default: ckpt/tiny/sdg/unet)")
+    parser.add_argument("--unet_label", default=None, help="its name in the records (default: the folder's name)")
     args = parser.parse_args(argv)
     return report(args) if args.report is not None else measure(args)
 

@@ -22,21 +22,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from common.metrics.intervals import wilson
+
 
 REPO = Path(__file__).resolve().parent.parent
 CKPT = REPO / "ckpt" / "tiny" / "sdg"
 SECTION = "sdg control: classifier guidance through the same hook"
 COMMAND = "OMP_NUM_THREADS=1 python bench/bench_sdg_control.py"
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion k / n."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, schedule, steps: int, batch: int, seed: int):
@@ -103,7 +95,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data_dir", default=str(REPO / "data" / "digits"))
     parser.add_argument("--no_write", action="store_true", help="print only, do not update bench/results.json")
+    parser.add_argument("--unet", default=None,
+                        help="guide this unconditional model folder instead of ckpt/tiny/sdg/unet (its rows go to "
+                             "their own section)")
+    parser.add_argument("--unet_label", default=None, help="its name in the records (default: the folder's name)")
     args = parser.parse_args(argv)
+    if args.unet and not args.unet_label:
+        args.unet_label = Path(args.unet).name
 
     from records import write_records
 
@@ -114,7 +112,7 @@ def main(argv=None) -> int:
 
     start_cpu, start = time.process_time(), time.time()
     data = build_digits(args.data_dir)
-    unet, flags = load_diffusion_model(CKPT)
+    unet, flags = load_diffusion_model(args.unet or CKPT)
     schedule = noise_schedule(flags)
     train_x, train_y, _ = labelled_images(data / "train", 32)
     test_x, test_y, _ = labelled_images(data / "test", 32)
@@ -122,6 +120,8 @@ def main(argv=None) -> int:
     train_cpu = time.process_time() - start_cpu
     rows = []
     note = f"{args.train_steps} steps, batch {args.batch_size}, seed {args.seed}"
+    guided_note = f", guiding the UNet {args.unet_label}" if args.unet else ""
+    section = SECTION + (f" (UNet {args.unet_label})" if args.unet else "")
     for t, acc in probe(model, test_x, test_y, schedule).items():
         rows.append(dict(name=f"sdg control probe: noisy classifier accuracy on x_t, t={t} ({note})",
                          value=round(acc, 3), unit="", command=COMMAND))
@@ -130,13 +130,16 @@ def main(argv=None) -> int:
         k, n = guided_accuracy(unet, model, schedule, scale, args.per_class, args.steps, args.seed)
         lo, hi = wilson(k, n)
         label = "unguided" if scale == 0 else f"classifier scale {scale:g}"
-        rows.append(dict(name=f"sdg control: judged digit accuracy, {label} (DDPM {args.steps}, {n} images, "
-                              f"95% CI {lo:.2f}-{hi:.2f})", value=round(k / n, 3), unit="", command=COMMAND))
+        rows.append(dict(name=f"sdg control: judged digit accuracy, {label}{guided_note} (DDPM {args.steps}, "
+                              f"{n} images, 95% CI {lo:.2f}-{hi:.2f})", value=round(k / n, 3), unit="",
+                         command=COMMAND + (f" --unet {args.unet}" if args.unet else "")))
         print(rows[-1]["name"], rows[-1]["value"], f"{time.time() - start:.0f}s", flush=True)
     rows.append(dict(name="sdg control: classifier training CPU time", value=round(train_cpu, 1), unit="s",
                      command=COMMAND))
     if not args.no_write:
-        write_records([{**row, "section": SECTION} for row in rows], replace_section=SECTION)
+        prefix = f"[UNet {args.unet_label}] " if args.unet else ""  # names are global keys: keep the default's rows
+        write_records([{**row, "name": prefix + row["name"], "section": section} for row in rows],
+                      replace_section=section)
     return 0
 
 

@@ -13,15 +13,22 @@ what makes language guidance possible on caption-free datasets.
 ``NoisyClipLoss(student, teacher, schedule)`` is the ``loss_fn(batch, ctx) -> tensor`` of the shared trainer
 (``common.train.Trainer.fit({"clip": student}, loss, data, frozen={"teacher": teacher})``); the trainable parameters
 are chosen with ``student.set_finetune_mode("all" | "last")``.
+
+Two ways to reach SDG's sharp logit scale 100 from a CLIP that learned a softer one (a fixed 100 collapses the
+fine-tune of a tiny CLIP whose own temperature is 18.5): a warm-up (``logit_scale_start`` -> ``logit_scale``,
+geometrically over ``logit_scale_warmup_steps``), or a learned temperature (:class:`LearnedLogitScale`, CLIP's own
+parametrisation ``exp(log_scale)`` capped at 100, trained with the student as ``{"temperature": ...}``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from common.errors import UserError
 from common.process import q_sample_standard
@@ -31,13 +38,17 @@ from sdg.noisy_clip import NoiseAwareCLIP
 
 
 T_SAMPLERS = ("uniform", "linear", "half")
+CLIP_MAX_LOGIT_SCALE = 100.0  # CLIP clamps its learned temperature here (Radford et al. 2021, section 2.5)
 Batch = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
 
-def contrastive_loss(student: torch.Tensor, teacher: torch.Tensor, logit_scale: float = 100.0) -> torch.Tensor:
+def contrastive_loss(
+    student: torch.Tensor, teacher: torch.Tensor, logit_scale: Union[float, torch.Tensor] = 100.0
+) -> torch.Tensor:
     """Symmetric InfoNCE of ``[B, D]`` student and teacher embeddings (normalised here), directions summed -> scalar.
 
-    Positives are the pairs (i, i); the fixed ``logit_scale`` is SDG's 100 (CLIP's trained temperature at its cap).
+    Positives are the pairs (i, i); the fixed ``logit_scale`` is SDG's 100 (CLIP's trained temperature at its cap). A
+    0-dim tensor (a learned temperature) gets gradients through the loss.
     """
     s = F.normalize(student.float(), dim=-1)
     c = F.normalize(teacher.float(), dim=-1)
@@ -66,6 +77,32 @@ def sample_timesteps(
     return t.to(device)
 
 
+def warmed_logit_scale(step: int, start: float, end: float, warmup_steps: int) -> float:
+    """The logit scale at optimizer ``step``: ``start`` at 0, ``end`` from ``warmup_steps`` on, geometric between
+    (equal ratios per step, since the scale acts multiplicatively on the logits)."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return float(end)
+    frac = max(0, step) / warmup_steps
+    return float(math.exp(math.log(start) + frac * (math.log(end) - math.log(start))))
+
+
+class LearnedLogitScale(nn.Module):
+    """CLIP's learned temperature: ``forward() = exp(log_scale)``, capped at ``max_scale`` (100, as CLIP).
+
+    The cap is a clamp of the value, as in open_clip's training loop, so the gradient stops while it is at the cap.
+    """
+
+    def __init__(self, init: float, max_scale: float = CLIP_MAX_LOGIT_SCALE):
+        super().__init__()
+        if not 0 < init <= max_scale:
+            raise UserError(f"the initial logit scale must be in (0, {max_scale}], got {init}")
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init)))
+        self.max_scale = float(max_scale)
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=self.max_scale)
+
+
 class NoisyClipLoss:
     """``loss(batch) -> scalar``: contrastive distillation of the frozen CLIP into the noise-aware student.
 
@@ -75,6 +112,11 @@ class NoisyClipLoss:
             of ``model.visual`` taken before wrapping); set to eval and frozen here.
         schedule: the diffusion model's training schedule (noising at t, 0..T-1).
         t_sampler: ``uniform`` | ``linear`` | ``half``; ``noised=False`` trains on clean images at t = 0.
+        logit_scale: the InfoNCE scale (reached after the warm-up, if any).
+        logit_scale_start, logit_scale_warmup_steps: with ``warmup_steps > 0`` the scale goes geometrically from
+            ``logit_scale_start`` at step 0 to ``logit_scale`` at ``warmup_steps`` (the trainer's step, ``ctx.step``).
+        temperature: a :class:`LearnedLogitScale` trained with the student (pass it to the trainer as
+            ``models["temperature"]``); replaces the fixed scale.
         generator: draws t and the noise. Leave it ``None`` under the shared trainer: the global RNG it then uses
             is checkpointed with the run, so ``--resume_from_checkpoint`` stays exact.
         student_key, teacher_key: names of the two modules in the trainer's ``ctx.models`` (the student must be
@@ -95,17 +137,38 @@ class NoisyClipLoss:
         t_sampler: str = "uniform",
         noised: bool = True,
         logit_scale: float = 100.0,
+        logit_scale_start: Optional[float] = None,
+        logit_scale_warmup_steps: int = 0,
+        temperature: Optional[LearnedLogitScale] = None,
         generator: Optional[torch.Generator] = None,
         student_key: str = "clip",
         teacher_key: str = "teacher",
+        temperature_key: str = "temperature",
     ):
         if t_sampler not in T_SAMPLERS:
             raise UserError(f"unknown timestep sampler {t_sampler!r}: choose one of {', '.join(T_SAMPLERS)}")
+        if temperature is not None and logit_scale_warmup_steps > 0:
+            raise UserError("a learned temperature and a logit-scale warm-up exclude each other: choose one")
+        if logit_scale_warmup_steps > 0 and not (logit_scale_start or 0) > 0:
+            raise UserError(f"a logit-scale warm-up needs a start scale > 0, got {logit_scale_start}")
         if isinstance(teacher, torch.nn.Module):
             teacher.eval().requires_grad_(False)
         self.student, self.teacher, self.schedule = student, teacher, schedule
         self.t_sampler, self.noised, self.logit_scale, self.generator = t_sampler, noised, logit_scale, generator
-        self.student_key, self.teacher_key = student_key, teacher_key
+        self.logit_scale_start, self.logit_scale_warmup_steps = logit_scale_start, int(logit_scale_warmup_steps)
+        self.temperature = temperature
+        self.student_key, self.teacher_key, self.temperature_key = student_key, teacher_key, temperature_key
+
+    def current_logit_scale(self, ctx=None) -> Union[float, torch.Tensor]:
+        """The scale of this batch: the learned temperature (a tensor with gradient), the warmed-up value at the
+        trainer's step, or the fixed ``logit_scale``."""
+        if self.temperature is not None:
+            models = getattr(ctx, "models", None) or {}
+            return models.get(self.temperature_key, self.temperature)()
+        if self.logit_scale_warmup_steps > 0:
+            step = int(getattr(ctx, "step", 0) or 0)
+            return warmed_logit_scale(step, self.logit_scale_start, self.logit_scale, self.logit_scale_warmup_steps)
+        return self.logit_scale
 
     def _images(self, batch: Batch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if torch.is_tensor(batch):
@@ -134,4 +197,4 @@ class NoisyClipLoss:
             clean = teacher_input if teacher_input is not None else self.student.preprocess(x0)
             weight = next(iter(teacher.parameters()), None) if isinstance(teacher, torch.nn.Module) else None
             target = teacher(clean if weight is None else clean.to(weight.dtype))  # frozen may be fp16 / bf16
-        return contrastive_loss(student(x_t, t).embedding, target, self.logit_scale)
+        return contrastive_loss(student(x_t, t).embedding, target, self.current_logit_scale(ctx))

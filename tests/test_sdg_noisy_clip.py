@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from common.errors import UserError
 from common.modules import timestep_embedding
 from common.schedule import NoiseSchedule
-from sdg.clip_training import NoisyClipLoss, contrastive_loss, sample_timesteps
+from sdg.clip_training import LearnedLogitScale, NoisyClipLoss, contrastive_loss, sample_timesteps, warmed_logit_scale
 from sdg.convert import convert_sdg_clip_gd_state_dict
 from sdg.noisy_clip import NoiseAwareCLIP, film_sites, load_noise_aware_clip
 from sdg.tiny import tiny_noise_aware_clip
@@ -159,6 +159,63 @@ def test_contrastive_loss_is_symmetric_infonce_at_scale_100():
     torch.testing.assert_close(contrastive_loss(s, 3 * c), by_hand)
     eye = torch.eye(4, 8)
     assert float(contrastive_loss(eye, eye)) < 1e-12  # identical, orthogonal rows: perfectly matched
+
+
+def test_logit_scale_warm_up_is_geometric_from_start_to_end():
+    assert warmed_logit_scale(0, 18.5, 100.0, 1000) == pytest.approx(18.5)
+    assert warmed_logit_scale(500, 18.5, 100.0, 1000) == pytest.approx((18.5 * 100.0) ** 0.5)  # geometric mean
+    assert warmed_logit_scale(250, 18.5, 100.0, 1000) == pytest.approx(18.5 * (100 / 18.5) ** 0.25)
+    assert warmed_logit_scale(1000, 18.5, 100.0, 1000) == warmed_logit_scale(5000, 18.5, 100.0, 1000) == 100.0
+    assert warmed_logit_scale(7, 18.5, 100.0, 0) == 100.0  # no warm-up: the end value from the start
+
+
+def test_noisy_clip_loss_follows_the_trainer_step_through_the_warm_up():
+    student, model = tiny_noise_aware_clip("vit")
+    schedule = NoiseSchedule.named("linear", 1000)
+    batch = {"pixel_values": images(4, seed=2)}
+
+    def loss_at(step, **kw):
+        fn = NoisyClipLoss(student, model.visual, schedule, generator=torch.Generator().manual_seed(0), **kw)
+        with torch.no_grad():
+            return float(fn(batch, SimpleNamespace(models={}, step=step)))
+
+    warm = {"logit_scale": 100.0, "logit_scale_start": 10.0, "logit_scale_warmup_steps": 100}
+    assert loss_at(0, **warm) == pytest.approx(loss_at(0, logit_scale=10.0), rel=1e-6)
+    assert loss_at(50, **warm) == pytest.approx(loss_at(0, logit_scale=(10.0 * 100.0) ** 0.5), rel=1e-6)
+    assert loss_at(100, **warm) == pytest.approx(loss_at(0, logit_scale=100.0), rel=1e-6)
+    assert loss_at(0, **warm) != pytest.approx(loss_at(100, **warm), rel=1e-3)  # the scale matters to the loss
+    with pytest.raises(UserError, match="start scale"):
+        NoisyClipLoss(student, model.visual, schedule, logit_scale=100.0, logit_scale_warmup_steps=10)
+    with pytest.raises(UserError, match="exclude each other"):
+        NoisyClipLoss(student, model.visual, schedule, logit_scale_start=10.0, logit_scale_warmup_steps=10,
+                      temperature=LearnedLogitScale(10.0))
+
+
+def test_learned_temperature_gets_gradients_and_is_capped_at_clips_100():
+    student, model = tiny_noise_aware_clip("vit")
+    temperature = LearnedLogitScale(18.5)
+    assert float(temperature().detach()) == pytest.approx(18.5)
+    fn = NoisyClipLoss(student, model.visual, NoiseSchedule.named("linear", 1000), temperature=temperature,
+                       generator=torch.Generator().manual_seed(0))
+    prepared = copy.deepcopy(temperature)  # under the trainer the prepared module in ctx.models is the one called
+    fn({"pixel_values": images(4)}, SimpleNamespace(models={"temperature": prepared}, step=0)).backward()
+    assert prepared.log_scale.grad is not None and prepared.log_scale.grad.abs() > 0
+    assert temperature.log_scale.grad is None
+    # By hand: d loss / d log_scale equals the loss's derivative in the scale times the scale (chain rule).
+    s, c = torch.randn(5, 8), torch.randn(5, 8)
+    log_scale = torch.tensor(2.0, requires_grad=True)
+    contrastive_loss(s, c, log_scale.exp()).backward()
+    scale = torch.tensor(2.0).exp().requires_grad_(True)
+    contrastive_loss(s, c, scale).backward()
+    torch.testing.assert_close(log_scale.grad, scale.grad * scale.detach())
+    capped = LearnedLogitScale(100.0)
+    with torch.no_grad():
+        capped.log_scale.add_(1.0)  # e * 100 before the cap
+    assert float(capped().detach()) == 100.0
+    capped().backward()
+    assert float(capped.log_scale.grad) == 0.0  # at the cap the clamp stops the gradient, as in CLIP
+    with pytest.raises(UserError, match="initial logit scale"):
+        LearnedLogitScale(150.0)
 
 
 def test_timestep_samplers():

@@ -1,6 +1,7 @@
 """scripts/sdg/* and ``scripts/sample.py --method sdg`` on tiny random models: smoke runs and one-line refusals."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,28 @@ def test_finetune_clip_two_steps_writes_a_noise_aware_clip(tiny, tmp_path):
     x = torch.zeros(2, 3, 32, 32)
     assert bundle.clip(x, torch.tensor([0, 999])).embedding.shape == (2, 64)
     assert bundle.encode_text(["a handwritten seven"]).shape == (1, 64)
+
+
+def test_finetune_clip_learns_the_temperature_or_warms_the_scale_up(tiny, tmp_path):
+    common = ["--data_dir", str(tiny["images"]), "--clip_model_path", str(tiny["base_clip"]), "--t_dim", "16",
+              "--hidden", "16", *TRAIN]
+    learned = tmp_path / "learned"
+    assert finetune_clip.main([*common, "--output_dir", str(learned), "--learn_logit_scale", "true",
+                               "--logit_scale", "20", "--logit_scale_lr", "0.1"]) == 0
+    trained = json.loads((learned / "noise_aware_clip.json").read_text())["trained_with"]
+    # two Adam steps at lr 0.1 move log(scale) by about 0.1 each: the temperature was trained, not left at 20
+    assert trained["logit_scale"] == 20 and abs(math.log(trained["learned_logit_scale"] / 20)) > 0.1
+    assert load_noise_aware_clip_folder(learned).clip is not None  # the temperature is not part of the CLIP
+
+    warmed = tmp_path / "warmed"
+    assert finetune_clip.main([*common, "--output_dir", str(warmed), "--logit_scale", "100",
+                               "--logit_scale_warmup_steps", "10"]) == 0
+    trained = json.loads((warmed / "noise_aware_clip.json").read_text())["trained_with"]
+    assert trained["logit_scale_warmup_steps"] == 10 and trained["learned_logit_scale"] is None
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_clip.main([*common, "--output_dir", str(tmp_path / "both"), "--learn_logit_scale", "true",
+                            "--logit_scale_warmup_steps", "10"])
+    assert exit_info.value.code != 0 and not (tmp_path / "both" / "noise_aware_clip.json").exists()
 
 
 def run_sample(tiny, out_root, *extra):

@@ -8,7 +8,9 @@ The image tower of ``--clip_model_path`` (an open_clip folder, e.g. ``ckpt/tiny/
 images x_0 of ``--data_dir`` (captions unused), t ~ U{0..T-1} (``--schedule_sampler``) and
 x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with the diffusion model's schedule, the student embedding
 E'(x_t, t) is pulled towards the FROZEN CLIP embedding of the clean x_0 against the rest of the batch (symmetric
-InfoNCE, fixed logit scale ``--logit_scale`` 100, directions summed; ``sdg.clip_training``). The text tower is untouched,
+InfoNCE at logit scale ``--logit_scale`` (SDG: a fixed 100; here by default the base CLIP's own; reached by a
+warm-up with ``--logit_scale_warmup_steps``, or learned with ``--learn_logit_scale``), directions summed;
+``sdg.clip_training``). The text tower is untouched,
 so the CLIP text embedding still scores E' (language guidance). Writes the noise-aware CLIP at ``<output_dir>`` itself,
 beside the run's checkpoints (``--clip_path <output_dir>`` of ``scripts/sdg/sample.py``); the base CLIP is referenced
 by path, not copied.
@@ -58,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logit_scale", type=float, default=None,
                    help="fixed InfoNCE logit scale; default: the base CLIP's own learned one (exp(logit_scale)), "
                         "which is SDG's 100 for OpenAI's RN50x16")
+    p.add_argument("--logit_scale_warmup_steps", type=int, default=0,
+                   help="ramp the logit scale geometrically from the base CLIP's own to --logit_scale over this many "
+                        "steps (reaches SDG's 100 without the collapse a fixed 100 causes on a softer CLIP)")
+    p.add_argument("--learn_logit_scale", type=str2bool, default=False,
+                   help="learn the temperature as CLIP does (exp(log_scale), capped at 100), starting at the base "
+                        "CLIP's own scale (or --logit_scale)")
+    p.add_argument("--logit_scale_lr", type=float, default=None,
+                   help="learning rate of the learned temperature (default: 100 x --learning_rate: at the student's "
+                        "rate Adam would move log_scale by at most ~0.2 in 2000 steps)")
     p.add_argument("--diffusion_steps", type=int, default=1000, help="T of the diffusion model to be guided")
     p.add_argument("--noise_schedule", default="linear", choices=("linear", "cosine"),
                    help="beta schedule of the diffusion model to be guided (ADM names)")
@@ -101,7 +112,7 @@ def main(argv=None) -> int:
     from common.train import Trainer, config_from_args, parse_args_with_config
     from sdg.adm import ADMFlags, noise_schedule
     from sdg.checkpoint import clip_settings, load_base_clip, noise_aware_from_base, save_noise_aware_clip
-    from sdg.clip_training import NoisyClipLoss
+    from sdg.clip_training import LearnedLogitScale, NoisyClipLoss
     from sdg.data import InMemoryImages
 
     parser = build_parser()
@@ -124,12 +135,32 @@ def main(argv=None) -> int:
         dataset = InMemoryImages(training_dataset(args, student.image_size, require_captions=False,
                                                   center_crop=args.center_crop),
                                  student.image_size, random_flip=args.random_flip)
-        logit_scale = args.logit_scale or base_logit_scale(model)
+        base_scale = base_logit_scale(model)
+        logit_scale = args.logit_scale or base_scale
         if not logit_scale > 0:
             raise UserError(f"--logit_scale must be > 0, got {logit_scale}")
+        if args.logit_scale_warmup_steps < 0:
+            raise UserError(f"--logit_scale_warmup_steps must be >= 0, got {args.logit_scale_warmup_steps}")
+        if args.learn_logit_scale and args.logit_scale_warmup_steps:
+            raise UserError("--learn_logit_scale and --logit_scale_warmup_steps exclude each other: choose one")
+        models, params = {"clip": student}, None
+        temperature = None
+        if args.learn_logit_scale:
+            temperature = LearnedLogitScale(min(logit_scale, 100.0))
+            models["temperature"] = temperature
+            lr = args.logit_scale_lr if args.logit_scale_lr is not None else 100 * args.learning_rate
+            params = [{"params": [p for p in student.parameters() if p.requires_grad]},
+                      {"params": [temperature.log_scale], "lr": lr, "weight_decay": 0.0}]
         loss = NoisyClipLoss(student, teacher, schedule, t_sampler=args.schedule_sampler, noised=args.noised,
-                             logit_scale=logit_scale)
-        print(f"contrastive logit scale {logit_scale:.4g}")
+                             logit_scale=logit_scale, logit_scale_start=base_scale,
+                             logit_scale_warmup_steps=args.logit_scale_warmup_steps, temperature=temperature)
+        if temperature is not None:
+            print(f"contrastive logit scale learned, from {logit_scale:.4g} (capped at 100)")
+        elif args.logit_scale_warmup_steps:
+            print(f"contrastive logit scale {base_scale:.4g} -> {logit_scale:.4g} over "
+                  f"{args.logit_scale_warmup_steps} steps")
+        else:
+            print(f"contrastive logit scale {logit_scale:.4g}")
 
         validate = None
         if args.eval_dir:
@@ -145,13 +176,17 @@ def main(argv=None) -> int:
                 print(f"\nzero-shot digit accuracy on noisy {args.eval_dir} images: {line}")
                 return report
 
-        result = trainer.fit({"clip": student}, loss, dataset, frozen={"teacher": teacher}, validation_fn=validate)
+        result = trainer.fit(models, loss, dataset, frozen={"teacher": teacher}, params=params,
+                             validation_fn=validate)
         if trainer.is_main_process and result.completed:
             trained = result.models["clip"].eval()
             dtype = torch.float16 if args.save_dtype == "float16" else torch.float32
             extra = {"trained_with": {"data_dir": str(args.data_dir), "schedule_sampler": args.schedule_sampler,
                                       "noised": args.noised, "finetune_clip_layer": args.finetune_clip_layer,
                                       "logit_scale": logit_scale, "diffusion_steps": args.diffusion_steps,
+                                      "logit_scale_warmup_steps": args.logit_scale_warmup_steps,
+                                      "learned_logit_scale": (float(result.models["temperature"]().detach())
+                                                              if temperature is not None else None),
                                       "noise_schedule": args.noise_schedule,
                                       "max_train_steps": config.max_train_steps,
                                       "train_batch_size": config.train_batch_size}}

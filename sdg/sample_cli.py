@@ -1,7 +1,7 @@
 """``scripts/sample.py --method sdg``: the prompts are SDG's language guidance on a frozen unconditional model.
 
     python scripts/sample.py --method sdg --prompt "a handwritten seven" --num_images 8 --sampler ddpm
-    python scripts/sample.py --method sdg --prompt "a digit" --text_weight 0 --image_weight 3 \\
+    python scripts/sample.py --method sdg --prompt "a digit" --text_weight 0 --image_weight 1000 \\
         --data_dir data/digits/test/images/00007.png --sampler ddpm
 
 Method flags keep SDG's names (``--text_weight --image_weight --image_loss --data_dir --clip_path``).
@@ -37,8 +37,9 @@ from common.methods import (
 
 DEFAULT_CHECKPOINT = "ckpt/tiny/sdg"
 REPO = Path(__file__).resolve().parent.parent
-# Tuned on the shipped tiny checkpoint (bench/results.md, sdg section: weight sweep). The useful range depends on the
-# encoder's gradient scale: ~300-3000 here (tiny ViT, 32 px), 160 for SDG's RN50x16 at 256 px.
+# Tuned on the shipped tiny checkpoint (bench/results.md, sdg sections: weight sweeps; 1000 and 3000 tie). The useful
+# range depends on the encoder's gradient scale: ~300-3000 here (tiny conv tower, 32 px), 160 for SDG's RN50x16 at
+# 256 px.
 DEFAULT_TEXT_WEIGHT = 1000.0
 DEFAULT_EVAL_STEPS = 50
 CHUNK = 30

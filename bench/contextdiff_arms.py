@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.metrics.intervals import bootstrap_mean
+
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = REPO / "outputs" / "contextdiff_arms"
@@ -217,13 +219,9 @@ def paired_stats(a: np.ndarray, b: np.ndarray, reps: int = 10000, seed: int = 0)
 
     diff = mean(a) - mean(b); ``boot``: 95 % percentile interval resampling prompts (the seed-mean per prompt is the
     unit); ``t``: 95 % t interval over the per-seed differences (None with one seed)."""
-    per_prompt = a.mean(0) - b.mean(0)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, per_prompt.size, size=(reps, per_prompt.size))
-    boot = per_prompt[idx].mean(1)
+    diff, boot_lo, boot_hi = bootstrap_mean(a.mean(0) - b.mean(0), reps, seed)
     per_seed = a.mean(1) - b.mean(1)
-    out = {"diff": float(per_prompt.mean()), "boot_lo": float(np.percentile(boot, 2.5)),
-           "boot_hi": float(np.percentile(boot, 97.5)), "per_seed": [round(float(v), 4) for v in per_seed],
+    out = {"diff": diff, "boot_lo": boot_lo, "boot_hi": boot_hi, "per_seed": [round(float(v), 4) for v in per_seed],
            "t_lo": None, "t_hi": None}
     if len(per_seed) > 1:
         from scipy.stats import t as student
